@@ -1,0 +1,208 @@
+"""Applying a plan to a model, atomically, with torch.nn.utils.prune itself."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+import torch
+import torch.nn.utils.prune as prune
+from torch import nn
+
+from .errors import ApplyError, RecipeError
+from .plan import Plan, PlannedStep, method_default, normalize_dim, plan_recipe, pruned_entries, pruned_slices
+from .recipe import Recipe, load_recipe
+from .report import Report, StepOutcome, TargetSparsity, measure
+from .selectors import Target
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_pre_hooks_always_called")
+_STATE_DICTS = ("_parameters", "_buffers") + _HOOK_DICTS
+
+
+class ModelSnapshot:
+    """Everything ``torch.nn.utils.prune`` changes on a set of modules, restorable in place.
+
+    Saves references, not copies: parameters, buffers, hooks and pruning containers are
+    put back as the same objects, so identity, ``state_dict`` and hooks are as before.
+    """
+
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        self._saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any], list[tuple[nn.Parameter, torch.Tensor]]]] = []
+        self._containers: list[tuple[prune.PruningContainer, tuple]] = []
+        seen: set[int] = set()
+        for module in modules:
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            inner = {k: dict(getattr(module, k)) for k in _STATE_DICTS if hasattr(module, k)}
+            attrs = {k: v for k, v in module.__dict__.items() if k not in inner}
+            data = [(p, p.data) for p in module._parameters.values() if p is not None]
+            self._saved.append((module, inner, attrs, data))
+            for hook in module._forward_pre_hooks.values():
+                if isinstance(hook, prune.PruningContainer):
+                    self._containers.append((hook, hook._pruning_methods))
+        self._nonpersistent = {id(m): set(m._non_persistent_buffers_set) for m, *_ in self._saved}
+
+    def restore(self) -> None:
+        for container, methods in self._containers:
+            container._pruning_methods = methods
+        for module, inner, attrs, data in self._saved:
+            for key, saved in inner.items():
+                live = getattr(module, key)
+                live.clear()
+                live.update(saved)
+            for key in [k for k in module.__dict__ if k not in inner and k not in attrs]:
+                del module.__dict__[k]
+            module.__dict__.update(attrs)
+            module._non_persistent_buffers_set.clear()
+            module._non_persistent_buffers_set.update(self._nonpersistent[id(module)])
+            for param, tensor in data:
+                if param.data is not tensor:
+                    param.data = tensor
+
+
+def pruned_parameters(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """``(qualified name, module, param)`` of every parameter carrying a pruning hook."""
+    out = []
+    for mod_name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                name = hook._tensor_name
+                out.append((f"{mod_name}.{name}" if mod_name else name, module, name))
+    return out
+
+
+def finalize(model: nn.Module) -> list[str]:
+    """Make all pruning permanent, in place: ``prune.remove`` on every pruned parameter.
+
+    Returns the qualified names that were finalized.
+
+    >>> finalize(model)  # doctest: +SKIP
+    ['conv1.weight', 'conv1.bias']
+    """
+    done = []
+    for name, module, param in pruned_parameters(model):
+        prune.remove(module, param)
+        done.append(name)
+    return done
+
+
+def apply_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, plan: Plan | None = None) -> Report:
+    """Apply every unscheduled step of ``recipe`` to ``model``, in place, in file order.
+
+    Steps chain through torch's ``PruningContainer`` exactly as hand-written
+    ``torch.nn.utils.prune`` calls would. If anything fails, the model is restored to
+    its exact prior state and an :class:`ApplyError` names the step and target.
+    ``recipe`` is a :class:`Recipe` or the path of a recipe file.
+
+    >>> report = apply_recipe(model, "recipes/lenet-global-l1.yaml")  # doctest: +SKIP
+    >>> print(report.global_after)  # doctest: +SKIP
+    0.2
+    """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    if plan is None:
+        plan = plan_recipe(model, recipe)
+    active = [ps for ps in plan.steps if not ps.scheduled]
+    skipped = tuple(ps.step.label for ps in plan.steps if ps.scheduled)
+    if not active:
+        raise RecipeError(
+            recipe.problem(
+                ("steps",),
+                "every step has a 'schedule': scheduled steps run during training (prunerecipe.Pruner), not in a one-shot apply",
+            )
+        )
+
+    seen: dict[tuple[int, str], tuple[str, nn.Module, str]] = {}
+    for ps in active:
+        for pt in ps.targets:
+            t = pt.target
+            seen.setdefault((id(t.module), t.param), (t.qualname, t.module, t.param))
+    watched = list(seen.values())
+    before = measure(watched)
+
+    modules = [m for _, m, _ in watched]
+    if recipe.finalize:
+        modules += [m for _, m, _ in pruned_parameters(model)]
+    snapshot = ModelSnapshot(modules)
+    outcomes: list[StepOutcome] = []
+    current: list[Any] = [None, None]
+    try:
+        # Not under no_grad: hand-written prune calls leave `module.weight` with a grad_fn, and so do we.
+        for ps in active:
+            current[:] = [ps, None]
+            outcomes.append(_run_step(recipe, ps, current))
+        current[:] = [None, None]
+        if recipe.finalize:
+            finalize(model)
+    except BaseException as exc:
+        snapshot.restore()
+        if not isinstance(exc, Exception):
+            raise
+        ps, target = current
+        if ps is None:
+            raise ApplyError(recipe.problem(("finalize",), f"finalize failed: {type(exc).__name__}: {exc}; the model was left unchanged")) from exc
+        on = f" on {target.qualname}" if target is not None else ""
+        raise ApplyError(
+            recipe.problem(
+                ps.step.path,
+                f"{ps.step.label} ({ps.method.name}) failed{on}: {type(exc).__name__}: {exc}; the model was left unchanged",
+            )
+        ) from exc
+
+    after = measure(watched)
+    rows = tuple(
+        TargetSparsity(name, before[name][0], before[name][1], before[name][2], after[name][2]) for name, _, _ in watched
+    )
+    return Report(rows, tuple(outcomes), recipe.finalize, recipe.source, skipped)
+
+
+def _live_amount(ps: PlannedStep, targets: list[Target]) -> int | float | None:
+    """The torch ``amount`` for this step now: as written, or converted from an absolute ``sparsity``."""
+    step = ps.step
+    if step.sparsity is None:
+        return step.amount
+    if step.scope == "global":
+        total = sum(t.original.numel() for t in targets)
+        done = sum(pruned_entries(t) for t in targets)
+        return round(step.sparsity * total) - done
+    (t,) = targets
+    if ps.method.pruning_type == "structured":
+        dim = step.args.get("dim", method_default(ps.method, "dim", -1))
+        d = normalize_dim(dim, t.original.dim())
+        return round(step.sparsity * t.original.shape[d]) - pruned_slices(t, d)
+    return round(step.sparsity * t.original.numel()) - pruned_entries(t)
+
+
+def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any]) -> StepOutcome:
+    step, spec = ps.step, ps.method
+    seed = recipe.step_seed(step)
+    if seed is not None:
+        torch.manual_seed(seed)
+    targets = [pt.target for pt in ps.targets]
+    names = tuple(t.qualname for t in targets)
+    kwargs = dict(step.args)
+
+    if step.scope == "global":
+        amount = _live_amount(ps, targets)
+        if step.sparsity is not None and amount is not None and amount <= 0:
+            return StepOutcome(step.label, spec.name, names, f"no-op: already at or above sparsity {step.sparsity:g}")
+        prune.global_unstructured([(t.module, t.param) for t in targets], pruning_method=spec.cls, amount=amount, **kwargs)
+        return StepOutcome(step.label, spec.name, names)
+
+    noops = []
+    for t in targets:
+        current[1] = t
+        call = dict(kwargs)
+        if spec.takes_amount:
+            amount = _live_amount(ps, [t])
+            if step.sparsity is not None and amount is not None and amount <= 0:
+                noops.append(t.qualname)
+                continue
+            call["amount"] = amount
+        spec.cls.apply(t.module, t.param, **call)
+    note = f"no-op on {', '.join(noops)}: already at or above sparsity {step.sparsity:g}" if noops else None
+    return StepOutcome(step.label, spec.name, names, note)
+
+
+__all__ = ["apply_recipe", "finalize", "pruned_parameters", "ModelSnapshot"]

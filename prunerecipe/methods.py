@@ -1,0 +1,296 @@
+"""The method registry: built-ins, in-process registrations and entry-point plugins.
+
+A method is a :class:`torch.nn.utils.prune.BasePruningMethod` subclass. Every name is
+looked up the same way (:func:`get_method`); plugins in the ``prunerecipe.methods``
+entry-point group are listed without importing them and loaded only when a recipe
+names them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import inspect
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable, Mapping
+
+import torch.nn.utils.prune as prune
+
+from .errors import RecipeError
+
+ENTRY_POINT_GROUP = "prunerecipe.methods"
+PRUNING_TYPES = ("unstructured", "structured", "global")
+
+_N_SCHEMA = {
+    "anyOf": [{"type": "number"}, {"enum": ["fro", "nuc"]}],
+    "x-message": "n must be a number (write infinity as .inf or -.inf) or one of 'fro', 'nuc'",
+}
+_DIM_SCHEMA = {"type": "integer"}
+
+_BUILTINS: dict[str, tuple[type[prune.BasePruningMethod], dict | None]] = {
+    "identity": (prune.Identity, None),
+    "random_unstructured": (prune.RandomUnstructured, None),
+    "l1_unstructured": (prune.L1Unstructured, None),
+    "random_structured": (
+        prune.RandomStructured,
+        {"type": "object", "properties": {"dim": _DIM_SCHEMA}},
+    ),
+    "ln_structured": (
+        prune.LnStructured,
+        {"type": "object", "properties": {"n": _N_SCHEMA, "dim": _DIM_SCHEMA}},
+    ),
+}
+
+BUILTIN = "built-in"
+IN_PROCESS = "in-process"
+
+
+class MethodError(RecipeError):
+    """A method name that cannot be resolved to a usable method."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A resolved method: its class and what the recipe may pass to it."""
+
+    name: str
+    cls: type[prune.BasePruningMethod]
+    origin: str
+    args_schema: Mapping[str, Any] | None = field(default=None, compare=False)
+
+    @property
+    def pruning_type(self) -> str:
+        return str(getattr(self.cls, "PRUNING_TYPE", "?"))
+
+    @functools.cached_property
+    def signature(self) -> inspect.Signature:
+        return inspect.signature(self.cls)
+
+    @property
+    def takes_amount(self) -> bool:
+        return "amount" in self.signature.parameters
+
+    @property
+    def accepts_any_args(self) -> bool:
+        return any(p.kind is p.VAR_KEYWORD for p in self.signature.parameters.values())
+
+    @property
+    def arguments(self) -> dict[str, inspect.Parameter]:
+        """Keyword arguments a recipe passes through ``args`` (``amount`` excluded)."""
+        return {
+            n: p
+            for n, p in self.signature.parameters.items()
+            if n != "amount" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        }
+
+    def describe_arguments(self) -> str:
+        parts = []
+        if self.takes_amount:
+            parts.append("amount|sparsity")
+        for n, p in self.arguments.items():
+            parts.append(n if p.default is p.empty else f"{n}={p.default!r}")
+        if self.accepts_any_args:
+            parts.append("**kwargs")
+        return ", ".join(parts) or "(none)"
+
+
+def _check_method_class(obj: Any, what: str) -> type[prune.BasePruningMethod]:
+    if not (isinstance(obj, type) and issubclass(obj, prune.BasePruningMethod)):
+        raise MethodError(f"{what} is {obj!r}, not a torch.nn.utils.prune.BasePruningMethod subclass")
+    if getattr(obj, "PRUNING_TYPE", None) not in PRUNING_TYPES:
+        raise MethodError(
+            f"{what} has PRUNING_TYPE {getattr(obj, 'PRUNING_TYPE', None)!r}; expected one of {', '.join(PRUNING_TYPES)}"
+        )
+    if inspect.isabstract(obj):
+        raise MethodError(f"{what} ({obj.__name__}) is abstract: it must implement compute_mask")
+    return obj
+
+
+# --- in-process registry -------------------------------------------------------------------
+
+_IN_PROCESS: dict[str, MethodSpec] = {}
+
+
+def register_method(
+    name: str,
+    cls: type[prune.BasePruningMethod],
+    *,
+    args_schema: Mapping[str, Any] | None = None,
+    replace: bool = False,
+) -> MethodSpec:
+    """Make ``cls`` usable as ``method: <name>`` in recipes of this process.
+
+    ``args_schema`` (a JSON Schema for the step's ``args``) defaults to ``cls.args_schema``.
+    Registering a name that is already taken is an error unless ``replace=True``.
+
+    >>> register_method("foobar", FooBarPruningMethod)  # doctest: +SKIP
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise MethodError(f"method name {name!r} must be an identifier such as 'my_method'")
+    _check_method_class(cls, f"method {name!r}")
+    if not replace and (name in _BUILTINS or name in _IN_PROCESS):
+        raise MethodError(f"method {name!r} is already registered ({describe_origin(name)}); pass replace=True to override it")
+    spec = MethodSpec(name, cls, IN_PROCESS, args_schema if args_schema is not None else getattr(cls, "args_schema", None))
+    _IN_PROCESS[name] = spec
+    get_method.cache_clear()
+    return spec
+
+
+def unregister_method(name: str) -> None:
+    """Remove an in-process registration (built-ins and plugins cannot be removed)."""
+    _IN_PROCESS.pop(name, None)
+    get_method.cache_clear()
+
+
+# --- entry points -------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def entry_points() -> dict[str, tuple[metadata.EntryPoint, ...]]:
+    """Plugin entry points by method name, discovered without importing anything."""
+    found: dict[str, list[metadata.EntryPoint]] = {}
+    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        found.setdefault(ep.name, [])
+        if not any(_ep_key(ep) == _ep_key(seen) for seen in found[ep.name]):
+            found[ep.name].append(ep)
+    return {name: tuple(eps) for name, eps in found.items()}
+
+
+def _ep_key(ep: metadata.EntryPoint) -> tuple:
+    return (ep.value, _dist_label(ep))
+
+
+def _dist_label(ep: metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        return "an unknown distribution"
+    return f"{dist.metadata['Name']} {dist.version}"
+
+
+def _load_entry_point(name: str, ep: metadata.EntryPoint) -> MethodSpec:
+    what = f"method {name!r} (entry point '{ep.name} = {ep.value}' from {_dist_label(ep)})"
+    try:
+        obj = ep.load()
+    except Exception as exc:  # a broken plugin must be reported, whatever it raises
+        raise MethodError(f"{what} failed to import: {type(exc).__name__}: {exc}") from exc
+    try:
+        cls = _check_method_class(obj, what)
+    except MethodError:
+        raise
+    return MethodSpec(name, cls, _dist_label(ep), getattr(cls, "args_schema", None))
+
+
+# --- lookup -------------------------------------------------------------------------------
+
+
+def method_names() -> list[str]:
+    """Every name a recipe may use (plugins are listed, not imported)."""
+    return sorted(set(_BUILTINS) | set(_IN_PROCESS) | set(entry_points()))
+
+
+def describe_origin(name: str) -> str:
+    if name in _IN_PROCESS:
+        return IN_PROCESS
+    if name in _BUILTINS:
+        return BUILTIN
+    eps = entry_points().get(name, ())
+    return ", ".join(_dist_label(ep) for ep in eps) or "unknown"
+
+
+def suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+@functools.lru_cache(maxsize=None)
+def get_method(name: str) -> MethodSpec:
+    """Resolve a method name; raises :class:`MethodError` with a "did you mean" when unknown."""
+    if name in _IN_PROCESS:
+        return _IN_PROCESS[name]
+    eps = entry_points().get(name, ())
+    if name in _BUILTINS and eps:
+        raise MethodError(
+            f"method {name!r} is built in, but {', '.join(_dist_label(ep) for ep in eps)} also register it; "
+            "uninstall the conflicting plugin or rename its method"
+        )
+    if name in _BUILTINS:
+        cls, schema = _BUILTINS[name]
+        return MethodSpec(name, cls, BUILTIN, schema)
+    if len(eps) > 1:
+        raise MethodError(
+            f"method {name!r} is registered by more than one distribution: "
+            + "; ".join(f"{_dist_label(ep)} ({ep.value})" for ep in eps)
+            + ". Uninstall one of them."
+        )
+    if eps:
+        return _load_entry_point(name, eps[0])
+    names = method_names()
+    raise MethodError(f"unknown method {name!r}{suggest(name, names)}; available: {', '.join(names)}")
+
+
+# --- function form ------------------------------------------------------------------------
+
+
+def pruning_method(
+    pruning_type: str = "unstructured",
+    *,
+    args_schema: Mapping[str, Any] | None = None,
+) -> Callable[[Callable[..., Any]], type[prune.BasePruningMethod]]:
+    """Turn ``compute_mask(t, default_mask, **args)`` into a :class:`BasePruningMethod` subclass.
+
+    The function's parameters after ``t`` and ``default_mask`` become the method's keyword
+    arguments (``amount`` included, if present). The returned class replaces the function
+    under its name, so pruned models that use it still pickle::
+
+        @pruning_method("unstructured")
+        def every_other(t, default_mask):
+            mask = default_mask.clone()
+            mask.view(-1)[::2] = 0
+            return mask
+    """
+    if pruning_type not in PRUNING_TYPES:
+        raise ValueError(f"pruning_type must be one of {PRUNING_TYPES}, not {pruning_type!r}")
+
+    def decorate(fn: Callable[..., Any]) -> type[prune.BasePruningMethod]:
+        params = list(inspect.signature(fn).parameters.values())
+        if len(params) < 2 or any(p.kind not in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY) for p in params[:2]):
+            raise TypeError(f"{fn.__qualname__} must take (t, default_mask, ...) as its first two parameters")
+        init_sig = inspect.Signature(
+            [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind is p.POSITIONAL_OR_KEYWORD else p for p in params[2:]]
+        )
+        if pruning_type == "structured" and "dim" not in init_sig.parameters:
+            raise TypeError(f"structured method {fn.__qualname__} needs a 'dim' parameter")
+
+        def __init__(self: Any, **kwargs: Any) -> None:
+            bound = init_sig.bind(**kwargs)
+            bound.apply_defaults()
+            self._kwargs = dict(bound.arguments)
+            for key, value in self._kwargs.items():
+                setattr(self, key, value)
+
+        def compute_mask(self: Any, t: Any, default_mask: Any) -> Any:
+            return fn(t, default_mask, **self._kwargs)
+
+        __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *init_sig.parameters.values()]
+        )
+        namespace = {
+            "PRUNING_TYPE": pruning_type,
+            "__init__": __init__,
+            "compute_mask": compute_mask,
+            "__doc__": fn.__doc__,
+            "__module__": fn.__module__,
+            "__qualname__": fn.__qualname__,
+            "args_schema": args_schema,
+            "compute_mask_function": staticmethod(fn),
+        }
+        return type(fn.__name__, (prune.BasePruningMethod,), namespace)
+
+    return decorate
+
+
+def refresh() -> None:
+    """Forget discovered entry points and resolved methods (after installing a plugin at run time)."""
+    entry_points.cache_clear()
+    get_method.cache_clear()

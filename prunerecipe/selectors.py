@@ -1,0 +1,207 @@
+"""Selectors: which (module, parameter) pairs of a model a step prunes.
+
+A module is selected when ``types`` is absent or one entry matches its class, ``names``
+is absent or one entry matches its qualified name, and no entry under ``exclude``
+matches (either a type or a name: exclusion is an "any of" test).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import functools
+import importlib
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from .recipe import Selector
+
+
+class SelectorError(ValueError):
+    """A selector that cannot be compiled or resolves to nothing (turned into a located Problem)."""
+
+
+@functools.lru_cache(maxsize=None)
+def resolve_type(path: str) -> type:
+    """Import a dotted class path such as ``torch.nn.Conv2d`` or ``transformers.pytorch_utils.Conv1D``."""
+    parts = path.split(".")
+    if not all(p.isidentifier() for p in parts):
+        raise SelectorError(f"{path!r} is not a class name or a dotted import path")
+    last_error: BaseException | None = None
+    for cut in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:cut])
+        try:
+            obj: object = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+                last_error = exc
+                continue
+            raise SelectorError(f"cannot import {path!r}: importing {module_name!r} failed: {exc}") from None
+        except Exception as exc:  # the imported module itself is broken
+            raise SelectorError(f"cannot import {path!r}: importing {module_name!r} raised {type(exc).__name__}: {exc}") from None
+        try:
+            for attr in parts[cut:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            raise SelectorError(f"cannot import {path!r}: module {module_name!r} has no attribute {'.'.join(parts[cut:])!r}") from None
+        if not isinstance(obj, type):
+            raise SelectorError(f"{path!r} is {type(obj).__name__}, not a class")
+        return obj
+    raise SelectorError(f"cannot import {path!r}: {last_error}")
+
+
+@functools.lru_cache(maxsize=None)
+def check_name_pattern(entry: str) -> Callable[[str], bool]:
+    """Compile a ``names`` entry: a case-sensitive glob (``*`` spans dots) or ``re:<regex>`` (full match)."""
+    if entry.startswith("re:"):
+        try:
+            regex = re.compile(entry[3:])
+        except re.error as exc:
+            raise SelectorError(f"invalid regular expression {entry[3:]!r}: {exc}") from None
+    else:
+        regex = re.compile(fnmatch.translate(entry))
+    return lambda name: regex.fullmatch(name) is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _mro_names(cls: type) -> frozenset[str]:
+    return frozenset(c.__name__ for c in cls.__mro__)
+
+
+def _type_matches(entry: str, cls: type) -> bool:
+    if "." in entry:
+        return resolve_type(entry) in cls.__mro__
+    return entry in _mro_names(cls)
+
+
+def _any_type(entries: Iterable[str], cls: type) -> bool:
+    return any(_type_matches(e, cls) for e in entries)
+
+
+def _any_name(entries: Iterable[str], name: str) -> bool:
+    return any(check_name_pattern(e)(name) for e in entries)
+
+
+def selects(selector: "Selector", name: str, module: nn.Module) -> bool:
+    """Whether ``selector`` selects ``module``, registered under the qualified ``name``."""
+    cls = type(module)
+    if selector.types is not None and not _any_type(selector.types, cls):
+        return False
+    if selector.names is not None and not _any_name(selector.names, name):
+        return False
+    if selector.exclude_types and _any_type(selector.exclude_types, cls):
+        return False
+    if selector.exclude_names and _any_name(selector.exclude_names, name):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Target:
+    """One parameter to prune: ``module_name`` + ``param`` (``module`` rides along, not compared)."""
+
+    module_name: str
+    param: str
+    module: nn.Module = field(compare=False, repr=False)
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module_name}.{self.param}" if self.module_name else self.param
+
+    @property
+    def module_type(self) -> str:
+        return type(self.module).__name__
+
+    @property
+    def is_pruned(self) -> bool:
+        return is_pruned_param(self.module, self.param)
+
+    @property
+    def original(self) -> torch.Tensor:
+        """The unmasked tensor: ``<param>_orig`` when pruned, else the parameter itself."""
+        return original_param(self.module, self.param)
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        return self.module._buffers.get(self.param + "_mask") if self.is_pruned else None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.original.shape)
+
+
+def is_pruned_param(module: nn.Module, param: str) -> bool:
+    return module._parameters.get(param + "_orig") is not None
+
+
+def original_param(module: nn.Module, param: str) -> torch.Tensor:
+    if is_pruned_param(module, param):
+        return module._parameters[param + "_orig"]  # type: ignore[return-value]
+    return module._parameters[param]  # type: ignore[return-value]
+
+
+def has_param(module: nn.Module, param: str) -> bool:
+    return module._parameters.get(param) is not None or is_pruned_param(module, param)
+
+
+def resolve_targets(
+    modules: Sequence[tuple[str, nn.Module]], selector: "Selector", params: Sequence[str]
+) -> list[Target]:
+    """Targets in ``named_modules()`` order, then ``params`` order; raises on zero targets."""
+    matched = [(n, m) for n, m in modules if selects(selector, n, m)]
+    targets = [Target(n, p, m) for n, m in matched for p in params if has_param(m, p)]
+    if not targets:
+        raise SelectorError(_explain_empty(modules, matched, selector, params))
+    return targets
+
+
+def _explain_empty(
+    modules: Sequence[tuple[str, nn.Module]],
+    matched: Sequence[tuple[str, nn.Module]],
+    selector: "Selector",
+    params: Sequence[str],
+) -> str:
+    wanted = ", ".join(repr(p) for p in params)
+    head = f"selector {selector.describe()} resolves to no parameter"
+    if matched:
+        shown = ", ".join(n or "(root)" for n, _ in matched[:8]) + (", ..." if len(matched) > 8 else "")
+        have = sorted({p.removesuffix("_orig") for _, m in matched for p, v in m._parameters.items() if v is not None})
+        return (
+            f"{head}: it matched {len(matched)} module(s) ({shown}) but none has parameter {wanted}; "
+            f"their parameters: {', '.join(have) or '(none)'}"
+        )
+    hints = []
+    all_types = sorted({c.__name__ for _, m in modules for c in type(m).__mro__ if c not in (nn.Module, object)})
+    for entry in selector.types or ():
+        if not any(_type_matches(entry, type(m)) for _, m in modules):
+            close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], all_types, n=1, cutoff=0.6)
+            hints.append(f"no module is a {entry!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    names = [n for n, _ in modules if n]
+    for entry in selector.names or ():
+        if not any(check_name_pattern(entry)(n) for n in names):
+            close = difflib.get_close_matches(entry, names, n=1, cutoff=0.6)
+            hints.append(f"no module name matches {entry!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    detail = "; ".join(hints) if hints else "every match was excluded" if selector.exclude_names or selector.exclude_types else ""
+    return f"{head}: it matched 0 of {len(modules)} modules" + (f" ({detail})" if detail else "")
+
+
+def param_owners(model: nn.Module) -> dict[int, list[str]]:
+    """Qualified names of every owner of each parameter object, keyed by ``id(param)``.
+
+    Owners are distinct (module, name) pairs, so a module registered twice counts once.
+    """
+    owners: dict[int, list[str]] = {}
+    seen: set[tuple[int, str]] = set()
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for p_name, p in module._parameters.items():
+            if p is None or (id(module), p_name) in seen:
+                continue
+            seen.add((id(module), p_name))
+            shown = p_name.removesuffix("_orig") if p_name.endswith("_orig") else p_name
+            owners.setdefault(id(p), []).append(f"{mod_name}.{shown}" if mod_name else shown)
+    return owners

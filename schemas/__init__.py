@@ -1,0 +1,1 @@
+"""The recipe JSON Schema, installed as package data (``prunerecipe.schemas``)."""
