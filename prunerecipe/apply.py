@@ -65,9 +65,10 @@ def pruned_parameters(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """``(qualified name, module, param)`` of every parameter carrying a pruning hook."""
     out = []
     for mod_name, module in model.named_modules():
-        for hook in module._forward_pre_hooks.values():
-            if isinstance(hook, prune.BasePruningMethod):
-                name = hook._tensor_name
+        hooked = {h._tensor_name for h in module._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod)}
+        for key in module._parameters:
+            name = key[: -len("_orig")]
+            if key.endswith("_orig") and name in hooked:
                 out.append((f"{mod_name}.{name}" if mod_name else name, module, name))
     return out
 
@@ -81,6 +82,8 @@ def finalize(model: nn.Module) -> list[str]:
     ['conv1.weight', 'conv1.bias']
     """
     done = []
+    # Parameters are removed in the order their `*_orig` entries were registered, which is the
+    # order a hand-written loop over the pruned names would use (weight before bias, say).
     for name, module, param in pruned_parameters(model):
         prune.remove(module, param)
         done.append(name)

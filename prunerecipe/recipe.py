@@ -178,8 +178,13 @@ def _build(doc: Document, overrides: Mapping[str, Any] | None) -> Recipe:
     problems: list[Problem] = []
     data = _substitute_vars(doc, dict(overrides or {}), problems)
     doc.data = data
-    problems.extend(_schema_problems(doc))
+    if not isinstance(data, dict):
+        raise RecipeError(doc.problem((), f"a recipe is a mapping with 'version' and 'steps', not {_kind(data)}"))
+    # A value whose placeholder failed is reported once, as the placeholder problem.
+    unresolved = {p.path for p in problems}
+    problems.extend(p for p in _schema_problems(doc) if p.path not in unresolved)
     problems.extend(_semantic_problems(doc))
+    problems.extend(_construction_problems(doc, problems))
     if problems:
         raise RecipeError.collect(_dedupe(problems))
     return _typed(doc)
@@ -193,6 +198,10 @@ def _dedupe(problems: list[Problem]) -> list[Problem]:
             seen.add(str(p))
             out.append(p)
     return out
+
+
+def _kind(value: Any) -> str:
+    return {list: "a list", str: "a string", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def _walk_strings(value: Any, path: KeyPath) -> Iterator[tuple[KeyPath, str]]:
@@ -353,9 +362,6 @@ def _is_number(value: Any) -> bool:
 def _semantic_problems(doc: Document) -> list[Problem]:
     data = doc.data
     problems: list[Problem] = []
-    if not isinstance(data, dict):
-        problems.append(doc.problem((), f"a recipe is a mapping with 'version' and 'steps', not {type(data).__name__}"))
-        return problems
     steps = data.get("steps")
     if not isinstance(steps, list):
         return problems
@@ -447,11 +453,9 @@ def method_problems(doc: Document, path: KeyPath, step: Mapping[str, Any], spec:
         return problems
     args_path = path + ("args",)
     accepted = spec.arguments
-    bad_args = False
     for key in args:
         if key == "amount":
             problems.append(doc.problem(args_path + (key,), "'amount' goes on the step itself (as 'amount' or 'sparsity'), not under args", key=True))
-            bad_args = True
         elif key not in accepted and not spec.accepts_any_args:
             problems.append(
                 doc.problem(
@@ -460,27 +464,35 @@ def method_problems(doc: Document, path: KeyPath, step: Mapping[str, Any], spec:
                     key=True,
                 )
             )
-            bad_args = True
     for key, param in accepted.items():
         if param.default is param.empty and key not in args:
             problems.append(
                 doc.problem(args_path if "args" in step else path, f"method {name!r} needs argument {key!r}; it accepts: {spec.describe_arguments()}")
             )
-            bad_args = True
     if spec.args_schema is not None:
-        schema_found = schema_problems(doc, spec.args_schema, args_path) if "args" in step else _args_schema_defaults(doc, spec, args_path)
-        problems.extend(schema_found)
-        bad_args = bad_args or bool(schema_found)
-    if not bad_args and not problems:
-        amount = step.get("amount", 0.0) if spec.takes_amount else None
-        kwargs = dict(args)
+        if "args" in step:
+            problems.extend(schema_problems(doc, spec.args_schema, args_path))
+        else:
+            problems.extend(_args_schema_defaults(doc, spec, args_path))
+    return problems
+
+
+def _construction_problems(doc: Document, found: list[Problem]) -> list[Problem]:
+    """Let each otherwise-valid step's method validate its own arguments by constructing it once."""
+    problems = []
+    for i, step in enumerate(doc.data.get("steps") or []):
+        path: KeyPath = ("steps", i)
+        if any(p.path[:2] == path for p in found) or not isinstance(step, dict):
+            continue
+        spec = get_method(step["method"])
+        kwargs = dict(step.get("args", {}))
         if spec.takes_amount:
-            kwargs["amount"] = amount if _is_number(amount) else 0.0
+            kwargs["amount"] = step.get("amount", 0.0)
         try:
             spec.cls(**kwargs)
         except Exception as exc:  # the method's own validation, whatever it raises
-            where = args_path if "args" in step else path + ("method",)
-            problems.append(doc.problem(where, f"method {name!r} rejected its arguments: {type(exc).__name__}: {exc}"))
+            where = path + ("args",) if "args" in step else path + ("method",)
+            problems.append(doc.problem(where, f"method {spec.name!r} rejected its arguments: {type(exc).__name__}: {exc}"))
     return problems
 
 

@@ -60,6 +60,10 @@ class _TooBig(Exception):
     pass
 
 
+def _tag(tag: str) -> str:
+    return "!!" + tag[len("tag:yaml.org,2002:"):] if tag.startswith("tag:yaml.org,2002:") else tag
+
+
 def _mark(node: yaml.Node) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
@@ -81,7 +85,7 @@ def parse_yaml(text: str | bytes, source: str) -> Document:
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        message = " ".join(str(m) for m in (exc.context, exc.problem) if m) or "invalid YAML"
+        message = ": ".join(str(m) for m in (exc.context, exc.problem) if m) or "invalid YAML"
         line, col = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
         raise RecipeError(Problem(source, line, col, (), f"invalid YAML: {message}")) from None
     except yaml.YAMLError as exc:
@@ -127,19 +131,19 @@ class _Builder:
             if node.tag == _TIMESTAMP:
                 return node.value  # keep dates as the text the user wrote
             if node.tag not in _SCALAR_TAGS:
-                self._problem(node, path, f"YAML tag {node.tag!r} is not allowed; recipes hold plain data only")
+                self._problem(node, path, f"YAML tag {_tag(node.tag)} is not allowed; recipes hold plain data only")
                 return None
             return self.constructor.construct_object(node, deep=True)
 
         if isinstance(node, yaml.SequenceNode):
             if node.tag != _SEQ:
-                self._problem(node, path, f"YAML tag {node.tag!r} is not allowed; recipes hold plain data only")
+                self._problem(node, path, f"YAML tag {_tag(node.tag)} is not allowed; recipes hold plain data only")
                 return None
             return [self.build(item, path + (i,), depth + 1) for i, item in enumerate(node.value)]
 
         if isinstance(node, yaml.MappingNode):
             if node.tag != _MAP:
-                self._problem(node, path, f"YAML tag {node.tag!r} is not allowed; recipes hold plain data only")
+                self._problem(node, path, f"YAML tag {_tag(node.tag)} is not allowed; recipes hold plain data only")
                 return None
             try:
                 self.constructor.flatten_mapping(node)  # YAML merge keys (<<: *defaults)
