@@ -52,7 +52,7 @@ class ModelSnapshot:
                 live.clear()
                 live.update(saved)
             for key in [k for k in module.__dict__ if k not in inner and k not in attrs]:
-                del module.__dict__[k]
+                del module.__dict__[key]
             module.__dict__.update(attrs)
             module._non_persistent_buffers_set.clear()
             module._non_persistent_buffers_set.update(self._nonpersistent[id(module)])
@@ -146,11 +146,9 @@ def apply_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, p
         if ps is None:
             raise ApplyError(recipe.problem(("finalize",), f"finalize failed: {type(exc).__name__}: {exc}; the model was left unchanged")) from exc
         on = f" on {target.qualname}" if target is not None else ""
+        what = f"step {ps.step.name!r} ({ps.method.name})" if ps.step.name else ps.method.name
         raise ApplyError(
-            recipe.problem(
-                ps.step.path,
-                f"{ps.step.label} ({ps.method.name}) failed{on}: {type(exc).__name__}: {exc}; the model was left unchanged",
-            )
+            recipe.problem(ps.step.path, f"{what} failed{on}: {type(exc).__name__}: {exc}; the model was left unchanged")
         ) from exc
 
     after = measure(watched)

@@ -125,7 +125,7 @@ class _Builder:
             raise _TooBig(f"document expands to more than {MAX_NODES} nodes (aliases included); refusing it")
         if depth > MAX_DEPTH:
             raise _TooBig(f"document is nested more than {MAX_DEPTH} levels deep; refusing it")
-        self.doc.value_marks.setdefault(path, _mark(node))
+        self.doc.value_marks[path] = _mark(node)
 
         if isinstance(node, yaml.ScalarNode):
             if node.tag == _TIMESTAMP:
@@ -145,12 +145,14 @@ class _Builder:
             if node.tag != _MAP:
                 self._problem(node, path, f"YAML tag {_tag(node.tag)} is not allowed; recipes hold plain data only")
                 return None
+            own = {id(k) for k, _ in node.value}
             try:
                 self.constructor.flatten_mapping(node)  # YAML merge keys (<<: *defaults)
             except yaml.MarkedYAMLError as exc:
                 self._problem(node, path, f"invalid merge key: {exc.problem}")
                 return None
             out: dict[str, Any] = {}
+            merged: set[str] = set()  # keys that came in through "<<" may be overridden
             for key_node, value_node in node.value:
                 self.count += 1
                 if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in _SCALAR_TAGS:
@@ -164,11 +166,16 @@ class _Builder:
                     )
                     continue
                 child = path + (key,)
+                if key in merged:
+                    merged.discard(key)
+                    del out[key]
                 if key in out:
                     first = self.doc.key_marks.get(child)
                     where = f" (first at line {first[0]})" if first else ""
                     self._problem(key_node, child, f"duplicate key {key!r}{where}")
                     continue
+                if id(key_node) not in own:
+                    merged.add(key)
                 self.doc.key_marks[child] = _mark(key_node)
                 out[key] = self.build(value_node, child, depth + 1)
             return out
