@@ -1,48 +1,76 @@
 """prunerecipe: declarative, validated pruning recipes for PyTorch.
 
-    >>> from prunerecipe import load_recipe, apply_recipe
+    >>> from prunerecipe import apply_recipe, load_recipe
     >>> from prunerecipe.zoo import LeNet
     >>> report = apply_recipe(LeNet(), load_recipe("recipes/lenet-global-l1.yaml"))  # doctest: +SKIP
+
+Names are imported on first use, so ``prunerecipe --help`` does not pay for importing torch.
 """
 
 from __future__ import annotations
 
-from ._version import __version__
-from .apply import apply_recipe, finalize, pruned_parameters
-from .errors import ApplyError, CheckpointError, Problem, RecipeError
-from .methods import MethodSpec, get_method, method_names, pruning_method, register_method, unregister_method
-from .plan import Plan, PlannedStep, PlannedTarget, plan_recipe
-from .recipe import Recipe, Schedule, Selector, Step, load_recipe, parse_recipe, recipe_from_dict, recipe_schema
-from .report import Report
-from .selectors import Target
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
-    "__version__",
-    "ApplyError",
-    "CheckpointError",
-    "MethodSpec",
-    "Plan",
-    "PlannedStep",
-    "PlannedTarget",
-    "Problem",
-    "Recipe",
-    "RecipeError",
-    "Report",
-    "Schedule",
-    "Selector",
-    "Step",
-    "Target",
-    "apply_recipe",
-    "finalize",
-    "get_method",
-    "load_recipe",
-    "method_names",
-    "parse_recipe",
-    "plan_recipe",
-    "pruned_parameters",
-    "pruning_method",
-    "recipe_from_dict",
-    "recipe_schema",
-    "register_method",
-    "unregister_method",
-]
+from ._version import __version__
+
+_EXPORTS = {
+    "apply_recipe": "apply",
+    "finalize": "apply",
+    "pruned_parameters": "apply",
+    "ApplyError": "errors",
+    "CheckpointError": "errors",
+    "Problem": "errors",
+    "RecipeError": "errors",
+    "load_pruned_state_dict": "checkpoint",
+    "read_state_dict": "checkpoint",
+    "save_state_dict": "checkpoint",
+    "MethodSpec": "methods",
+    "get_method": "methods",
+    "method_names": "methods",
+    "pruning_method": "methods",
+    "register_method": "methods",
+    "unregister_method": "methods",
+    "load_model": "modelspec",
+    "ModelSpecError": "modelspec",
+    "Plan": "plan",
+    "PlannedStep": "plan",
+    "PlannedTarget": "plan",
+    "plan_recipe": "plan",
+    "Recipe": "recipe",
+    "Schedule": "recipe",
+    "Selector": "recipe",
+    "Step": "recipe",
+    "load_recipe": "recipe",
+    "parse_recipe": "recipe",
+    "recipe_from_dict": "recipe",
+    "recipe_schema": "recipe",
+    "Report": "report",
+    "Target": "selectors",
+}
+
+__all__ = ["__version__", *sorted(_EXPORTS)]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'prunerecipe' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
+    from .apply import apply_recipe, finalize, pruned_parameters
+    from .checkpoint import load_pruned_state_dict, read_state_dict, save_state_dict
+    from .errors import ApplyError, CheckpointError, Problem, RecipeError
+    from .methods import MethodSpec, get_method, method_names, pruning_method, register_method, unregister_method
+    from .modelspec import ModelSpecError, load_model
+    from .plan import Plan, PlannedStep, PlannedTarget, plan_recipe
+    from .recipe import Recipe, Schedule, Selector, Step, load_recipe, parse_recipe, recipe_from_dict, recipe_schema
+    from .report import Report
+    from .selectors import Target

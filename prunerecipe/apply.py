@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.utils.prune as prune
@@ -90,13 +90,20 @@ def finalize(model: nn.Module) -> list[str]:
     return done
 
 
-def apply_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, plan: Plan | None = None) -> Report:
+def apply_recipe(
+    model: nn.Module,
+    recipe: Recipe | str | os.PathLike[str],
+    *,
+    plan: Plan | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Report:
     """Apply every unscheduled step of ``recipe`` to ``model``, in place, in file order.
 
     Steps chain through torch's ``PruningContainer`` exactly as hand-written
     ``torch.nn.utils.prune`` calls would. If anything fails, the model is restored to
     its exact prior state and an :class:`ApplyError` names the step and target.
-    ``recipe`` is a :class:`Recipe` or the path of a recipe file.
+    ``recipe`` is a :class:`Recipe` or the path of a recipe file; ``progress`` is called
+    with a line of text as each step starts.
 
     >>> report = apply_recipe(model, "recipes/lenet-global-l1.yaml")  # doctest: +SKIP
     >>> print(report.global_after)  # doctest: +SKIP
@@ -132,8 +139,10 @@ def apply_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, p
     current: list[Any] = [None, None]
     try:
         # Not under no_grad: hand-written prune calls leave `module.weight` with a grad_fn, and so do we.
-        for ps in active:
+        for i, ps in enumerate(active, 1):
             current[:] = [ps, None]
+            if progress is not None:
+                progress(f"[{i}/{len(active)}] {ps.step.label}: {ps.method.name} {ps.step.how_much} on {len(ps.targets)} tensor(s)")
             outcomes.append(_run_step(recipe, ps, current))
         current[:] = [None, None]
         if recipe.finalize:

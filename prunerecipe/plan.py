@@ -66,6 +66,10 @@ class PlannedTarget:
     entries_after: float | None
 
     @property
+    def qualname(self) -> str:
+        return self.target.qualname
+
+    @property
     def numel(self) -> int:
         return self.target.original.numel()
 

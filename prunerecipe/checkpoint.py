@@ -1,0 +1,237 @@
+"""Reading and writing state_dicts, and restoring pruned checkpoints into fresh models."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from typing import Any, Mapping
+
+import torch
+import torch.nn.utils.prune as prune
+from torch import nn
+
+from .apply import ModelSnapshot
+from .errors import CheckpointError
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def _suffix(path: str) -> str:
+    return os.path.splitext(path)[1].lower()
+
+
+def _check_suffix(path: str) -> str:
+    suffix = _suffix(path)
+    if suffix not in TORCH_SUFFIXES + (SAFETENSORS_SUFFIX,):
+        raise CheckpointError(f"{path}: unsupported checkpoint type {suffix or '(no suffix)'!r}; use .pt, .pth, .bin or .safetensors")
+    return suffix
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a state_dict from ``.pt/.pth/.bin`` (``torch.load(weights_only=True)`` only) or ``.safetensors``.
+
+    A ``{"state_dict": {...}}`` wrapper (as Lightning writes) is unwrapped. Raises
+    :class:`CheckpointError` for missing, truncated, tampered or code-carrying files.
+    """
+    path = os.fspath(path)
+    suffix = _check_suffix(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint")
+    if suffix == SAFETENSORS_SUFFIX:
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise CheckpointError(f"{path}: reading .safetensors needs the 'safetensors' package: pip install 'prunerecipe[safetensors]'") from None
+        try:
+            data: Any = load_file(path, device="cpu")
+        except Exception as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({type(exc).__name__}: {exc})") from exc
+    else:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(
+                f"{path}: refused to load: the file holds more than tensors and plain containers "
+                f"(torch.load weights_only=True rejected it: {first}). Nothing in it was run."
+            ) from exc
+        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: not a readable torch checkpoint, perhaps truncated or corrupted ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    return _as_state_dict(data, path)
+
+
+def _as_state_dict(data: Any, path: str) -> dict[str, torch.Tensor]:
+    if isinstance(data, Mapping) and not _all_tensors(data):
+        for key in ("state_dict", "model_state_dict", "model"):
+            inner = data.get(key)
+            if isinstance(inner, Mapping) and _all_tensors(inner):
+                return dict(inner)
+    if isinstance(data, Mapping) and _all_tensors(data):
+        return dict(data)
+    raise CheckpointError(f"{path}: holds a {type(data).__name__}, not a state_dict (a mapping of names to tensors)")
+
+
+def _all_tensors(data: Mapping[Any, Any]) -> bool:
+    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items())
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, force: bool = False) -> None:
+    """Write atomically: a temp file beside ``path``, then a rename. Never overwrites unless ``force``."""
+    path = os.fspath(path)
+    suffix = _check_suffix(path)
+    if os.path.exists(path) and not force:
+        raise CheckpointError(f"{path}: already exists; refusing to overwrite it (use --force)")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{path}: folder {folder} does not exist")
+    tensors = {k: v.detach() for k, v in state_dict.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            if suffix == SAFETENSORS_SUFFIX:
+                try:
+                    from safetensors.torch import save
+                except ImportError:
+                    raise CheckpointError("writing .safetensors needs the 'safetensors' package: pip install 'prunerecipe[safetensors]'") from None
+                fh.write(save(_unshared(tensors)))
+            else:
+                torch.save(tensors, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if force:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # fails if path appeared meanwhile: no clobbering, even in a race
+            except FileExistsError:
+                raise CheckpointError(f"{path}: already exists; refusing to overwrite it (use --force)") from None
+            except OSError:
+                if os.path.exists(path):
+                    raise CheckpointError(f"{path}: already exists; refusing to overwrite it (use --force)") from None
+                os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share storage (tied weights): give each its own contiguous copy."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in tensors.items():
+        ptr = value.untyped_storage().data_ptr() if value.numel() else -1
+        out[key] = value.contiguous().clone() if ptr in seen or not value.is_contiguous() else value
+        if ptr != -1:
+            seen.add(ptr)
+    return out
+
+
+def strip_data_parallel_prefix(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], bool]:
+    """Drop the ``module.`` prefix that DataParallel/DDP checkpoints carry, when the model lacks it."""
+    keys = list(state_dict)
+    if keys and all(k.startswith("module.") for k in keys) and not any(k.startswith("module.") for k in model.state_dict()):
+        return {k[len("module."):]: v for k, v in state_dict.items()}, True
+    return dict(state_dict), False
+
+
+def pruned_names(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Qualified parameter names that carry pruning state (``X_orig`` and ``X_mask`` both present)."""
+    return [k[: -len("_orig")] for k in state_dict if k.endswith("_orig") and k[: -len("_orig")] + "_mask" in state_dict]
+
+
+def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Load a checkpoint into ``model`` in place, restoring pruning where it carries ``*_orig``/``*_mask``.
+
+    Each pruned parameter gets torch's re-parametrization back (a ``CustomFromMask``
+    hook holding the saved mask), so pruning can go on: a recipe applied next chains
+    onto it. A ``module.`` (DataParallel/DDP) prefix is dropped. Keys and shapes are
+    checked before anything changes; on any mismatch the model is left as it was and
+    :class:`CheckpointError` lists the offending keys. Returns the restored names.
+
+    >>> load_pruned_state_dict(LeNet(), torch.load("pruned.pt", weights_only=True))  # doctest: +SKIP
+    ['conv1.weight', 'conv1.bias']
+    """
+    state_dict, _ = strip_data_parallel_prefix(state_dict, model)
+    modules = dict(model.named_modules())
+    restored = pruned_names(state_dict)
+    plan: list[tuple[nn.Module, str, torch.Tensor]] = []
+    problems: list[str] = []
+    for qual in restored:
+        mod_name, _, pname = qual.rpartition(".")
+        module = modules.get(mod_name)
+        if module is None or (module._parameters.get(pname) is None and module._parameters.get(pname + "_orig") is None):
+            problems.append(f"{qual}_orig: the model has no parameter {qual}")
+            continue
+        if module._parameters.get(pname + "_orig") is None:
+            plan.append((module, pname, state_dict[qual + "_mask"]))
+
+    expected = dict(model.state_dict())
+    for module, pname, mask in plan:
+        prefix = next(n for n, m in modules.items() if m is module)
+        qual = f"{prefix}.{pname}" if prefix else pname
+        tensor = expected.pop(qual)
+        expected[qual + "_orig"] = tensor
+        expected[qual + "_mask"] = tensor
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing:
+        problems.append(_listing("missing from the checkpoint", missing))
+    if unexpected:
+        problems.append(_listing("not in the model", unexpected))
+    if shapes:
+        problems.append(_listing("shape mismatch", shapes))
+    if problems:
+        raise CheckpointError("checkpoint does not fit the model: " + "; ".join(problems))
+
+    snapshot = ModelSnapshot([m for m, _, _ in plan] + list(modules.values()))
+    try:
+        for module, pname, mask in plan:
+            prune.custom_from_mask(module, pname, mask.to(device=module._parameters[pname].device))
+        with torch.no_grad():
+            model.load_state_dict(state_dict, strict=True)
+        for module in modules.values():  # refresh `weight` = orig * mask from the loaded values
+            for hook in module._forward_pre_hooks.values():
+                if isinstance(hook, prune.BasePruningMethod):
+                    setattr(module, hook._tensor_name, hook.apply_mask(module))
+    except Exception as exc:
+        snapshot.restore()
+        raise CheckpointError(f"checkpoint does not fit the model: {type(exc).__name__}: {exc}") from exc
+    return restored
+
+
+def _listing(what: str, keys: list[str], limit: int = 8) -> str:
+    shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+    return f"{what}: {shown}"
+
+
+def state_dict_sparsity(state_dict: Mapping[str, torch.Tensor], names: list[str] | None = None) -> list[tuple[str, tuple[int, ...], int, bool]]:
+    """``(name, shape, zero entries, masked?)`` per floating-point tensor, ``X_orig * X_mask`` folded into ``X``.
+
+    ``names`` restricts (and orders) the rows, e.g. to a model's parameter names.
+    """
+    masked = set(pruned_names(state_dict))
+    rows: dict[str, tuple[str, tuple[int, ...], int, bool]] = {}
+    for key, value in state_dict.items():
+        if key.endswith("_mask") and key[: -len("_mask")] in masked:
+            continue
+        name, is_masked = (key[: -len("_orig")], True) if key.endswith("_orig") and key[: -len("_orig")] in masked else (key, False)
+        if not value.is_floating_point() and not is_masked:
+            continue
+        if is_masked:
+            alive = torch.count_nonzero(torch.logical_and(value != 0, state_dict[name + "_mask"] != 0)).item()
+        else:
+            alive = torch.count_nonzero(value).item()
+        rows[name] = (name, tuple(value.shape), int(value.numel() - alive), is_masked)
+    if names is not None:
+        return [rows[n] for n in names if n in rows]
+    return list(rows.values())

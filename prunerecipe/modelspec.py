@@ -1,0 +1,85 @@
+"""Model specs: ``pkg.module:attr`` or ``path/to/file.py:attr`` -> an ``nn.Module``."""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import os
+import sys
+from typing import Any
+
+from torch import nn
+
+from .errors import RecipeError
+
+
+class ModelSpecError(RecipeError):
+    """A model spec that does not import, or does not give an ``nn.Module``."""
+
+
+def _split(spec: str) -> tuple[str, str]:
+    where, sep, attr = spec.rpartition(":")
+    if not sep or not where or not attr or not all(p.isidentifier() for p in attr.split(".")):
+        raise ModelSpecError(f"model spec {spec!r} is not 'pkg.module:attr' or 'path/to/file.py:attr'")
+    return where, attr
+
+
+def _import_file(path: str, spec: str) -> Any:
+    if not os.path.isfile(path):
+        raise ModelSpecError(f"model spec {spec!r}: no such file {path!r}")
+    name = "_prunerecipe_model_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    if module_spec is None or module_spec.loader is None:
+        raise ModelSpecError(f"model spec {spec!r}: cannot import {path!r} as Python")
+    module = importlib.util.module_from_spec(module_spec)
+    folder = os.path.dirname(os.path.abspath(path))
+    sys.path.insert(0, folder)  # so the file can import its neighbours
+    sys.modules[name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(name, None)
+        raise ModelSpecError(f"model spec {spec!r}: importing {path!r} raised {type(exc).__name__}: {exc}") from exc
+    finally:
+        if sys.path and sys.path[0] == folder:
+            sys.path.pop(0)
+    return module
+
+
+def _import_module(name: str, spec: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        raise ModelSpecError(f"model spec {spec!r}: cannot import module {name!r} ({exc})") from exc
+    except Exception as exc:
+        raise ModelSpecError(f"model spec {spec!r}: importing {name!r} raised {type(exc).__name__}: {exc}") from exc
+
+
+def load_model(spec: str) -> nn.Module:
+    """Build the model a spec names: an ``nn.Module`` subclass or a no-argument factory is called.
+
+    >>> load_model("prunerecipe.zoo:LeNet")  # doctest: +ELLIPSIS
+    LeNet(...)
+    """
+    where, attr = _split(spec)
+    module = _import_file(where, spec) if where.endswith(".py") else _import_module(where, spec)
+    obj: Any = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            names = [n for n in dir(obj) if not n.startswith("_")]
+            close = difflib.get_close_matches(part, names, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ModelSpecError(f"model spec {spec!r}: {where!r} has no attribute {part!r}{hint}")
+        obj = getattr(obj, part)
+    if isinstance(obj, nn.Module):
+        return obj
+    if not callable(obj):
+        raise ModelSpecError(f"model spec {spec!r}: {attr!r} is a {type(obj).__name__}, not an nn.Module or a factory")
+    try:
+        model = obj()
+    except Exception as exc:
+        raise ModelSpecError(f"model spec {spec!r}: calling {attr}() raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise ModelSpecError(f"model spec {spec!r}: {attr}() returned a {type(model).__name__}, not an nn.Module")
+    return model

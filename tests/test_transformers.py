@@ -1,0 +1,93 @@
+"""Recipes on Hugging Face transformers models built from configs (random weights, no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.utils.prune as prune
+
+from prunerecipe import RecipeError, apply_recipe, parse_recipe, plan_recipe
+
+from .conftest import assert_same_pruning, pruning_history
+
+transformers = pytest.importorskip("transformers")
+
+
+def gpt2(seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+CONV1D_RECIPE = """
+version: 1
+steps:
+  - name: attention-and-mlp
+    select: {types: [%s], names: ["transformer.h.*"], exclude: {names: ["*.c_proj"]}}
+    method: l1_unstructured
+    amount: 0.3
+  - name: mlp-out-channels
+    select: {names: ["re:transformer\\\\.h\\\\.[0-9]+\\\\.mlp\\\\.c_proj"]}
+    method: ln_structured
+    amount: 0.25
+    args: {n: 2, dim: 1}
+"""
+
+
+@pytest.mark.parametrize("type_entry", ["Conv1D", "transformers.pytorch_utils.Conv1D"])
+def test_gpt2_custom_conv1d_layers_selected_by_class(type_entry):
+    ours, theirs = gpt2(), gpt2()
+    recipe = parse_recipe(CONV1D_RECIPE % type_entry)
+    plan = plan_recipe(ours, recipe)
+    assert [t.qualname for t in plan.steps[0].targets] == [
+        f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc")
+    ]
+    apply_recipe(ours, recipe, plan=plan)
+
+    conv1d = transformers.pytorch_utils.Conv1D
+    for name, module in theirs.named_modules():
+        if isinstance(module, conv1d) and name.startswith("transformer.h.") and not name.endswith(".c_proj"):
+            prune.l1_unstructured(module, "weight", amount=0.3)
+    for i in range(2):
+        prune.ln_structured(theirs.transformer.h[i].mlp.c_proj, "weight", amount=0.25, n=2, dim=1)
+    assert_same_pruning(ours, theirs)
+
+    ids = torch.randint(0, 64, (1, 8))
+    with torch.no_grad():
+        assert torch.allclose(ours(ids).logits, theirs(ids).logits)
+    mask = ours.transformer.h[0].attn.c_attn.weight_mask
+    assert int((mask == 0).sum()) == round(0.3 * mask.numel())
+
+
+def test_gpt2_tied_lm_head_is_refused_naming_both_owners():
+    model = gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    recipe = parse_recipe("version: 1\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5}\n", "tied.yaml")
+    with pytest.raises(RecipeError, match=r"parameter lm_head.weight is shared by transformer.wte.weight, lm_head.weight \(tied weights\)"):
+        plan_recipe(model, recipe)
+
+
+def test_bert_global_pruning_over_attention_projections():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=32
+    )
+    ours = transformers.BertModel(config).eval()
+    theirs = transformers.BertModel(config).eval()
+    theirs.load_state_dict(ours.state_dict())
+    recipe = parse_recipe("""
+version: 1
+steps:
+  - select: {names: ["encoder.layer.*.attention.self.*"], types: [Linear]}
+    method: l1_unstructured
+    sparsity: 0.6
+    scope: global
+""")
+    report = apply_recipe(ours, recipe)
+    params = [(m, "weight") for n, m in theirs.named_modules() if ".attention.self." in n and isinstance(m, torch.nn.Linear)]
+    assert len(params) == 6
+    total = sum(m.weight.numel() for m, _ in params)
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=round(0.6 * total))
+    assert_same_pruning(ours, theirs)
+    assert abs(report.global_after - round(0.6 * total) / total) < 1e-9
+    assert pruning_history(ours.encoder.layer[0].attention.self.query, "weight") == [prune.CustomFromMask]
