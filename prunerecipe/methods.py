@@ -129,7 +129,7 @@ def register_method(
     if not isinstance(name, str) or not name.isidentifier():
         raise MethodError(f"method name {name!r} must be an identifier such as 'my_method'")
     _check_method_class(cls, f"method {name!r}")
-    if not replace and (name in _BUILTINS or name in _IN_PROCESS):
+    if not replace and (name in _BUILTINS or name in _IN_PROCESS or name in entry_points()):
         raise MethodError(f"method {name!r} is already registered ({describe_origin(name)}); pass replace=True to override it")
     spec = MethodSpec(name, cls, IN_PROCESS, args_schema if args_schema is not None else getattr(cls, "args_schema", None))
     _IN_PROCESS[name] = spec
