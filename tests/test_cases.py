@@ -40,6 +40,17 @@ def run_case(path: Path) -> str:
     return "(no error)\n"
 
 
+@pytest.fixture(autouse=True)
+def _builtins_only(monkeypatch):
+    """Golden texts list the available methods: keep installed plugins out of them."""
+    from prunerecipe import methods
+
+    monkeypatch.setattr(methods, "entry_points", lambda: {})
+    methods.get_method.cache_clear()
+    yield
+    methods.get_method.cache_clear()
+
+
 @pytest.mark.parametrize("path", CASES, ids=[f"{p.parent.name}/{p.stem}" for p in CASES])
 def test_error_case(path: Path) -> None:
     expected = path.with_suffix(".expected").read_text()
@@ -54,6 +65,9 @@ def test_every_case_has_an_expected_file_and_fails() -> None:
 
 
 if __name__ == "__main__" and "--regen" in sys.argv:
+    from prunerecipe import methods
+
+    methods.entry_points = lambda: {}  # type: ignore[assignment]
     for case in CASES:
         case.with_suffix(".expected").write_text(run_case(case))
         print(case.with_suffix(".expected").read_text(), end="")

@@ -62,9 +62,9 @@ def test_unknown_method_suggests_the_closest_name():
 
 
 def test_seed_foobar_registered_in_process_masks_every_other_bias_entry():
-    register_method("foobar", FooBarPruningMethod)
+    register_method("seed_foobar", FooBarPruningMethod)
     model = make_lenet()
-    apply_recipe(model, parse_recipe("version: 1\nsteps:\n  - {select: {names: [fc3]}, params: [bias], method: foobar}\n"))
+    apply_recipe(model, parse_recipe("version: 1\nsteps:\n  - {select: {names: [fc3]}, params: [bias], method: seed_foobar}\n"))
     assert model.fc3.bias_mask.tolist() == [0.0, 1.0] * 5
     theirs = make_lenet()
     FooBarPruningMethod.apply(theirs.fc3, "bias")
@@ -72,9 +72,9 @@ def test_seed_foobar_registered_in_process_masks_every_other_bias_entry():
 
 
 def test_amount_for_foobar_is_an_error():
-    register_method("foobar", FooBarPruningMethod)
-    with pytest.raises(RecipeError, match="method 'foobar' takes no amount; remove 'amount'"):
-        parse_recipe("version: 1\nsteps:\n  - {select: {}, params: [bias], method: foobar, amount: 0.5}\n")
+    register_method("seed_foobar", FooBarPruningMethod)
+    with pytest.raises(RecipeError, match="method 'seed_foobar' takes no amount; remove 'amount'"):
+        parse_recipe("version: 1\nsteps:\n  - {select: {}, params: [bias], method: seed_foobar, amount: 0.5}\n")
 
 
 def test_register_method_rejects_bad_classes_and_taken_names():
@@ -93,10 +93,10 @@ def test_register_method_rejects_bad_classes_and_taken_names():
 
     with pytest.raises(MethodError, match="PRUNING_TYPE 'sideways'"):
         register_method("notype", NoType)
-    register_method("foobar", FooBarPruningMethod)
-    register_method("foobar", FooBarPruningMethod, replace=True)
-    unregister_method("foobar")
-    assert "foobar" not in method_names()
+    register_method("seed_foobar", FooBarPruningMethod)
+    register_method("seed_foobar", FooBarPruningMethod, replace=True)
+    unregister_method("seed_foobar")
+    assert "seed_foobar" not in method_names()
 
 
 def test_function_form_binds_args_from_its_signature():
