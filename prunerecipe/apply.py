@@ -9,7 +9,9 @@ import torch
 import torch.nn.utils.prune as prune
 from torch import nn
 
+from . import fastprune
 from .errors import ApplyError, RecipeError
+from .methods import MethodSpec
 from .plan import Plan, PlannedStep, method_default, normalize_dim, plan_recipe, pruned_entries, pruned_slices
 from .recipe import Recipe, load_recipe
 from .report import Report, StepOutcome, TargetSparsity, measure
@@ -184,6 +186,11 @@ def _live_amount(ps: PlannedStep, targets: list[Target]) -> int | float | None:
     return round(step.sparsity * t.original.numel()) - pruned_entries(t)
 
 
+def _fast_l1(spec: MethodSpec) -> bool:
+    """Only torch's own L1Unstructured takes the fast path (subclasses may change compute_mask)."""
+    return spec.cls is prune.L1Unstructured
+
+
 def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any]) -> StepOutcome:
     step, spec = ps.step, ps.method
     seed = recipe.step_seed(step)
@@ -197,7 +204,11 @@ def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any]) -> StepOutcom
         amount = _live_amount(ps, targets)
         if step.sparsity is not None and amount is not None and amount <= 0:
             return StepOutcome(step.label, spec.name, names, f"no-op: already at or above sparsity {step.sparsity:g}")
-        prune.global_unstructured([(t.module, t.param) for t in targets], pruning_method=spec.cls, amount=amount, **kwargs)
+        params = [(t.module, t.param) for t in targets]
+        if _fast_l1(spec) and len({t.original.dtype for t in targets}) == 1 and all(fastprune.supported(t.original) for t in targets):
+            fastprune.l1_global(params, amount)  # type: ignore[arg-type]
+        else:
+            prune.global_unstructured(params, pruning_method=spec.cls, amount=amount, **kwargs)
         return StepOutcome(step.label, spec.name, names)
 
     noops = []
@@ -210,7 +221,10 @@ def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any]) -> StepOutcom
                 noops.append(t.qualname)
                 continue
             call["amount"] = amount
-        spec.cls.apply(t.module, t.param, **call)
+        if _fast_l1(spec) and fastprune.supported(t.original):
+            fastprune.l1_local(t.module, t.param, call["amount"])
+        else:
+            spec.cls.apply(t.module, t.param, **call)
     note = f"no-op on {', '.join(noops)}: already at or above sparsity {step.sparsity:g}" if noops else None
     return StepOutcome(step.label, spec.name, names, note)
 
