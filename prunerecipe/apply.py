@@ -201,12 +201,16 @@ def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any]) -> StepOutcom
     kwargs = dict(step.args)
 
     if step.scope == "global":
-        amount = _live_amount(ps, targets)
-        if step.sparsity is not None and amount is not None and amount <= 0:
-            return StepOutcome(step.label, spec.name, names, f"no-op: already at or above sparsity {step.sparsity:g}")
         params = [(t.module, t.param) for t in targets]
+        if not spec.takes_amount:
+            prune.global_unstructured(params, pruning_method=spec.cls, **kwargs)
+            return StepOutcome(step.label, spec.name, names)
+        amount = _live_amount(ps, targets)
+        assert amount is not None
+        if step.sparsity is not None and amount <= 0:
+            return StepOutcome(step.label, spec.name, names, f"no-op: already at or above sparsity {step.sparsity:g}")
         if _fast_l1(spec) and len({t.original.dtype for t in targets}) == 1 and all(fastprune.supported(t.original) for t in targets):
-            fastprune.l1_global(params, amount)  # type: ignore[arg-type]
+            fastprune.l1_global(params, amount)
         else:
             prune.global_unstructured(params, pruning_method=spec.cls, amount=amount, **kwargs)
         return StepOutcome(step.label, spec.name, names)

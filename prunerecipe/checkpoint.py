@@ -70,14 +70,21 @@ def _as_state_dict(data: Any, path: str) -> dict[str, torch.Tensor]:
         for key in ("state_dict", "model_state_dict", "model"):
             inner = data.get(key)
             if isinstance(inner, Mapping) and _all_tensors(inner):
-                return dict(inner)
+                return _check_values(dict(inner), path)
     if isinstance(data, Mapping) and _all_tensors(data):
-        return dict(data)
+        return _check_values(dict(data), path)
     raise CheckpointError(f"{path}: holds a {type(data).__name__}, not a state_dict (a mapping of names to tensors)")
 
 
 def _all_tensors(data: Mapping[Any, Any]) -> bool:
     return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items())
+
+
+def _check_values(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    empty = [k for k, v in state.items() if v.device.type == "meta"]
+    if empty:
+        raise CheckpointError(f"{path}: {_listing('tensors without data (meta device)', empty)}")
+    return state
 
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, force: bool = False) -> None:
@@ -149,17 +156,23 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
 
     Each pruned parameter gets torch's re-parametrization back (a ``CustomFromMask``
     hook holding the saved mask), so pruning can go on: a recipe applied next chains
-    onto it. A ``module.`` (DataParallel/DDP) prefix is dropped. Keys and shapes are
-    checked before anything changes; on any mismatch the model is left as it was and
-    :class:`CheckpointError` lists the offending keys. Returns the restored names.
+    onto it. A ``module.`` (DataParallel/DDP) prefix is dropped. Keys, shapes and values
+    are checked and converted before anything changes; on any mismatch the model is left
+    as it was and :class:`CheckpointError` lists the offending keys. Returns the restored names.
 
     >>> load_pruned_state_dict(LeNet(), torch.load("pruned.pt", weights_only=True))  # doctest: +SKIP
     ['conv1.weight', 'conv1.bias']
     """
     state_dict, _ = strip_data_parallel_prefix(state_dict, model)
-    modules = dict(model.named_modules())
+    # Every name a module is registered under: state_dict() lists a shared module under each.
+    names_of: dict[int, list[str]] = {}
+    modules: dict[str, nn.Module] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        modules[mod_name] = module
+        names_of.setdefault(id(module), []).append(mod_name)
+
     restored = pruned_names(state_dict)
-    plan: list[tuple[nn.Module, str, torch.Tensor]] = []
+    to_prune: dict[tuple[int, str], tuple[nn.Module, str, str]] = {}
     problems: list[str] = []
     for qual in restored:
         mod_name, _, pname = qual.rpartition(".")
@@ -168,15 +181,15 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
             problems.append(f"{qual}_orig: the model has no parameter {qual}")
             continue
         if module._parameters.get(pname + "_orig") is None:
-            plan.append((module, pname, state_dict[qual + "_mask"]))
+            to_prune.setdefault((id(module), pname), (module, pname, qual))
 
     expected = dict(model.state_dict())
-    for module, pname, mask in plan:
-        prefix = next(n for n, m in modules.items() if m is module)
-        qual = f"{prefix}.{pname}" if prefix else pname
-        tensor = expected.pop(qual)
-        expected[qual + "_orig"] = tensor
-        expected[qual + "_mask"] = tensor
+    for module, pname, _ in to_prune.values():
+        for prefix in names_of[id(module)]:
+            qual = f"{prefix}.{pname}" if prefix else pname
+            tensor = expected.pop(qual)
+            expected[qual + "_orig"] = tensor
+            expected[qual + "_mask"] = tensor
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     shapes = [
@@ -193,12 +206,30 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     if problems:
         raise CheckpointError("checkpoint does not fit the model: " + "; ".join(problems))
 
-    snapshot = ModelSnapshot([m for m, _, _ in plan] + list(modules.values()))
+    # Convert every value to what it will land in before touching the model, so that the
+    # in-place copies below cannot fail halfway (meta tensors, impossible dtypes...).
+    ready: dict[str, torch.Tensor] = {}
+    bad = []
+    for key, value in state_dict.items():
+        target = expected[key]
+        try:
+            if value.device.type == "meta":
+                raise ValueError("it is a meta tensor (no data)")
+            ready[key] = value.to(device=target.device if target.device.type != "meta" else "cpu", dtype=target.dtype if not key.endswith("_mask") else value.dtype)
+        except Exception as exc:
+            bad.append(f"{key}: {exc}")
+    if bad:
+        raise CheckpointError("checkpoint does not fit the model: " + _listing("unusable values", bad))
+
+    snapshot = ModelSnapshot(list({id(m): m for m in modules.values()}.values()))
     try:
-        for module, pname, mask in plan:
-            prune.custom_from_mask(module, pname, mask.to(device=module._parameters[pname].device))
+        for module, pname, _ in to_prune.values():
+            param = module._parameters[pname]
+            assert param is not None
+            mask = next(ready[f"{p}.{pname}_mask" if p else f"{pname}_mask"] for p in names_of[id(module)])
+            prune.custom_from_mask(module, pname, mask.to(device=param.device))
         with torch.no_grad():
-            model.load_state_dict(state_dict, strict=True)
+            model.load_state_dict(ready, strict=True)
         for module in modules.values():  # refresh `weight` = orig * mask from the loaded values
             for hook in module._forward_pre_hooks.values():
                 if isinstance(hook, prune.BasePruningMethod):

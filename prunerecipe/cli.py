@@ -77,7 +77,9 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _parse_sets(values: tuple[str, ...]) -> dict[str, Any]:
-    import yaml
+    """``NAME=VALUE`` pairs; VALUE is read as plain YAML data, exactly as in a recipe file."""
+    from .errors import RecipeError
+    from .safeyaml import parse_value
 
     out: dict[str, Any] = {}
     for item in values:
@@ -85,9 +87,10 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, Any]:
         if not sep or not name.strip():
             raise click.BadParameter(f"{item!r} is not NAME=VALUE", param_hint="'--set'")
         try:
-            out[name.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as exc:
-            raise click.BadParameter(f"value of {name!r} is not valid YAML: {exc}", param_hint="'--set'") from None
+            out[name.strip()] = parse_value(raw)
+        except RecipeError as exc:
+            message = "; ".join(p.message if hasattr(p, "message") else str(p) for p in exc.problems)
+            raise click.BadParameter(f"value of {name.strip()!r}: {message}", param_hint="'--set'") from None
     return out
 
 

@@ -172,7 +172,7 @@ def _load_entry_point(name: str, ep: metadata.EntryPoint) -> MethodSpec:
     what = f"method {name!r} (entry point '{ep.name} = {ep.value}' from {_dist_label(ep)})"
     try:
         obj = ep.load()
-    except Exception as exc:  # a broken plugin must be reported, whatever it raises
+    except (Exception, SystemExit) as exc:  # a broken plugin must be reported, whatever it raises
         raise MethodError(f"{what} failed to import: {type(exc).__name__}: {exc}") from exc
     try:
         cls = _check_method_class(obj, what)

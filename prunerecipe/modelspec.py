@@ -38,7 +38,7 @@ def _import_file(path: str, spec: str) -> Any:
     sys.modules[name] = module
     try:
         module_spec.loader.exec_module(module)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         sys.modules.pop(name, None)
         raise ModelSpecError(f"model spec {spec!r}: importing {path!r} raised {type(exc).__name__}: {exc}") from exc
     finally:
@@ -52,7 +52,7 @@ def _import_module(name: str, spec: str) -> Any:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
         raise ModelSpecError(f"model spec {spec!r}: cannot import module {name!r} ({exc})") from exc
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise ModelSpecError(f"model spec {spec!r}: importing {name!r} raised {type(exc).__name__}: {exc}") from exc
 
 
@@ -78,7 +78,7 @@ def load_model(spec: str) -> nn.Module:
         raise ModelSpecError(f"model spec {spec!r}: {attr!r} is a {type(obj).__name__}, not an nn.Module or a factory")
     try:
         model = obj()
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         raise ModelSpecError(f"model spec {spec!r}: calling {attr}() raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ModelSpecError(f"model spec {spec!r}: {attr}() returned a {type(model).__name__}, not an nn.Module")

@@ -17,7 +17,7 @@ from torch import nn
 from .errors import Problem, RecipeError
 from .methods import MethodError, MethodSpec, get_method
 from .recipe import Recipe, Step, load_recipe
-from .selectors import SelectorError, Target, param_owners, resolve_targets
+from .selectors import SelectorError, Target, is_pruned_param, param_owners, resolve_targets
 
 
 def nparams_to_prune(amount: int | float, size: int) -> int:
@@ -204,11 +204,17 @@ class Plan:
 
 
 class _Projection:
-    """Masked-entry and masked-slice counts per target as the steps go, without touching tensors."""
+    """Masked-entry and masked-slice counts per target as the steps go, without touching tensors.
+
+    Counts read from existing masks and advanced by local unstructured or structured steps
+    are exact; after a global step, a method without an amount, or a structured step (for
+    entries), they are estimates, and no int amount is rejected on the strength of one.
+    """
 
     def __init__(self) -> None:
         self.entries: dict[tuple[int, str], float] = {}
         self.slices: dict[tuple[int, str, int], int] = {}
+        self.inexact: set[tuple] = set()
 
     def entries_of(self, t: Target) -> float:
         key = (id(t.module), t.param)
@@ -221,6 +227,23 @@ class _Projection:
         if key not in self.slices:
             self.slices[key] = pruned_slices(t, dim)
         return self.slices[key]
+
+    def entries_exact(self, t: Target) -> bool:
+        return (id(t.module), t.param) not in self.inexact and (id(t.module), t.param, "*") not in self.inexact
+
+    def slices_exact(self, t: Target, dim: int) -> bool:
+        return (id(t.module), t.param, dim) not in self.inexact and (id(t.module), t.param, "*") not in self.inexact
+
+    def set_entries(self, t: Target, value: float, exact: bool) -> None:
+        self.entries[(id(t.module), t.param)] = value
+        if exact:
+            self.inexact.discard((id(t.module), t.param))
+        else:
+            self.inexact.add((id(t.module), t.param))
+
+    def forget(self, t: Target) -> None:
+        """Nothing about this tensor's mask is known exactly any more."""
+        self.inexact.add((id(t.module), t.param, "*"))
 
 
 def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Plan:
@@ -253,6 +276,18 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
             targets = resolve_targets(modules, step.select, step.params)
         except SelectorError as exc:
             problems.append(recipe.problem(step.path + ("select",), str(exc)))
+            continue
+        saved = [t for t in targets if t.param.endswith("_orig") and is_pruned_param(t.module, t.param[: -len("_orig")])]
+        if saved:
+            t = saved[0]
+            base = t.param[: -len("_orig")]
+            problems.append(
+                recipe.problem(
+                    step.path + ("params",),
+                    f"{t.qualname} is the saved original of the pruned parameter {t.module_name + '.' if t.module_name else ''}{base}; "
+                    f"name the parameter itself ({base!r}) to prune it further",
+                )
+            )
             continue
         if owners is None:
             owners = param_owners(model)
@@ -304,18 +339,21 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
         sizes = [t.original.numel() for t in targets]
         total = sum(sizes)
         done = sum(proj.entries_of(t) for t in targets)
-        k, note = _count(step, total, int(done), f"the {total - int(done)} unpruned entries of the global group", how)
-        rows = []
-        for t, n in zip(targets, sizes):
-            before = proj.entries_of(t)
-            rows.append(PlannedTarget(t, n, "entries", int(before), None, int(before), None))
-        # Spread the group's count proportionally; the real split depends on the values.
+        exact = all(proj.entries_exact(t) for t in targets)
+        rows = [PlannedTarget(t, n, "entries", int(proj.entries_of(t)), None, int(proj.entries_of(t)), None) for t, n in zip(targets, sizes)]
+        if not spec.takes_amount:
+            for t in targets:
+                proj.forget(t)
+            return PlannedStep(step, spec, tuple(rows), False, total, None)
+        k, note = _count(step, total, int(done), f"the {total - int(done)} unpruned entries of the global group", how, exact)
+        # The split across tensors depends on the values: spread the group's count
+        # proportionally for the totals, and treat every tensor's count as an estimate.
         remaining = total - done
         for t, n in zip(targets, sizes):
             before = proj.entries_of(t)
             share = (n - before) / remaining if remaining else 0.0
-            proj.entries[(id(t.module), t.param)] = before + k * share
-        # Per-tensor results depend on the values; only the group's total is known in advance.
+            proj.set_entries(t, before + k * share, exact=False)
+            proj.forget(t)
         return PlannedStep(step, spec, tuple(rows), False, total, k, note)
 
     rows = []
@@ -324,29 +362,41 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
         shape = t.shape
         numel = t.original.numel()
         entries_before = proj.entries_of(t)
+        note = None
         if spec.pruning_type == "structured":
             dim = step.args.get("dim", method_default(spec, "dim", -1))
             if len(shape) <= 1:
                 raise _PlanProblem("method", f"{spec.name} is structured and needs a tensor with 2 or more dims; {t.qualname} has shape {tuple(shape)}")
-            if not isinstance(dim, int) or not -len(shape) <= dim < len(shape):
-                raise _PlanProblem("args", f"dim {dim} is out of range for {t.qualname} of shape {tuple(shape)}")
+            if not isinstance(dim, int) or isinstance(dim, bool) or not -len(shape) <= dim < len(shape):
+                raise _PlanProblem("args", f"dim {dim!r} is out of range for {t.qualname} of shape {tuple(shape)}")
             d = normalize_dim(dim, len(shape))
             units = shape[d]
             done = proj.slices_of(t, d)
-            k, note = _count(step, units, done, f"the {units - done} unpruned slices along dim {d} of {t.qualname}", how)
+            if not spec.takes_amount:
+                proj.forget(t)
+                rows.append(PlannedTarget(t, units, f"slices (dim {d})", done, None, int(entries_before), None))
+                continue
+            k, note = _count(step, units, done, f"the {units - done} unpruned slices along dim {d} of {t.qualname}", how, proj.slices_exact(t, d))
             alive_entries = numel - entries_before
             after = entries_before + (alive_entries * k / (units - done) if units - done else 0.0)
+            # slices along d stay exact (if they were); other dims and the entry count become estimates
             proj.slices[(id(t.module), t.param, d)] = done + k
-            proj.entries[(id(t.module), t.param)] = after
+            proj.set_entries(t, after, exact=False)
+            proj.inexact.update((id(t.module), t.param, other) for other in range(len(shape)) if other != d)
             rows.append(PlannedTarget(t, units, f"slices (dim {d})", done, k, int(entries_before), after))
         elif spec.takes_amount:
             done = int(entries_before)
-            k, note = _count(step, numel, done, f"the {numel - done} unpruned entries of {t.qualname}", how)
-            proj.entries[(id(t.module), t.param)] = entries_before + k
+            exact = proj.entries_exact(t)
+            k, note = _count(step, numel, done, f"the {numel - done} unpruned entries of {t.qualname}", how, exact)
+            proj.set_entries(t, entries_before + k, exact=exact)
+            if exact:  # whole slices may now be masked: counts along any dim are no longer known
+                proj.inexact.update((id(t.module), t.param, d) for d in range(len(shape)))
             rows.append(PlannedTarget(t, numel, "entries", done, k, done, entries_before + k))
-        else:  # no amount (identity, custom methods): the mask is whatever the method computes
-            rows.append(PlannedTarget(t, numel, "entries", int(entries_before), None, int(entries_before), None if spec.name != "identity" else entries_before))
-            note = None
+        elif spec.name == "identity":
+            rows.append(PlannedTarget(t, numel, "entries", int(entries_before), 0, int(entries_before), entries_before))
+        else:  # no amount (custom methods): the mask is whatever the method computes
+            proj.forget(t)
+            rows.append(PlannedTarget(t, numel, "entries", int(entries_before), None, int(entries_before), None))
         if note:
             notes.append(f"{t.qualname}: {note}")
     return PlannedStep(step, spec, tuple(rows), False, note="; ".join(notes) or None)
@@ -357,17 +407,21 @@ def method_default(spec: MethodSpec, name: str, fallback: Any) -> Any:
     return fallback if param is None or param.default is param.empty else param.default
 
 
-def _count(step: Step, units: int, done: int, what: str, how: str) -> tuple[int, str | None]:
-    """Units this step prunes out of ``units`` with ``done`` already pruned; validates int amounts."""
+def _count(step: Step, units: int, done: int, what: str, how: str, exact: bool) -> tuple[int, str | None]:
+    """Units this step prunes out of ``units`` with ``done`` already pruned.
+
+    An int amount larger than what is left is an error only when ``done`` is exact.
+    """
     if step.sparsity is not None:
         wanted = round(step.sparsity * units)
         if wanted <= done:
-            return 0, f"already at {done}/{units} >= target sparsity {step.sparsity:g}: no-op"
+            return 0, f"already at {done}/{units} >= target sparsity {step.sparsity:g}: no-op" + ("" if exact else " (projected)")
         return wanted - done, None
-    amount = step.amount
-    assert amount is not None
+    amount = step.amount if step.amount is not None else 0
     remaining = units - done
     k = nparams_to_prune(amount, remaining)
     if isinstance(amount, numbers.Integral) and k > remaining:
-        raise _PlanProblem(how, f"amount {amount} is more than {what}")
+        if exact:
+            raise _PlanProblem(how, f"amount {amount} is more than {what}")
+        k = remaining
     return k, None

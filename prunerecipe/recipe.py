@@ -21,7 +21,7 @@ import jsonschema
 
 from .errors import KeyPath, Problem, RecipeError, format_path
 from .methods import MethodError, MethodSpec, get_method, suggest
-from .safeyaml import Document, parse_yaml
+from .safeyaml import MAX_BYTES, Document, parse_yaml
 from .selectors import SelectorError, check_name_pattern, resolve_type
 
 _PLACEHOLDER = re.compile(r"\$(\$?)\{([^}]*)\}")
@@ -149,7 +149,7 @@ def load_recipe(path: str | os.PathLike[str], overrides: Mapping[str, Any] | Non
     source = os.fspath(path)
     try:
         with open(source, "rb") as fh:
-            raw = fh.read()
+            raw = fh.read(MAX_BYTES + 1)  # never more: /dev/zero is a "file" too
     except FileNotFoundError:
         raise RecipeError(Problem(source, None, None, (), "no such recipe file")) from None
     except IsADirectoryError:
@@ -168,14 +168,32 @@ def recipe_from_dict(
     data: Mapping[str, Any], source: str = "<dict>", overrides: Mapping[str, Any] | None = None
 ) -> Recipe:
     """Like :func:`load_recipe`, from already-parsed data (errors carry key paths, no positions)."""
+    problems = list(_plain_data_problems(data, (), source))
+    if problems:
+        raise RecipeError.collect(problems)
     return _build(Document(source, copy.deepcopy(dict(data)) if isinstance(data, Mapping) else data), overrides)
+
+
+def _plain_data_problems(value: Any, path: KeyPath, source: str) -> Iterator[Problem]:
+    """What a YAML file could hold: dicts with string keys, lists, str, int, float, bool, None."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                yield Problem(source, None, None, path, f"mapping key {key!r} is a {type(key).__name__}; keys must be strings")
+            else:
+                yield from _plain_data_problems(item, path + (key,), source)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _plain_data_problems(item, path + (i,), source)
+    elif not isinstance(value, (str, int, float, bool, type(None))):
+        yield Problem(source, None, None, path, f"{type(value).__name__} is not plain data (use str, int, float, bool, None, list, dict)")
 
 
 # --- pipeline -------------------------------------------------------------------------------
 
 
 def _build(doc: Document, overrides: Mapping[str, Any] | None) -> Recipe:
-    problems: list[Problem] = []
+    problems: list[Problem] = list(doc.problems)
     data = _substitute_vars(doc, dict(overrides or {}), problems)
     doc.data = data
     if not isinstance(data, dict):
@@ -300,9 +318,21 @@ def recipe_schema() -> dict[str, Any]:
     return json.loads(text)
 
 
+def _is_integer(checker: Any, instance: Any) -> bool:
+    # JSON Schema counts 1.0 as an integer; YAML keeps 1 and 1.0 apart, and so do we
+    # (an int amount is a count, a float a fraction).
+    return isinstance(instance, int) and not isinstance(instance, bool)
+
+
+_Validator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    type_checker=jsonschema.Draft202012Validator.TYPE_CHECKER.redefine("integer", _is_integer),
+)
+
+
 @functools.lru_cache(maxsize=1)
-def _validator() -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(recipe_schema())
+def _validator() -> Any:
+    return _Validator(recipe_schema())
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -312,7 +342,7 @@ def _short(value: Any, limit: int = 60) -> str:
 
 def schema_problems(doc: Document, schema: Mapping[str, Any] | None = None, base: KeyPath = ()) -> list[Problem]:
     """Validate ``doc.data`` at ``base`` against ``schema`` (the recipe schema by default)."""
-    validator = _validator() if schema is None else jsonschema.Draft202012Validator(schema)
+    validator = _validator() if schema is None else _Validator(schema)
     instance = doc.data
     for part in base:
         instance = instance[part]
@@ -362,6 +392,8 @@ def _is_number(value: Any) -> bool:
 def _semantic_problems(doc: Document) -> list[Problem]:
     data = doc.data
     problems: list[Problem] = []
+    if isinstance(data.get("version"), float):
+        problems.append(doc.problem(("version",), f"{data['version']!r} is not of type 'integer'"))
     steps = data.get("steps")
     if not isinstance(steps, list):
         return problems

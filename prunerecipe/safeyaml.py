@@ -30,6 +30,7 @@ _SCALAR_TAGS = {
 _TIMESTAMP = "tag:yaml.org,2002:timestamp"
 _SEQ = "tag:yaml.org,2002:seq"
 _MAP = "tag:yaml.org,2002:map"
+_MERGE = "tag:yaml.org,2002:merge"
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Document:
     data: Any
     value_marks: dict[KeyPath, tuple[int, int]] = field(default_factory=dict)
     key_marks: dict[KeyPath, tuple[int, int]] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
 
     def mark(self, path: KeyPath, *, key: bool = False) -> tuple[int | None, int | None]:
         """Position of ``path``'s key (``key=True``) or value; falls back to the nearest parent."""
@@ -72,7 +74,7 @@ def parse_yaml(text: str | bytes, source: str) -> Document:
     """Parse one YAML document into plain data with positions; raise :class:`RecipeError`."""
     if isinstance(text, bytes):
         if len(text) > MAX_BYTES:
-            raise RecipeError(Problem(source, None, None, (), f"file is {len(text)} bytes; recipes are limited to {MAX_BYTES}"))
+            raise RecipeError(Problem(source, None, None, (), f"file is larger than {MAX_BYTES} bytes, the limit for recipes"))
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -103,9 +105,18 @@ def parse_yaml(text: str | bytes, source: str) -> Document:
         doc.data = builder.build(node, (), 0)
     except _TooBig as exc:
         raise RecipeError(Problem(source, None, None, (), str(exc))) from None
-    if builder.problems:
-        raise RecipeError.collect(builder.problems)
+    # Node-level problems (a bad tag, a duplicate key) do not stop validation of the rest
+    # of the file: the caller reports them together with everything else.
+    doc.problems = builder.problems
     return doc
+
+
+def parse_value(text: str) -> Any:
+    """One plain YAML value (as ``--set NAME=VALUE`` takes it); raises :class:`RecipeError`."""
+    doc = parse_yaml(text, "<value>") if text.strip() else Document("<value>", "")
+    if doc.problems:
+        raise RecipeError.collect(doc.problems)
+    return doc.data
 
 
 class _Builder:
@@ -119,21 +130,31 @@ class _Builder:
         line, col = _mark(node)
         self.problems.append(Problem(self.doc.source, line, col, path, message))
 
-    def build(self, node: yaml.Node, path: KeyPath, depth: int) -> Any:
+    def _count(self) -> None:
         self.count += 1
         if self.count > MAX_NODES:
-            raise _TooBig(f"document expands to more than {MAX_NODES} nodes (aliases included); refusing it")
+            raise _TooBig(f"document expands to more than {MAX_NODES} nodes (aliases and merge keys included); refusing it")
+
+    def _scalar(self, node: yaml.ScalarNode, path: KeyPath) -> Any:
+        if node.tag == _TIMESTAMP:
+            return node.value  # keep dates as the text the user wrote
+        if node.tag not in _SCALAR_TAGS:
+            self._problem(node, path, f"YAML tag {_tag(node.tag)} is not allowed; recipes hold plain data only")
+            return None
+        try:
+            return self.constructor.construct_object(node, deep=True)
+        except Exception:  # an explicit tag on a value that does not fit it: !!int abc
+            self._problem(node, path, f"{node.value!r} is not a valid {_tag(node.tag)}")
+            return None
+
+    def build(self, node: yaml.Node, path: KeyPath, depth: int) -> Any:
+        self._count()
         if depth > MAX_DEPTH:
             raise _TooBig(f"document is nested more than {MAX_DEPTH} levels deep; refusing it")
         self.doc.value_marks[path] = _mark(node)
 
         if isinstance(node, yaml.ScalarNode):
-            if node.tag == _TIMESTAMP:
-                return node.value  # keep dates as the text the user wrote
-            if node.tag not in _SCALAR_TAGS:
-                self._problem(node, path, f"YAML tag {_tag(node.tag)} is not allowed; recipes hold plain data only")
-                return None
-            return self.constructor.construct_object(node, deep=True)
+            return self._scalar(node, path)
 
         if isinstance(node, yaml.SequenceNode):
             if node.tag != _SEQ:
@@ -145,40 +166,50 @@ class _Builder:
             if node.tag != _MAP:
                 self._problem(node, path, f"YAML tag {_tag(node.tag)} is not allowed; recipes hold plain data only")
                 return None
-            own = {id(k) for k, _ in node.value}
-            try:
-                self.constructor.flatten_mapping(node)  # YAML merge keys (<<: *defaults)
-            except yaml.MarkedYAMLError as exc:
-                self._problem(node, path, f"invalid merge key: {exc.problem}")
-                return None
-            out: dict[str, Any] = {}
-            merged: set[str] = set()  # keys that came in through "<<" may be overridden
-            for key_node, value_node in node.value:
-                self.count += 1
-                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in _SCALAR_TAGS:
-                    self._problem(key_node, path, "mapping keys must be plain strings")
-                    continue
-                key = self.constructor.construct_object(key_node, deep=True)
-                if not isinstance(key, str):
-                    self._problem(
-                        key_node, path,
-                        f"mapping key {key_node.value!r} reads as {type(key).__name__} {key!r}; keys must be strings (quote it)",
-                    )
-                    continue
-                child = path + (key,)
-                if key in merged:
-                    merged.discard(key)
-                    del out[key]
-                if key in out:
-                    first = self.doc.key_marks.get(child)
-                    where = f" (first at line {first[0]})" if first else ""
-                    self._problem(key_node, child, f"duplicate key {key!r}{where}")
-                    continue
-                if id(key_node) not in own:
-                    merged.add(key)
-                self.doc.key_marks[child] = _mark(key_node)
-                out[key] = self.build(value_node, child, depth + 1)
-            return out
+            return self._mapping(node, path, depth)
 
         self._problem(node, path, "unsupported YAML node")  # pragma: no cover - composer yields only the three kinds
         return None
+
+    def _mapping(self, node: yaml.MappingNode, path: KeyPath, depth: int) -> dict[str, Any]:
+        # Merge keys (<<: *defaults) are expanded here, counted like any other node and without
+        # changing the (possibly aliased) node: explicit keys win, earlier merge sources win.
+        merged: dict[str, Any] = {}
+        own: list[tuple[yaml.Node, yaml.Node]] = []
+        for key_node, value_node in node.value:
+            if key_node.tag == _MERGE:
+                sources = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                for src in reversed(sources):
+                    if not isinstance(src, yaml.MappingNode):
+                        self._problem(src, path, "a merge key (<<) takes a mapping or a list of mappings")
+                        continue
+                    merged.update(self.build(src, path, depth + 1) or {})
+            else:
+                own.append((key_node, value_node))
+        self.doc.value_marks[path] = _mark(node)
+        out: dict[str, Any] = dict(merged)
+        seen: set[str] = set()
+        for key_node, value_node in own:
+            self._count()
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in _SCALAR_TAGS:
+                self._problem(key_node, path, "mapping keys must be plain strings")
+                continue
+            key = self._scalar(key_node, path)
+            if key is None and key_node.tag != "tag:yaml.org,2002:null":
+                continue  # already reported
+            if not isinstance(key, str):
+                self._problem(
+                    key_node, path,
+                    f"mapping key {key_node.value!r} reads as {type(key).__name__} {key!r}; keys must be strings (quote it)",
+                )
+                continue
+            child = path + (key,)
+            if key in seen:
+                first = self.doc.key_marks.get(child)
+                where = f" (first at line {first[0]})" if first else ""
+                self._problem(key_node, child, f"duplicate key {key!r}{where}")
+                continue
+            seen.add(key)
+            self.doc.key_marks[child] = _mark(key_node)
+            out[key] = self.build(value_node, child, depth + 1)
+        return out

@@ -265,3 +265,58 @@ def test_failure_during_finalize_restores_already_finalized_parameters(write_rec
     with pytest.raises(ApplyError, match="finalize failed: RuntimeError: cannot fold; the model was left unchanged"):
         apply_recipe(model, path)
     assert_same_fingerprint(fingerprint(model), before)
+
+
+def test_methods_without_amount_work_in_global_and_structured_form():
+    import torch.nn.utils.prune as prune
+
+    from prunerecipe import pruning_method
+
+    @pruning_method("structured")
+    def first_row(t, default_mask, dim=0):
+        mask = default_mask.clone()
+        mask.select(dim, 0).zero_()
+        return mask
+
+    register_method("first_row", first_row)
+    ours, theirs = make_lenet(), make_lenet()
+    recipe = parse_recipe("""
+version: 1
+steps:
+  - {select: {types: [Linear]}, method: identity, scope: global}
+  - {select: {names: [fc1]}, method: first_row, args: {dim: 1}}
+  - {select: {names: [fc1]}, method: l1_unstructured, amount: 100}
+""")
+    plan = plan_recipe(ours, recipe)
+    assert plan.steps[0].group_to_prune is None and plan.steps[1].targets[0].to_prune is None
+    apply_recipe(ours, recipe, plan=plan)
+    prune.global_unstructured([(m, "weight") for m in (theirs.fc1, theirs.fc2, theirs.fc3)], pruning_method=prune.Identity)
+    first_row.apply(theirs.fc1, "weight", dim=1)
+    prune.l1_unstructured(theirs.fc1, "weight", amount=100)
+    from .conftest import assert_same_pruning
+
+    assert_same_pruning(ours, theirs)
+
+
+def test_int_amounts_after_a_global_step_are_not_rejected_on_an_estimate():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(10, 1, bias=False)
+            self.b = nn.Linear(10, 1, bias=False)
+            with torch.no_grad():
+                self.a.weight.fill_(0.01)
+                self.b.weight.copy_(torch.arange(1.0, 11.0))
+
+    recipe = parse_recipe("""
+version: 1
+steps:
+  - {select: {}, method: l1_unstructured, amount: 0.5, scope: global}
+  - {select: {names: [b]}, method: l1_unstructured, amount: 10}
+""")
+    model = Two()
+    apply_recipe(model, recipe)  # the global step prunes all of a and none of b: 10 are left in b
+    assert int((model.b.weight_mask == 0).sum()) == 10 and int((model.a.weight_mask == 0).sum()) == 10
+    # an exact count is still checked: 11 is more than b has at all
+    with pytest.raises(RecipeError, match="amount 11 is more than the 10 unpruned entries of b.weight"):
+        plan_recipe(Two(), parse_recipe("version: 1\nsteps:\n  - {select: {names: [b]}, method: l1_unstructured, amount: 11}\n"))

@@ -328,3 +328,20 @@ def test_transformers_model_from_a_file_factory(tmp_path):
     report = json.loads(done.stdout)
     assert [t["name"] for t in report["targets"]] == [f"transformer.h.0.{m}.weight" for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
     assert report["global"]["sparsity_after"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_set_values_are_plain_yaml_data(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nmodel: prunerecipe.zoo:LeNet\nname: ${tag}\nvars: {tag: x, a: 0.1}\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: '${a}'}\n")
+    assert run("validate", str(recipe), "--set", "tag=2020-01-01").exit_code == 0  # dates stay strings
+    result = CliRunner().invoke(cli, ["validate", str(recipe), "--set", "a=!!int x"])
+    assert result.exit_code == 2 and "value of 'a': 'x' is not a valid !!int" in result.output
+    result = CliRunner().invoke(cli, ["validate", str(recipe), "--set", "a=!!python/name:os.system"])
+    assert result.exit_code == 2 and "not allowed" in result.output
+
+
+def test_a_model_file_that_exits_is_an_error_not_an_exit(tmp_path):
+    (tmp_path / "quits.py").write_text("import sys\nsys.exit(7)\n")
+    before = files(tmp_path)
+    result = CliRunner().invoke(cli, ["plan", GLOBAL, "--model", f"{tmp_path}/quits.py:build"])
+    assert_clean_failure(result, tmp_path, before, "importing", "raised SystemExit: 7")

@@ -201,3 +201,11 @@ def test_example_plugin_matches_the_seed_by_hand(example_plugin):
     FooBarPruningMethod.apply(theirs.fc3, "bias")
     assert list(ours.state_dict()) == list(theirs.state_dict())
     assert torch.equal(ours.fc3.bias_mask, theirs.fc3.bias_mask)
+
+
+def test_a_plugin_that_exits_on_import_is_reported(install):
+    install("exit-plugin", "0.1", {"exits": "exit_plugin_mod:X"}, {"exit_plugin_mod": "raise SystemExit(9)\n"})
+    with pytest.raises(RecipeError, match=r"method 'exits' .* failed to import: SystemExit: 9"):
+        parse_recipe("version: 1\nsteps:\n  - {select: {}, method: exits}\n")
+    result = CliRunner().invoke(cli, ["methods"])
+    assert result.exit_code == 0 and "BROKEN" in result.stdout

@@ -194,3 +194,64 @@ def test_schema_accepts_every_example_recipe():
     for path in sorted((ROOT / "recipes").glob("*.yaml")):
         data = yaml.safe_load(path.read_text())
         assert not list(validator.iter_errors(data)) or "${" in path.read_text(), path
+
+
+def test_merge_key_bomb_is_refused_quickly():
+    # each level merges the previous one twice: 2**28 keys if expanded naively
+    text = "x: 1"
+    inner = "&a0 {x: 1}"
+    for i in range(1, 29):
+        inner = f"&a{i} {{<<: [{inner}, *a{i - 1}], y{i}: 1}}"
+    start = time.perf_counter()
+    with pytest.raises(RecipeError, match="expands to more than 100000 nodes"):
+        parse_recipe(f"version: 1\nvars: {{big: {inner}}}\nsteps: []\n")
+    assert time.perf_counter() - start < 5
+    del text
+
+
+def test_merged_mapping_reached_through_an_alias_is_not_a_duplicate():
+    r = parse_recipe("""
+version: 1
+steps:
+  - select: &sel
+      <<: {names: [fc1]}
+      names: [fc2]
+    method: identity
+  - select: *sel
+    method: identity
+""")
+    assert r.steps[0].select.names == ("fc2",) and r.steps[1].select.names == ("fc2",)
+
+
+def test_merge_sources_earlier_win_and_explicit_keys_win():
+    r = parse_recipe("""
+version: 1
+a: &a {method: l1_unstructured, amount: 0.1}
+""".replace("a: &a {method: l1_unstructured, amount: 0.1}\n", "") + """steps:
+  - <<: [{method: l1_unstructured, amount: 0.1}, {method: identity, amount: 0.9, select: {}}]
+    amount: 0.2
+""")
+    assert (r.steps[0].method, r.steps[0].amount) == ("l1_unstructured", 0.2)
+
+
+def test_reading_is_capped_even_for_endless_files():
+    with pytest.raises(RecipeError, match="larger than 1000000 bytes"):
+        load_recipe("/dev/zero")
+
+
+def test_integer_keys_stay_integers_and_floats_are_not_integers():
+    with pytest.raises(RecipeError) as err:
+        parse_recipe("version: 1.0\nseed: 3.0\nsteps:\n  - {select: {}, method: random_structured, amount: 1, args: {dim: 0.0}}\n", "f.yaml")
+    assert str(err.value).splitlines() == [
+        "f.yaml:1:10: version: 1.0 is not of type 'integer'",
+        "f.yaml:2:7: seed: 3.0 is not of type 'integer'",
+        "f.yaml:4:68: steps[0].args.dim: 0.0 is not of type 'integer'",
+    ]
+
+
+def test_recipe_from_dict_refuses_what_yaml_could_not_hold():
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict({"version": 1, "steps": [{"select": {}, "method": "identity", 3: 4}], 1: 2, "zz": object()})
+    text = str(err.value)
+    assert "<dict>: (root): mapping key 1 is a int; keys must be strings" in text
+    assert "<dict>: steps[0]: mapping key 3 is a int" in text and "zz: object is not plain data" in text
