@@ -12,8 +12,7 @@ import fnmatch
 import functools
 import importlib
 import re
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -79,35 +78,48 @@ def _type_matches(entry: str, cls: type) -> bool:
     return entry in _mro_names(cls)
 
 
-def _any_type(entries: Iterable[str], cls: type) -> bool:
+@functools.lru_cache(maxsize=None)
+def _types_match(entries: tuple[str, ...], cls: type) -> bool:
+    """Whether any entry matches ``cls`` (cached: a model has few classes and many modules)."""
     return any(_type_matches(e, cls) for e in entries)
 
 
-def _any_name(entries: Iterable[str], name: str) -> bool:
-    return any(check_name_pattern(e)(name) for e in entries)
+@functools.lru_cache(maxsize=None)
+def _names_regex(entries: tuple[str, ...]) -> re.Pattern[str]:
+    """One compiled alternation for all ``names`` entries (globs and ``re:`` regexes)."""
+    parts = []
+    for entry in entries:
+        check_name_pattern(entry)  # raises a located-friendly SelectorError if invalid
+        parts.append(f"(?:{entry[3:]})" if entry.startswith("re:") else f"(?:{fnmatch.translate(entry)})")
+    return re.compile("|".join(parts))
 
 
 def selects(selector: "Selector", name: str, module: nn.Module) -> bool:
     """Whether ``selector`` selects ``module``, registered under the qualified ``name``."""
     cls = type(module)
-    if selector.types is not None and not _any_type(selector.types, cls):
+    if selector.types is not None and not _types_match(selector.types, cls):
         return False
-    if selector.names is not None and not _any_name(selector.names, name):
+    if selector.names is not None and _names_regex(selector.names).fullmatch(name) is None:
         return False
-    if selector.exclude_types and _any_type(selector.exclude_types, cls):
+    if selector.exclude_types and _types_match(selector.exclude_types, cls):
         return False
-    if selector.exclude_names and _any_name(selector.exclude_names, name):
+    if selector.exclude_names and _names_regex(selector.exclude_names).fullmatch(name) is not None:
         return False
     return True
 
 
-@dataclass(frozen=True)
-class Target:
-    """One parameter to prune: ``module_name`` + ``param`` (``module`` rides along, not compared)."""
+class Target(NamedTuple):
+    """One parameter to prune: the module's qualified name, the parameter name, and the module.
+
+    (A named tuple rather than a dataclass: plans of big models hold hundreds of thousands.)
+    """
 
     module_name: str
     param: str
-    module: nn.Module = field(compare=False, repr=False)
+    module: nn.Module
+
+    def __repr__(self) -> str:
+        return f"Target({self.qualname!r}, {self.module_type})"
 
     @property
     def qualname(self) -> str:
@@ -124,7 +136,9 @@ class Target:
     @property
     def original(self) -> torch.Tensor:
         """The unmasked tensor: ``<param>_orig`` when pruned, else the parameter itself."""
-        return original_param(self.module, self.param)
+        params = self.module._parameters
+        tensor = params.get(self.param + "_orig")
+        return tensor if tensor is not None else params[self.param]  # type: ignore[return-value]
 
     @property
     def mask(self) -> torch.Tensor | None:
@@ -153,11 +167,35 @@ def resolve_targets(
     modules: Sequence[tuple[str, nn.Module]], selector: "Selector", params: Sequence[str]
 ) -> list[Target]:
     """Targets in ``named_modules()`` order, then ``params`` order; raises on zero targets."""
-    matched = [(n, m) for n, m in modules if selects(selector, n, m)]
-    targets = [Target(n, p, m) for n, m in matched for p in params if has_param(m, p)]
+    matched = _select(modules, selector)
+    targets = []
+    for n, m in matched:
+        own = m._parameters
+        for p in params:
+            if own.get(p) is not None or own.get(p + "_orig") is not None:
+                targets.append(Target(n, p, m))
     if not targets:
         raise SelectorError(_explain_empty(modules, matched, selector, params))
     return targets
+
+
+def _select(modules: Sequence[tuple[str, nn.Module]], selector: "Selector") -> list[tuple[str, nn.Module]]:
+    """``selects`` over many modules: class tests once per class, one regex per name test."""
+    by_class: dict[type, bool] = {}
+    names = _names_regex(selector.names).fullmatch if selector.names is not None else None
+    excluded = _names_regex(selector.exclude_names).fullmatch if selector.exclude_names else None
+    out = []
+    for n, m in modules:
+        cls = type(m)
+        ok = by_class.get(cls)
+        if ok is None:
+            ok = by_class[cls] = (selector.types is None or _types_match(selector.types, cls)) and not (
+                selector.exclude_types and _types_match(selector.exclude_types, cls)
+            )
+        if not ok or (names is not None and names(n) is None) or (excluded is not None and excluded(n) is not None):
+            continue
+        out.append((n, m))
+    return out
 
 
 def _explain_empty(
