@@ -133,6 +133,12 @@ def apply_recipe(
     watched = list(seen.values())
     before = measure(watched)
 
+    if _can_fold(recipe, active, model):
+        outcomes = _apply_folded(recipe, active, progress)
+        after = measure(watched)
+        rows = tuple(TargetSparsity(name, before[name][0], before[name][1], before[name][2], after[name][2]) for name, _, _ in watched)
+        return Report(rows, tuple(outcomes), True, recipe.source, skipped)
+
     modules = [m for _, m, _ in watched]
     if recipe.finalize:
         modules += [m for _, m, _ in pruned_parameters(model)]
@@ -186,6 +192,65 @@ def _live_amount(ps: PlannedStep, targets: list[Target]) -> int | float | None:
     return round(step.sparsity * t.original.numel()) - pruned_entries(t)
 
 
+def _can_fold(recipe: Recipe, active: list[PlannedStep], model: nn.Module) -> bool:
+    """One-shot magnitude pruning with ``finalize``: each target pruned once, by torch's own
+    L1Unstructured, nothing pruned before. Then the weights can be masked in place, with no
+    ``*_orig``/``*_mask`` ever built (the result is what prune + remove would leave)."""
+    if not recipe.finalize or pruned_parameters(model):
+        return False
+    seen: set[tuple[int, str]] = set()
+    for ps in active:
+        if not _fast_l1(ps.method):
+            return False
+        dtypes = set()
+        for pt in ps.targets:
+            t = pt.target
+            key = (id(t.module), t.param)
+            if key in seen or not fastprune.supported(t.original):
+                return False
+            seen.add(key)
+            dtypes.add(t.original.dtype)
+        if ps.step.scope == "global" and len(dtypes) > 1:
+            return False
+    return True
+
+
+def _apply_folded(recipe: Recipe, active: list[PlannedStep], progress: Callable[[str], None] | None) -> list[StepOutcome]:
+    """Find every cut first (nothing changes), then mask the weights in place with Ctrl-C held."""
+    cuts: list[tuple[list[Target], list[fastprune.Piece], fastprune.Threshold]] = []
+    outcomes = []
+    pool: fastprune.Pool = {}
+    for i, ps in enumerate(active, 1):
+        step = ps.step
+        if progress is not None:
+            progress(f"[{i}/{len(active)}] {step.label}: {ps.method.name} {step.how_much} on {len(ps.targets)} tensor(s)")
+        seed = recipe.step_seed(step)
+        if seed is not None:
+            torch.manual_seed(seed)  # as the regular path does, so the RNG state after apply is the same
+        targets = [pt.target for pt in ps.targets]
+        groups = [targets] if step.scope == "global" else [[t] for t in targets]
+        noops = []
+        for group in groups:
+            pieces = [fastprune.Piece(t.original) for t in group]
+            total = sum(p.numel for p in pieces)
+            if step.sparsity is not None:
+                k = round(step.sparsity * total)
+                if k <= 0:
+                    noops.extend(t.qualname for t in group)
+                    continue
+            else:
+                assert step.amount is not None
+                k = fastprune.nparams(step.amount, total)
+            cuts.append((group, pieces, fastprune.select_smallest(pieces, k, pool)))
+        note = f"no-op on {', '.join(noops)}: already at or above sparsity {step.sparsity:g}" if noops else None
+        outcomes.append(StepOutcome(step.label, ps.method.name, tuple(t.qualname for t in targets), note))
+    with fastprune.deferred_interrupts():
+        for group, pieces, threshold in cuts:
+            for i, (t, piece) in enumerate(zip(group, pieces)):
+                fastprune.fold_in_place(t.module, t.param, fastprune.keep_flags(piece, threshold, i))
+    return outcomes
+
+
 def _fast_l1(spec: MethodSpec) -> bool:
     """Only torch's own L1Unstructured takes the fast path (subclasses may change compute_mask)."""
     return spec.cls is prune.L1Unstructured
@@ -216,6 +281,7 @@ def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any]) -> StepOutcom
         return StepOutcome(step.label, spec.name, names)
 
     noops = []
+    pool: fastprune.Pool = {}  # scratch buffers shared by this step's targets
     for t in targets:
         current[1] = t
         call = dict(kwargs)
@@ -226,7 +292,7 @@ def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any]) -> StepOutcom
                 continue
             call["amount"] = amount
         if _fast_l1(spec) and fastprune.supported(t.original):
-            fastprune.l1_local(t.module, t.param, call["amount"])
+            fastprune.l1_local(t.module, t.param, call["amount"], pool)
         else:
             spec.cls.apply(t.module, t.param, **call)
     note = f"no-op on {', '.join(noops)}: already at or above sparsity {step.sparsity:g}" if noops else None

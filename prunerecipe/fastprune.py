@@ -3,13 +3,18 @@
 For non-negative floats the IEEE-754 bit pattern, read as an integer, orders the same way
 as the value. So the k-th smallest ``|w|`` is found digit by digit with 16-bit histograms
 (``bincount``): one pass for fp16/bf16, two for fp32, four for fp64, summed over any
-number of tensors without concatenating them. The masks equal torch's
-(``L1Unstructured``/``global_unstructured``) wherever ``|w|`` has no ties at the
-threshold; with ties, exactly the requested count is pruned, the earliest entries first.
+number of tensors without concatenating them. Work happens in scratch buffers sized to
+the largest tensor (small tensors are batched into them), so memory stays bounded and
+the allocator is not churned.
 
-The re-parametrization is torch's own: :func:`attach` mirrors
-``BasePruningMethod.apply`` step for step (hook order, ``PruningContainer`` chaining,
-``*_orig``/``*_mask`` registration), with genuine torch method instances in the history.
+The masks equal torch's (``L1Unstructured``, ``global_unstructured``) wherever ``|w|``
+has no ties at the threshold; with ties, exactly the requested count is pruned, earliest
+entries (in ``parameters_to_vector`` order) first. NaN ranks above every number, as in
+``torch.topk``.
+
+The re-parametrization is torch's own: :func:`attach` mirrors ``BasePruningMethod.apply``
+step for step (hook order, ``PruningContainer`` chaining, ``*_orig``/``*_mask``
+registration), with genuine torch method instances in the history.
 """
 
 from __future__ import annotations
@@ -25,14 +30,16 @@ import torch
 import torch.nn.utils.prune as prune
 from torch import nn
 
+# float dtype -> (integer view dtype, bits, mask that clears the sign bit)
 _KEY_DTYPES = {
-    torch.float16: (torch.int16, 16),
-    torch.bfloat16: (torch.int16, 16),
-    torch.float32: (torch.int32, 32),
-    torch.float64: (torch.int64, 64),
+    torch.float16: (torch.int16, 16, 0x7FFF),
+    torch.bfloat16: (torch.int16, 16, 0x7FFF),
+    torch.float32: (torch.int32, 32, 0x7FFFFFFF),
+    torch.float64: (torch.int64, 64, 0x7FFFFFFFFFFFFFFF),
 }
 _DIGIT = 16
 _BINS = 1 << _DIGIT
+_MIN_BATCH = 1 << 20  # small tensors are batched into scratch buffers at least this long
 
 
 def supported(t: torch.Tensor) -> bool:
@@ -40,18 +47,12 @@ def supported(t: torch.Tensor) -> bool:
     return t.dtype in _KEY_DTYPES and t.device.type != "meta"
 
 
-def _keys(t: torch.Tensor) -> torch.Tensor:
-    """Monotone integer keys of ``|t|`` in logical (row-major) order, flattened."""
-    key_dtype, _ = _KEY_DTYPES[t.dtype]
-    return t.detach().abs().reshape(-1).view(key_dtype)
-
-
 @dataclass
 class Piece:
-    """One tensor taking part in a select: its importance and which entries may be pruned."""
+    """One tensor taking part in a select: what is ranked, and which entries may be pruned."""
 
     importance: torch.Tensor
-    eligible: torch.Tensor | None  # bool, flattened; None means every entry
+    eligible: torch.Tensor | None = None  # bool, same shape; None means every entry
 
     @property
     def numel(self) -> int:
@@ -63,102 +64,193 @@ class Piece:
 
 @dataclass(frozen=True)
 class Threshold:
-    """Prune eligible entries with key < ``key``, plus ``ties[i]`` entries with key == ``key`` in piece i."""
+    """Prune eligible entries whose key is below ``key``; with ``quotas``, also that many
+    entries whose key equals ``key``, per piece, in order."""
 
     key: int
-    ties: tuple[int, ...]
-    empty: bool = False
+    quotas: tuple[int, ...] | None = None
+    nothing: bool = False
 
 
-def select_smallest(pieces: Sequence[Piece], k: int) -> Threshold:
-    """Find the cut that prunes exactly the ``k`` smallest-magnitude eligible entries of all pieces."""
+class _Scratch:
+    """Reusable buffers for keys, digits and flags of up to ``size`` entries."""
+
+    def __init__(self, size: int, key_dtype: torch.dtype, device: torch.device) -> None:
+        self.size = size
+        self.keys = torch.empty(size, dtype=key_dtype, device=device)
+        self.digits = torch.empty(size, dtype=torch.int32, device=device)
+        self.flags = torch.empty(size, dtype=torch.bool, device=device)
+        self.flags2 = torch.empty(size, dtype=torch.bool, device=device)
+
+
+Pool = dict  # (key dtype, device) -> _Scratch: lets consecutive selects share buffers
+
+
+def _scratch(pool: Pool | None, size: int, key_dtype: torch.dtype, device: torch.device) -> _Scratch:
+    key = (key_dtype, str(device))
+    found = pool.get(key) if pool is not None else None
+    if found is None or found.size < size:
+        found = _Scratch(size, key_dtype, device)
+        if pool is not None:
+            pool[key] = found
+    return found
+
+
+def _batches(pieces: Sequence[Piece]) -> tuple[int, list[list[int]]]:
+    """Group consecutive pieces so each group fits one scratch buffer."""
+    total = sum(p.numel for p in pieces)
+    cap = max([min(total, _MIN_BATCH)] + [p.numel for p in pieces])
+    groups: list[list[int]] = []
+    used = cap
+    for i, p in enumerate(pieces):
+        if used + p.numel > cap:
+            groups.append([])
+            used = 0
+        groups[-1].append(i)
+        used += p.numel
+    return cap, groups
+
+
+def _load(pieces: Sequence[Piece], group: list[int], scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """Keys (and eligibility) of a group, flattened in logical order into the scratch buffers."""
+    key_dtype, _, clear_sign = _KEY_DTYPES[pieces[group[0]].importance.dtype]
+    off = 0
+    any_eligible = any(pieces[i].eligible is not None for i in group)
+    for i in group:
+        t = pieces[i].importance.detach()
+        n = t.numel()
+        torch.bitwise_and(t.view(key_dtype), clear_sign, out=scratch.keys[off : off + n].view(t.shape))
+        if any_eligible:
+            el = pieces[i].eligible
+            if el is None:
+                scratch.flags2[off : off + n].fill_(True)
+            else:
+                scratch.flags2[off : off + n].view(el.shape).copy_(el)
+        off += n
+    return scratch.keys[:off], (scratch.flags2[:off] if any_eligible else None), off
+
+
+def _digits(keys: torch.Tensor, shift: int, first: bool, out: torch.Tensor) -> None:
+    """The 16-bit digit of each key at ``shift``, into the int32 ``out``."""
+    if keys.dtype == torch.int32:  # fp32: two rounds, shift 16 then 0
+        if first:
+            torch.bitwise_right_shift(keys, shift, out=out)
+        else:
+            torch.bitwise_and(keys, _BINS - 1, out=out)
+    elif keys.dtype == torch.int16:  # fp16/bf16: one round, the key is the digit
+        out.copy_(keys)
+    else:  # fp64: four rounds
+        value = keys >> shift if shift else keys
+        out.copy_(value if first else value & (_BINS - 1))
+
+
+def _histogram(keys: torch.Tensor, eligible: torch.Tensor | None, shift: int, bits: int, prefix: int, scratch: _Scratch) -> torch.Tensor:
+    """Counts of the 16-bit digit at ``shift`` among eligible keys whose higher digits equal ``prefix``."""
+    n = keys.numel()
+    digits = scratch.digits[:n]
+    first = shift + _DIGIT >= bits
+    _digits(keys, shift, first, digits)
+    if first and eligible is None:
+        return torch.bincount(digits, minlength=_BINS)[:_BINS]
+    drop = scratch.flags[:n]
+    if not first:
+        lo = prefix << (shift + _DIGIT)
+        hi = (prefix + 1) << (shift + _DIGIT)
+        torch.lt(keys, lo, out=drop)
+        drop.logical_or_(keys >= hi)
+        if eligible is not None:
+            drop.logical_or_(eligible.logical_not())
+    else:
+        assert eligible is not None
+        torch.logical_not(eligible, out=drop)
+    digits.masked_fill_(drop, _BINS)
+    return torch.bincount(digits, minlength=_BINS + 1)[:_BINS]
+
+
+def select_smallest(pieces: Sequence[Piece], k: int, pool: Pool | None = None) -> Threshold:
+    """The cut that prunes exactly the ``k`` smallest-magnitude eligible entries of all pieces."""
     if k <= 0 or not pieces:
-        return Threshold(0, tuple(0 for _ in pieces), empty=True)
+        return Threshold(0, nothing=True)
     dtype = pieces[0].importance.dtype
-    _, bits = _KEY_DTYPES[dtype]
+    key_dtype, bits, _ = _KEY_DTYPES[dtype]
+    cap, groups = _batches(pieces)
+    scratch = _scratch(pool, cap, key_dtype, pieces[0].importance.device)
     prefix = 0
     remaining = k
+    tied = 0
     for shift in range(bits - _DIGIT, -1, -_DIGIT):
         hist = None
-        for piece in pieces:
-            keys = _keys(piece.importance)
-            cand = piece.eligible
-            if shift + _DIGIT < bits:
-                same = (keys >> (shift + _DIGIT)) == prefix
-                cand = same if cand is None else cand & same
-            # int32 digits: room for the sentinel bin _BINS that collects ineligible entries
-            digits = keys.to(torch.int32) if bits == _DIGIT else ((keys >> shift) & (_BINS - 1)).to(torch.int32)
-            if cand is not None:
-                digits = torch.where(cand, digits, _BINS)
-            h = torch.bincount(digits, minlength=_BINS + 1)[:_BINS]
+        for group in groups:
+            keys, eligible, _ = _load(pieces, group, scratch)
+            h = _histogram(keys, eligible, shift, bits, prefix, scratch)
             hist = h if hist is None else hist + h
         assert hist is not None
         cum = torch.cumsum(hist, 0)
-        digit = int(torch.searchsorted(cum, torch.tensor(remaining, device=cum.device, dtype=cum.dtype)).item())
+        digit = int(torch.searchsorted(cum, torch.tensor([remaining], device=cum.device, dtype=cum.dtype)).item())
         below = int(cum[digit - 1].item()) if digit > 0 else 0
         remaining -= below
+        tied = int(hist[digit].item())
         prefix = (prefix << _DIGIT) | digit
-    # `prefix` is the full key of the k-th smallest; `remaining` entries equal to it are pruned.
-    ties = []
-    for piece in pieces:
-        if remaining <= 0:
-            ties.append(0)
-            continue
-        eq = _keys(piece.importance) == prefix
-        if piece.eligible is not None:
-            eq &= piece.eligible
-        n = int(torch.count_nonzero(eq).item())
-        take = min(n, remaining)
-        ties.append(take)
-        remaining -= take
-    return Threshold(prefix, tuple(ties))
+    if remaining == tied:  # every entry equal to the k-th is pruned: a plain cut
+        return Threshold(prefix + 1)
+    # Ties at the threshold: prune the first `remaining` of them, in order.
+    quotas = []
+    for group in groups:
+        keys, eligible, _ = _load(pieces, group, scratch)
+        off = 0
+        for i in group:
+            n = pieces[i].numel
+            eq = keys[off : off + n] == prefix
+            if eligible is not None:
+                eq &= eligible[off : off + n]
+            count = int(torch.count_nonzero(eq).item())
+            take = min(count, remaining)
+            quotas.append(take)
+            remaining -= take
+            off += n
+    return Threshold(prefix, tuple(quotas))
 
 
-def prune_flags(piece: Piece, threshold: Threshold, index: int) -> torch.Tensor:
-    """Flattened bool tensor: which entries of ``piece`` the threshold prunes."""
-    if threshold.empty:
-        return torch.zeros(piece.numel, dtype=torch.bool, device=piece.importance.device)
-    keys = _keys(piece.importance)
-    flags = keys < threshold.key
-    quota = threshold.ties[index]
-    if quota:
+def keep_flags(piece: Piece, threshold: Threshold, index: int) -> torch.Tensor:
+    """Bool tensor shaped like the piece: True where the entry survives this cut."""
+    t = piece.importance.detach()
+    if threshold.nothing:
+        return torch.ones(t.shape, dtype=torch.bool, device=t.device)
+    key_dtype, _, clear_sign = _KEY_DTYPES[t.dtype]
+    keys = torch.bitwise_and(t.view(key_dtype), clear_sign).reshape(-1)
+    keep = keys >= threshold.key
+    if threshold.quotas is not None and threshold.quotas[index]:
         eq = keys == threshold.key
         if piece.eligible is not None:
-            eq &= piece.eligible
-        positions = torch.nonzero(eq).view(-1)[:quota]
-        flags[positions] = True
+            eq &= piece.eligible.reshape(-1)
+        keep[torch.nonzero(eq).view(-1)[: threshold.quotas[index]]] = False
     if piece.eligible is not None:
-        flags &= piece.eligible
-    return flags
+        keep |= ~piece.eligible.reshape(-1)
+    return keep.view(t.shape)
 
 
 def nparams(amount: int | float, size: int) -> int:
     """torch's ``_compute_nparams_toprune``, with its validation."""
-    k = int(amount) if isinstance(amount, numbers.Integral) else round(amount * size)
-    if isinstance(amount, numbers.Integral) and k > size:
-        raise ValueError(f"amount={amount} should be smaller than the number of parameters to prune={size}")
-    return k
-
-
-def importance_and_default(module: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What torch ranks (``getattr(module, name)``) and the existing mask, if the parameter is pruned."""
-    return getattr(module, name), module._buffers.get(name + "_mask")
+    if isinstance(amount, numbers.Integral):
+        if amount > size:
+            raise ValueError(f"amount={amount} should be smaller than the number of parameters to prune={size}")
+        return int(amount)
+    return round(amount * size)
 
 
 def piece_for(module: nn.Module, name: str) -> Piece:
-    importance, default = importance_and_default(module, name)
-    eligible = None if default is None else (default == 1).reshape(-1)
-    return Piece(importance, eligible)
+    """What torch ranks for ``module.<name>`` (``getattr(module, name)``), and what it may prune."""
+    default = module._buffers.get(name + "_mask")
+    return Piece(getattr(module, name), None if default is None else default == 1)
 
 
-def new_mask(piece: Piece, default: torch.Tensor | None, flags: torch.Tensor) -> torch.Tensor:
-    """The mask torch registers: the old one (or ones), in the parameter's dtype, pruned entries zeroed."""
+def new_mask(piece: Piece, default: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+    """The mask torch registers: the old one (or ones) in the parameter's dtype, newly pruned entries zeroed."""
     t = piece.importance
     if default is None:
-        mask = torch.ones(t.shape, dtype=t.dtype, device=t.device)
-    else:
-        mask = default.detach().to(dtype=t.dtype).clone(memory_format=torch.contiguous_format)
-    mask.view(-1).masked_fill_(flags, 0)
+        return keep.to(dtype=t.dtype, memory_format=torch.contiguous_format)
+    mask = default.detach().to(dtype=t.dtype).clone(memory_format=torch.contiguous_format)
+    mask.masked_fill_(keep.logical_not(), 0)
     return mask
 
 
@@ -193,28 +285,37 @@ def attach(module: nn.Module, name: str, method: prune.BasePruningMethod, mask: 
     return hook
 
 
-def l1_local(module: nn.Module, name: str, amount: int | float) -> None:
-    """``prune.l1_unstructured(module, name, amount)``, same result, without ``topk``."""
+def l1_local(module: nn.Module, name: str, amount: int | float, pool: Pool | None = None) -> None:
+    """``prune.l1_unstructured(module, name, amount)``: same result, without ``topk``."""
     piece = piece_for(module, name)
     default = module._buffers.get(name + "_mask")
-    k = nparams(amount, piece.eligible_count())
-    threshold = select_smallest([piece], k)
-    mask = new_mask(piece, default, prune_flags(piece, threshold, 0))
-    method = prune.L1Unstructured(amount)
-    attach(module, name, method, mask)
+    threshold = select_smallest([piece], nparams(amount, piece.eligible_count()), pool)
+    mask = new_mask(piece, default, keep_flags(piece, threshold, 0))
+    attach(module, name, prune.L1Unstructured(amount), mask)
 
 
 def l1_global(params: Sequence[tuple[nn.Module, str]], amount: int | float) -> None:
     """``prune.global_unstructured(params, L1Unstructured, amount=amount)``: same masks and
     ``CustomFromMask`` histories, without concatenating the parameters."""
     pieces = [piece_for(m, n) for m, n in params]
-    k = nparams(amount, sum(p.eligible_count() for p in pieces))
-    threshold = select_smallest(pieces, k)
-    masks = []
-    for i, ((module, name), piece) in enumerate(zip(params, pieces)):
-        masks.append(new_mask(piece, module._buffers.get(name + "_mask"), prune_flags(piece, threshold, i)))
+    threshold = select_smallest(pieces, nparams(amount, sum(p.eligible_count() for p in pieces)))
+    masks = [
+        new_mask(piece, module._buffers.get(name + "_mask"), keep_flags(piece, threshold, i))
+        for i, ((module, name), piece) in enumerate(zip(params, pieces))
+    ]
     for (module, name), mask in zip(params, masks):
         attach(module, name, prune.CustomFromMask(mask), mask)
+
+
+def fold_in_place(module: nn.Module, name: str, keep: torch.Tensor) -> None:
+    """What ``prune`` then ``prune.remove`` leave, without the re-parametrization in between:
+    ``weight *= mask`` in place (same arithmetic: -0.0 and NaN as torch makes them), and
+    the parameter moved to the end of ``_parameters`` as ``remove`` re-registers it."""
+    param = module._parameters[name]
+    assert param is not None
+    with torch.no_grad():
+        param.mul_(keep)
+    module._parameters[name] = module._parameters.pop(name)
 
 
 @contextmanager

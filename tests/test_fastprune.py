@@ -1,0 +1,201 @@
+"""The fast L1 paths give torch's own masks: many shapes and dtypes, ties, chains, empty tensors."""
+
+from __future__ import annotations
+
+import copy
+import struct
+
+import pytest
+import torch
+import torch.nn.utils.prune as prune
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from prunerecipe import apply_recipe, parse_recipe
+from prunerecipe import fastprune as fp
+
+from .conftest import assert_same_pruning, make_lenet
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+SHAPES = [(0,), (1,), (7,), (5, 0), (33, 17), (4, 3, 5, 5), (300, 257)]
+
+
+def holder(t: torch.Tensor) -> nn.Module:
+    m = nn.Module()
+    m.weight = nn.Parameter(t.clone())
+    return m
+
+
+def pruned_count(m: nn.Module) -> int:
+    return int((m.weight_mask == 0).sum())
+
+
+def has_ties(t: torch.Tensor) -> bool:
+    a = t.abs().reshape(-1)
+    return a.unique().numel() != a.numel()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("amount", [0, 0.0, 0.3, 0.5, 1.0, 1])
+def test_local_l1_equals_torch_then_chains(dtype, shape, amount):
+    torch.manual_seed(hash((str(dtype), shape)) % 1000)
+    t = torch.randn(shape).to(dtype)
+    if isinstance(amount, int) and amount > t.numel():
+        pytest.skip("torch refuses it too")
+    ours, theirs = holder(t), holder(t)
+    prune.l1_unstructured(theirs, "weight", amount=amount)
+    fp.l1_local(ours, "weight", amount)
+    assert ours.weight_mask.dtype == theirs.weight_mask.dtype and ours.weight_mask.shape == theirs.weight_mask.shape
+    if has_ties(t):
+        assert pruned_count(ours) == pruned_count(theirs)
+    else:
+        assert torch.equal(ours.weight_mask, theirs.weight_mask)
+    # a second round only ranks what is still unpruned
+    prune.l1_unstructured(theirs, "weight", amount=0.4)
+    fp.l1_local(ours, "weight", 0.4)
+    assert pruned_count(ours) == pruned_count(theirs)
+    if not has_ties(t):
+        assert torch.equal(ours.weight_mask, theirs.weight_mask)
+        assert torch.equal(ours.weight, theirs.weight)
+    assert [type(h) for h in ours._forward_pre_hooks.values()] == [type(h) for h in theirs._forward_pre_hooks.values()]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_global_l1_equals_torch_over_mixed_shapes_and_prior_masks(dtype):
+    torch.manual_seed(3)
+    tensors = [torch.randn(s).to(dtype) for s in [(50, 30), (30,), (4, 3, 3, 3), (0, 4), (20, 5)]]
+    ours, theirs = [holder(t) for t in tensors], [holder(t) for t in tensors]
+    prune.random_unstructured(theirs[0], "weight", amount=0.5)
+    ours[0].weight_mask = None  # replaced below by the same random mask
+    del ours[0].weight_mask
+    prune.custom_from_mask(ours[0], "weight", theirs[0].weight_mask.clone())
+    prune.global_unstructured([(m, "weight") for m in theirs], pruning_method=prune.L1Unstructured, amount=0.6)
+    fp.l1_global([(m, "weight") for m in ours], 0.6)
+    total = sum(pruned_count(m) for m in ours)
+    assert total == sum(pruned_count(m) for m in theirs)
+    if not any(has_ties(t) for t in tensors) or dtype in (torch.float32, torch.float64):
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a.weight_mask, b.weight_mask)
+    assert all(type(list(m._forward_pre_hooks.values())[-1]) in (prune.CustomFromMask, prune.PruningContainer) for m in ours)
+
+
+def test_ties_prune_exactly_the_requested_count_earliest_first():
+    t = torch.tensor([0.5, -0.5, 0.5, 0.1, 0.5, 0.5, -0.5, 0.9])
+    m = holder(t)
+    fp.l1_local(m, "weight", 4)  # 0.1 and then three of the six 0.5s
+    assert m.weight_mask.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    same = holder(torch.full((10, 10), 0.25))
+    fp.l1_local(same, "weight", 0.37)
+    assert pruned_count(same) == 37
+
+
+def test_nan_ranks_above_every_number_as_in_topk():
+    t = torch.tensor([float("nan"), 1.0, -3.0, float("inf"), 0.5])
+    ours, theirs = holder(t), holder(t)
+    prune.l1_unstructured(theirs, "weight", amount=4)
+    fp.l1_local(ours, "weight", 4)
+    assert torch.equal(ours.weight_mask, theirs.weight_mask)
+
+
+def test_channels_last_and_non_contiguous_weights():
+    conv = nn.Conv2d(8, 16, 3).to(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    ref = nn.Conv2d(8, 16, 3)
+    ref.load_state_dict(conv.state_dict())
+    fp.l1_local(conv, "weight", 0.5)
+    prune.l1_unstructured(ref, "weight", amount=0.5)
+    assert torch.equal(conv.weight_mask, ref.weight_mask)
+
+
+def test_many_small_tensors_are_batched_and_exact():
+    torch.manual_seed(0)
+    ours = nn.ModuleList(nn.Linear(4, 4) for _ in range(700))
+    theirs = copy.deepcopy(ours)
+    fp.l1_global([(m, "weight") for m in ours], 0.55)
+    prune.global_unstructured([(m, "weight") for m in theirs], pruning_method=prune.L1Unstructured, amount=0.55)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.weight_mask, b.weight_mask)
+
+
+finite32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=150, deadline=None)
+@given(values=st.lists(finite32, min_size=1, max_size=64), fraction=st.floats(0, 1), second=st.floats(0, 1))
+def test_select_matches_sorting_on_arbitrary_floats(values, fraction, second):
+    t = torch.tensor(values, dtype=torch.float32)
+    ours, theirs = holder(t), holder(t)
+    prune.l1_unstructured(theirs, "weight", amount=fraction)
+    fp.l1_local(ours, "weight", fraction)
+    assert pruned_count(ours) == pruned_count(theirs)
+    # every pruned magnitude is <= every kept one
+    pruned, kept = t.abs()[ours.weight_mask == 0], t.abs()[ours.weight_mask == 1]
+    if pruned.numel() and kept.numel():
+        assert pruned.max() <= kept.min()
+    prune.l1_unstructured(theirs, "weight", amount=second)
+    fp.l1_local(ours, "weight", second)
+    assert pruned_count(ours) == pruned_count(theirs)
+
+
+def test_keys_order_like_values_across_the_whole_float_range():
+    values = torch.tensor([0.0, 1e-45, 1e-38, 1e-10, 0.5, 1.0, 3e38, float("inf")])
+    keys = torch.bitwise_and(values.view(torch.int32), 0x7FFFFFFF)
+    assert torch.equal(torch.sort(keys).values, keys)
+    assert struct.unpack("<i", struct.pack("<f", 0.5))[0] == int(keys[4])
+
+
+# --- the folded one-shot path (finalize without re-parametrization) -----------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+def test_folded_finalize_equals_prune_then_remove(dtype):
+    recipe = parse_recipe("""
+version: 1
+finalize: true
+steps:
+  - {select: {types: [Conv2d]}, params: [weight, bias], method: l1_unstructured, amount: 0.3}
+  - {select: {names: [fc1, fc2]}, method: l1_unstructured, sparsity: 0.6, scope: global}
+  - {select: {names: [fc3]}, params: [bias, weight], method: l1_unstructured, amount: 0}
+""")
+    ours, theirs = make_lenet().to(dtype), make_lenet().to(dtype)
+    ids = {n: id(p) for n, p in ours.named_parameters()}
+    report = apply_recipe(ours, recipe)
+    for m in (theirs.conv1, theirs.conv2):
+        prune.l1_unstructured(m, "weight", amount=0.3)
+        prune.l1_unstructured(m, "bias", amount=0.3)
+    total = theirs.fc1.weight.numel() + theirs.fc2.weight.numel()
+    prune.global_unstructured([(theirs.fc1, "weight"), (theirs.fc2, "weight")], pruning_method=prune.L1Unstructured, amount=round(0.6 * total))
+    prune.l1_unstructured(theirs.fc3, "bias", amount=0)
+    prune.l1_unstructured(theirs.fc3, "weight", amount=0)
+    for module in theirs.modules():  # remove in the order the pruned parameters were registered
+        for key in [k for k in module._parameters if k.endswith("_orig")]:
+            prune.remove(module, key[: -len("_orig")])
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    assert {n: id(p) for n, p in ours.named_parameters()} == ids  # same Parameter objects
+    if dtype in (torch.float32, torch.float64):
+        for key, value in ours.state_dict().items():
+            # bit for bit: masked negatives are -0.0 in both
+            assert torch.equal(value.view(torch.int32 if dtype == torch.float32 else torch.int64), theirs.state_dict()[key].view(value.view(torch.int32 if dtype == torch.float32 else torch.int64).dtype)), key
+    else:  # half precision has many ties: a global cut may split them differently, never count them differently
+        zeros = lambda sd: sum(int((v == 0).sum()) for v in sd.values())  # noqa: E731
+        assert zeros(ours.state_dict()) == zeros(theirs.state_dict())
+    assert report.finalized and not any(k.endswith(("_orig", "_mask")) for k in ours.state_dict())
+    assert not any(m._forward_pre_hooks for m in ours.modules())
+
+
+def test_folded_path_is_not_used_when_it_would_differ():
+    # a target pruned twice, or a model already pruned, goes through the re-parametrization
+    from prunerecipe.apply import _can_fold
+    from prunerecipe.plan import plan_recipe
+
+    twice = parse_recipe("version: 1\nfinalize: true\nsteps:\n  - {select: {names: [fc1]}, method: l1_unstructured, amount: 0.5}\n  - {select: {names: [fc1]}, method: l1_unstructured, amount: 0.5}\n")
+    model = make_lenet()
+    assert not _can_fold(twice, list(plan_recipe(model, twice).steps), model)
+    ours, theirs = make_lenet(), make_lenet()
+    apply_recipe(ours, twice)
+    prune.l1_unstructured(theirs.fc1, "weight", amount=0.5)
+    prune.l1_unstructured(theirs.fc1, "weight", amount=0.5)
+    prune.remove(theirs.fc1, "weight")
+    assert_same_pruning(ours, theirs)
