@@ -247,7 +247,7 @@ def _apply_folded(recipe: Recipe, active: list[PlannedStep], progress: Callable[
     with fastprune.deferred_interrupts():
         for group, pieces, threshold in cuts:
             for i, (t, piece) in enumerate(zip(group, pieces)):
-                fastprune.fold_in_place(t.module, t.param, fastprune.keep_flags(piece, threshold, i))
+                fastprune.fold_in_place(t.module, t.param, piece, threshold, i, pool)
     return outcomes
 
 

@@ -39,7 +39,7 @@ _KEY_DTYPES = {
 }
 _DIGIT = 16
 _BINS = 1 << _DIGIT
-_MIN_BATCH = 1 << 20  # small tensors are batched into scratch buffers at least this long
+_CHUNK = 1 << 18  # entries per pass: scratch memory stays small whatever the layer size
 
 
 def supported(t: torch.Tensor) -> bool:
@@ -53,6 +53,7 @@ class Piece:
 
     importance: torch.Tensor
     eligible: torch.Tensor | None = None  # bool, same shape; None means every entry
+    _flat: torch.Tensor | None = None
 
     @property
     def numel(self) -> int:
@@ -60,6 +61,16 @@ class Piece:
 
     def eligible_count(self) -> int:
         return self.numel if self.eligible is None else int(torch.count_nonzero(self.eligible).item())
+
+    def raw(self) -> torch.Tensor:
+        """The tensor as flat integers (sign bit included), in logical order; a view when contiguous."""
+        if self._flat is None:
+            t = self.importance.detach()
+            self._flat = (t.view(-1) if t.is_contiguous() else t.reshape(-1)).view(_KEY_DTYPES[t.dtype][0])
+        return self._flat
+
+    def flat_eligible(self) -> torch.Tensor | None:
+        return None if self.eligible is None else self.eligible.reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -72,119 +83,140 @@ class Threshold:
     nothing: bool = False
 
 
-class _Scratch:
-    """Reusable buffers for keys, digits and flags of up to ``size`` entries."""
-
-    def __init__(self, size: int, key_dtype: torch.dtype, device: torch.device) -> None:
-        self.size = size
-        self.keys = torch.empty(size, dtype=key_dtype, device=device)
-        self.digits = torch.empty(size, dtype=torch.int32, device=device)
-        self.flags = torch.empty(size, dtype=torch.bool, device=device)
-        self.flags2 = torch.empty(size, dtype=torch.bool, device=device)
+Pool = dict  # name, dtype, device -> a reusable flat buffer: lets consecutive calls share scratch
+Segment = tuple  # (piece index, start, stop)
 
 
-Pool = dict  # (key dtype, device) -> _Scratch: lets consecutive selects share buffers
-
-
-def _scratch(pool: Pool | None, size: int, key_dtype: torch.dtype, device: torch.device) -> _Scratch:
-    key = (key_dtype, str(device))
-    found = pool.get(key) if pool is not None else None
-    if found is None or found.size < size:
-        found = _Scratch(size, key_dtype, device)
+def _buffer(pool: Pool | None, name: str, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat scratch tensor of ``size`` entries, reused through ``pool`` when one is given."""
+    key = (name, dtype, str(device))
+    buf = pool.get(key) if pool is not None else None
+    if buf is None or buf.numel() < size:
+        buf = torch.empty(max(size, 1), dtype=dtype, device=device)
         if pool is not None:
-            pool[key] = found
-    return found
+            pool[key] = buf
+    return buf[:size]
 
 
-def _batches(pieces: Sequence[Piece]) -> tuple[int, list[list[int]]]:
-    """Group consecutive pieces so each group fits one scratch buffer."""
-    total = sum(p.numel for p in pieces)
-    cap = max([min(total, _MIN_BATCH)] + [p.numel for p in pieces])
-    groups: list[list[int]] = []
-    used = cap
-    for i, p in enumerate(pieces):
-        if used + p.numel > cap:
-            groups.append([])
-            used = 0
-        groups[-1].append(i)
-        used += p.numel
-    return cap, groups
+def _groups(pieces: Sequence[Piece], chunk: int = _CHUNK) -> list[list[Segment]]:
+    """Cut the pieces into segments of at most ``chunk`` entries, packing small ones together."""
+    groups: list[list[Segment]] = []
+    current: list[Segment] = []
+    used = 0
+    for i, piece in enumerate(pieces):
+        n, start = piece.numel, 0
+        while start < n:
+            take = min(n - start, chunk - used)
+            current.append((i, start, start + take))
+            used += take
+            start += take
+            if used == chunk:
+                groups.append(current)
+                current, used = [], 0
+    if current:
+        groups.append(current)
+    return groups
 
 
-def _load(pieces: Sequence[Piece], group: list[int], scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """Keys (and eligibility) of a group, flattened in logical order into the scratch buffers."""
-    key_dtype, _, clear_sign = _KEY_DTYPES[pieces[group[0]].importance.dtype]
+def _load(pieces: Sequence[Piece], group: list[Segment], pool: Pool | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Raw integer keys (sign bit included) and eligibility of a group, flat and in order.
+
+    A single segment is a view; several are copied side by side into scratch.
+    """
+    if len(group) == 1:
+        i, a, b = group[0]
+        el = pieces[i].flat_eligible()
+        return pieces[i].raw()[a:b], (el[a:b] if el is not None else None)
+    total = sum(b - a for _, a, b in group)
+    first = pieces[group[0][0]].raw()
+    raw = _buffer(pool, "raw", total, first.dtype, first.device)
+    any_eligible = any(pieces[i].eligible is not None for i, _, _ in group)
+    eligible = _buffer(pool, "eligible", total, torch.bool, first.device) if any_eligible else None
     off = 0
-    any_eligible = any(pieces[i].eligible is not None for i in group)
-    for i in group:
-        t = pieces[i].importance.detach()
-        n = t.numel()
-        torch.bitwise_and(t.view(key_dtype), clear_sign, out=scratch.keys[off : off + n].view(t.shape))
-        if any_eligible:
-            el = pieces[i].eligible
-            if el is None:
-                scratch.flags2[off : off + n].fill_(True)
-            else:
-                scratch.flags2[off : off + n].view(el.shape).copy_(el)
-        off += n
-    return scratch.keys[:off], (scratch.flags2[:off] if any_eligible else None), off
-
-
-def _digits(keys: torch.Tensor, shift: int, first: bool, out: torch.Tensor) -> None:
-    """The 16-bit digit of each key at ``shift``, into the int32 ``out``."""
-    if keys.dtype == torch.int32:  # fp32: two rounds, shift 16 then 0
-        if first:
-            torch.bitwise_right_shift(keys, shift, out=out)
-        else:
-            torch.bitwise_and(keys, _BINS - 1, out=out)
-    elif keys.dtype == torch.int16:  # fp16/bf16: one round, the key is the digit
-        out.copy_(keys)
-    else:  # fp64: four rounds
-        value = keys >> shift if shift else keys
-        out.copy_(value if first else value & (_BINS - 1))
-
-
-def _histogram(keys: torch.Tensor, eligible: torch.Tensor | None, shift: int, bits: int, prefix: int, scratch: _Scratch) -> torch.Tensor:
-    """Counts of the 16-bit digit at ``shift`` among eligible keys whose higher digits equal ``prefix``."""
-    n = keys.numel()
-    digits = scratch.digits[:n]
-    first = shift + _DIGIT >= bits
-    _digits(keys, shift, first, digits)
-    if first and eligible is None:
-        return torch.bincount(digits, minlength=_BINS)[:_BINS]
-    drop = scratch.flags[:n]
-    if not first:
-        lo = prefix << (shift + _DIGIT)
-        hi = (prefix + 1) << (shift + _DIGIT)
-        torch.lt(keys, lo, out=drop)
-        drop.logical_or_(keys >= hi)
+    for i, a, b in group:
+        raw[off : off + b - a].copy_(pieces[i].raw()[a:b])
         if eligible is not None:
-            drop.logical_or_(eligible.logical_not())
+            el = pieces[i].flat_eligible()
+            eligible[off : off + b - a].copy_(el[a:b]) if el is not None else eligible[off : off + b - a].fill_(True)
+        off += b - a
+    return raw, eligible
+
+
+def _histogram(
+    raw: torch.Tensor,
+    eligible: torch.Tensor | None,
+    shift: int,
+    bits: int,
+    prefix: int,
+    pool: Pool | None,
+    hist: torch.Tensor,
+    found: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> None:
+    """Add to ``hist`` the counts of the 16-bit digit of ``|w|``'s key at ``shift``, among
+    eligible entries whose higher digits equal ``prefix``. ``raw`` is the integer view of
+    ``w`` (sign bit included). Accumulating in place keeps the heap from fragmenting."""
+    n = raw.numel()
+    digits = _buffer(pool, "digits", n, torch.int32, raw.device)
+    top = bits - _DIGIT  # shift of the first (most significant) digit
+    if raw.dtype == torch.int64:  # fp64: four rounds; rare enough to keep simple
+        keys = raw & _KEY_DTYPES[torch.float64][2]
+        if shift == top:
+            digits.copy_(keys >> shift)
+            candidates = eligible
+        else:
+            lo = prefix << (shift + _DIGIT)
+            candidates = (keys >= lo) & (keys < lo + (1 << (shift + _DIGIT)))
+            if eligible is not None:
+                candidates &= eligible
+            digits.copy_((keys >> shift) & (_BINS - 1))
     else:
-        assert eligible is not None
-        torch.logical_not(eligible, out=drop)
-    digits.masked_fill_(drop, _BINS)
-    return torch.bincount(digits, minlength=_BINS + 1)[:_BINS]
+        # The first digit of the key: the top 16 bits of w with the sign bit cleared.
+        if raw.dtype == torch.int16:
+            torch.bitwise_and(raw, 0x7FFF, out=digits)
+        else:
+            torch.bitwise_right_shift(raw, top, out=digits)
+            digits.bitwise_and_(0x7FFF)
+        if shift == top:
+            candidates = eligible
+        else:  # fp32, second round: entries whose first digit is `prefix`, and they are few
+            chosen = _buffer(pool, "chosen", n, torch.bool, raw.device)
+            torch.eq(digits, prefix, out=chosen)
+            if eligible is not None:
+                chosen.logical_and_(eligible)
+            spare = _buffer(pool, "index", n, torch.int64, raw.device)
+            index = torch.nonzero(chosen, out=spare.view(-1, 1)[:0]).view(-1)
+            low = torch.bitwise_and(raw[index], _BINS - 1).to(torch.int64)
+            hist.index_add_(0, low, torch.ones_like(low))
+            if found is not None:
+                found.append((index.clone(), low))  # they are few: kept to count ties per tensor
+            return
+    if candidates is not None:
+        drop = _buffer(pool, "drop", n, torch.bool, raw.device)
+        torch.logical_not(candidates, out=drop)
+        digits.masked_fill_(drop, _BINS)
+    hist.add_(torch.bincount(digits, minlength=_BINS + 1)[:_BINS])
 
 
 def select_smallest(pieces: Sequence[Piece], k: int, pool: Pool | None = None) -> Threshold:
     """The cut that prunes exactly the ``k`` smallest-magnitude eligible entries of all pieces."""
     if k <= 0 or not pieces:
         return Threshold(0, nothing=True)
+    if pool is None:
+        pool = {}
     dtype = pieces[0].importance.dtype
-    key_dtype, bits, _ = _KEY_DTYPES[dtype]
-    cap, groups = _batches(pieces)
-    scratch = _scratch(pool, cap, key_dtype, pieces[0].importance.device)
+    _, bits, clear_sign = _KEY_DTYPES[dtype]
+    groups = _groups(pieces)
     prefix = 0
     remaining = k
     tied = 0
+    found: list[tuple[torch.Tensor, torch.Tensor]] = []
+    device = pieces[0].importance.device
+    hist = torch.zeros(_BINS, dtype=torch.int64, device=device)
     for shift in range(bits - _DIGIT, -1, -_DIGIT):
-        hist = None
+        hist.zero_()
         for group in groups:
-            keys, eligible, _ = _load(pieces, group, scratch)
-            h = _histogram(keys, eligible, shift, bits, prefix, scratch)
-            hist = h if hist is None else hist + h
-        assert hist is not None
+            raw, eligible = _load(pieces, group, pool)
+            _histogram(raw, eligible, shift, bits, prefix, pool, hist, found if shift == 0 else None)
         cum = torch.cumsum(hist, 0)
         digit = int(torch.searchsorted(cum, torch.tensor([remaining], device=cum.device, dtype=cum.dtype)).item())
         below = int(cum[digit - 1].item()) if digit > 0 else 0
@@ -194,39 +226,65 @@ def select_smallest(pieces: Sequence[Piece], k: int, pool: Pool | None = None) -
     if remaining == tied:  # every entry equal to the k-th is pruned: a plain cut
         return Threshold(prefix + 1)
     # Ties at the threshold: prune the first `remaining` of them, in order.
-    quotas = []
-    for group in groups:
-        keys, eligible, _ = _load(pieces, group, scratch)
-        off = 0
-        for i in group:
-            n = pieces[i].numel
-            eq = keys[off : off + n] == prefix
+    per_piece = [0] * len(pieces)
+    if len(found) == len(groups):  # fp32: the last round kept its candidates, no need to read again
+        digit = prefix & (_BINS - 1)
+        for group, (index, low) in zip(groups, found):
+            at = index[low == digit]
+            off = 0
+            for i, a, b in group:
+                per_piece[i] += int(((at >= off) & (at < off + b - a)).sum().item())
+                off += b - a
+    else:
+        for group in groups:
+            raw, eligible = _load(pieces, group, pool)
+            eq = torch.bitwise_and(raw, clear_sign) == prefix
             if eligible is not None:
-                eq &= eligible[off : off + n]
-            count = int(torch.count_nonzero(eq).item())
-            take = min(count, remaining)
-            quotas.append(take)
-            remaining -= take
-            off += n
+                eq &= eligible
+            off = 0
+            for i, a, b in group:
+                per_piece[i] += int(torch.count_nonzero(eq[off : off + b - a]).item())
+                off += b - a
+    quotas = []
+    for count in per_piece:
+        take = min(count, remaining)
+        quotas.append(take)
+        remaining -= take
     return Threshold(prefix, tuple(quotas))
 
 
-def keep_flags(piece: Piece, threshold: Threshold, index: int) -> torch.Tensor:
-    """Bool tensor shaped like the piece: True where the entry survives this cut."""
-    t = piece.importance.detach()
+def _write_keep(piece: Piece, threshold: Threshold, index: int, out: torch.Tensor, pool: Pool | None) -> None:
+    """Write 1 (kept) / 0 (pruned) for every entry of ``piece`` into the flat ``out``, chunk by chunk."""
     if threshold.nothing:
-        return torch.ones(t.shape, dtype=torch.bool, device=t.device)
-    key_dtype, _, clear_sign = _KEY_DTYPES[t.dtype]
-    keys = torch.bitwise_and(t.view(key_dtype), clear_sign).reshape(-1)
-    keep = keys >= threshold.key
-    if threshold.quotas is not None and threshold.quotas[index]:
-        eq = keys == threshold.key
-        if piece.eligible is not None:
-            eq &= piece.eligible.reshape(-1)
-        keep[torch.nonzero(eq).view(-1)[: threshold.quotas[index]]] = False
-    if piece.eligible is not None:
-        keep |= ~piece.eligible.reshape(-1)
-    return keep.view(t.shape)
+        out.fill_(1)
+        return
+    raw = piece.raw()
+    eligible = piece.flat_eligible()
+    clear_sign = _KEY_DTYPES[piece.importance.dtype][2]
+    quota = threshold.quotas[index] if threshold.quotas is not None else 0
+    keys_all = _buffer(pool, "keys", min(raw.numel(), _CHUNK), raw.dtype, raw.device)
+    for a in range(0, raw.numel(), _CHUNK):
+        b = min(a + _CHUNK, raw.numel())
+        keys = keys_all[: b - a]
+        part = out[a:b]
+        torch.bitwise_and(raw[a:b], clear_sign, out=keys)
+        torch.ge(keys, threshold.key, out=part)
+        if quota:
+            eq = keys == threshold.key
+            if eligible is not None:
+                eq &= eligible[a:b]
+            at = torch.nonzero(eq).view(-1)[:quota]
+            part[at] = 0
+            quota -= at.numel()
+        if eligible is not None:
+            part.masked_fill_(eligible[a:b].logical_not(), 1)
+
+
+def keep_flags(piece: Piece, threshold: Threshold, index: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """Shaped like the piece: 1 where the entry survives this cut, 0 where it is pruned."""
+    out = torch.empty(piece.importance.shape, dtype=dtype, device=piece.importance.device)
+    _write_keep(piece, threshold, index, out.view(-1), None)
+    return out
 
 
 def nparams(amount: int | float, size: int) -> int:
@@ -244,13 +302,14 @@ def piece_for(module: nn.Module, name: str) -> Piece:
     return Piece(getattr(module, name), None if default is None else default == 1)
 
 
-def new_mask(piece: Piece, default: torch.Tensor | None, keep: torch.Tensor) -> torch.Tensor:
+def new_mask(piece: Piece, default: torch.Tensor | None, threshold: Threshold, index: int, pool: Pool | None = None) -> torch.Tensor:
     """The mask torch registers: the old one (or ones) in the parameter's dtype, newly pruned entries zeroed."""
     t = piece.importance
-    if default is None:
-        return keep.to(dtype=t.dtype, memory_format=torch.contiguous_format)
-    mask = default.detach().to(dtype=t.dtype).clone(memory_format=torch.contiguous_format)
-    mask.masked_fill_(keep.logical_not(), 0)
+    mask = torch.empty(t.shape, dtype=t.dtype, device=t.device)  # contiguous, as torch's masks are
+    flat = mask.view(-1)
+    _write_keep(piece, threshold, index, flat, pool)
+    if default is not None:  # entries it could not prune keep their old mask value (keep = 1 there)
+        flat.mul_(default.detach().reshape(-1).to(dtype=t.dtype))
     return mask
 
 
@@ -290,31 +349,42 @@ def l1_local(module: nn.Module, name: str, amount: int | float, pool: Pool | Non
     piece = piece_for(module, name)
     default = module._buffers.get(name + "_mask")
     threshold = select_smallest([piece], nparams(amount, piece.eligible_count()), pool)
-    mask = new_mask(piece, default, keep_flags(piece, threshold, 0))
+    mask = new_mask(piece, default, threshold, 0, pool)
     attach(module, name, prune.L1Unstructured(amount), mask)
 
 
 def l1_global(params: Sequence[tuple[nn.Module, str]], amount: int | float) -> None:
     """``prune.global_unstructured(params, L1Unstructured, amount=amount)``: same masks and
     ``CustomFromMask`` histories, without concatenating the parameters."""
+    pool: Pool = {}
     pieces = [piece_for(m, n) for m, n in params]
-    threshold = select_smallest(pieces, nparams(amount, sum(p.eligible_count() for p in pieces)))
+    threshold = select_smallest(pieces, nparams(amount, sum(p.eligible_count() for p in pieces)), pool)
     masks = [
-        new_mask(piece, module._buffers.get(name + "_mask"), keep_flags(piece, threshold, i))
+        new_mask(piece, module._buffers.get(name + "_mask"), threshold, i, pool)
         for i, ((module, name), piece) in enumerate(zip(params, pieces))
     ]
     for (module, name), mask in zip(params, masks):
         attach(module, name, prune.CustomFromMask(mask), mask)
 
 
-def fold_in_place(module: nn.Module, name: str, keep: torch.Tensor) -> None:
+def fold_in_place(module: nn.Module, name: str, piece: Piece, threshold: Threshold, index: int, pool: Pool) -> None:
     """What ``prune`` then ``prune.remove`` leave, without the re-parametrization in between:
-    ``weight *= mask`` in place (same arithmetic: -0.0 and NaN as torch makes them), and
-    the parameter moved to the end of ``_parameters`` as ``remove`` re-registers it."""
+    ``weight *= mask`` in place (the same arithmetic, so -0.0 and NaN come out as torch
+    makes them), and the parameter moved to the end of ``_parameters`` as ``remove`` does."""
     param = module._parameters[name]
     assert param is not None
+    splits_ties = threshold.quotas is not None and threshold.quotas[index] > 0
     with torch.no_grad():
-        param.mul_(keep)
+        if param.is_contiguous() and not splits_ties:
+            flat = param.view(-1)
+            mask = _buffer(pool, "mask", min(flat.numel(), _CHUNK), param.dtype, param.device)
+            plain = Threshold(threshold.key, None, threshold.nothing)
+            for a in range(0, flat.numel(), _CHUNK):
+                b = min(a + _CHUNK, flat.numel())
+                _write_keep(Piece(flat[a:b]), plain, 0, mask[: b - a], pool)
+                flat[a:b].mul_(mask[: b - a])
+        else:  # ties to split across chunks, or unusual strides: one whole-tensor mask
+            param.mul_(keep_flags(piece, threshold, index, param.dtype))
     module._parameters[name] = module._parameters.pop(name)
 
 
