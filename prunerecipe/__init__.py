@@ -47,6 +47,9 @@ _EXPORTS = {
     "recipe_schema": "recipe",
     "Report": "report",
     "Target": "selectors",
+    "Pruner": "pruner",
+    "EventResult": "pruner",
+    "Event": "schedule",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -73,4 +76,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .plan import Plan, PlannedStep, PlannedTarget, plan_recipe
     from .recipe import Recipe, Schedule, Selector, Step, load_recipe, parse_recipe, recipe_from_dict, recipe_schema
     from .report import Report
+    from .pruner import EventResult, Pruner
+    from .schedule import Event
     from .selectors import Target

@@ -17,6 +17,7 @@ from torch import nn
 from .errors import Problem, RecipeError
 from .methods import MethodError, MethodSpec, get_method
 from .recipe import Recipe, Step, load_recipe
+from .schedule import step_events
 from .selectors import SelectorError, Target, is_pruned_param, param_owners, resolve_targets
 
 
@@ -143,6 +144,9 @@ class Plan:
                     "scope": ps.step.scope,
                     "args": dict(ps.step.args),
                     "scheduled": ps.scheduled,
+                    "events": [
+                        {"unit": e.unit, "time": e.time, "sparsity": e.sparsity, "amount": e.amount} for e in step_events(ps.step)
+                    ],
                     "group_to_prune": ps.group_to_prune,
                     "note": ps.note,
                     "targets": [
@@ -181,6 +185,8 @@ class Plan:
                 head += "  [scheduled: runs during training, not at apply]"
             lines.append("")
             lines.append(head)
+            if ps.scheduled:
+                lines.append("  timeline: " + _timeline_text(step))
             if ps.note:
                 lines.append(f"  note: {ps.note}")
             if step.scope == "global" and ps.group_to_prune is not None:
@@ -202,6 +208,16 @@ class Plan:
         lines.append("")
         lines.append(f"targeted entries masked: {pct(before)} -> {pct(after)} (projected; global steps are counted by group)")
         return "\n".join(lines)
+
+
+def _timeline_text(step: Step) -> str:
+    from .report import pct
+
+    events = step_events(step)
+    unit = events[0].unit if events else "epoch"
+    parts = [f"{e.time} -> {pct(e.sparsity)}" if e.sparsity is not None else f"{e.time} -> amount {e.amount}" for e in events]
+    shown = parts if len(parts) <= 12 else parts[:6] + ["..."] + parts[-5:]
+    return f"{unit} " + ", ".join(shown)
 
 
 class _TensorState:
