@@ -17,7 +17,14 @@ from .recipe import Recipe, load_recipe
 from .report import Report, StepOutcome, TargetSparsity, measure
 from .selectors import Target
 
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_pre_hooks_always_called")
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_pre_hooks_always_called",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
 _STATE_DICTS = ("_parameters", "_buffers") + _HOOK_DICTS
 
 
@@ -63,6 +70,36 @@ class ModelSnapshot:
                     param.data = tensor
 
 
+class DetachPrunedAfterForward:
+    """Forward post-hook on pruned modules: after each forward, the computed ``weight``
+    (``orig * mask``, a non-leaf tensor) is swapped for a detached view of itself.
+
+    The autograd graph of that forward still holds the original, so training is unchanged;
+    but the module can now be deep-copied, pickled and ``torch.save``-d at any time, which
+    plain ``torch.nn.utils.prune`` modules cannot after a forward pass (pytorch#37322, the
+    reason EMA/SWA and Lightning's lottery-ticket code trip on pruned models).
+    """
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        detach_pruned(module)
+
+
+def detach_pruned(module: nn.Module) -> None:
+    """Replace the computed pruned tensors of ``module`` by detached views (values unchanged)."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod):
+            value = module.__dict__.get(hook._tensor_name)
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                module.__dict__[hook._tensor_name] = value.detach()
+
+
+def make_copyable(module: nn.Module) -> None:
+    """Install :class:`DetachPrunedAfterForward` once on a pruned module and detach now."""
+    if not any(isinstance(h, DetachPrunedAfterForward) for h in module._forward_hooks.values()):
+        module.register_forward_hook(DetachPrunedAfterForward())
+    detach_pruned(module)
+
+
 def pruned_parameters(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """``(qualified name, module, param)`` of every parameter carrying a pruning hook."""
     out = []
@@ -89,6 +126,10 @@ def finalize(model: nn.Module) -> list[str]:
     for name, module, param in pruned_parameters(model):
         prune.remove(module, param)
         done.append(name)
+    for module in model.modules():  # nothing left to detach: drop our post-hooks too
+        for key in [k for k, h in module._forward_hooks.items() if isinstance(h, DetachPrunedAfterForward)]:
+            if not any(isinstance(h, prune.BasePruningMethod) for h in module._forward_pre_hooks.values()):
+                del module._forward_hooks[key]
     return done
 
 
@@ -131,6 +172,7 @@ def apply_recipe(
             t = pt.target
             seen.setdefault((id(t.module), t.param), (t.qualname, t.module, t.param))
     watched = list(seen.values())
+    _check_finite(recipe, active)
     before = measure(watched)
 
     if _can_fold(recipe, active, model):
@@ -168,6 +210,9 @@ def apply_recipe(
             recipe.problem(ps.step.path, f"{what} failed{on}: {type(exc).__name__}: {exc}; the model was left unchanged")
         ) from exc
 
+    for _, module, _ in watched:
+        if any(isinstance(h, prune.BasePruningMethod) for h in module._forward_pre_hooks.values()):
+            make_copyable(module)
     after = measure(watched)
     rows = tuple(
         TargetSparsity(name, before[name][0], before[name][1], before[name][2], after[name][2]) for name, _, _ in watched
@@ -190,6 +235,40 @@ def _live_amount(ps: PlannedStep, targets: list[Target]) -> int | float | None:
         d = normalize_dim(dim, t.original.dim())
         return round(step.sparsity * t.original.shape[d]) - pruned_slices(t, d)
     return round(step.sparsity * t.original.numel()) - pruned_entries(t)
+
+
+@torch.no_grad()
+def _check_finite(recipe: Recipe, active: list[PlannedStep]) -> None:
+    """NaN or inf in a weight means a diverged model: refuse it, naming the parameter.
+
+    (torch's own l1_unstructured would rank NaN above everything and carry on.)
+    """
+    problems = []
+    checked: set[tuple[int, str]] = set()
+    for ps in active:
+        for pt in ps.targets:
+            t = pt.target
+            key = (id(t.module), t.param)
+            if key in checked:
+                continue
+            checked.add(key)
+            tensor = t.original
+            if tensor.device.type == "meta" or not tensor.is_floating_point() or tensor.numel() == 0:
+                continue
+            if bool(torch.isfinite(tensor.sum()).item()):  # one fast pass; overflow falls through to the exact count
+                continue
+            nan = int(torch.isnan(tensor).sum().item())
+            inf = int(torch.isinf(tensor).sum().item())
+            if nan or inf:
+                problems.append(
+                    recipe.problem(
+                        ps.step.path,
+                        f"{t.qualname} has {nan} NaN and {inf} infinite entries; refusing to prune a diverged model "
+                        "(fix or re-initialize those weights first); nothing was changed",
+                    )
+                )
+    if problems:
+        raise ApplyError(problems)
 
 
 def _can_fold(recipe: Recipe, active: list[PlannedStep], model: nn.Module) -> bool:
@@ -299,4 +378,4 @@ def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any]) -> StepOutcom
     return StepOutcome(step.label, spec.name, names, note)
 
 
-__all__ = ["apply_recipe", "finalize", "pruned_parameters", "ModelSnapshot"]
+__all__ = ["apply_recipe", "finalize", "pruned_parameters", "make_copyable", "ModelSnapshot", "DetachPrunedAfterForward"]

@@ -12,7 +12,7 @@ import torch
 import torch.nn.utils.prune as prune
 from torch import nn
 
-from .apply import ModelSnapshot
+from .apply import ModelSnapshot, make_copyable
 from .errors import CheckpointError
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -231,9 +231,11 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         with torch.no_grad():
             model.load_state_dict(ready, strict=True)
         for module in modules.values():  # refresh `weight` = orig * mask from the loaded values
-            for hook in module._forward_pre_hooks.values():
-                if isinstance(hook, prune.BasePruningMethod):
-                    setattr(module, hook._tensor_name, hook.apply_mask(module))
+            hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod)]
+            for hook in hooks:
+                setattr(module, hook._tensor_name, hook.apply_mask(module))
+            if hooks:
+                make_copyable(module)
     except Exception as exc:
         snapshot.restore()
         raise CheckpointError(f"checkpoint does not fit the model: {type(exc).__name__}: {exc}") from exc
