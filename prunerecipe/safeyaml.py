@@ -66,6 +66,13 @@ def _tag(tag: str) -> str:
     return "!!" + tag[len("tag:yaml.org,2002:"):] if tag.startswith("tag:yaml.org,2002:") else tag
 
 
+def _reader_error(exc: yaml.reader.ReaderError, text: str, source: str) -> RecipeError:
+    line = text.count("\n", 0, exc.position) + 1
+    col = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+    char = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "?")
+    return RecipeError(Problem(source, line, col, (), f"invalid YAML: character U+{char:04X} is not allowed in YAML"))
+
+
 def _mark(node: yaml.Node) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
@@ -82,7 +89,10 @@ def parse_yaml(text: str | bytes, source: str) -> Document:
     if len(text) > MAX_BYTES:
         raise RecipeError(Problem(source, None, None, (), f"file is {len(text)} characters; recipes are limited to {MAX_BYTES}"))
 
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow, found up front
+        raise _reader_error(exc, text, source) from None
     try:
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
@@ -90,6 +100,8 @@ def parse_yaml(text: str | bytes, source: str) -> Document:
         message = ": ".join(str(m) for m in (exc.context, exc.problem) if m) or "invalid YAML"
         line, col = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
         raise RecipeError(Problem(source, line, col, (), f"invalid YAML: {message}")) from None
+    except yaml.reader.ReaderError as exc:
+        raise _reader_error(exc, text, source) from None
     except yaml.YAMLError as exc:
         raise RecipeError(Problem(source, None, None, (), f"invalid YAML: {exc}")) from None
     except RecursionError:

@@ -255,3 +255,10 @@ def test_recipe_from_dict_refuses_what_yaml_could_not_hold():
     text = str(err.value)
     assert "<dict>: (root): mapping key 1 is a int; keys must be strings" in text
     assert "<dict>: steps[0]: mapping key 3 is a int" in text and "zz: object is not plain data" in text
+
+
+def test_control_characters_are_located_errors():
+    # found by the fuzzer: PyYAML rejects these before parsing starts
+    with pytest.raises(RecipeError) as err:
+        parse_recipe("version: 1\nname: a\x07b\n", "c.yaml")
+    assert str(err.value) == "c.yaml:2:8: (root): invalid YAML: character U+0007 is not allowed in YAML"
