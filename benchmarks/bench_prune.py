@@ -227,6 +227,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one small model (smoke test)")
     parser.add_argument("--sizes", default="92m,350m", help="comma-separated: " + ", ".join(SIZES))
     parser.add_argument("--repeats", type=int, default=3, help="runs per case; the table shows medians")
+    parser.add_argument("--cases", default="local,global,global_finalize,local_finalize", help="comma-separated subset of the cases")
+    parser.add_argument("--no-plan", action="store_true", help="skip the planning benchmark")
     parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
@@ -239,11 +241,16 @@ def main() -> None:
     print()
     print("| model | case | torch | ours | speed-up | peak over model: torch | ours | budget | floor (1 pass) | ours / floor |")
     print("|---|---|---|---|---|---|---|---|---|---|")
+    wanted = set(args.cases.split(","))
     pairs = [
-        ("per-layer L1 50%", "torch_local", "ours_local", "reparam"),
-        ("global L1 50%, masks kept", "torch_global", "ours_global", "reparam"),
-        ("global L1 50% + finalize", "torch_global_finalize", "ours_global_finalize", "0.3x"),
-        ("per-layer L1 50% + finalize", "torch_local_finalize", "ours_local_finalize", "0.3x"),
+        (label, theirs, ours, budget)
+        for label, theirs, ours, budget in [
+            ("per-layer L1 50%", "torch_local", "ours_local", "reparam"),
+            ("global L1 50%, masks kept", "torch_global", "ours_global", "reparam"),
+            ("global L1 50% + finalize", "torch_global_finalize", "ours_global_finalize", "0.3x"),
+            ("per-layer L1 50% + finalize", "torch_local_finalize", "ours_local_finalize", "0.3x"),
+        ]
+        if ours[len("ours_"):] in wanted
     ]
     for size in sizes:
         floor = median_of("floor", size, args.repeats)
@@ -260,6 +267,8 @@ def main() -> None:
                 f"{floor['seconds']:.3f} s | {o['seconds'] / floor['seconds']:.1f}x |"
             )
             sys.stdout.flush()
+    if args.no_plan:
+        return
     p = run_child(["plan"])
     print()
     print(f"planning a 50-step recipe on {p['modules']} modules ({p['targets']} targets): {p['seconds']:.3f} s")
