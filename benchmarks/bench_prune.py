@@ -150,13 +150,12 @@ def child(case: str, size: str, warm: bool = True) -> dict:
 
 def plan_child() -> dict:
     """Planning a 50-step recipe on a model with 10,000 modules."""
-    import torch
     from torch import nn
 
     import prunerecipe
 
     blocks = nn.ModuleList()
-    for i in range(2000):
+    for _ in range(2000):
         blocks.append(nn.ModuleDict({"attn": nn.Linear(4, 4), "mlp": nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))}))
     model = nn.Sequential(blocks)
     modules = sum(1 for _ in model.named_modules())

@@ -200,7 +200,7 @@ def _build(doc: Document, overrides: Mapping[str, Any] | None) -> Recipe:
         raise RecipeError(doc.problem((), f"a recipe is a mapping with 'version' and 'steps', not {_kind(data)}"))
     # A value whose placeholder failed is reported once, as the placeholder problem.
     unresolved = {p.path for p in problems}
-    problems.extend(p for p in _schema_problems(doc) if p.path not in unresolved)
+    problems.extend(p for p in schema_problems(doc) if p.path not in unresolved)
     problems.extend(_semantic_problems(doc))
     problems.extend(_construction_problems(doc, problems))
     if problems:
@@ -379,10 +379,6 @@ def schema_problems(doc: Document, schema: Mapping[str, Any] | None = None, base
                 message = f"{_short(err.instance)} is invalid here ({kind})"
             problems.append(doc.problem(path, message))
     return problems
-
-
-def _schema_problems(doc: Document) -> list[Problem]:
-    return schema_problems(doc)
 
 
 def _is_number(value: Any) -> bool:

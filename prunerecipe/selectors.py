@@ -153,16 +153,6 @@ def is_pruned_param(module: nn.Module, param: str) -> bool:
     return module._parameters.get(param + "_orig") is not None
 
 
-def original_param(module: nn.Module, param: str) -> torch.Tensor:
-    if is_pruned_param(module, param):
-        return module._parameters[param + "_orig"]  # type: ignore[return-value]
-    return module._parameters[param]  # type: ignore[return-value]
-
-
-def has_param(module: nn.Module, param: str) -> bool:
-    return module._parameters.get(param) is not None or is_pruned_param(module, param)
-
-
 def resolve_targets(
     modules: Sequence[tuple[str, nn.Module]], selector: "Selector", params: Sequence[str]
 ) -> list[Target]:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.utils.prune as prune
 from click.testing import CliRunner
 
 from prunerecipe.cli import cli

@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prunerecipe import CheckpointError, Recipe, RecipeError, load_recipe, parse_recipe, read_state_dict
+from prunerecipe import CheckpointError, Recipe, RecipeError, parse_recipe, read_state_dict
 from prunerecipe.errors import Problem
 from prunerecipe.zoo import LeNet
 

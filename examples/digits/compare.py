@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torch.nn.utils.prune as prune
 
 import prunerecipe
 from prunerecipe.schedule import target_at
