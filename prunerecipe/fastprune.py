@@ -359,6 +359,7 @@ def l1_global(params: Sequence[tuple[nn.Module, str]], amount: int | float) -> N
     pool: Pool = {}
     pieces = [piece_for(m, n) for m, n in params]
     threshold = select_smallest(pieces, nparams(amount, sum(p.eligible_count() for p in pieces)), pool)
+    pool.clear()  # the select's scratch goes before the masks arrive: peak memory is masks + weights
     masks = [
         new_mask(piece, module._buffers.get(name + "_mask"), threshold, i, pool)
         for i, ((module, name), piece) in enumerate(zip(params, pieces))
