@@ -70,34 +70,34 @@ class ModelSnapshot:
                     param.data = tensor
 
 
-class DetachPrunedAfterForward:
-    """Forward post-hook on pruned modules: after each forward, the computed ``weight``
-    (``orig * mask``, a non-leaf tensor) is swapped for a detached view of itself.
+class PrunedGetState:
+    """``__getstate__`` for one pruned module, installed on the instance.
 
-    The autograd graph of that forward still holds the original, so training is unchanged;
-    but the module can now be deep-copied, pickled and ``torch.save``-d at any time, which
-    plain ``torch.nn.utils.prune`` modules cannot after a forward pass (pytorch#37322, the
-    reason EMA/SWA and Lightning's lottery-ticket code trip on pruned models).
+    ``copy.deepcopy``, ``pickle`` and ``torch.save(model)`` then store the computed
+    ``weight`` (``orig * mask``, a non-leaf tensor after a forward pass) detached, so they
+    work at any time (plain ``torch.nn.utils.prune`` modules cannot be deep-copied after a
+    forward: pytorch#37322, the reason EMA/SWA code trips on them). Nothing else changes:
+    training and autograd are untouched, and the next forward recomputes ``weight``.
     """
 
-    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
-        detach_pruned(module)
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
 
-
-def detach_pruned(module: nn.Module) -> None:
-    """Replace the computed pruned tensors of ``module`` by detached views (values unchanged)."""
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, prune.BasePruningMethod):
-            value = module.__dict__.get(hook._tensor_name)
-            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
-                module.__dict__[hook._tensor_name] = value.detach()
+    def __call__(self) -> dict[str, Any]:
+        state = self.module.__dict__.copy()
+        for hook in self.module._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                value = state.get(hook._tensor_name)
+                if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                    state[hook._tensor_name] = value.detach()
+        return state
 
 
 def make_copyable(module: nn.Module) -> None:
-    """Install :class:`DetachPrunedAfterForward` once on a pruned module and detach now."""
-    if not any(isinstance(h, DetachPrunedAfterForward) for h in module._forward_hooks.values()):
-        module.register_forward_hook(DetachPrunedAfterForward())
-    detach_pruned(module)
+    """Let a pruned module be deep-copied and pickled at any time (see :class:`PrunedGetState`)."""
+    current = module.__dict__.get("__getstate__")
+    if not (isinstance(current, PrunedGetState) and current.module is module):
+        module.__dict__["__getstate__"] = PrunedGetState(module)
 
 
 def pruned_parameters(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
@@ -126,10 +126,11 @@ def finalize(model: nn.Module) -> list[str]:
     for name, module, param in pruned_parameters(model):
         prune.remove(module, param)
         done.append(name)
-    for module in model.modules():  # nothing left to detach: drop our post-hooks too
-        for key in [k for k, h in module._forward_hooks.items() if isinstance(h, DetachPrunedAfterForward)]:
-            if not any(isinstance(h, prune.BasePruningMethod) for h in module._forward_pre_hooks.values()):
-                del module._forward_hooks[key]
+    for module in model.modules():  # nothing pruned is left: no special copying needed
+        if isinstance(module.__dict__.get("__getstate__"), PrunedGetState) and not any(
+            isinstance(h, prune.BasePruningMethod) for h in module._forward_pre_hooks.values()
+        ):
+            del module.__dict__["__getstate__"]
     return done
 
 
@@ -378,4 +379,4 @@ def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any]) -> StepOutcom
     return StepOutcome(step.label, spec.name, names, note)
 
 
-__all__ = ["apply_recipe", "finalize", "pruned_parameters", "make_copyable", "ModelSnapshot", "DetachPrunedAfterForward"]
+__all__ = ["apply_recipe", "finalize", "pruned_parameters", "make_copyable", "ModelSnapshot", "PrunedGetState"]

@@ -163,3 +163,15 @@ steps:
     assert plan.steps[1].targets[0].to_prune == 7168
     assert "model.layers.0.mlp.down_proj.weight" in str(plan)
     assert time.perf_counter() - start < 60
+
+
+def test_gradients_are_exactly_torchs_even_through_module_weight_after_forward():
+    # a loss term that reads `module.weight` after the forward (an L1 penalty, say) must
+    # still reach weight_orig, as with hand-written prune calls
+    ours, theirs = make_lenet(), make_lenet()
+    apply_recipe(ours, parse_recipe("version: 1\nsteps:\n  - {select: {names: [fc1]}, method: l1_unstructured, amount: 0.5}\n"))
+    prune.l1_unstructured(theirs.fc1, "weight", amount=0.5)
+    for m in (ours, theirs):
+        (m(X).pow(2).sum() + 10 * m.fc1.weight.abs().sum()).backward()
+    assert torch.equal(ours.fc1.weight_orig.grad, theirs.fc1.weight_orig.grad)
+    copy.deepcopy(ours)  # and the model still copies right after
