@@ -240,10 +240,9 @@ def _live_amount(ps: PlannedStep, targets: list[Target]) -> int | float | None:
 
 @torch.no_grad()
 def _check_finite(recipe: Recipe, active: list[PlannedStep]) -> None:
-    """NaN or inf in a weight means a diverged model: refuse it, naming the parameter.
-
-    (torch's own l1_unstructured would rank NaN above everything and carry on.)
-    """
+    """Refuse, before anything changes, what pruning must not or cannot handle: NaN or inf
+    in a weight (a diverged model; torch's own l1_unstructured would rank NaN above
+    everything and carry on), and inference tensors (torch cannot re-parametrize them)."""
     problems = []
     checked: set[tuple[int, str]] = set()
     for ps in active:
@@ -254,6 +253,15 @@ def _check_finite(recipe: Recipe, active: list[PlannedStep]) -> None:
                 continue
             checked.add(key)
             tensor = t.original
+            if tensor.is_inference():
+                problems.append(
+                    recipe.problem(
+                        ps.step.path,
+                        f"{t.qualname} is an inference tensor (made under torch.inference_mode()), which pruning cannot "
+                        "re-parametrize; build or clone the model outside inference mode; nothing was changed",
+                    )
+                )
+                continue
             if tensor.device.type == "meta" or not tensor.is_floating_point() or tensor.numel() == 0:
                 continue
             if bool(torch.isfinite(tensor.sum()).item()):  # one fast pass; overflow falls through to the exact count
@@ -286,7 +294,9 @@ def _can_fold(recipe: Recipe, active: list[PlannedStep], model: nn.Module) -> bo
         for pt in ps.targets:
             t = pt.target
             key = (id(t.module), t.param)
-            if key in seen or not fastprune.supported(t.original):
+            tensor = t.original
+            # the in-place pass must be unable to fail halfway: plain, contiguous, ordinary tensors only
+            if key in seen or not fastprune.supported(tensor) or not tensor.is_contiguous() or tensor.is_inference() or not tensor.is_leaf:
                 return False
             seen.add(key)
             dtypes.add(t.original.dtype)
@@ -325,9 +335,12 @@ def _apply_folded(recipe: Recipe, active: list[PlannedStep], progress: Callable[
         note = f"no-op on {', '.join(noops)}: already at or above sparsity {step.sparsity:g}" if noops else None
         outcomes.append(StepOutcome(step.label, ps.method.name, tuple(t.qualname for t in targets), note))
     with fastprune.deferred_interrupts():
-        for group, pieces, threshold in cuts:
-            for i, (t, piece) in enumerate(zip(group, pieces)):
-                fastprune.fold_in_place(t.module, t.param, piece, threshold, i, pool)
+        try:
+            for group, pieces, threshold in cuts:
+                for i, (t, piece) in enumerate(zip(group, pieces)):
+                    fastprune.fold_in_place(t.module, t.param, piece, threshold, i, pool)
+        except Exception as exc:  # pragma: no cover - _can_fold admits only tensors this cannot fail on
+            raise ApplyError(recipe.problem((), f"masking weights in place failed: {type(exc).__name__}: {exc}")) from exc
     return outcomes
 
 

@@ -188,7 +188,10 @@ def _histogram(
             low = torch.bitwise_and(raw[index], _BINS - 1).to(torch.int64)
             hist.index_add_(0, low, torch.ones_like(low))
             if found is not None:
-                found.append((index.clone(), low))  # they are few: kept to count ties per tensor
+                if index.numel() <= _CHUNK // 16:
+                    found.append((index.clone(), low))  # usually few: kept to count ties per tensor
+                else:  # many equal leading digits (exact zeros, say): recount later instead of keeping them
+                    found.append(None)  # type: ignore[arg-type]
             return
     if candidates is not None:
         drop = _buffer(pool, "drop", n, torch.bool, raw.device)
@@ -227,7 +230,7 @@ def select_smallest(pieces: Sequence[Piece], k: int, pool: Pool | None = None) -
         return Threshold(prefix + 1)
     # Ties at the threshold: prune the first `remaining` of them, in order.
     per_piece = [0] * len(pieces)
-    if len(found) == len(groups):  # fp32: the last round kept its candidates, no need to read again
+    if len(found) == len(groups) and all(f is not None for f in found):  # fp32: candidates were kept
         digit = prefix & (_BINS - 1)
         for group, (index, low) in zip(groups, found):
             at = index[low == digit]
@@ -365,6 +368,11 @@ def l1_global(params: Sequence[tuple[nn.Module, str]], amount: int | float) -> N
         for i, ((module, name), piece) in enumerate(zip(params, pieces))
     ]
     for (module, name), mask in zip(params, masks):
+        default = module._buffers.get(name + "_mask")
+        if default is not None:
+            # torch multiplies the old mask in twice (once building the global mask, once more in
+            # CustomFromMask): a no-op for 0/1 masks, the square for any other value
+            mask = mask * default.detach().to(dtype=mask.dtype)
         attach(module, name, prune.CustomFromMask(mask), mask)
 
 

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import torch.nn.utils.prune as prune
 
-from .apply import pruned_parameters
+from .apply import make_copyable, pruned_parameters
 from .pruner import Pruner
 from .recipe import Recipe, load_recipe
 from .report import zero_entries
@@ -59,6 +59,7 @@ class RecipePruning(Callback):
                 module = pl_module.get_submodule(module_name)
                 target = module._parameters[param]
                 prune.custom_from_mask(module, param, mask.to(device=target.device))
+                make_copyable(module)
             self.pruner = Pruner(pl_module, self.recipe, state=self._restored["pruner"])
         else:
             self.pruner = Pruner(pl_module, self.recipe)
@@ -69,7 +70,7 @@ class RecipePruning(Callback):
             self._log(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.pruner is not None and any(e.unit == "step" for e in self.pruner.pending()):
+        if self.pruner is not None and self.pruner.has_pending("step"):
             if self.pruner.step(step=trainer.global_step):
                 self._log(trainer, pl_module, on_step=True)
 
@@ -112,7 +113,15 @@ class RecipePruning(Callback):
         self._restored = dict(state_dict)
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
-        """Store plain masked weights under the usual keys, so the checkpoint loads into a fresh module."""
+        """Store plain masked weights under the usual keys, so the checkpoint loads into a fresh module.
+
+        The live, still-pruned module learns to accept such a checkpoint too (for
+        ``trainer.validate/test(ckpt_path="best")`` after fitting): see :class:`AcceptFolded`.
+        """
+        for _, module, _ in pruned_parameters(pl_module):
+            if not module.__dict__.get("_prunerecipe_accepts_folded"):
+                module._register_load_state_dict_pre_hook(AcceptFolded(), with_module=True)
+                module.__dict__["_prunerecipe_accepts_folded"] = True
         state = checkpoint.get("state_dict")
         if not isinstance(state, dict):
             return
@@ -126,4 +135,19 @@ class RecipePruning(Callback):
             state[base] = value
 
 
-__all__ = ["RecipePruning"]
+class AcceptFolded:
+    """``load_state_dict`` pre-hook on a pruned module: a plain ``X`` entry (as this callback's
+    checkpoints hold) loads as ``X_orig = X`` and ``X_mask = (X != 0)``, which gives exactly
+    the checkpoint's effective weights."""
+
+    def __call__(self, module: Any, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                key = prefix + hook._tensor_name
+                if key in state_dict and key + "_orig" not in state_dict:
+                    value = state_dict.pop(key)
+                    state_dict[key + "_orig"] = value
+                    state_dict[key + "_mask"] = (value != 0).to(module._buffers[hook._tensor_name + "_mask"].dtype)
+
+
+__all__ = ["RecipePruning", "AcceptFolded"]

@@ -57,11 +57,17 @@ class Pruner:
         self.events: list[Event] = sorted(
             (e for step in self.recipe.steps for e in step_events(step)), key=lambda e: (e.time, e.step)
         )
-        self._done: set[tuple[int, int]] = set()
+        # Events of each unit in the order they run; `_next[unit]` counts those done (a prefix),
+        # so a step() with nothing due costs O(1) however long the schedule.
+        self._by_unit: dict[str, list[Event]] = {"epoch": [], "step": []}
+        for e in self.events:
+            self._by_unit[e.unit].append(e)
+        self._next = {"epoch": 0, "step": 0}
         self._stepped = False
         self.finalized = False
         self._unscheduled_done = False
         self._creation_snapshot: ModelSnapshot | None = None
+        self._creation_state: list | None = None
         self._initial: dict[str, torch.Tensor] | None = None
         if state is not None:
             self._adopt(state)
@@ -72,6 +78,7 @@ class Pruner:
         if unscheduled:
             self._creation_snapshot = ModelSnapshot([t.module for t in self.plan.targets])
             apply_recipe(model, dataclasses.replace(self.recipe, steps=tuple(unscheduled), finalize=False))
+            self._creation_state = self._structure()
         self._unscheduled_done = True
         if not self.events and self.recipe.finalize:
             finalize(model)
@@ -85,17 +92,22 @@ class Pruner:
             raise TypeError("Pruner.step() needs epoch= and/or step=")
         self._stepped = True
         self._creation_snapshot = None
-        now = {"epoch": epoch, "step": step}
         ran = []
-        for event in self.events:
-            value = now[event.unit]
-            if value is None or event.time > value or (event.step, event.time) in self._done or self.finalized:
+        for unit, value in (("epoch", epoch), ("step", step)):
+            if value is None:
                 continue
-            ran.append(self._run(event))
-        if ran and self.recipe.finalize and len(self._done) == len(self.events) and not self.finalized:
+            events = self._by_unit[unit]
+            while not self.finalized and self._next[unit] < len(events) and events[self._next[unit]].time <= value:
+                ran.append(self._run(events[self._next[unit]]))
+                self._next[unit] += 1
+        if ran and self.recipe.finalize and not self.pending() and not self.finalized:
             finalize(self.model)
             self.finalized = True
         return ran
+
+    def has_pending(self, unit: str) -> bool:
+        """Whether events of ``unit`` ("epoch" or "step") remain: O(1), cheap to ask every batch."""
+        return not self.finalized and self._next[unit] < len(self._by_unit[unit])
 
     def _run(self, event: Event) -> EventResult:
         step = self.recipe.steps[event.step]
@@ -104,7 +116,6 @@ class Pruner:
         else:
             once = dataclasses.replace(step, schedule=None)
         report = apply_recipe(self.model, dataclasses.replace(self.recipe, steps=(once,), finalize=False))
-        self._done.add((event.step, event.time))
         if self._initial is not None:
             self._reset_to_initial()
         label = f"{step.label} at {event.unit} {event.time}"
@@ -135,7 +146,24 @@ class Pruner:
         return [(e, self.recipe.steps[e.step].label) for e in self.events]
 
     def pending(self) -> list[Event]:
-        return [e for e in self.events if (e.step, e.time) not in self._done]
+        """Events not run yet, in the order they will run."""
+        return sorted(
+            (e for unit, events in self._by_unit.items() for e in events[self._next[unit] :]), key=lambda e: (e.time, e.step)
+        )
+
+    def _done(self) -> list[tuple[int, int]]:
+        return sorted((e.step, e.time) for unit, events in self._by_unit.items() for e in events[: self._next[unit]])
+
+    def _structure(self) -> list:
+        """Identity of what pruning changes on the target modules (to tell whether anyone touched them)."""
+        out = []
+        for module in {id(t.module): t.module for t in self.plan.targets}.values():
+            out.append((
+                tuple((k, id(v)) for k, v in module._parameters.items()),
+                tuple((k, id(v)) for k, v in module._buffers.items()),
+                tuple((k, id(v), len(v) if isinstance(v, prune.PruningContainer) else -1) for k, v in module._forward_pre_hooks.items()),
+            ))
+        return out
 
     @property
     def targets(self) -> list[Target]:
@@ -148,36 +176,56 @@ class Pruner:
         return {
             "version": STATE_VERSION,
             "recipe": self.recipe.name,
-            "done": sorted([list(d) for d in self._done]),
+            "done": [list(d) for d in self._done()],
             "unscheduled_done": self._unscheduled_done,
             "finalized": self.finalized,
             "lottery_initial": dict(self._initial) if self._initial is not None else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume from ``state``. Before the first ``step()`` this also undoes the unscheduled
-        steps run at creation, since the restored model already carries them."""
+        """Resume from ``state``, before the first ``step()``.
+
+        If the model's pruned modules are exactly as this Pruner's creation left them (the
+        model's own checkpoint was loaded before the Pruner was made, or will be loaded
+        after), the unscheduled steps the constructor just re-ran are undone, since the
+        saved run already applied them. If the model changed since (its checkpoint was
+        loaded in between), it is taken as restored and left alone.
+        """
         if self._stepped:
             raise RuntimeError("load_state_dict() must come before the first step(); or pass state= to Pruner()")
-        if self._creation_snapshot is not None and state.get("unscheduled_done"):
+        adopted = self._validated(state)  # check everything before changing anything
+        if self._creation_snapshot is not None and adopted["unscheduled_done"] and self._structure() == self._creation_state:
             self._creation_snapshot.restore()
-            self._creation_snapshot = None
+        self._creation_snapshot = None
         self._adopt(state)
 
-    def _adopt(self, state: Mapping[str, Any]) -> None:
+    def _validated(self, state: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
             raise RecipeError(f"not a prunerecipe Pruner state (version {STATE_VERSION}): {type(state).__name__}")
-        known = {(e.step, e.time) for e in self.events}
-        done = {tuple(d) for d in state.get("done", [])}
-        unknown = done - known
+        try:
+            done = {(int(d[0]), int(d[1])) for d in state.get("done", [])}
+        except (TypeError, ValueError, IndexError):
+            raise RecipeError("the saved Pruner state's 'done' list is malformed") from None
+        unknown = done - {(e.step, e.time) for e in self.events}
         if unknown:
             raise RecipeError(
                 f"the saved Pruner state has events this recipe does not: {sorted(unknown)}; was it saved with another recipe?"
             )
-        self._done = done  # type: ignore[assignment]
-        self._unscheduled_done = bool(state.get("unscheduled_done", True))
+        nexts = {}
+        for unit, events in self._by_unit.items():
+            n = sum(1 for e in events if (e.step, e.time) in done)
+            if any((e.step, e.time) not in done for e in events[:n]):
+                raise RecipeError(f"the saved Pruner state skips {unit} events that come before ones it ran; it cannot be resumed")
+            nexts[unit] = n
+        initial = state.get("lottery_initial")
+        if self.recipe.lottery_ticket and not initial:
+            raise RecipeError("the recipe asks for lottery_ticket, but the saved Pruner state has no initial weights")
+        return {"next": nexts, "unscheduled_done": bool(state.get("unscheduled_done", True))}
+
+    def _adopt(self, state: Mapping[str, Any]) -> None:
+        adopted = self._validated(state)
+        self._next = adopted["next"]
+        self._unscheduled_done = adopted["unscheduled_done"]
         self.finalized = bool(state.get("finalized", False))
         initial = state.get("lottery_initial")
         self._initial = {k: v.detach().clone() for k, v in initial.items()} if initial else None
-        if self.recipe.lottery_ticket and self._initial is None:
-            raise RecipeError("the recipe asks for lottery_ticket, but the saved Pruner state has no initial weights")

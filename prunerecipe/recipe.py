@@ -24,6 +24,9 @@ from .methods import MethodError, MethodSpec, get_method, suggest
 from .safeyaml import MAX_BYTES, Document, parse_yaml
 from .selectors import SelectorError, check_name_pattern, resolve_type
 
+#: A schedule with more events than this is almost certainly a mistake (and would be slow to list).
+MAX_EVENTS = 1_000_000
+
 _PLACEHOLDER = re.compile(r"\$(\$?)\{([^}]*)\}")
 _WHOLE_PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -439,8 +442,15 @@ def _step_problems(doc: Document, path: KeyPath, step: dict[str, Any]) -> list[P
     schedule = step.get("schedule")
     if isinstance(schedule, dict):
         start, end = schedule.get("start", 0), schedule.get("end")
+        every = schedule.get("every", 1)
         if isinstance(start, int) and isinstance(end, int) and end < start:
             problems.append(doc.problem(path + ("schedule", "end"), f"end ({end}) is before start ({start})"))
+        elif isinstance(start, int) and isinstance(end, int) and isinstance(every, int) and every >= 1:
+            events = (end - start) // every + 1
+            if events > MAX_EVENTS:
+                problems.append(
+                    doc.problem(path + ("schedule",), f"this schedule has {events} pruning events; the limit is {MAX_EVENTS} (raise 'every')")
+                )
         init = schedule.get("initial_sparsity")
         if _is_number(init) and _is_number(sparsity) and init > sparsity:
             problems.append(

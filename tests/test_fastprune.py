@@ -199,3 +199,48 @@ def test_folded_path_is_not_used_when_it_would_differ():
     prune.l1_unstructured(theirs.fc1, "weight", amount=0.5)
     prune.remove(theirs.fc1, "weight")
     assert_same_pruning(ours, theirs)
+
+
+def test_global_over_masks_with_values_other_than_0_and_1_matches_torch():
+    # torch multiplies the old mask in twice on the global path (found in review)
+    t = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5]])
+    ours, theirs = holder(t), holder(t)
+    old = torch.tensor([[0.5, 1, 1, 0, 1]])
+    prune.custom_from_mask(ours, "weight", old)
+    prune.custom_from_mask(theirs, "weight", old)
+    prune.global_unstructured([(theirs, "weight")], pruning_method=prune.L1Unstructured, amount=1)
+    fp.l1_global([(ours, "weight")], 1)
+    assert torch.equal(ours.weight_mask, theirs.weight_mask)
+
+
+def test_many_exact_zeros_at_the_cut_are_counted_exactly():
+    w = torch.zeros(3_000_000)
+    w[:1_000_000] = torch.randn(1_000_000)
+    m = holder(w.view(3000, 1000))
+    fp.l1_local(m, "weight", 0.5)
+    assert pruned_count(m) == 1_500_000
+    assert bool((m.weight_mask.view(-1)[1_000_000:] == 0).sum() >= 1_500_000 - 1_000_000)
+
+
+def test_in_place_fold_is_not_used_on_tensors_it_could_fail_on():
+    from prunerecipe import apply_recipe, parse_recipe
+
+    recipe = parse_recipe("version: 1\nfinalize: true\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5}\n")
+    from prunerecipe import ApplyError
+
+    with torch.inference_mode():
+        frozen = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    with pytest.raises(ApplyError, match="0.weight is an inference tensor"):  # torch cannot prune these either
+        apply_recipe(frozen, recipe)
+    assert not any(prune.is_pruned(m) for m in frozen)
+    shared = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    shared[1].weight = nn.Parameter(torch.randn(1, 4).expand(4, 4))  # overlapping memory
+    apply_recipe(shared, recipe)
+    assert int((shared[0].weight == 0).sum()) == 8
+
+
+def test_a_schedule_with_too_many_events_is_a_load_error():
+    from prunerecipe import RecipeError, parse_recipe
+
+    with pytest.raises(RecipeError, match="this schedule has 1000000001 pruning events; the limit is 1000000"):
+        parse_recipe("version: 1\nsteps:\n  - {select: {}, method: l1_unstructured, sparsity: 0.5, schedule: {unit: step, start: 0, end: 1000000000}}\n")

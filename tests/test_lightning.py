@@ -118,3 +118,30 @@ def test_resume_from_a_lightning_checkpoint_continues_exactly(tmp_path):
         assert torch.equal(a.weight_mask, b.weight_mask), name
         assert torch.allclose(a.weight, b.weight, atol=1e-6), name
     assert prune.is_pruned(resumed.net.conv1)
+
+
+class WithValidation(Module):
+    def validation_step(self, batch, _):
+        x, y = batch
+        loss = F.cross_entropy(self.net(x), y)
+        self.log("val_loss", loss)
+        return loss
+
+
+def test_validate_best_checkpoint_after_fit_and_copy_after_resume(tmp_path):
+    import copy
+
+    module = WithValidation()
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_last=True)
+    t = trainer(tmp_path, 4, [RecipePruning(parse_recipe(RECIPE)), checkpoint])
+    t.fit(module, loader(), loader())
+    results = t.validate(module, loader(), ckpt_path="best")  # the live module is still pruned
+    assert results and "val_loss" in results[0]
+    best = torch.load(checkpoint.best_model_path, weights_only=False)["state_dict"]
+    assert torch.equal(module.net.fc1.weight, best["net.fc1.weight"])
+
+    resumed = WithValidation()
+    t2 = trainer(tmp_path / "r", 5, [RecipePruning(parse_recipe(RECIPE))])
+    t2.fit(resumed, loader(), loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    resumed.net(torch.zeros(1, 1, 8, 8))
+    copy.deepcopy(resumed)  # restored masks are copyable too

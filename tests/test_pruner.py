@@ -203,3 +203,45 @@ steps:
     assert "steps[0].schedule.every: 0 is less than the minimum of 1" in text
     assert "steps[0].schedule.initial_sparsity: initial_sparsity (0.7) is above the final sparsity (0.5)" in text
     assert "steps[0].schedule.curve: 'quadratic' is not one of ['cubic', 'linear', 'constant']" in text
+
+
+def test_model_checkpoint_loaded_between_creation_and_load_state_dict_is_kept(tmp_path):
+    # the usual torch order: build everything, then load every state (found in review)
+    recipe = parse_recipe(GRADUAL)
+    first = make_lenet()
+    pruner = Pruner(first, recipe)
+    pruner.step(epoch=3)
+    saved = {"model": first.state_dict(), "pruner": pruner.state_dict()}
+
+    second = LeNet()
+    resumed = Pruner(second, recipe)
+    load_pruned_state_dict(second, saved["model"])
+    resumed.load_state_dict(saved["pruner"])
+    for (name, a), (_, b) in zip(first.named_buffers(), second.named_buffers()):
+        assert torch.equal(a, b), name
+    assert torch.equal(second(torch.ones(1, 1, 28, 28)), first(torch.ones(1, 1, 28, 28)))
+    assert [e.time for e in resumed.pending()] == [5]
+
+
+def test_a_rejected_state_changes_nothing():
+    from .test_apply import assert_same_fingerprint, fingerprint
+
+    model = make_lenet()
+    pruner = Pruner(model, parse_recipe(GRADUAL))
+    before = fingerprint(model)
+    with pytest.raises(RecipeError):
+        pruner.load_state_dict({"version": 1, "done": [[5, 5]], "unscheduled_done": True})
+    assert_same_fingerprint(fingerprint(model), before)
+    assert prune.is_pruned(model.conv1)
+
+
+def test_long_step_schedules_cost_nothing_per_idle_call():
+    import time
+
+    recipe = parse_recipe("version: 1\nsteps:\n  - {select: {names: [fc3]}, method: l1_unstructured, sparsity: 0.5, schedule: {unit: step, start: 50000, end: 200000}}\n")
+    pruner = Pruner(make_lenet(), recipe)
+    start = time.perf_counter()
+    for s in range(2000):
+        pruner.step(step=s)
+        pruner.has_pending("step")
+    assert time.perf_counter() - start < 0.5
