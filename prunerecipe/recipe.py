@@ -8,6 +8,7 @@ collected and raised together as one :class:`~prunerecipe.errors.RecipeError`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import json
 import math
@@ -508,10 +509,9 @@ def method_problems(doc: Document, path: KeyPath, step: Mapping[str, Any], spec:
                 doc.problem(args_path if "args" in step else path, f"method {name!r} needs argument {key!r}; it accepts: {spec.describe_arguments()}")
             )
     if spec.args_schema is not None:
-        if "args" in step:
-            problems.extend(schema_problems(doc, spec.args_schema, args_path))
-        else:
-            problems.extend(_args_schema_defaults(doc, spec, args_path))
+        found = schema_problems(doc, spec.args_schema, args_path) if "args" in step else _args_schema_defaults(doc, spec, args_path)
+        accepts = f" (method {name!r} accepts: {spec.describe_arguments()})"
+        problems.extend(dataclasses.replace(p, message=p.message + accepts) for p in found)
     return problems
 
 

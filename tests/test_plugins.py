@@ -90,7 +90,7 @@ def test_plugin_args_schema_errors_have_line_and_column(install):
     install("good-plugin", "1.2.0", {"every_other": "good_plugin_mod:EveryOther"}, {"good_plugin_mod": GOOD})
     with pytest.raises(RecipeError) as err:
         parse_recipe(USES_GOOD.replace("start: 1", "start: -2"), "plug.yaml")
-    assert str(err.value) == "plug.yaml:6:19: steps[0].args.start: -2 is less than the minimum of 0"
+    assert str(err.value) == "plug.yaml:6:19: steps[0].args.start: -2 is less than the minimum of 0 (method 'every_other' accepts: start=0)"
 
 
 def test_a_broken_plugin_is_reported_and_breaks_nothing_else(install):

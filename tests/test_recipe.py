@@ -245,7 +245,7 @@ def test_integer_keys_stay_integers_and_floats_are_not_integers():
     assert str(err.value).splitlines() == [
         "f.yaml:1:10: version: 1.0 is not of type 'integer'",
         "f.yaml:2:7: seed: 3.0 is not of type 'integer'",
-        "f.yaml:4:68: steps[0].args.dim: 0.0 is not of type 'integer'",
+        "f.yaml:4:68: steps[0].args.dim: 0.0 is not of type 'integer' (method 'random_structured' accepts: amount|sparsity, dim=-1)",
     ]
 
 
