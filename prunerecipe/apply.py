@@ -177,16 +177,16 @@ def apply_recipe(
     before = measure(watched)
 
     if _can_fold(recipe, active, model):
-        outcomes = _apply_folded(recipe, active, progress)
+        folded = _apply_folded(recipe, active, progress)
         after = measure(watched)
         rows = tuple(TargetSparsity(name, before[name][0], before[name][1], before[name][2], after[name][2]) for name, _, _ in watched)
-        return Report(rows, tuple(outcomes), True, recipe.source, skipped)
+        return Report(rows, tuple(folded), True, recipe.source, skipped)
 
     modules = [m for _, m, _ in watched]
     if recipe.finalize:
         modules += [m for _, m, _ in pruned_parameters(model)]
     snapshot = ModelSnapshot(modules)
-    outcomes: list[StepOutcome] = []
+    outcomes = []
     current: list[Any] = [None, None]
     try:
         # Not under no_grad: hand-written prune calls leave `module.weight` with a grad_fn, and so do we.
@@ -373,7 +373,7 @@ def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any]) -> StepOutcom
             prune.global_unstructured(params, pruning_method=spec.cls, amount=amount, **kwargs)
         return StepOutcome(step.label, spec.name, names)
 
-    noops = []
+    noops: list[str] = []
     pool: fastprune.Pool = {}  # scratch buffers shared by this step's targets
     for t in targets:
         current[1] = t

@@ -320,9 +320,9 @@ def attach(module: nn.Module, name: str, method: prune.BasePruningMethod, mask: 
     """Install ``method`` with a precomputed ``mask`` exactly as ``BasePruningMethod.apply`` would."""
     old = None
     found = []
-    for key, hook in module._forward_pre_hooks.items():
-        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == name:
-            old = hook
+    for key, existing in module._forward_pre_hooks.items():
+        if isinstance(existing, prune.BasePruningMethod) and existing._tensor_name == name:
+            old = existing
             found.append(key)
     if len(found) > 1:
         raise AssertionError(f"Avoid adding multiple pruning hooks to the same tensor {name} of module {module}. Use a PruningContainer.")
