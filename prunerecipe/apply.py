@@ -157,6 +157,12 @@ def apply_recipe(
         recipe = load_recipe(recipe)
     if plan is None:
         plan = plan_recipe(model, recipe)
+    elif plan.recipe is not recipe and plan.recipe != recipe:
+        raise RecipeError(recipe.problem((), "the plan passed to apply_recipe was made from another recipe"))
+    else:
+        mine = {id(m) for m in model.modules()}
+        if any(id(t.module) not in mine for t in plan.targets):
+            raise RecipeError(recipe.problem((), "the plan passed to apply_recipe was made for another model"))
     active = [ps for ps in plan.steps if not ps.scheduled]
     skipped = tuple(ps.step.label for ps in plan.steps if ps.scheduled)
     if not active:
@@ -176,8 +182,8 @@ def apply_recipe(
     _check_finite(recipe, active)
     before = measure(watched)
 
-    if _can_fold(recipe, active, model):
-        folded = _apply_folded(recipe, active, progress)
+    folded = _apply_folded(recipe, active, progress) if _can_fold(recipe, active, model) else None
+    if folded is not None:
         after = measure(watched)
         rows = tuple(TargetSparsity(name, before[name][0], before[name][1], before[name][2], after[name][2]) for name, _, _ in watched)
         return Report(rows, tuple(folded), True, recipe.source, skipped)
@@ -305,8 +311,12 @@ def _can_fold(recipe: Recipe, active: list[PlannedStep], model: nn.Module) -> bo
     return True
 
 
-def _apply_folded(recipe: Recipe, active: list[PlannedStep], progress: Callable[[str], None] | None) -> list[StepOutcome]:
-    """Find every cut first (nothing changes), then mask the weights in place with Ctrl-C held."""
+def _apply_folded(recipe: Recipe, active: list[PlannedStep], progress: Callable[[str], None] | None) -> list[StepOutcome] | None:
+    """Find every cut first (nothing changes), then mask the weights in place with Ctrl-C held.
+
+    Returns None, having changed nothing, when a small tensor or group has ties at its cut:
+    the regular path then lets torch break them, exactly as hand-written code would.
+    """
     cuts: list[tuple[list[Target], list[fastprune.Piece], fastprune.Threshold]] = []
     outcomes = []
     pool: fastprune.Pool = {}
@@ -331,7 +341,10 @@ def _apply_folded(recipe: Recipe, active: list[PlannedStep], progress: Callable[
             else:
                 assert step.amount is not None
                 k = fastprune.nparams(step.amount, total)
-            cuts.append((group, pieces, fastprune.select_smallest(pieces, k, pool)))
+            cut = fastprune.select_smallest(pieces, k, pool)
+            if cut.quotas is not None and total <= fastprune.EXACT_TIES_UP_TO:
+                return None
+            cuts.append((group, pieces, cut))
         note = f"no-op on {', '.join(noops)}: already at or above sparsity {step.sparsity:g}" if noops else None
         outcomes.append(StepOutcome(step.label, ps.method.name, tuple(t.qualname for t in targets), note))
     with fastprune.deferred_interrupts():

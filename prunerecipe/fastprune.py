@@ -40,6 +40,10 @@ _KEY_DTYPES = {
 _DIGIT = 16
 _BINS = 1 << _DIGIT
 _CHUNK = 1 << 18  # entries per pass: scratch memory stays small whatever the layer size
+#: Up to this many entries (a tensor, or a global group), a tie at the cut is broken by
+#: torch's own topk, so masks equal hand-written code even then (zero-initialized biases
+#: are all ties). Beyond it, ties go to the earliest entries: same count, maybe other entries.
+EXACT_TIES_UP_TO = 1 << 20
 
 
 def supported(t: torch.Tensor) -> bool:
@@ -352,6 +356,9 @@ def l1_local(module: nn.Module, name: str, amount: int | float, pool: Pool | Non
     piece = piece_for(module, name)
     default = module._buffers.get(name + "_mask")
     threshold = select_smallest([piece], nparams(amount, piece.eligible_count()), pool)
+    if threshold.quotas is not None and piece.numel <= EXACT_TIES_UP_TO:
+        prune.L1Unstructured.apply(module, name, amount=amount)  # ties: let torch pick, as by hand
+        return
     mask = new_mask(piece, default, threshold, 0, pool)
     attach(module, name, prune.L1Unstructured(amount), mask)
 
@@ -363,6 +370,9 @@ def l1_global(params: Sequence[tuple[nn.Module, str]], amount: int | float) -> N
     pieces = [piece_for(m, n) for m, n in params]
     threshold = select_smallest(pieces, nparams(amount, sum(p.eligible_count() for p in pieces)), pool)
     pool.clear()  # the select's scratch goes before the masks arrive: peak memory is masks + weights
+    if threshold.quotas is not None and sum(p.numel for p in pieces) <= EXACT_TIES_UP_TO:
+        prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)  # ties: torch picks
+        return
     masks = [
         new_mask(piece, module._buffers.get(name + "_mask"), threshold, i, pool)
         for i, ((module, name), piece) in enumerate(zip(params, pieces))

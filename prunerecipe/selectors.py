@@ -85,13 +85,19 @@ def _types_match(entries: tuple[str, ...], cls: type) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _names_regex(entries: tuple[str, ...]) -> re.Pattern[str]:
-    """One compiled alternation for all ``names`` entries (globs and ``re:`` regexes)."""
-    parts = []
-    for entry in entries:
-        check_name_pattern(entry)  # raises a located-friendly SelectorError if invalid
-        parts.append(f"(?:{entry[3:]})" if entry.startswith("re:") else f"(?:{fnmatch.translate(entry)})")
-    return re.compile("|".join(parts))
+def _names_matcher(entries: tuple[str, ...]) -> Callable[[str], bool]:
+    """One test for a whole ``names`` list: the globs as a single alternation (they have no
+    groups or flags), each ``re:`` regex compiled and matched on its own."""
+    globs = [fnmatch.translate(e) for e in entries if not e.startswith("re:")]
+    combined = re.compile("|".join(f"(?:{g})" for g in globs)) if globs else None
+    regexes = [check_name_pattern(e) for e in entries if e.startswith("re:")]
+
+    def matches(name: str) -> bool:
+        if combined is not None and combined.fullmatch(name) is not None:
+            return True
+        return any(r(name) for r in regexes)
+
+    return matches
 
 
 def selects(selector: "Selector", name: str, module: nn.Module) -> bool:
@@ -99,11 +105,11 @@ def selects(selector: "Selector", name: str, module: nn.Module) -> bool:
     cls = type(module)
     if selector.types is not None and not _types_match(selector.types, cls):
         return False
-    if selector.names is not None and _names_regex(selector.names).fullmatch(name) is None:
+    if selector.names is not None and not _names_matcher(selector.names)(name):
         return False
     if selector.exclude_types and _types_match(selector.exclude_types, cls):
         return False
-    if selector.exclude_names and _names_regex(selector.exclude_names).fullmatch(name) is not None:
+    if selector.exclude_names and _names_matcher(selector.exclude_names)(name):
         return False
     return True
 
@@ -172,8 +178,8 @@ def resolve_targets(
 def _select(modules: Sequence[tuple[str, nn.Module]], selector: "Selector") -> list[tuple[str, nn.Module]]:
     """``selects`` over many modules: class tests once per class, one regex per name test."""
     by_class: dict[type, bool] = {}
-    names = _names_regex(selector.names).fullmatch if selector.names is not None else None
-    excluded = _names_regex(selector.exclude_names).fullmatch if selector.exclude_names else None
+    names = _names_matcher(selector.names) if selector.names is not None else None
+    excluded = _names_matcher(selector.exclude_names) if selector.exclude_names else None
     out = []
     for n, m in modules:
         cls = type(m)
@@ -182,7 +188,7 @@ def _select(modules: Sequence[tuple[str, nn.Module]], selector: "Selector") -> l
             ok = by_class[cls] = (selector.types is None or _types_match(selector.types, cls)) and not (
                 selector.exclude_types and _types_match(selector.exclude_types, cls)
             )
-        if not ok or (names is not None and names(n) is None) or (excluded is not None and excluded(n) is not None):
+        if not ok or (names is not None and not names(n)) or (excluded is not None and excluded(n)):
             continue
         out.append((n, m))
     return out

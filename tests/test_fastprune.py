@@ -81,14 +81,24 @@ def test_global_l1_equals_torch_over_mixed_shapes_and_prior_masks(dtype):
     assert all(type(list(m._forward_pre_hooks.values())[-1]) in (prune.CustomFromMask, prune.PruningContainer) for m in ours)
 
 
-def test_ties_prune_exactly_the_requested_count_earliest_first():
+def test_ties_in_small_tensors_are_broken_by_torch_itself():
+    t = torch.tensor([0.5, -0.5, 0.5, 0.1, 0.5, 0.5, -0.5, 0.9])
+    ours, theirs = holder(t), holder(t)
+    fp.l1_local(ours, "weight", 4)
+    prune.l1_unstructured(theirs, "weight", amount=4)
+    assert torch.equal(ours.weight_mask, theirs.weight_mask)
+    assert type(list(ours._forward_pre_hooks.values())[0]) is prune.L1Unstructured
+
+
+def test_ties_in_large_tensors_prune_exactly_the_requested_count_earliest_first(monkeypatch):
+    monkeypatch.setattr(fp, "EXACT_TIES_UP_TO", 0)  # as if the tensor were large
     t = torch.tensor([0.5, -0.5, 0.5, 0.1, 0.5, 0.5, -0.5, 0.9])
     m = holder(t)
     fp.l1_local(m, "weight", 4)  # 0.1 and then three of the six 0.5s
     assert m.weight_mask.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
     same = holder(torch.full((10, 10), 0.25))
     fp.l1_local(same, "weight", 0.37)
-    assert pruned_count(same) == 37
+    assert pruned_count(same) == 37 and m.weight_mask.dtype == torch.float32
 
 
 def test_nan_ranks_above_every_number_as_in_topk():

@@ -114,3 +114,25 @@ def test_a_module_registered_twice_is_one_owner():
     assert param_owners(model)[id(lin.weight)] == ["0.weight"]
     recipe = parse_recipe("version: 1\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5}\n")
     assert [t.qualname for t in plan_recipe(model, recipe).targets] == ["0.weight"]
+
+
+def test_each_regex_is_matched_on_its_own(blocks):
+    # found in review: joined into one alternation, flags and group names/numbers collided
+    assert names(blocks, Selector(names=("re:(?i)HEAD\\.1",))) == ["head.1.weight"]
+    assert names(blocks, Selector(names=("re:(?P<a>head\\.1)", "re:(?P<a>head\\.2)"))) == ["head.1.weight", "head.2.weight"]
+    assert names(blocks, Selector(names=("re:(f)eatures\\.0", "re:(h)\\1*ead\\.2"))) == ["features.0.weight", "head.2.weight"]
+
+
+def test_a_plan_only_applies_to_its_own_model_and_recipe(blocks):
+    from prunerecipe import RecipeError, apply_recipe
+
+    recipe = parse_recipe("version: 1\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5}\n")
+    other = parse_recipe("version: 1\nsteps:\n  - {select: {types: [Conv2d]}, method: l1_unstructured, amount: 0.5}\n")
+    plan = plan_recipe(blocks, recipe)
+    from .conftest import Blocks
+
+    with pytest.raises(RecipeError, match="made for another model"):
+        apply_recipe(Blocks(), recipe, plan=plan)
+    with pytest.raises(RecipeError, match="made from another recipe"):
+        apply_recipe(blocks, other, plan=plan)
+    assert not prune.is_pruned(blocks)

@@ -91,3 +91,16 @@ steps:
     assert_same_pruning(ours, theirs)
     assert abs(report.global_after - round(0.6 * total) / total) < 1e-9
     assert pruning_history(ours.encoder.layer[0].attention.self.query, "weight") == [prune.CustomFromMask]
+
+
+def test_zero_initialized_biases_tie_everywhere_and_still_match_torch():
+    # found in review: GPT-2's biases start at zero, so every entry ties at the cut
+    ours, theirs = gpt2(), gpt2()
+    recipe = parse_recipe("version: 1\nsteps:\n  - {select: {types: [Conv1D]}, params: [weight, bias], method: l1_unstructured, amount: 0.3}\n")
+    apply_recipe(ours, recipe)
+    conv1d = transformers.pytorch_utils.Conv1D
+    for _, module in theirs.named_modules():
+        if isinstance(module, conv1d):
+            prune.l1_unstructured(module, "weight", amount=0.3)
+            prune.l1_unstructured(module, "bias", amount=0.3)
+    assert_same_pruning(ours, theirs)
