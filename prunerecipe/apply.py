@@ -268,7 +268,16 @@ def _check_finite(recipe: Recipe, active: list[PlannedStep]) -> None:
                     )
                 )
                 continue
-            if tensor.device.type == "meta" or not tensor.is_floating_point() or tensor.numel() == 0:
+            if tensor.device.type == "meta":
+                problems.append(
+                    recipe.problem(
+                        ps.step.path,
+                        f"{t.qualname} is on the meta device (shapes only, no data): plan works on such models, "
+                        "apply needs real tensors; nothing was changed",
+                    )
+                )
+                continue
+            if not tensor.is_floating_point() or tensor.numel() == 0:
                 continue
             if bool(torch.isfinite(tensor.sum()).item()):  # one fast pass; overflow falls through to the exact count
                 continue

@@ -55,11 +55,17 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(
-                f"{path}: refused to load: the file holds more than tensors and plain containers "
-                f"(torch.load weights_only=True rejected it: {first}). Nothing in it was run."
-            ) from exc
+            text = str(exc)
+            # torch's message is long; its one informative line follows "WeightsUnpickler error:"
+            lines = [line.strip() for line in text.splitlines() if line.strip()]
+            informative = [line for line in lines if "Unsupported" in line or "GLOBAL" in line]
+            first = (informative or lines or [type(exc).__name__])[0]
+            if "Unsupported global" in text or "GLOBAL" in text:  # a reference to code: refused, never run
+                raise CheckpointError(
+                    f"{path}: refused to load: the file holds more than tensors and plain containers "
+                    f"(torch.load weights_only=True rejected it: {first}). Nothing in it was run."
+                ) from exc
+            raise CheckpointError(f"{path}: not a readable torch checkpoint, perhaps truncated or corrupted ({first})") from exc
         except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{path}: not a readable torch checkpoint, perhaps truncated or corrupted ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
     return _as_state_dict(data, path)
@@ -197,6 +203,13 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         for k in expected
         if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
     ]
+    soft = [
+        k for k in state_dict
+        if k.endswith("_mask") and k[: -len("_mask")] in restored and state_dict[k].device.type != "meta"
+        and not bool(((state_dict[k] == 0) | (state_dict[k] == 1)).all())
+    ]
+    if soft:
+        problems.append(_listing("masks must hold only 0 and 1 (tampered or not a pruning mask)", soft))
     if missing:
         problems.append(_listing("missing from the checkpoint", missing))
     if unexpected:

@@ -293,7 +293,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
                 resolved[key] = resolve_targets(modules, step.select, step.params)
             targets = resolved[key]
         except SelectorError as exc:
-            problems.append(recipe.problem(step.path + ("select",), str(exc)))
+            problems.append(recipe.problem(step.path + ("select",), _named(step, str(exc))))
             continue
         saved = [t for t in targets if t.param.endswith("_orig") and is_pruned_param(t.module, t.param[: -len("_orig")])]
         if saved:
@@ -327,7 +327,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
         try:
             ps = _plan_step(recipe, step, spec, targets, proj, scheduled)
         except _PlanProblem as exc:
-            problems.append(recipe.problem(step.path + (exc.key,), exc.message))
+            problems.append(recipe.problem(step.path + (exc.key,), _named(step, exc.message)))
             continue
         planned.append(ps)
 
@@ -335,6 +335,11 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
         raise RecipeError.collect(problems)
     final_entries = {key: (st.numel, st.entries) for key, st in proj.states.items()}
     return Plan(recipe, tuple(planned), type(model).__name__, final_entries)
+
+
+def _named(step: Step, message: str) -> str:
+    """Plan-time messages say which step by name too, when it has one."""
+    return f"step {step.name!r}: {message}" if step.name else message
 
 
 class _PlanProblem(Exception):

@@ -176,6 +176,7 @@ class Pruner:
         return {
             "version": STATE_VERSION,
             "recipe": self.recipe.name,
+            "schedule_digest": self._digest(),
             "done": [list(d) for d in self._done()],
             "unscheduled_done": self._unscheduled_done,
             "finalized": self.finalized,
@@ -199,9 +200,26 @@ class Pruner:
         self._creation_snapshot = None
         self._adopt(state)
 
+    def _digest(self) -> str:
+        """What a saved state depends on: every step's selection, method and schedule."""
+        import hashlib
+        import json
+
+        parts = [
+            [s.index, s.name, s.method, s.select.describe(), list(s.params), s.scope, s.amount, s.sparsity, dict(s.args),
+             None if s.schedule is None else dataclasses.astuple(s.schedule)]
+            for s in self.recipe.steps
+        ]
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()[:16]
+
     def _validated(self, state: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
             raise RecipeError(f"not a prunerecipe Pruner state (version {STATE_VERSION}): {type(state).__name__}")
+        if state.get("schedule_digest") not in (None, self._digest()):
+            raise RecipeError(
+                "the saved Pruner state was made with a different recipe (its steps, selections or schedules differ); "
+                "resume with the recipe the run started with"
+            )
         try:
             done = {(int(d[0]), int(d[1])) for d in state.get("done", [])}
         except (TypeError, ValueError, IndexError):

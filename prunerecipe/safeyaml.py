@@ -59,7 +59,9 @@ class Document:
 
 
 class _TooBig(Exception):
-    pass
+    def __init__(self, message: str, node: yaml.Node) -> None:
+        super().__init__(message)
+        self.node = node
 
 
 def _tag(tag: str) -> str:
@@ -85,7 +87,9 @@ def parse_yaml(text: str | bytes, source: str) -> Document:
         try:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise RecipeError(Problem(source, None, None, (), f"not UTF-8 text (byte {exc.start} cannot be decoded)")) from None
+            line = text.count(b"\n", 0, exc.start) + 1
+            col = exc.start - (text.rfind(b"\n", 0, exc.start) + 1) + 1
+            raise RecipeError(Problem(source, line, col, (), f"not UTF-8 text (byte {exc.start} cannot be decoded)")) from None
     if len(text) > MAX_BYTES:
         raise RecipeError(Problem(source, None, None, (), f"file is {len(text)} characters; recipes are limited to {MAX_BYTES}"))
 
@@ -116,7 +120,8 @@ def parse_yaml(text: str | bytes, source: str) -> Document:
     try:
         doc.data = builder.build(node, (), 0)
     except _TooBig as exc:
-        raise RecipeError(Problem(source, None, None, (), str(exc))) from None
+        line, col = _mark(exc.node)
+        raise RecipeError(Problem(source, line, col, (), str(exc))) from None
     # Node-level problems (a bad tag, a duplicate key) do not stop validation of the rest
     # of the file: the caller reports them together with everything else.
     doc.problems = builder.problems
@@ -142,10 +147,10 @@ class _Builder:
         line, col = _mark(node)
         self.problems.append(Problem(self.doc.source, line, col, path, message))
 
-    def _count(self) -> None:
+    def _count(self, node: yaml.Node) -> None:
         self.count += 1
         if self.count > MAX_NODES:
-            raise _TooBig(f"document expands to more than {MAX_NODES} nodes (aliases and merge keys included); refusing it")
+            raise _TooBig(f"document expands to more than {MAX_NODES} nodes (aliases and merge keys included); refusing it", node)
 
     def _scalar(self, node: yaml.ScalarNode, path: KeyPath) -> Any:
         if node.tag == _TIMESTAMP:
@@ -154,15 +159,22 @@ class _Builder:
             self._problem(node, path, f"YAML tag {_tag(node.tag)} is not allowed; recipes hold plain data only")
             return None
         try:
-            return self.constructor.construct_object(node, deep=True)
+            value = self.constructor.construct_object(node, deep=True)
         except Exception:  # an explicit tag on a value that does not fit it: !!int abc
             self._problem(node, path, f"{node.value!r} is not a valid {_tag(node.tag)}")
             return None
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
+                self._problem(node, path, "string holds an invalid Unicode code point (a lone surrogate escape)")
+                return None
+        return value
 
     def build(self, node: yaml.Node, path: KeyPath, depth: int) -> Any:
-        self._count()
+        self._count(node)
         if depth > MAX_DEPTH:
-            raise _TooBig(f"document is nested more than {MAX_DEPTH} levels deep; refusing it")
+            raise _TooBig(f"document is nested more than {MAX_DEPTH} levels deep; refusing it", node)
         self.doc.value_marks[path] = _mark(node)
 
         if isinstance(node, yaml.ScalarNode):
@@ -202,7 +214,7 @@ class _Builder:
         out: dict[str, Any] = dict(merged)
         seen: set[str] = set()
         for key_node, value_node in own:
-            self._count()
+            self._count(key_node)
             if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in _SCALAR_TAGS:
                 self._problem(key_node, path, "mapping keys must be plain strings")
                 continue

@@ -99,3 +99,28 @@ def test_equivalence_survives_a_checkpoint_round_trip(tmp_path):
     apply_recipe(ours, recipe)
     prune.ln_structured(theirs.conv1, "weight", amount=2, n=1, dim=0)
     assert_same_pruning(ours, theirs)
+
+
+def test_tampered_masks_and_garbage_files_are_refused_clearly(tmp_path):
+    model = make_lenet()
+    apply_recipe(model, parse_recipe("version: 1\nsteps:\n  - {select: {names: [fc1]}, method: l1_unstructured, amount: 0.5}\n"))
+    state = model.state_dict()
+    state["fc1.weight_mask"] = torch.full_like(state["fc1.weight_mask"], 0.5)
+    fresh = LeNet()
+    before = fingerprint(fresh)
+    with pytest.raises(CheckpointError, match="masks must hold only 0 and 1 .*: fc1.weight_mask"):
+        load_pruned_state_dict(fresh, state)
+    assert_same_fingerprint(fingerprint(fresh), before)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CheckpointError, match="not a readable torch checkpoint"):
+        read_state_dict(garbage)
+
+
+def test_apply_on_a_meta_model_says_so():
+    from prunerecipe import ApplyError
+
+    with torch.device("meta"):
+        model = LeNet()
+    with pytest.raises(ApplyError, match="fc1.weight is on the meta device"):
+        apply_recipe(model, parse_recipe("version: 1\nsteps:\n  - {select: {names: [fc1]}, method: l1_unstructured, amount: 0.5}\n"))

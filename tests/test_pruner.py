@@ -175,8 +175,15 @@ def test_a_state_from_another_recipe_is_refused():
     other = parse_recipe("version: 1\nsteps:\n  - {select: {names: [fc1]}, method: l1_unstructured, amount: 0.5, schedule: {start: 0, end: 9}}\n")
     state = Pruner(make_lenet(), other).state_dict()
     state["done"] = [[0, 9]]
+    with pytest.raises(RecipeError, match="made with a different recipe"):
+        Pruner(model, parse_recipe(GRADUAL), state=state)
+    del state["schedule_digest"]  # an older or hand-made state: the events still have to fit
     with pytest.raises(RecipeError, match="was it saved with another recipe"):
         Pruner(model, parse_recipe(GRADUAL), state=state)
+    # same events, other selection (found in review): refused too
+    fc2 = parse_recipe(GRADUAL.replace("select: {types: [Linear]}", "select: {names: [fc2]}"))
+    with pytest.raises(RecipeError, match="made with a different recipe"):
+        Pruner(make_lenet(), fc2, state=Pruner(make_lenet(), parse_recipe(GRADUAL)).state_dict())
     with pytest.raises(RecipeError, match="not a prunerecipe Pruner state"):
         Pruner(model, parse_recipe(GRADUAL), state={"version": 99})
 

@@ -262,3 +262,16 @@ def test_control_characters_are_located_errors():
     with pytest.raises(RecipeError) as err:
         parse_recipe("version: 1\nname: a\x07b\n", "c.yaml")
     assert str(err.value) == "c.yaml:2:8: (root): invalid YAML: character U+0007 is not allowed in YAML"
+
+
+def test_limits_and_encoding_errors_have_locations():
+    with pytest.raises(RecipeError) as err:
+        parse_recipe("version: 1\nvars: {x: " + "[" * 80 + "]" * 80 + "}\n", "deep.yaml")
+    assert str(err.value).startswith("deep.yaml:2:") and "nested more than 50 levels" in str(err.value)
+    from prunerecipe.safeyaml import parse_yaml
+
+    with pytest.raises(RecipeError) as err:
+        parse_yaml(b"version: 1\nname: caf\xe9\n", "latin.yaml")
+    assert str(err.value) == "latin.yaml:2:10: (root): not UTF-8 text (byte 20 cannot be decoded)"
+    with pytest.raises(RecipeError, match="lone surrogate"):
+        parse_recipe('version: 1\nname: "\\ud800"\nsteps:\n  - {select: {}, method: identity}\n')
