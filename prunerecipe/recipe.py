@@ -365,6 +365,8 @@ def schema_problems(doc: Document, schema: Mapping[str, Any] | None = None, base
                     problems.append(doc.problem(path, f"missing required key {key!r}"))
         elif kind == "const" and path == ("version",):
             problems.append(doc.problem(path, f"unsupported recipe version {_short(err.instance)}; this prunerecipe reads version 1"))
+        elif kind == "anyOf" and err.context and "x-message" not in err.schema:
+            problems.append(doc.problem(path, _any_of_message(err)))
         elif kind == "propertyNames":
             problems.append(doc.problem(path, f"{_short(err.instance)} is not a valid name (letters, digits and '_')"))
         elif kind == "minItems" and err.validator_value == 1:
@@ -383,6 +385,32 @@ def schema_problems(doc: Document, schema: Mapping[str, Any] | None = None, base
                 message = f"{_short(err.instance)} is invalid here ({kind})"
             problems.append(doc.problem(path, message))
     return problems
+
+
+_PLACEHOLDER_PATTERN = r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$"
+
+
+def _any_of_message(err: Any) -> str:
+    """The useful part of an anyOf failure: the branch whose type fit, else the types wanted.
+
+    (Every scalar field may also hold a ``${var}`` placeholder; that branch never explains
+    a failure, since placeholders are substituted before validation.)
+    """
+    branches = [c for c in err.context if c.schema.get("pattern") != _PLACEHOLDER_PATTERN]
+    shaped = [c for c in branches if c.validator != "type"]
+    if shaped:
+        first = shaped[0]
+        if first.validator == "pattern":
+            return f"{_short(first.instance)} is not a valid name (letters, digits and '_')"
+        if "x-message" in first.schema:
+            return f"{_short(first.instance)}: {first.schema['x-message']}"
+        return first.message
+    wanted = []
+    for c in branches:
+        for t in c.validator_value if isinstance(c.validator_value, list) else [c.validator_value]:
+            if t not in wanted:
+                wanted.append(t)
+    return f"{_short(err.instance)} is not of type " + " or ".join(repr(t) for t in wanted)
 
 
 def _is_number(value: Any) -> bool:
