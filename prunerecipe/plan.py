@@ -274,7 +274,8 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
         raise TypeError(f"plan_recipe needs an nn.Module, got {type(model).__name__}")
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    modules = list(model.named_modules())
+    # every name a module is registered under, so an alias selects it too (targets stay unique)
+    modules = list(model.named_modules(remove_duplicate=False))
     owners: dict[int, list[str]] | None = None
     resolved: dict[tuple, list[Target]] = {}
     proj = _Projection()
@@ -443,7 +444,10 @@ def _count(step: Step, units: int, done: int, what: str, how: str, exact: bool) 
     if step.sparsity is not None:
         wanted = round(step.sparsity * units)
         if wanted <= done:
-            return 0, f"already at {done}/{units} >= target sparsity {step.sparsity:g}: no-op" + ("" if exact else " (projected)")
+            return 0, (
+                f"target sparsity {step.sparsity:g} means {wanted} of {units} masked; {done} already are: no-op"
+                + ("" if exact else " (projected)")
+            )
         return wanted - done, None
     amount = step.amount if step.amount is not None else 0
     remaining = units - done

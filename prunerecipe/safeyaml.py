@@ -8,6 +8,7 @@ error, and nothing is ever constructed from it. Alias expansion is bounded, so a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,36 @@ class _TooBig(Exception):
         self.node = node
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 core-schema scalars: ``5e-1`` is a number, ``010``
+    is ten, only ``true``/``false`` are booleans (``yes``, ``on`` stay strings), no
+    sexagesimal ``1:30`` and no implicit dates."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag.rsplit(":", 1)[-1] not in ("bool", "int", "float", "timestamp")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
+
+
+class _Constructor(yaml.constructor.SafeConstructor):
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:  # type: ignore[override]
+        value = str(self.construct_scalar(node))
+        if value.startswith(("0o", "0x")):
+            return int(value, 0)
+        return int(value, 10)  # YAML 1.2: a leading zero is still decimal
+
+
+_Constructor.add_constructor("tag:yaml.org,2002:int", _Constructor.construct_yaml_int)
+
+
 def _tag(tag: str) -> str:
     return "!!" + tag[len("tag:yaml.org,2002:"):] if tag.startswith("tag:yaml.org,2002:") else tag
 
@@ -94,7 +125,7 @@ def parse_yaml(text: str | bytes, source: str) -> Document:
         raise RecipeError(Problem(source, None, None, (), f"file is {len(text)} characters; recipes are limited to {MAX_BYTES}"))
 
     try:
-        loader = yaml.SafeLoader(text)
+        loader = _Loader(text)
     except yaml.reader.ReaderError as exc:  # a character YAML does not allow, found up front
         raise _reader_error(exc, text, source) from None
     try:
@@ -116,7 +147,7 @@ def parse_yaml(text: str | bytes, source: str) -> Document:
         raise RecipeError(Problem(source, 1, 1, (), "the file is empty; a recipe is a mapping with 'version' and 'steps'"))
 
     doc = Document(source, None)
-    builder = _Builder(doc, yaml.constructor.SafeConstructor())
+    builder = _Builder(doc, _Constructor())
     try:
         doc.data = builder.build(node, (), 0)
     except _TooBig as exc:

@@ -181,7 +181,10 @@ def _select(modules: Sequence[tuple[str, nn.Module]], selector: "Selector") -> l
     names = _names_matcher(selector.names) if selector.names is not None else None
     excluded = _names_matcher(selector.exclude_names) if selector.exclude_names else None
     out = []
+    seen: set[int] = set()  # a module registered under several names is selected once, by its first matching name
     for n, m in modules:
+        if id(m) in seen:
+            continue
         cls = type(m)
         ok = by_class.get(cls)
         if ok is None:
@@ -190,6 +193,7 @@ def _select(modules: Sequence[tuple[str, nn.Module]], selector: "Selector") -> l
             )
         if not ok or (names is not None and not names(n)) or (excluded is not None and excluded(n)):
             continue
+        seen.add(id(m))
         out.append((n, m))
     return out
 

@@ -162,8 +162,10 @@ def test_deep_nesting_and_huge_files_are_refused():
 
 
 def test_non_string_keys_and_odd_tags():
-    with pytest.raises(RecipeError, match="mapping key 'on' reads as bool True; keys must be strings"):
-        parse_recipe("version: 1\nvars: {on: 1}\nsteps:\n  - {select: {}, method: identity}\n")
+    with pytest.raises(RecipeError, match="mapping key '1' reads as int 1; keys must be strings"):
+        parse_recipe("version: 1\nvars: {1: 1}\nsteps:\n  - {select: {}, method: identity}\n")
+    # YAML 1.2 core schema: `on`/`yes` are plain strings, so they are fine as keys
+    assert parse_recipe("version: 1\nvars: {on: 1, yes: 2}\nsteps:\n  - {select: {}, method: identity}\n").vars == {"on": 1, "yes": 2}
     with pytest.raises(RecipeError, match="YAML tag !!binary is not allowed"):
         parse_recipe("version: 1\nname: !!binary aGVsbG8=\nsteps:\n  - {select: {}, method: identity}\n")
     with pytest.raises(RecipeError, match="YAML tag !custom is not allowed"):
@@ -278,3 +280,10 @@ def test_limits_and_encoding_errors_have_locations():
     assert str(err.value) == "latin.yaml:2:10: (root): not UTF-8 text (byte 20 cannot be decoded)"
     with pytest.raises(RecipeError, match="lone surrogate"):
         parse_recipe('version: 1\nname: "\\ud800"\nsteps:\n  - {select: {}, method: identity}\n')
+
+
+def test_yaml_1_2_core_scalars():
+    r = parse_recipe("version: 1\nseed: 010\nsteps:\n  - {select: {}, method: l1_unstructured, amount: 5e-1}\n")
+    assert r.seed == 10 and r.steps[0].amount == 0.5
+    with pytest.raises(RecipeError, match="'yes' is not of type 'boolean'"):
+        parse_recipe("version: 1\nfinalize: yes\nsteps:\n  - {select: {}, method: identity}\n")

@@ -136,3 +136,14 @@ def test_a_plan_only_applies_to_its_own_model_and_recipe(blocks):
     with pytest.raises(RecipeError, match="made from another recipe"):
         apply_recipe(blocks, other, plan=plan)
     assert not prune.is_pruned(blocks)
+
+
+def test_a_module_registered_twice_can_be_selected_by_either_name():
+    lin = nn.Linear(3, 3)
+    model = nn.Sequential()
+    model.add_module("first", lin)
+    model.add_module("alias", lin)
+    recipe = parse_recipe("version: 1\nsteps:\n  - {select: {names: [alias]}, method: l1_unstructured, amount: 0.5}\n")
+    assert [t.qualname for t in plan_recipe(model, recipe).targets] == ["alias.weight"]
+    both = parse_recipe("version: 1\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5}\n")
+    assert [t.qualname for t in plan_recipe(model, both).targets] == ["first.weight"]
