@@ -536,11 +536,65 @@ def method_problems(doc: Document, path: KeyPath, step: Mapping[str, Any], spec:
             problems.append(
                 doc.problem(args_path if "args" in step else path, f"method {name!r} needs argument {key!r}; it accepts: {spec.describe_arguments()}")
             )
+    accepts = f" (method {name!r} accepts: {spec.describe_arguments()})"
     if spec.args_schema is not None:
         found = schema_problems(doc, spec.args_schema, args_path) if "args" in step else _args_schema_defaults(doc, spec, args_path)
-        accepts = f" (method {name!r} accepts: {spec.describe_arguments()})"
         problems.extend(dataclasses.replace(p, message=p.message + accepts) for p in found)
+    else:  # no schema: the method's own type annotations, where they are simple
+        hints = _argument_hints(spec)
+        for key, value in args.items():
+            hint = hints.get(key)
+            if hint is not None and not _fits(value, hint):
+                problems.append(doc.problem(args_path + (key,), f"{_short(value)} is not {_describe_type(hint)}{accepts}"))
     return problems
+
+
+def _argument_hints(spec: MethodSpec) -> dict[str, Any]:
+    """Type hints of a method's keyword arguments (from ``__init__``, or a function-form method's function)."""
+    import typing
+
+    target = getattr(spec.cls, "compute_mask_function", None) or spec.cls.__init__
+    try:
+        return typing.get_type_hints(target)
+    except Exception:  # unresolvable annotations: no type check, as without any
+        return {}
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a plain YAML value fits a simple annotation; anything not simple fits."""
+    import types
+    import typing
+
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, h) for h in typing.get_args(hint))
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if origin in (list, tuple, dict):
+        return isinstance(value, list if origin in (list, tuple) else dict)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _describe_type(hint: Any) -> str:
+    import typing
+
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if hint in names:
+        return names[hint]
+    shown = str(hint).replace("typing.", "") if typing.get_origin(hint) is not None else getattr(hint, "__name__", str(hint))
+    return f"of type {shown}"
 
 
 def _construction_problems(doc: Document, found: list[Problem]) -> list[Problem]:

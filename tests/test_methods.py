@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pickle
+from typing import Literal, Optional
 
 import pytest
 import torch
@@ -169,3 +170,25 @@ def test_kwargs_methods_accept_any_argument():
     register_method("flexible", Flexible)
     r = parse_recipe("version: 1\nsteps:\n  - {select: {}, method: flexible, args: {anything: 1}}\n")
     assert dict(r.steps[0].args) == {"anything": 1}
+
+
+def test_without_a_schema_simple_annotations_check_argument_types():
+    class Typed(prune.BasePruningMethod):
+        PRUNING_TYPE = "unstructured"
+
+        def __init__(self, amount, k: int = 1, scale: float = 1.0, mode: Literal["a", "b"] = "a", tag: Optional[str] = None, extra=None):
+            self.amount, self.k = amount, k
+
+        def compute_mask(self, t, default_mask):
+            return default_mask
+
+    register_method("typed", Typed)
+    ok = "version: 1\nsteps:\n  - {select: {}, method: typed, amount: 0.1, args: {k: 2, scale: 3, mode: b, tag: null, extra: [1]}}\n"
+    assert dict(parse_recipe(ok).steps[0].args)["scale"] == 3
+    with pytest.raises(RecipeError) as err:
+        parse_recipe("version: 1\nsteps:\n  - {select: {}, method: typed, amount: 0.1, args: {k: x, scale: true, mode: c, tag: 3}}\n", "t.yaml")
+    lines = str(err.value).splitlines()
+    assert lines[0].startswith("t.yaml:3:56: steps[0].args.k: 'x' is not an integer (method 'typed' accepts: amount|sparsity, k=1")
+    assert "steps[0].args.scale: True is not a number" in lines[1]
+    assert "steps[0].args.mode: 'c' is not of type Literal['a', 'b']" in lines[2]
+    assert "steps[0].args.tag: 3 is not of type Optional[str]" in lines[3]
