@@ -205,3 +205,82 @@ def test_recipe_on_already_pruned_model_continues_the_container(write_recipe):
     prune.l1_unstructured(theirs.fc1, "weight", amount=0.25)
     assert_same_pruning(ours, theirs)
     assert pruning_history(ours.fc1, "weight") == [prune.RandomUnstructured, prune.L1Unstructured]
+
+
+class BasicBlock(torch.nn.Module):
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(cout)
+        self.conv2 = torch.nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1, stride, bias=False), torch.nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class TinyResNet(torch.nn.Module):
+    """torchvision's ResNet layout (conv1/bn1/layerN.M.convK/downsample/fc), small."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 7, 2, 3, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.layer1 = torch.nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 8))
+        self.layer2 = torch.nn.Sequential(BasicBlock(8, 16, 2), BasicBlock(16, 16))
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.layer2(self.layer1(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_torchvision_style_resnet_selection_and_equivalence(write_recipe):
+    path = write_recipe("""
+        version: 1
+        seed: 3
+        steps:
+          - name: block-convs
+            select: {names: ["layer*.*.conv*"], exclude: {names: ["layer1.0.*"]}}
+            method: ln_structured
+            amount: 0.25
+            args: {n: 1, dim: 0}
+          - name: everything-else-global
+            select: {types: [Conv2d, Linear], exclude: {names: ["re:layer[12]\\\\.[01]\\\\.conv[12]"]}}
+            method: l1_unstructured
+            sparsity: 0.5
+            scope: global
+          - name: bn-random
+            select: {types: [BatchNorm2d]}
+            params: [weight, bias]
+            method: random_unstructured
+            amount: 1
+    """)
+    torch.manual_seed(0)
+    ours = TinyResNet()
+    theirs = TinyResNet()
+    theirs.load_state_dict(ours.state_dict())
+    apply_recipe(ours, path)
+
+    named = dict(theirs.named_modules())
+    torch.manual_seed(3)
+    for name in ["layer1.1.conv1", "layer1.1.conv2", "layer2.0.conv1", "layer2.0.conv2", "layer2.1.conv1", "layer2.1.conv2"]:
+        prune.ln_structured(named[name], "weight", amount=0.25, n=1, dim=0)
+    torch.manual_seed(3)
+    rest = [(named[n], "weight") for n in ["conv1", "layer2.0.downsample.0", "fc"]]
+    total = sum(m.weight.numel() for m, _ in rest)
+    prune.global_unstructured(rest, pruning_method=prune.L1Unstructured, amount=round(0.5 * total))
+    torch.manual_seed(3)
+    for name, module in theirs.named_modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            prune.random_unstructured(module, "weight", amount=1)
+            prune.random_unstructured(module, "bias", amount=1)
+    assert_same_pruning(ours, theirs)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(ours(x), theirs(x))
