@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 bad input (recipe, model, checkpoint, files), 2 usage e
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import Any, Callable, NoReturn
@@ -244,7 +245,7 @@ def report(model_spec: str | None, weights: str, as_json: bool) -> None:
         names = [n[: -len("_orig")] if n.endswith("_orig") else n for n, _ in model.named_parameters()]
         types = {n: type(modules[n.rpartition(".")[0]]).__name__ for n in names}
     rows = state_dict_sparsity(state, names)
-    total = sum(_numel(shape) for _, shape, _, _ in rows)
+    total = sum(math.prod(shape) for _, shape, _, _ in rows)
     zeros = sum(z for _, _, z, _ in rows)
     masked = sum(1 for *_, m in rows if m)
     if as_json:
@@ -252,7 +253,7 @@ def report(model_spec: str | None, weights: str, as_json: bool) -> None:
             "weights": weights,
             "pruned": masked > 0,
             "tensors": [
-                {"name": n, "type": types.get(n), "shape": list(s), "numel": _numel(s), "zeros": z, "sparsity": z / _numel(s) if _numel(s) else 0.0, "masked": m}
+                {"name": n, "type": types.get(n), "shape": list(s), "numel": math.prod(s), "zeros": z, "sparsity": z / math.prod(s) if math.prod(s) else 0.0, "masked": m}
                 for n, s, z, m in rows
             ],
             "global": {"numel": total, "zeros": zeros, "sparsity": zeros / total if total else 0.0},
@@ -260,20 +261,13 @@ def report(model_spec: str | None, weights: str, as_json: bool) -> None:
         return
     header = ["tensor"] + (["type"] if types else []) + ["shape", "entries", "sparsity", "masked"]
     table = [
-        [n] + ([types.get(n, "")] if types else []) + ["x".join(map(str, s)) or "scalar", str(_numel(s)), pct(z / _numel(s) if _numel(s) else 0.0), "yes" if m else ""]
+        [n] + ([types.get(n, "")] if types else []) + ["x".join(map(str, s)) or "scalar", str(math.prod(s)), pct(z / math.prod(s) if math.prod(s) else 0.0), "yes" if m else ""]
         for n, s, z, m in rows
     ]
     for line in format_table(header, table):
         click.echo(line)
     state_kind = f"pruned: {masked} tensor(s) carry masks" if masked else "no masks (dense or finalized)"
     click.echo(f"global: {total} entries, sparsity {pct(zeros / total if total else 0.0)}; {state_kind}")
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 @cli.command(context_settings=CONTEXT)

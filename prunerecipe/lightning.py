@@ -27,7 +27,7 @@ import torch.nn.utils.prune as prune
 from .apply import make_copyable, pruned_parameters
 from .pruner import Pruner
 from .recipe import Recipe, load_recipe
-from .report import zero_entries
+from .report import count_zeros
 
 try:  # the unified package first, then the standalone one
     from lightning.pytorch.callbacks import Callback
@@ -90,11 +90,7 @@ class RecipePruning(Callback):
         zeros = total = 0
         scratch: dict = {}
         for t in self.pruner.targets:
-            module, param = t.module, t.param
-            if module._parameters.get(param + "_orig") is not None:
-                z = zero_entries(module._parameters[param + "_orig"], module._buffers[param + "_mask"], scratch)
-            else:
-                z = zero_entries(module._parameters[param], None, scratch)
+            z = count_zeros(t.module, t.param, scratch)
             n = t.original.numel()
             out[f"sparsity/{t.qualname}"] = z / n if n else 0.0
             zeros, total = zeros + z, total + n

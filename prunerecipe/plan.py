@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import Problem, RecipeError
+from .report import zero_entries
 from .methods import MethodError, MethodSpec, get_method
 from .recipe import Recipe, Step, load_recipe
 from .schedule import step_events
@@ -42,7 +43,7 @@ def pruned_entries(target: Target) -> int:
     mask = target.mask
     if mask is None or _is_meta(mask):
         return 0
-    return int(mask.numel() - torch.count_nonzero(mask).item())
+    return zero_entries(mask)
 
 
 def pruned_slices(target: Target, dim: int) -> int:
