@@ -194,13 +194,14 @@ def apply_recipe(
     snapshot = ModelSnapshot(modules)
     outcomes = []
     current: list[Any] = [None, None]
+    known: dict[tuple[int, str], int] = {}
     try:
         # Not under no_grad: hand-written prune calls leave `module.weight` with a grad_fn, and so do we.
         for i, ps in enumerate(active, 1):
             current[:] = [ps, None]
             if progress is not None:
                 progress(f"[{i}/{len(active)}] {ps.step.label}: {ps.method.name} {ps.step.how_much} on {len(ps.targets)} tensor(s)")
-            outcomes.append(_run_step(recipe, ps, current))
+            outcomes.append(_run_step(recipe, ps, current, known))
         current[:] = [None, None]
         if recipe.finalize:
             finalize(model)
@@ -220,7 +221,9 @@ def apply_recipe(
     for _, module, _ in watched:
         if any(isinstance(h, prune.BasePruningMethod) for h in module._forward_pre_hooks.values()):
             make_copyable(module)
-    after = measure(watched)
+    # Counted again unless a fast path already knows (it does so without touching the weights,
+    # which also keeps this count's scratch out of the peak); finalize keeps what it multiplied.
+    after = measure(watched, None if recipe.finalize else known)
     rows = tuple(
         TargetSparsity(name, before[name][0], before[name][1], before[name][2], after[name][2]) for name, _, _ in watched
     )
@@ -371,12 +374,16 @@ def _fast_l1(spec: MethodSpec) -> bool:
     return spec.cls is prune.L1Unstructured
 
 
-def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any]) -> StepOutcome:
+def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any], zeros: dict[tuple[int, str], int]) -> StepOutcome:
+    """Run one step. ``zeros`` holds, per ``(id(module), param)``, the zero count after the last
+    step that touched it, where a fast path knew it without counting (the report uses it)."""
     step, spec = ps.step, ps.method
     seed = recipe.step_seed(step)
     if seed is not None:
         torch.manual_seed(seed)
     targets = [pt.target for pt in ps.targets]
+    for t in targets:
+        zeros.pop((id(t.module), t.param), None)
     names = tuple(t.qualname for t in targets)
     kwargs = dict(step.args)
 
@@ -390,7 +397,7 @@ def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any]) -> StepOutcom
         if step.sparsity is not None and amount <= 0:
             return StepOutcome(step.label, spec.name, names, f"no-op: already at or above sparsity {step.sparsity:g}")
         if _fast_l1(spec) and len({t.original.dtype for t in targets}) == 1 and all(fastprune.supported(t.original) for t in targets):
-            fastprune.l1_global(params, amount)
+            fastprune.l1_global(params, amount, zeros)
         else:
             prune.global_unstructured(params, pruning_method=spec.cls, amount=amount, **kwargs)
         return StepOutcome(step.label, spec.name, names)
@@ -407,7 +414,7 @@ def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any]) -> StepOutcom
                 continue
             call["amount"] = amount
         if _fast_l1(spec) and fastprune.supported(t.original):
-            fastprune.l1_local(t.module, t.param, call["amount"], pool)
+            fastprune.l1_local(t.module, t.param, call["amount"], pool, zeros)
         else:
             spec.cls.apply(t.module, t.param, **call)
     note = f"no-op on {', '.join(noops)}: already at or above sparsity {step.sparsity:g}" if noops else None

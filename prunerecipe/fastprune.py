@@ -19,8 +19,11 @@ registration), with genuine torch method instances in the history.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import numbers
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +47,30 @@ _CHUNK = 1 << 18  # entries per pass: scratch memory stays small whatever the la
 #: torch's own topk, so masks equal hand-written code even then (zero-initialized biases
 #: are all ties). Beyond it, ties go to the earliest entries: same count, maybe other entries.
 EXACT_TIES_UP_TO = 1 << 20
+
+
+#: Selects over at least this many entries hand their freed scratch back to the system
+#: afterwards (see :func:`release_free_memory`).
+RELEASE_AFTER = 1 << 20
+_libc_trim = None
+
+
+def release_free_memory() -> None:
+    """Return the C heap's free pages to the system (glibc's ``malloc_trim``), so small
+    scratch tensors freed by a select do not stay resident under the masks built next.
+    Peak memory then stays at what torch's own re-parametrization holds. A no-op elsewhere."""
+    global _libc_trim
+    if _libc_trim is None:
+        _libc_trim = False
+        if sys.platform.startswith("linux"):
+            try:
+                trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+                trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+                _libc_trim = trim
+            except (OSError, AttributeError):  # musl and friends have no malloc_trim
+                pass
+    if _libc_trim:
+        _libc_trim(0)
 
 
 def supported(t: torch.Tensor) -> bool:
@@ -89,6 +116,15 @@ class Threshold:
 
 Pool = dict  # name, dtype, device -> a reusable flat buffer: lets consecutive calls share scratch
 Segment = tuple  # (piece index, start, stop)
+_ARENA = "arena"  # pool key: (bytes tensor, [next free offset]) that scratch buffers are carved from
+
+
+def lend(pool: Pool, storage: torch.Tensor) -> None:
+    """Let ``pool`` carve its scratch from ``storage``, a tensor allocated for later use and not
+    yet written (a mask about to be built, say): the select then needs no memory of its own.
+    The caller clears the pool before it writes ``storage``."""
+    if storage.is_contiguous() and storage.numel() > 0:
+        pool[_ARENA] = (storage.view(-1).view(torch.uint8), [0])
 
 
 def _buffer(pool: Pool | None, name: str, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -96,7 +132,20 @@ def _buffer(pool: Pool | None, name: str, size: int, dtype: torch.dtype, device:
     key = (name, dtype, str(device))
     buf = pool.get(key) if pool is not None else None
     if buf is None or buf.numel() < size:
-        buf = torch.empty(max(size, 1), dtype=dtype, device=device)
+        buf = None
+        arena = pool.get(_ARENA) if pool is not None else None
+        if arena is not None and arena[0].device == torch.device(device) and size <= _CHUNK:
+            room, used = arena
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            start = -(-used[0] // 64) * 64  # cache-line aligned, so every view is aligned for its dtype
+            for entries in (_CHUNK, size):  # room for the largest request (no caller asks for more), else this one
+                stop = start + entries * itemsize
+                if stop <= room.numel():
+                    buf = room[start:stop].view(dtype)
+                    used[0] = stop
+                    break
+        if buf is None:
+            buf = torch.empty(max(size, 1), dtype=dtype, device=device)
         if pool is not None:
             pool[key] = buf
     return buf[:size]
@@ -154,7 +203,7 @@ def _histogram(
     prefix: int,
     pool: Pool | None,
     hist: torch.Tensor,
-    found: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    found: list | None = None,
 ) -> None:
     """Add to ``hist`` the counts of the 16-bit digit of ``|w|``'s key at ``shift``, among
     eligible entries whose higher digits equal ``prefix``. ``raw`` is the integer view of
@@ -191,11 +240,11 @@ def _histogram(
             index = torch.nonzero(chosen, out=spare.view(-1, 1)[:0]).view(-1)
             low = torch.bitwise_and(raw[index], _BINS - 1).to(torch.int64)
             hist.index_add_(0, low, torch.ones_like(low))
-            if found is not None:
-                if index.numel() <= _CHUNK // 16:
-                    found.append((index.clone(), low))  # usually few: kept to count ties per tensor
-                else:  # many equal leading digits (exact zeros, say): recount later instead of keeping them
-                    found.append(None)  # type: ignore[arg-type]
+            if found is not None:  # kept, compactly, to count ties per tensor without another pass
+                if index.numel() > _CHUNK // 16:  # many equal leading digits (exact zeros, say): recount later
+                    found.append(None)
+                else:
+                    found.append((low.to(torch.int32), index.to(torch.int32)))
             return
     if candidates is not None:
         drop = _buffer(pool, "drop", n, torch.bool, raw.device)
@@ -216,7 +265,7 @@ def select_smallest(pieces: Sequence[Piece], k: int, pool: Pool | None = None) -
     prefix = 0
     remaining = k
     tied = 0
-    found: list[tuple[torch.Tensor, torch.Tensor]] = []
+    found: list = []
     device = pieces[0].importance.device
     hist = torch.zeros(_BINS, dtype=torch.int64, device=device)
     for shift in range(bits - _DIGIT, -1, -_DIGIT):
@@ -236,8 +285,12 @@ def select_smallest(pieces: Sequence[Piece], k: int, pool: Pool | None = None) -
     per_piece = [0] * len(pieces)
     if len(found) == len(groups) and all(f is not None for f in found):  # fp32: candidates were kept
         digit = prefix & (_BINS - 1)
-        for group, (index, low) in zip(groups, found):
-            at = index[low == digit]
+        for group, (low, index) in zip(groups, found):
+            at = low == digit
+            if len(group) == 1:
+                per_piece[group[0][0]] += int(at.sum().item())
+                continue
+            at = index[at]
             off = 0
             for i, a, b in group:
                 per_piece[i] += int(((at >= off) & (at < off + b - a)).sum().item())
@@ -269,18 +322,23 @@ def _write_keep(piece: Piece, threshold: Threshold, index: int, out: torch.Tenso
     eligible = piece.flat_eligible()
     clear_sign = _KEY_DTYPES[piece.importance.dtype][2]
     quota = threshold.quotas[index] if threshold.quotas is not None else 0
-    keys_all = _buffer(pool, "keys", min(raw.numel(), _CHUNK), raw.dtype, raw.device)
+    # A float ``out`` as wide as the keys holds each chunk's keys until they become flags:
+    # no scratch at all (torch compares element by element, so writing over its input is safe).
+    in_place = out.dtype.is_floating_point and out.element_size() == raw.element_size() and out.is_contiguous()
+    keys_all = None if in_place else _buffer(pool, "keys", min(raw.numel(), _CHUNK), raw.dtype, raw.device)
     for a in range(0, raw.numel(), _CHUNK):
         b = min(a + _CHUNK, raw.numel())
-        keys = keys_all[: b - a]
         part = out[a:b]
+        keys = part.view(raw.dtype) if keys_all is None else keys_all[: b - a]
         torch.bitwise_and(raw[a:b], clear_sign, out=keys)
-        torch.ge(keys, threshold.key, out=part)
+        ties = None
         if quota:
-            eq = keys == threshold.key
+            ties = keys == threshold.key
             if eligible is not None:
-                eq &= eligible[a:b]
-            at = torch.nonzero(eq).view(-1)[:quota]
+                ties &= eligible[a:b]
+        torch.ge(keys, threshold.key, out=part)
+        if ties is not None:
+            at = torch.nonzero(ties).view(-1)[:quota]
             part[at] = 0
             quota -= at.numel()
         if eligible is not None:
@@ -309,10 +367,13 @@ def piece_for(module: nn.Module, name: str) -> Piece:
     return Piece(getattr(module, name), None if default is None else default == 1)
 
 
-def new_mask(piece: Piece, default: torch.Tensor | None, threshold: Threshold, index: int, pool: Pool | None = None) -> torch.Tensor:
-    """The mask torch registers: the old one (or ones) in the parameter's dtype, newly pruned entries zeroed."""
+def new_mask(
+    piece: Piece, default: torch.Tensor | None, threshold: Threshold, index: int, pool: Pool | None = None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The mask torch registers: the old one (or ones) in the parameter's dtype, newly pruned entries zeroed.
+    Written into ``out`` (contiguous, the parameter's shape and dtype) when given."""
     t = piece.importance
-    mask = torch.empty(t.shape, dtype=t.dtype, device=t.device)  # contiguous, as torch's masks are
+    mask = torch.empty(t.shape, dtype=t.dtype, device=t.device) if out is None else out  # contiguous, as torch's masks are
     flat = mask.view(-1)
     _write_keep(piece, threshold, index, flat, pool)
     if default is not None:  # entries it could not prune keep their old mask value (keep = 1 there)
@@ -351,32 +412,76 @@ def attach(module: nn.Module, name: str, method: prune.BasePruningMethod, mask: 
     return hook
 
 
-def l1_local(module: nn.Module, name: str, amount: int | float, pool: Pool | None = None) -> None:
-    """``prune.l1_unstructured(module, name, amount)``: same result, without ``topk``."""
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
+def kept_entries(mask: torch.Tensor) -> int:
+    """How many entries of a 0/1 mask are 1: float sums over slices small enough to be exact."""
+    flat = mask.detach().reshape(-1)
+    step = 1 << 24
+    acc = torch.float32 if flat.dtype in (torch.float16, torch.bfloat16) else None
+    return sum(int(flat[a : a + step].sum(dtype=acc).item()) for a in range(0, flat.numel(), step))
+
+
+def _zeros_after(piece: Piece, default: torch.Tensor | None, threshold: Threshold, mask: torch.Tensor) -> int | None:
+    """Zero entries of ``orig * mask`` after a first cut that prunes something, without a pass over
+    the weights: every surviving entry has ``|w|`` at or above a positive cut, so it is not zero."""
+    if default is not None or threshold.nothing or threshold.key == 0:
+        return None
+    return piece.numel - kept_entries(mask)
+
+
+def l1_local(module: nn.Module, name: str, amount: int | float, pool: Pool | None = None, zeros: dict | None = None) -> None:
+    """``prune.l1_unstructured(module, name, amount)``: same result, without ``topk``.
+    ``zeros`` gets ``(id(module), name) -> zero entries after`` when that is known for free."""
     piece = piece_for(module, name)
     default = module._buffers.get(name + "_mask")
-    threshold = select_smallest([piece], nparams(amount, piece.eligible_count()), pool)
+    # The mask exists before the select and lends it its memory as scratch: peak memory is the
+    # mask and the masked weight, as for torch's own re-parametrization, and nothing more.
+    mask = _empty_like(piece.importance)
+    scratch: Pool = {}
+    lend(scratch, mask)
+    threshold = select_smallest([piece], nparams(amount, piece.eligible_count()), scratch)
+    scratch.clear()
+    if piece.numel >= RELEASE_AFTER:
+        release_free_memory()
     if threshold.quotas is not None and piece.numel <= EXACT_TIES_UP_TO:
+        del mask
         prune.L1Unstructured.apply(module, name, amount=amount)  # ties: let torch pick, as by hand
         return
-    mask = new_mask(piece, default, threshold, 0, pool)
+    new_mask(piece, default, threshold, 0, pool, out=mask)
+    if zeros is not None:
+        after = _zeros_after(piece, default, threshold, mask)
+        if after is not None:
+            zeros[(id(module), name)] = after
     attach(module, name, prune.L1Unstructured(amount), mask)
 
 
-def l1_global(params: Sequence[tuple[nn.Module, str]], amount: int | float) -> None:
+def l1_global(params: Sequence[tuple[nn.Module, str]], amount: int | float, zeros: dict | None = None) -> None:
     """``prune.global_unstructured(params, L1Unstructured, amount=amount)``: same masks and
-    ``CustomFromMask`` histories, without concatenating the parameters."""
-    pool: Pool = {}
+    ``CustomFromMask`` histories, without concatenating the parameters. ``zeros`` as for
+    :func:`l1_local`."""
     pieces = [piece_for(m, n) for m, n in params]
-    threshold = select_smallest(pieces, nparams(amount, sum(p.eligible_count() for p in pieces)), pool)
-    pool.clear()  # the select's scratch goes before the masks arrive: peak memory is masks + weights
+    masks = [_empty_like(p.importance) for p in pieces]  # not yet touched, so not yet resident
+    scratch: Pool = {}
+    if masks:
+        lend(scratch, max(masks, key=lambda m: m.numel() * m.element_size()))  # the select works inside a mask
+    threshold = select_smallest(pieces, nparams(amount, sum(p.eligible_count() for p in pieces)), scratch)
+    scratch.clear()
+    if sum(p.numel for p in pieces) >= RELEASE_AFTER:
+        release_free_memory()
     if threshold.quotas is not None and sum(p.numel for p in pieces) <= EXACT_TIES_UP_TO:
+        del masks
         prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)  # ties: torch picks
         return
-    masks = [
-        new_mask(piece, module._buffers.get(name + "_mask"), threshold, i, pool)
-        for i, ((module, name), piece) in enumerate(zip(params, pieces))
-    ]
+    for i, ((module, name), piece) in enumerate(zip(params, pieces)):
+        default = module._buffers.get(name + "_mask")
+        new_mask(piece, default, threshold, i, scratch, out=masks[i])
+        if zeros is not None:
+            after = _zeros_after(piece, default, threshold, masks[i])
+            if after is not None:
+                zeros[(id(module), name)] = after
     for (module, name), mask in zip(params, masks):
         default = module._buffers.get(name + "_mask")
         if default is not None:

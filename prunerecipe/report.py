@@ -175,12 +175,16 @@ class Report:
         return "\n".join(lines)
 
 
-def measure(targets: Iterable[tuple[str, nn.Module, str]]) -> dict[str, tuple[str, tuple[int, ...], int]]:
-    """``{qualname: (module type, shape, zeros)}`` for each ``(qualname, module, param)``."""
+def measure(
+    targets: Iterable[tuple[str, nn.Module, str]], known: dict[tuple[int, str], int] | None = None
+) -> dict[str, tuple[str, tuple[int, ...], int]]:
+    """``{qualname: (module type, shape, zeros)}`` for each ``(qualname, module, param)``;
+    zero counts found in ``known`` (keyed by ``(id(module), param)``) are taken from there."""
     out = {}
     scratch: dict = {}
     for name, module, param in targets:
         tensor = module._parameters.get(param + "_orig") if is_pruned_param(module, param) else module._parameters[param]
         assert tensor is not None
-        out[name] = (type(module).__name__, tuple(tensor.shape), count_zeros(module, param, scratch))
+        zeros = known.get((id(module), param)) if known else None
+        out[name] = (type(module).__name__, tuple(tensor.shape), count_zeros(module, param, scratch) if zeros is None else zeros)
     return out

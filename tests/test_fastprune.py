@@ -254,3 +254,62 @@ def test_a_schedule_with_too_many_events_is_a_load_error():
 
     with pytest.raises(RecipeError, match="this schedule has 1000000001 pruning events; the limit is 1000000"):
         parse_recipe("version: 1\nsteps:\n  - {select: {}, method: l1_unstructured, sparsity: 0.5, schedule: {unit: step, start: 0, end: 1000000000}}\n")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("scope", ["local", "global"])
+@pytest.mark.parametrize("amount", [0.1, 0.5, 0.9])
+def test_report_counts_known_without_counting_equal_a_real_count(dtype, scope, amount, monkeypatch):
+    # The fast paths derive the zeros after a first cut from the mask alone; exact zeros in the
+    # weights (some below the cut, some above when the cut lands on zero) must not fool them.
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(300, 200), nn.Linear(200, 300), nn.Linear(300, 10)).to(dtype)
+    with torch.no_grad():
+        model[0].weight.view(-1)[::7] = 0  # 1/7 zeros: amount 0.1 cuts inside them, the others above
+        model[2].weight.zero_()
+    recipe = parse_recipe(
+        "version: 1\nsteps:\n"
+        f"  - {{select: {{types: [Linear]}}, method: l1_unstructured, amount: {amount}, scope: {scope}}}\n"
+        "  - {select: {names: ['1']}, method: l1_unstructured, amount: 0.2}\n"  # a chained second cut
+    )
+    import prunerecipe.report as report_module
+
+    counted = []
+    real = report_module.count_zeros
+    monkeypatch.setattr(report_module, "count_zeros", lambda m, p, s=None: counted.append(m) or real(m, p, s))
+    report = apply_recipe(model, recipe)
+    for row in report.targets:
+        module = model.get_submodule(row.name.rsplit(".", 1)[0])
+        assert row.zeros_after == int((module.weight == 0).sum()), row.name
+    if dtype == torch.float32 and amount == 0.5:
+        # Counted again: the chained layer, and (local) the all-zero one, whose ties torch broke.
+        assert counted[3:] == ([model[1], model[2]] if scope == "local" else [model[1]])
+
+
+def test_kept_entries_is_exact_beyond_float32_integer_range():
+    mask = torch.ones((1 << 24) + 5)
+    mask[::3] = 0
+    assert fp.kept_entries(mask) == int(torch.count_nonzero(mask))
+    half = torch.ones(70_000, dtype=torch.float16)  # half precision cannot even hold the count
+    half[:3] = 0
+    assert fp.kept_entries(half) == 69_997
+
+
+def test_select_inside_a_lent_buffer_gives_the_same_cut_and_masks():
+    torch.manual_seed(4)
+    pieces = [fp.Piece(torch.randn(700, 900)), fp.Piece(torch.randn(50)), fp.Piece(torch.randn(300_000))]
+    k = sum(p.numel for p in pieces) // 3
+    plain = fp.select_smallest(pieces, k)
+    room = torch.empty(4_000_000)
+    pool: dict = {}
+    fp.lend(pool, room)
+    assert fp.select_smallest(pieces, k, pool) == plain
+    assert pool["arena"][1][0] > 0  # the scratch really came from the lent buffer
+    tiny: dict = {}
+    fp.lend(tiny, torch.empty(3))  # too small to carve from: ordinary buffers instead
+    assert fp.select_smallest(pieces, k, tiny) == plain
+
+
+def test_releasing_free_memory_is_harmless():
+    fp.release_free_memory()
+    fp.release_free_memory()
