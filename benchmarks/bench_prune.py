@@ -259,10 +259,10 @@ def main() -> None:
             t = median_of(theirs, size, args.repeats)
             o = median_of(ours, size, args.repeats)
             assert abs(t["sparsity"] - o["sparsity"]) < 1e-6, (label, t["sparsity"], o["sparsity"])
-            limit = {"reparam": f"{reparam['peak']:.0f} MB", "0.3x": f"{0.3 * wmb:.0f} MB", None: "-"}[budget]
+            limit = {"reparam": f"{reparam['peak']:.1f} MB", "0.3x": f"{0.3 * wmb:.1f} MB", None: "-"}[budget]
             print(
                 f"| {size} ({wmb:.0f} MB fp32) | {label} | {t['seconds']:.3f} s | {o['seconds']:.3f} s | "
-                f"{t['seconds'] / o['seconds']:.1f}x | {t['peak']:.0f} MB | {o['peak']:.0f} MB | {limit} | "
+                f"{t['seconds'] / o['seconds']:.1f}x | {t['peak']:.0f} MB | {o['peak']:.1f} MB | {limit} | "
                 f"{floor['seconds']:.3f} s | {o['seconds'] / floor['seconds']:.1f}x |"
             )
             sys.stdout.flush()

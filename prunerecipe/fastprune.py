@@ -451,6 +451,8 @@ def l1_local(module: nn.Module, name: str, amount: int | float, pool: Pool | Non
         prune.L1Unstructured.apply(module, name, amount=amount)  # ties: let torch pick, as by hand
         return
     new_mask(piece, default, threshold, 0, pool, out=mask)
+    if threshold.quotas is not None and piece.numel >= RELEASE_AFTER:
+        release_free_memory()  # splitting ties allocates a little per chunk
     if zeros is not None:
         after = _zeros_after(piece, default, threshold, mask)
         if after is not None:
@@ -482,6 +484,8 @@ def l1_global(params: Sequence[tuple[nn.Module, str]], amount: int | float, zero
             after = _zeros_after(piece, default, threshold, masks[i])
             if after is not None:
                 zeros[(id(module), name)] = after
+    if threshold.quotas is not None and sum(p.numel for p in pieces) >= RELEASE_AFTER:
+        release_free_memory()  # splitting ties allocates a little per chunk
     for (module, name), mask in zip(params, masks):
         default = module._buffers.get(name + "_mask")
         if default is not None:
