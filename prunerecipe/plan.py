@@ -9,7 +9,7 @@ from __future__ import annotations
 import numbers
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 from torch import nn
@@ -279,6 +279,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
     modules = list(model.named_modules(remove_duplicate=False))
     owners: dict[int, list[str]] | None = None
     resolved: dict[tuple, list[Target]] = {}
+    shared: dict[tuple, list[tuple[str, list[str]]]] = {}  # selector -> its tied targets and their owners
     proj = _Projection()
     problems: list[Problem] = []
     planned: list[PlannedStep] = []
@@ -311,19 +312,17 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
             continue
         if owners is None:
             owners = param_owners(model)
-        tied = False
-        for t in targets:
-            names = owners.get(id(t.original), [])
-            if len(names) > 1:
-                tied = True
-                problems.append(
-                    recipe.problem(
-                        step.path + ("select",),
-                        f"parameter {t.qualname} is shared by {', '.join(names)} (tied weights); pruning it through one owner "
-                        "would silently untie them. Exclude these modules, or untie the weights first",
-                    )
+        if key not in shared:  # once per selector: the owners do not change while planning
+            shared[key] = [(t.qualname, names) for t in targets if len(names := owners.get(id(t.original), [])) > 1]
+        for qualname, names in shared[key]:
+            problems.append(
+                recipe.problem(
+                    step.path + ("select",),
+                    f"parameter {qualname} is shared by {', '.join(names)} (tied weights); pruning it through one owner "
+                    "would silently untie them. Exclude these modules, or untie the weights first",
                 )
-        if tied:
+            )
+        if shared[key]:
             continue
         scheduled = step.schedule is not None
         try:
@@ -370,7 +369,7 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
         note = None
         if spec.takes_amount:
             exact = all(st.entries_exact for st in states)
-            k, note = _count(step, total, int(done), f"the {total - int(done)} unpruned entries of the global group", how, exact)
+            k, note = _count(step, total, int(done), lambda: f"the {total - int(done)} unpruned entries of the global group", how, exact)
         # The split across tensors depends on the values: spread the group's count
         # proportionally for the totals, and treat every tensor's count as an estimate.
         remaining = total - done
@@ -387,14 +386,15 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
     takes_amount = spec.takes_amount
     structured = spec.pruning_type == "structured"
     dim_arg = step.args.get("dim", method_default(spec, "dim", -1)) if structured else None
+    # A fractional `amount` (torch: round(amount * unpruned)) needs none of _count's checks.
+    fraction = step.amount if step.sparsity is None and step.amount is not None and not is_count(step.amount) else None
     for t in targets:
-        original = t.original
-        numel = original.numel()
         st = proj.state(t)
+        numel = st.numel
         entries_before = st.entries
         note = None
         if structured:
-            shape = tuple(original.shape)
+            shape = tuple(t.original.shape)
             if len(shape) <= 1:
                 raise _PlanProblem("method", f"{spec.name} is structured and needs a tensor with 2 or more dims; {t.qualname} has shape {shape}")
             if not isinstance(dim_arg, int) or isinstance(dim_arg, bool) or not -len(shape) <= dim_arg < len(shape):
@@ -403,7 +403,7 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
             units = shape[d]
             done, exact = proj.slices_of(t, d)
             if takes_amount:
-                k, note = _count(step, units, done, f"the {units - done} unpruned slices along dim {d} of {t.qualname}", how, exact)
+                k, note = _count(step, units, done, lambda: f"the {units - done} unpruned slices along dim {d} of {t.qualname}", how, exact)
                 after: float | None = entries_before + ((numel - entries_before) * k / (units - done) if units - done else 0.0)
                 st.entries = after  # type: ignore[assignment]
                 st.slices = {d: (done + k, exact)}
@@ -415,7 +415,10 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
             rows.append(PlannedTarget(t, units, f"slices (dim {d})", done, k, int(entries_before), after, numel))
         elif takes_amount:
             done = int(entries_before)
-            k, note = _count(step, numel, done, f"the {numel - done} unpruned entries of {t.qualname}", how, st.entries_exact)
+            if fraction is not None:  # the common case, kept lean: plans of big models have 100k+ targets
+                k = round(fraction * (numel - done))
+            else:
+                k, note = _count(step, numel, done, lambda: f"the {numel - done} unpruned entries of {t.qualname}", how, st.entries_exact)
             st.entries = entries_before + k
             st.slices = {}  # whole slices may now be masked
             st.touched = True
@@ -437,8 +440,9 @@ def method_default(spec: MethodSpec, name: str, fallback: Any) -> Any:
     return fallback if param is None or param.default is param.empty else param.default
 
 
-def _count(step: Step, units: int, done: int, what: str, how: str, exact: bool) -> tuple[int, str | None]:
-    """Units this step prunes out of ``units`` with ``done`` already pruned.
+def _count(step: Step, units: int, done: int, what: Callable[[], str], how: str, exact: bool) -> tuple[int, str | None]:
+    """Units this step prunes out of ``units`` with ``done`` already pruned (``what`` describes
+    them, for the error; it is only built when needed).
 
     An int amount larger than what is left is an error only when ``done`` is exact.
     """
@@ -455,6 +459,6 @@ def _count(step: Step, units: int, done: int, what: str, how: str, exact: bool) 
     k = nparams_to_prune(amount, remaining)
     if k > remaining and is_count(amount):
         if exact:
-            raise _PlanProblem(how, f"amount {amount} is more than {what}")
+            raise _PlanProblem(how, f"amount {amount} is more than {what()}")
         k = remaining
     return k, None
