@@ -444,14 +444,15 @@ def l1_local(module: nn.Module, name: str, amount: int | float, pool: Pool | Non
     lend(scratch, mask)
     threshold = select_smallest([piece], nparams(amount, piece.eligible_count()), scratch)
     scratch.clear()
-    if piece.numel >= RELEASE_AFTER:
+    large = piece.numel >= RELEASE_AFTER and mask.device.type == "cpu"  # the C heap is the host's
+    if large:
         release_free_memory()
     if threshold.quotas is not None and piece.numel <= EXACT_TIES_UP_TO:
         del mask
         prune.L1Unstructured.apply(module, name, amount=amount)  # ties: let torch pick, as by hand
         return
     new_mask(piece, default, threshold, 0, pool, out=mask)
-    if threshold.quotas is not None and piece.numel >= RELEASE_AFTER:
+    if threshold.quotas is not None and large:
         release_free_memory()  # splitting ties allocates a little per chunk
     if zeros is not None:
         after = _zeros_after(piece, default, threshold, mask)
@@ -471,7 +472,8 @@ def l1_global(params: Sequence[tuple[nn.Module, str]], amount: int | float, zero
         lend(scratch, max(masks, key=lambda m: m.numel() * m.element_size()))  # the select works inside a mask
     threshold = select_smallest(pieces, nparams(amount, sum(p.eligible_count() for p in pieces)), scratch)
     scratch.clear()
-    if sum(p.numel for p in pieces) >= RELEASE_AFTER:
+    large = sum(p.numel for p in pieces) >= RELEASE_AFTER and bool(masks) and masks[0].device.type == "cpu"
+    if large:
         release_free_memory()
     if threshold.quotas is not None and sum(p.numel for p in pieces) <= EXACT_TIES_UP_TO:
         del masks
@@ -484,7 +486,7 @@ def l1_global(params: Sequence[tuple[nn.Module, str]], amount: int | float, zero
             after = _zeros_after(piece, default, threshold, masks[i])
             if after is not None:
                 zeros[(id(module), name)] = after
-    if threshold.quotas is not None and sum(p.numel for p in pieces) >= RELEASE_AFTER:
+    if threshold.quotas is not None and large:
         release_free_memory()  # splitting ties allocates a little per chunk
     for (module, name), mask in zip(params, masks):
         default = module._buffers.get(name + "_mask")
