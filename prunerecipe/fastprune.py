@@ -322,8 +322,8 @@ def _write_keep(piece: Piece, threshold: Threshold, index: int, out: torch.Tenso
     eligible = piece.flat_eligible()
     clear_sign = _KEY_DTYPES[piece.importance.dtype][2]
     quota = threshold.quotas[index] if threshold.quotas is not None else 0
-    # A float ``out`` as wide as the keys holds each chunk's keys until they become flags:
-    # no scratch at all (torch compares element by element, so writing over its input is safe).
+    # A float ``out`` as wide as the keys holds each chunk's keys until they become flags: no
+    # key buffer of our own (torch compares element by element, so writing over its input is safe).
     in_place = out.dtype.is_floating_point and out.element_size() == raw.element_size() and out.is_contiguous()
     keys_all = None if in_place else _buffer(pool, "keys", min(raw.numel(), _CHUNK), raw.dtype, raw.device)
     for a in range(0, raw.numel(), _CHUNK):
@@ -424,10 +424,16 @@ def kept_entries(mask: torch.Tensor) -> int:
     return sum(int(flat[a : a + step].sum(dtype=acc).item()) for a in range(0, flat.numel(), step))
 
 
+# float dtype -> the key of its smallest normal number: keys below it are zero or subnormal
+_SMALLEST_NORMAL_KEY = {torch.float16: 0x0400, torch.bfloat16: 0x0080, torch.float32: 0x00800000, torch.float64: 0x0010000000000000}
+
+
 def _zeros_after(piece: Piece, default: torch.Tensor | None, threshold: Threshold, mask: torch.Tensor) -> int | None:
-    """Zero entries of ``orig * mask`` after a first cut that prunes something, without a pass over
-    the weights: every surviving entry has ``|w|`` at or above a positive cut, so it is not zero."""
-    if default is not None or threshold.nothing or threshold.key == 0:
+    """Zero entries of ``orig * mask`` after a first cut, without a pass over the weights: every
+    surviving entry has ``|w|`` at or above a cut that is a normal number, so it is not zero
+    (a cut among subnormals is left to a real count: with ``torch.set_flush_denormal(True)``
+    subnormals compare equal to zero)."""
+    if default is not None or threshold.nothing or threshold.key < _SMALLEST_NORMAL_KEY[piece.importance.dtype]:
         return None
     return piece.numel - kept_entries(mask)
 

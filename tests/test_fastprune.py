@@ -313,3 +313,22 @@ def test_select_inside_a_lent_buffer_gives_the_same_cut_and_masks():
 def test_releasing_free_memory_is_harmless():
     fp.release_free_memory()
     fp.release_free_memory()
+
+
+def test_report_counts_stay_true_when_subnormals_flush_to_zero():
+    # With flush-to-zero, subnormal weights compare equal to 0: a cut among them must not be
+    # turned into "every survivor is nonzero" (review finding).
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(100, 100))
+    with torch.no_grad():
+        model[0].weight[:50] = 0
+        model[0].weight[50, :20] = 1e-39  # subnormal in fp32
+    recipe = parse_recipe("version: 1\nsteps:\n  - {select: {names: ['0']}, method: l1_unstructured, amount: 5000}\n")
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush subnormals to zero")
+    try:
+        report = apply_recipe(model, recipe)
+        actual = int((model[0].weight == 0).sum())
+    finally:
+        torch.set_flush_denormal(False)
+    assert actual == 5020 and report.targets[0].zeros_after == actual
