@@ -20,7 +20,6 @@ registration), with genuine torch method instances in the history.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import numbers
 import signal
 import sys
@@ -63,8 +62,8 @@ def release_free_memory() -> None:
     if _libc_trim is None:
         _libc_trim = False
         if sys.platform.startswith("linux"):
-            try:
-                trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+            try:  # the process's own symbols: no library search, no subprocess
+                trim = ctypes.CDLL(None).malloc_trim
                 trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
                 _libc_trim = trim
             except (OSError, AttributeError):  # musl and friends have no malloc_trim
