@@ -386,8 +386,6 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
     takes_amount = spec.takes_amount
     structured = spec.pruning_type == "structured"
     dim_arg = step.args.get("dim", method_default(spec, "dim", -1)) if structured else None
-    # A fractional `amount` (torch: round(amount * unpruned)) needs none of _count's checks.
-    fraction = step.amount if step.sparsity is None and step.amount is not None and not is_count(step.amount) else None
     for t in targets:
         st = proj.state(t)
         numel = st.numel
@@ -415,10 +413,7 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
             rows.append(PlannedTarget(t, units, f"slices (dim {d})", done, k, int(entries_before), after, numel))
         elif takes_amount:
             done = int(entries_before)
-            if fraction is not None:  # the common case, kept lean: plans of big models have 100k+ targets
-                k = round(fraction * (numel - done))
-            else:
-                k, note = _count(step, numel, done, lambda: f"the {numel - done} unpruned entries of {t.qualname}", how, st.entries_exact)
+            k, note = _count(step, numel, done, lambda: f"the {numel - done} unpruned entries of {t.qualname}", how, st.entries_exact)
             st.entries = entries_before + k
             st.slices = {}  # whole slices may now be masked
             st.touched = True
