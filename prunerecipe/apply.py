@@ -403,7 +403,6 @@ def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any], zeros: dict[t
         return StepOutcome(step.label, spec.name, names)
 
     noops: list[str] = []
-    pool: fastprune.Pool = {}  # scratch buffers shared by this step's targets
     for t in targets:
         current[1] = t
         call = dict(kwargs)
@@ -414,7 +413,7 @@ def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any], zeros: dict[t
                 continue
             call["amount"] = amount
         if _fast_l1(spec) and fastprune.supported(t.original):
-            fastprune.l1_local(t.module, t.param, call["amount"], pool, zeros)
+            fastprune.l1_local(t.module, t.param, call["amount"], zeros)
         else:
             spec.cls.apply(t.module, t.param, **call)
     note = f"no-op on {', '.join(noops)}: already at or above sparsity {step.sparsity:g}" if noops else None

@@ -372,7 +372,7 @@ def new_mask(
     """The mask torch registers: the old one (or ones) in the parameter's dtype, newly pruned entries zeroed.
     Written into ``out`` (contiguous, the parameter's shape and dtype) when given."""
     t = piece.importance
-    mask = torch.empty(t.shape, dtype=t.dtype, device=t.device) if out is None else out  # contiguous, as torch's masks are
+    mask = torch.empty_like(t, memory_format=torch.contiguous_format) if out is None else out  # as torch's masks are
     flat = mask.view(-1)
     _write_keep(piece, threshold, index, flat, pool)
     if default is not None:  # entries it could not prune keep their old mask value (keep = 1 there)
@@ -411,10 +411,6 @@ def attach(module: nn.Module, name: str, method: prune.BasePruningMethod, mask: 
     return hook
 
 
-def _empty_like(t: torch.Tensor) -> torch.Tensor:
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
-
-
 def kept_entries(mask: torch.Tensor) -> int:
     """How many entries of a 0/1 mask are 1: float sums over slices small enough to be exact."""
     flat = mask.detach().reshape(-1)
@@ -437,32 +433,57 @@ def _zeros_after(piece: Piece, default: torch.Tensor | None, threshold: Threshol
     return piece.numel - kept_entries(mask)
 
 
-def l1_local(module: nn.Module, name: str, amount: int | float, pool: Pool | None = None, zeros: dict | None = None) -> None:
+def _blank_mask(t: torch.Tensor) -> torch.Tensor:
+    """A mask to be written: contiguous, as torch's are, and not yet touched (so not yet resident)."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def _select_into(pieces: Sequence[Piece], k: int, masks: list[torch.Tensor]) -> tuple[Threshold, bool]:
+    """The cut for ``k`` entries, found inside ``masks`` before they are written: the select
+    borrows a mask's memory as scratch, so peak memory is the masks and the masked weights, as
+    for torch's own re-parametrization, and nothing more. Also says whether the selection was
+    large enough (and on the host) to hand freed heap back afterwards."""
+    scratch: Pool = {}
+    lend(scratch, max(masks, key=lambda m: m.numel() * m.element_size()))
+    threshold = select_smallest(pieces, k, scratch)
+    scratch.clear()
+    large = sum(p.numel for p in pieces) >= RELEASE_AFTER and masks[0].device.type == "cpu"  # the C heap is the host's
+    if large:
+        release_free_memory()
+    return threshold, large
+
+
+def _write_masks(
+    params: Sequence[tuple[nn.Module, str]],
+    pieces: Sequence[Piece],
+    defaults: Sequence[torch.Tensor | None],
+    threshold: Threshold,
+    masks: list[torch.Tensor],
+    large: bool,
+    zeros: dict | None,
+) -> None:
+    """Write every mask; record the zeros after, where they are known without counting."""
+    for i, ((module, name), piece, default, mask) in enumerate(zip(params, pieces, defaults, masks)):
+        new_mask(piece, default, threshold, i, None, out=mask)
+        if zeros is not None:
+            after = _zeros_after(piece, default, threshold, mask)
+            if after is not None:
+                zeros[(id(module), name)] = after
+    if threshold.quotas is not None and large:
+        release_free_memory()  # splitting ties allocates a little per chunk
+
+
+def l1_local(module: nn.Module, name: str, amount: int | float, zeros: dict | None = None) -> None:
     """``prune.l1_unstructured(module, name, amount)``: same result, without ``topk``.
     ``zeros`` gets ``(id(module), name) -> zero entries after`` when that is known for free."""
     piece = piece_for(module, name)
-    default = module._buffers.get(name + "_mask")
-    # The mask exists before the select and lends it its memory as scratch: peak memory is the
-    # mask and the masked weight, as for torch's own re-parametrization, and nothing more.
-    mask = _empty_like(piece.importance)
-    scratch: Pool = {}
-    lend(scratch, mask)
-    threshold = select_smallest([piece], nparams(amount, piece.eligible_count()), scratch)
-    scratch.clear()
-    large = piece.numel >= RELEASE_AFTER and mask.device.type == "cpu"  # the C heap is the host's
-    if large:
-        release_free_memory()
+    mask = _blank_mask(piece.importance)
+    threshold, large = _select_into([piece], nparams(amount, piece.eligible_count()), [mask])
     if threshold.quotas is not None and piece.numel <= EXACT_TIES_UP_TO:
         del mask
         prune.L1Unstructured.apply(module, name, amount=amount)  # ties: let torch pick, as by hand
         return
-    new_mask(piece, default, threshold, 0, pool, out=mask)
-    if threshold.quotas is not None and large:
-        release_free_memory()  # splitting ties allocates a little per chunk
-    if zeros is not None:
-        after = _zeros_after(piece, default, threshold, mask)
-        if after is not None:
-            zeros[(id(module), name)] = after
+    _write_masks([(module, name)], [piece], [module._buffers.get(name + "_mask")], threshold, [mask], large, zeros)
     attach(module, name, prune.L1Unstructured(amount), mask)
 
 
@@ -471,30 +492,15 @@ def l1_global(params: Sequence[tuple[nn.Module, str]], amount: int | float, zero
     ``CustomFromMask`` histories, without concatenating the parameters. ``zeros`` as for
     :func:`l1_local`."""
     pieces = [piece_for(m, n) for m, n in params]
-    masks = [_empty_like(p.importance) for p in pieces]  # not yet touched, so not yet resident
-    scratch: Pool = {}
-    if masks:
-        lend(scratch, max(masks, key=lambda m: m.numel() * m.element_size()))  # the select works inside a mask
-    threshold = select_smallest(pieces, nparams(amount, sum(p.eligible_count() for p in pieces)), scratch)
-    scratch.clear()
-    large = sum(p.numel for p in pieces) >= RELEASE_AFTER and bool(masks) and masks[0].device.type == "cpu"
-    if large:
-        release_free_memory()
+    masks = [_blank_mask(p.importance) for p in pieces]
+    threshold, large = _select_into(pieces, nparams(amount, sum(p.eligible_count() for p in pieces)), masks)
     if threshold.quotas is not None and sum(p.numel for p in pieces) <= EXACT_TIES_UP_TO:
         del masks
         prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)  # ties: torch picks
         return
-    for i, ((module, name), piece) in enumerate(zip(params, pieces)):
-        default = module._buffers.get(name + "_mask")
-        new_mask(piece, default, threshold, i, scratch, out=masks[i])
-        if zeros is not None:
-            after = _zeros_after(piece, default, threshold, masks[i])
-            if after is not None:
-                zeros[(id(module), name)] = after
-    if threshold.quotas is not None and large:
-        release_free_memory()  # splitting ties allocates a little per chunk
-    for (module, name), mask in zip(params, masks):
-        default = module._buffers.get(name + "_mask")
+    defaults = [m._buffers.get(n + "_mask") for m, n in params]
+    _write_masks(params, pieces, defaults, threshold, masks, large, zeros)
+    for (module, name), mask, default in zip(params, masks, defaults):
         if default is not None:
             # torch multiplies the old mask in twice (once building the global mask, once more in
             # CustomFromMask): a no-op for 0/1 masks, the square for any other value
