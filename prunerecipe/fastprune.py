@@ -26,7 +26,7 @@ import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.utils.prune as prune
@@ -51,7 +51,7 @@ EXACT_TIES_UP_TO = 1 << 20
 #: Selects over at least this many entries hand their freed scratch back to the system
 #: afterwards (see :func:`release_free_memory`).
 RELEASE_AFTER = 1 << 20
-_libc_trim = None
+_libc_trim: Any = None  # None: not looked up yet; False: unavailable; else the C function
 
 
 def release_free_memory() -> None:
