@@ -15,7 +15,7 @@ from .methods import MethodSpec
 from .plan import Plan, PlannedStep, method_default, normalize_dim, plan_recipe, pruned_entries, pruned_slices
 from .recipe import Recipe, load_recipe
 from .report import Report, StepOutcome, TargetSparsity, measure
-from .selectors import Target
+from .selectors import Target, is_pruned_param
 
 _HOOK_DICTS = (
     "_forward_pre_hooks",
@@ -179,14 +179,19 @@ def apply_recipe(
             t = pt.target
             seen.setdefault((id(t.module), t.param), (t.qualname, t.module, t.param))
     watched = list(seen.values())
-    _check_finite(recipe, active)
-    before = measure(watched)
+    # Every pass before the masking only reads: the cuts of a one-shot fold (which count zero
+    # and non-finite entries on the way, where the C kernels run), the finiteness check, the
+    # zeros before. Nothing changes until all of them are through.
+    scanned: dict[tuple[int, str], tuple[int, int]] = {}
+    cuts = _find_cuts(recipe, active, progress, scanned) if _can_fold(recipe, active, model) else None
+    _check_finite(recipe, active, scanned)
+    before = measure(watched, {key: zeros for key, (zeros, _) in scanned.items()})
 
-    folded = _apply_folded(recipe, active, progress) if _can_fold(recipe, active, model) else None
-    if folded is not None:
-        after = measure(watched)
+    if cuts is not None:
+        outcomes, folds, seeds = cuts
+        after = measure(watched, _fold(recipe, folds, seeds))
         rows = tuple(TargetSparsity(name, before[name][0], before[name][1], before[name][2], after[name][2]) for name, _, _ in watched)
-        return Report(rows, tuple(folded), True, recipe.source, skipped)
+        return Report(rows, tuple(outcomes), True, recipe.source, skipped)
 
     modules = [m for _, m, _ in watched]
     if recipe.finalize:
@@ -248,12 +253,18 @@ def _live_amount(ps: PlannedStep, targets: list[Target]) -> int | float | None:
 
 
 @torch.no_grad()
-def _check_finite(recipe: Recipe, active: list[PlannedStep]) -> None:
+def _check_finite(recipe: Recipe, active: list[PlannedStep], scanned: dict[tuple[int, str], tuple[int, int]]) -> None:
     """Refuse, before anything changes, what pruning must not or cannot handle: NaN or inf
     in a weight (a diverged model; torch's own l1_unstructured would rank NaN above
-    everything and carry on), and inference tensors (torch cannot re-parametrize them)."""
+    everything and carry on), and inference tensors (torch cannot re-parametrize them).
+
+    ``scanned`` maps ``(id(module), param)`` to ``(zeros, non-finite entries)`` for tensors
+    already counted; float32 CPU tensors not in it are counted here in one pass of the C
+    kernels (when built), and added to it when they are not pruned yet (the zeros are then
+    the parameter's own, as the report counts them)."""
     problems = []
     checked: set[tuple[int, str]] = set()
+    todo: list[tuple[PlannedStep, Target]] = []
     for ps in active:
         for pt in ps.targets:
             t = pt.target
@@ -280,20 +291,36 @@ def _check_finite(recipe: Recipe, active: list[PlannedStep]) -> None:
                     )
                 )
                 continue
-            if not tensor.is_floating_point() or tensor.numel() == 0:
-                continue
-            if bool(torch.isfinite(tensor.sum()).item()):  # one fast pass; overflow falls through to the exact count
-                continue
-            nan = int(torch.isnan(tensor).sum().item())
-            inf = int(torch.isinf(tensor).sum().item())
-            if nan or inf:
-                problems.append(
-                    recipe.problem(
-                        ps.step.path,
-                        f"{t.qualname} has {nan} NaN and {inf} infinite entries; refusing to prune a diverged model "
-                        "(fix or re-initialize those weights first); nothing was changed",
-                    )
+            if tensor.is_floating_point() and tensor.numel() > 0:
+                todo.append((ps, t))
+    counted = [t for _, t in todo if (id(t.module), t.param) not in scanned and fastprune.native_ok([t.original])]
+    finite: set[tuple[int, str]] = set()
+    if counted:
+        zeros, nonfinite = fastprune.native_scan([t.original for t in counted])
+        for t, z, bad in zip(counted, zeros, nonfinite):
+            key = (id(t.module), t.param)
+            if not bad:
+                finite.add(key)
+            if not is_pruned_param(t.module, t.param):
+                scanned[key] = (z, bad)
+    for ps, t in todo:
+        key = (id(t.module), t.param)
+        known = scanned.get(key)
+        if key in finite or (known is not None and not known[1]):
+            continue
+        tensor = t.original
+        if known is None and bool(torch.isfinite(tensor.sum()).item()):  # one fast pass; overflow falls through to the exact count
+            continue
+        nan = int(torch.isnan(tensor).sum().item())
+        inf = int(torch.isinf(tensor).sum().item())
+        if nan or inf:
+            problems.append(
+                recipe.problem(
+                    ps.step.path,
+                    f"{t.qualname} has {nan} NaN and {inf} infinite entries; refusing to prune a diverged model "
+                    "(fix or re-initialize those weights first); nothing was changed",
                 )
+            )
     if problems:
         raise ApplyError(problems)
 
@@ -323,14 +350,19 @@ def _can_fold(recipe: Recipe, active: list[PlannedStep], model: nn.Module) -> bo
     return True
 
 
-def _apply_folded(recipe: Recipe, active: list[PlannedStep], progress: Callable[[str], None] | None) -> list[StepOutcome] | None:
-    """Find every cut first (nothing changes), then mask the weights in place with Ctrl-C held.
+def _find_cuts(
+    recipe: Recipe, active: list[PlannedStep], progress: Callable[[str], None] | None, scanned: dict[tuple[int, str], tuple[int, int]]
+) -> tuple[list[StepOutcome], list[fastprune.Fold], list[int]] | None:
+    """Every cut of a one-shot fold, found before anything changes (the steps' seeds are
+    returned, to be set when the fold happens); the tensors the C kernels read on the way get
+    their zero and non-finite counts in ``scanned``.
 
-    Returns None, having changed nothing, when a small tensor or group has ties at its cut:
-    the regular path then lets torch break them, exactly as hand-written code would.
+    Returns None when a small tensor or group has ties at its cut: the regular path then
+    lets torch break them, exactly as hand-written code would.
     """
-    cuts: list[tuple[list[Target], list[fastprune.Piece], fastprune.Threshold]] = []
+    folds: list[fastprune.Fold] = []
     outcomes = []
+    seeds: list[int] = []
     pool: fastprune.Pool = {}
     for i, ps in enumerate(active, 1):
         step = ps.step
@@ -338,7 +370,7 @@ def _apply_folded(recipe: Recipe, active: list[PlannedStep], progress: Callable[
             progress(f"[{i}/{len(active)}] {step.label}: {ps.method.name} {step.how_much} on {len(ps.targets)} tensor(s)")
         seed = recipe.step_seed(step)
         if seed is not None:
-            torch.manual_seed(seed)  # as the regular path does, so the RNG state after apply is the same
+            seeds.append(seed)
         targets = [pt.target for pt in ps.targets]
         groups = [targets] if step.scope == "global" else [[t] for t in targets]
         noops = []
@@ -353,20 +385,27 @@ def _apply_folded(recipe: Recipe, active: list[PlannedStep], progress: Callable[
             else:
                 assert step.amount is not None
                 k = fastprune.nparams(step.amount, total)
-            cut = fastprune.select_smallest(pieces, k, pool)
+            cut, zeros, nonfinite = fastprune.select_counting(pieces, k, pool)
+            if zeros is not None and nonfinite is not None:
+                for t, z, bad in zip(group, zeros, nonfinite):
+                    scanned[(id(t.module), t.param)] = (z, bad)
             if cut.quotas is not None and total <= fastprune.EXACT_TIES_UP_TO:
                 return None
-            cuts.append((group, pieces, cut))
+            folds.extend((t.module, t.param, piece, cut, j) for j, (t, piece) in enumerate(zip(group, pieces)))
         note = f"no-op on {', '.join(noops)}: already at or above sparsity {step.sparsity:g}" if noops else None
         outcomes.append(StepOutcome(step.label, ps.method.name, tuple(t.qualname for t in targets), note))
+    return outcomes, folds, seeds
+
+
+def _fold(recipe: Recipe, folds: list[fastprune.Fold], seeds: list[int]) -> dict[tuple[int, str], int]:
+    """Mask the weights in place, with Ctrl-C held; returns the zeros after where counted on the way."""
+    for seed in seeds:
+        torch.manual_seed(seed)  # as the regular path does, so the RNG state after apply is the same
     with fastprune.deferred_interrupts():
         try:
-            for group, pieces, threshold in cuts:
-                for i, (t, piece) in enumerate(zip(group, pieces)):
-                    fastprune.fold_in_place(t.module, t.param, piece, threshold, i, pool)
+            return fastprune.fold_all(folds, {})
         except Exception as exc:  # pragma: no cover - _can_fold admits only tensors this cannot fail on
             raise ApplyError(recipe.problem((), f"masking weights in place failed: {type(exc).__name__}: {exc}")) from exc
-    return outcomes
 
 
 def _fast_l1(spec: MethodSpec) -> bool:

@@ -21,16 +21,26 @@ from __future__ import annotations
 
 import ctypes
 import numbers
+import os
 import signal
 import sys
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.utils.prune as prune
 from torch import nn
+
+try:  # the optional C kernels (setup.py builds them when a compiler is at hand)
+    from . import _native as _native_module
+except ImportError:  # pragma: no cover - depends on how the package was built
+    _native_module = None
+
+#: The fused float32 CPU kernels (prunerecipe/_native.c), or None: not built, or turned off
+#: with ``PRUNERECIPE_NATIVE=0``. Results are the same either way; only speed differs.
+NATIVE: Any = None if os.environ.get("PRUNERECIPE_NATIVE", "1") == "0" else _native_module
 
 # float dtype -> (integer view dtype, bits, mask that clears the sign bit)
 _KEY_DTYPES = {
@@ -106,11 +116,15 @@ class Piece:
 @dataclass(frozen=True)
 class Threshold:
     """Prune eligible entries whose key is below ``key``; with ``quotas``, also that many
-    entries whose key equals ``key``, per piece, in order."""
+    entries whose key equals ``key``, per piece, in order. ``splits``, when the C kernels
+    found them, says where each piece's quota ends (the position of the last tie it takes,
+    or -1 when not known): a fold can then cut both sides in parallel. Not part of equality:
+    it is where, not what."""
 
     key: int
     quotas: tuple[int, ...] | None = None
     nothing: bool = False
+    splits: tuple[int, ...] | None = field(default=None, compare=False)
 
 
 Pool = dict  # name, dtype, device -> a reusable flat buffer: lets consecutive calls share scratch
@@ -252,8 +266,59 @@ def _histogram(
     hist.add_(torch.bincount(digits, minlength=_BINS + 1)[:_BINS])
 
 
+def native_ok(tensors: Sequence[torch.Tensor]) -> bool:
+    """Whether the C kernels take these tensors: float32, on the CPU, contiguous."""
+    return NATIVE is not None and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def _zero_below() -> int:
+    """Keys below this are zero to torch: 1, or the smallest normal float32 when
+    ``torch.set_flush_denormal(True)`` makes subnormals compare equal to zero."""
+    return 1 if bool(_SUBNORMAL.ne(0).item()) else _SMALLEST_NORMAL_KEY[torch.float32]
+
+
+_SUBNORMAL = torch.tensor([1e-40], dtype=torch.float32)
+
+
+def _args(tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[int]]:
+    return [t.data_ptr() for t in tensors], [t.numel() for t in tensors]
+
+
+def native_scan(tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[int]]:
+    """Zero and non-finite entries of each tensor, in one read pass (``native_ok`` tensors only)."""
+    ptrs, sizes = _args(tensors)
+    zeros, nonfinite = NATIVE.scan(ptrs, sizes, torch.get_num_threads(), _zero_below())
+    return zeros, nonfinite
+
+
+def select_counting(pieces: Sequence[Piece], k: int, pool: Pool | None = None) -> tuple[Threshold, list[int] | None, list[int] | None]:
+    """:func:`select_smallest`, and, when the C kernels did the select, each piece's zero and
+    non-finite entries, counted in the same pass (else None, None)."""
+    tensors = [p.importance.detach() for p in pieces]
+    if 0 < k <= sum(t.numel() for t in tensors) and all(p.eligible is None for p in pieces) and native_ok(tensors):
+        ptrs, sizes = _args(tensors)
+        key, below, ties, zeros, nonfinite, splits = NATIVE.select(ptrs, sizes, k, torch.get_num_threads(), _zero_below())
+        if key is not None:
+            remaining = k - below
+            if remaining == sum(ties):  # every entry equal to the k-th is pruned: a plain cut
+                return Threshold(key + 1), zeros, nonfinite
+            quotas = []
+            for count in ties:
+                take = min(count, remaining)
+                quotas.append(take)
+                remaining -= take
+            return Threshold(key, tuple(quotas), splits=tuple(splits)), zeros, nonfinite
+        return _select_torch(pieces, k, pool), zeros, nonfinite  # the sample's bracket missed: exact, slower
+    return _select_torch(pieces, k, pool), None, None
+
+
 def select_smallest(pieces: Sequence[Piece], k: int, pool: Pool | None = None) -> Threshold:
     """The cut that prunes exactly the ``k`` smallest-magnitude eligible entries of all pieces."""
+    return select_counting(pieces, k, pool)[0]
+
+
+def _select_torch(pieces: Sequence[Piece], k: int, pool: Pool | None = None) -> Threshold:
+    """:func:`select_smallest` in PyTorch ops: 16-bit radix digits counted with ``bincount``."""
     if k <= 0 or not pieces:
         return Threshold(0, nothing=True)
     if pool is None:
@@ -508,7 +573,7 @@ def l1_global(params: Sequence[tuple[nn.Module, str]], amount: int | float, zero
         attach(module, name, prune.CustomFromMask(mask), mask)
 
 
-def fold_in_place(module: nn.Module, name: str, piece: Piece, threshold: Threshold, index: int, pool: Pool) -> None:
+def fold_in_place(module: nn.Module, name: str, piece: Piece, threshold: Threshold, index: int, pool: Pool, reorder: bool = True) -> None:
     """What ``prune`` then ``prune.remove`` leave, without the re-parametrization in between:
     ``weight *= mask`` in place (the same arithmetic, so -0.0 and NaN come out as torch
     makes them), and the parameter moved to the end of ``_parameters`` as ``remove`` does."""
@@ -526,7 +591,37 @@ def fold_in_place(module: nn.Module, name: str, piece: Piece, threshold: Thresho
                 flat[a:b].mul_(mask[: b - a])
         else:  # ties to split across chunks, or unusual strides: one whole-tensor mask
             param.mul_(keep_flags(piece, threshold, index, param.dtype))
-    module._parameters[name] = module._parameters.pop(name)
+    if reorder:
+        module._parameters[name] = module._parameters.pop(name)
+
+
+Fold = tuple  # (module, name, piece, threshold, index in the threshold's pieces)
+
+
+def fold_all(folds: Sequence[Fold], pool: Pool) -> dict[tuple[int, str], int]:
+    """:func:`fold_in_place` for each fold, in order. The float32 CPU tensors go through the C
+    kernels in one threaded pass, which also counts their zeros after: returned, keyed by
+    ``(id(module), name)``."""
+    native = [f for f in folds if native_ok([f[0]._parameters[f[1]]])]
+    zeros: dict[tuple[int, str], int] = {}
+    if native:
+        params = [module._parameters[name] for module, name, *_ in native]
+        cuts = [0 if th.nothing else th.key for *_, th, _ in native]
+        quotas = [th.quotas[i] if th.quotas is not None else 0 for *_, th, i in native]
+        splits = [th.splits[i] if th.splits is not None else -1 for *_, th, i in native]
+        ptrs, sizes = _args(params)
+        after = NATIVE.fold(ptrs, sizes, cuts, quotas, splits, torch.get_num_threads(), _zero_below())
+        for (module, name, *_), param, count in zip(native, params, after):
+            torch.autograd.graph.increment_version(param)  # written in place, as param.mul_ would count it
+            zeros[(id(module), name)] = count
+    done = {id(f) for f in native}
+    for fold in folds:
+        if id(fold) not in done:
+            module, name, piece, threshold, index = fold
+            fold_in_place(module, name, piece, threshold, index, pool, reorder=False)
+    for module, name, *_ in folds:  # prune.remove moves each parameter to the end, in call order
+        module._parameters[name] = module._parameters.pop(name)
+    return zeros
 
 
 @contextmanager

@@ -283,7 +283,9 @@ def test_report_counts_known_without_counting_equal_a_real_count(dtype, scope, a
         assert row.zeros_after == int((module.weight == 0).sum()), row.name
     if dtype == torch.float32 and amount == 0.5:
         # Counted again: the chained layer, and (local) the all-zero one, whose ties torch broke.
-        assert counted[3:] == ([model[1], model[2]] if scope == "local" else [model[1]])
+        # (The three counts before come from the C kernels' scan when they are built.)
+        before = 0 if fp.NATIVE is not None else 3
+        assert counted[before:] == ([model[1], model[2]] if scope == "local" else [model[1]])
 
 
 def test_kept_entries_is_exact_beyond_float32_integer_range():
@@ -299,15 +301,15 @@ def test_select_inside_a_lent_buffer_gives_the_same_cut_and_masks():
     torch.manual_seed(4)
     pieces = [fp.Piece(torch.randn(700, 900)), fp.Piece(torch.randn(50)), fp.Piece(torch.randn(300_000))]
     k = sum(p.numel for p in pieces) // 3
-    plain = fp.select_smallest(pieces, k)
+    plain = fp._select_torch(pieces, k)
     room = torch.empty(4_000_000)
     pool: dict = {}
     fp.lend(pool, room)
-    assert fp.select_smallest(pieces, k, pool) == plain
+    assert fp._select_torch(pieces, k, pool) == plain
     assert pool["arena"][1][0] > 0  # the scratch really came from the lent buffer
     tiny: dict = {}
     fp.lend(tiny, torch.empty(3))  # too small to carve from: ordinary buffers instead
-    assert fp.select_smallest(pieces, k, tiny) == plain
+    assert fp._select_torch(pieces, k, tiny) == plain
 
 
 def test_releasing_free_memory_is_harmless():

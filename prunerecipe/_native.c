@@ -1,0 +1,802 @@
+/*
+ * prunerecipe._native: fused CPU kernels for float32 magnitude pruning.
+ *
+ * Optional. The package builds it when a C compiler is at hand and falls back to pure
+ * PyTorch (prunerecipe/fastprune.py) when it is not; both give the same masks, the same
+ * tie split, the same counts. Plain C and pthreads: no torch headers, so it compiles in a
+ * second, and no OpenMP runtime to clash with torch's.
+ *
+ * Keys: for a float32 w, (bits(w) & 0x7fffffff) read as an integer orders as |w| does
+ * (NaN patterns above +inf, as torch.topk ranks NaN). Every function takes tensors as
+ * (data pointer, entry count) pairs of contiguous float32 CPU memory; the caller keeps
+ * the tensors alive. The GIL is released while the kernels run.
+ *
+ * scan(ptrs, sizes, threads, zero_below) -> (zeros, nonfinite)      one read pass
+ * select(ptrs, sizes, k, threads, zero_below) -> (key, below, ties, zeros, nonfinite, splits): sample + one read pass
+ * fold(ptrs, sizes, cuts, quotas, splits, threads, zero_below) -> zeros after: one read/write pass
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define KEY_MASK 0x7fffffffu
+#define NONFINITE 0x7f800000u
+#define MAX_THREADS 256
+#define BLOCK 16 /* entries tested together; a block holding a candidate is revisited */
+
+typedef struct {
+    Py_ssize_t count;
+    const uint32_t **ptr; /* float32 data as bits */
+    int64_t *size;
+    int64_t *start; /* start[i]: offset of piece i in the concatenation; start[count] = total */
+} Pieces;
+
+static void pieces_free(Pieces *p) {
+    free(p->ptr);
+    free(p->size);
+    free(p->start);
+    p->ptr = NULL;
+    p->size = p->start = NULL;
+}
+
+static int pieces_parse(PyObject *ptrs, PyObject *sizes, Pieces *out) {
+    memset(out, 0, sizeof(*out));
+    PyObject *fp = PySequence_Fast(ptrs, "ptrs must be a sequence");
+    if (!fp) return -1;
+    PyObject *fs = PySequence_Fast(sizes, "sizes must be a sequence");
+    if (!fs) {
+        Py_DECREF(fp);
+        return -1;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fp);
+    int ok = 0;
+    if (n != PySequence_Fast_GET_SIZE(fs)) {
+        PyErr_SetString(PyExc_ValueError, "ptrs and sizes differ in length");
+        goto done;
+    }
+    out->count = n;
+    out->ptr = malloc(sizeof(*out->ptr) * (size_t)(n + 1));
+    out->size = malloc(sizeof(*out->size) * (size_t)(n + 1));
+    out->start = malloc(sizeof(*out->start) * (size_t)(n + 1));
+    if (!out->ptr || !out->size || !out->start) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int64_t total = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        void *p = PyLong_AsVoidPtr(PySequence_Fast_GET_ITEM(fp, i));
+        long long s = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fs, i));
+        if (PyErr_Occurred()) goto done;
+        if (s < 0 || (s > 0 && p == NULL)) {
+            PyErr_SetString(PyExc_ValueError, "bad tensor pointer or size");
+            goto done;
+        }
+        out->ptr[i] = (const uint32_t *)p;
+        out->size[i] = s;
+        out->start[i] = total;
+        total += s;
+    }
+    out->start[n] = total;
+    ok = 1;
+done:
+    Py_DECREF(fp);
+    Py_DECREF(fs);
+    if (!ok) pieces_free(out);
+    return ok ? 0 : -1;
+}
+
+static Py_ssize_t piece_at(const Pieces *p, int64_t pos) { /* the piece holding global position pos */
+    Py_ssize_t lo = 0, hi = p->count; /* start[lo] <= pos < start[hi] */
+    while (hi - lo > 1) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (p->start[mid] <= pos) lo = mid;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* ---- threads: each worker gets an equal share [a, b) of the concatenated entries ---- */
+
+typedef void (*work_fn)(void *ctx, int tid, int64_t a, int64_t b);
+typedef struct {
+    work_fn fn;
+    void *ctx;
+    int tid;
+    int64_t a, b;
+} Job;
+
+static void *job_main(void *arg) {
+    Job *j = arg;
+    j->fn(j->ctx, j->tid, j->a, j->b);
+    return NULL;
+}
+
+static int clamp_threads(long threads, int64_t total) {
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    int64_t useful = total / (1 << 16) + 1; /* a thread per 64k entries at most */
+    if (threads > useful) threads = (long)useful;
+    return (int)threads;
+}
+
+static void run_parallel(int threads, work_fn fn, void *ctx, int64_t total) {
+    Job jobs[MAX_THREADS];
+    pthread_t ids[MAX_THREADS];
+    int started[MAX_THREADS];
+    for (int t = 0; t < threads; t++) {
+        jobs[t].fn = fn;
+        jobs[t].ctx = ctx;
+        jobs[t].tid = t;
+        jobs[t].a = total * t / threads;
+        jobs[t].b = total * (t + 1) / threads;
+        started[t] = 0;
+    }
+    for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, job_main, &jobs[t]) == 0;
+    for (int t = 1; t < threads; t++)
+        if (!started[t]) job_main(&jobs[t]); /* no thread to be had: do its share here */
+    job_main(&jobs[0]);
+    for (int t = 1; t < threads; t++)
+        if (started[t]) pthread_join(ids[t], NULL);
+}
+
+/* Runs the body with `piece`, `from`, `to` set for each piece's part of the global range [a, b)
+ * (the body may `continue` to the next piece). */
+#define FOR_SEGMENTS(P, A, B, ...)                                                 \
+    do {                                                                           \
+        int64_t pos_ = (A);                                                        \
+        Py_ssize_t i_ = (pos_ < (B)) ? piece_at((P), pos_) : (P)->count;           \
+        for (; pos_ < (B) && i_ < (P)->count; i_++) {                              \
+            int64_t end_ = (P)->start[i_ + 1] < (B) ? (P)->start[i_ + 1] : (B);    \
+            if (end_ <= pos_) continue;                                            \
+            Py_ssize_t piece = i_;                                                 \
+            int64_t from = pos_ - (P)->start[i_], to = end_ - (P)->start[i_];     \
+            pos_ = end_;                                                           \
+            __VA_ARGS__;                                                           \
+        }                                                                          \
+    } while (0)
+
+/* ---- scan: zero and non-finite entries per piece ---- */
+
+typedef struct {
+    const Pieces *p;
+    uint32_t zero_below; /* keys below this count as zero: 1, or the smallest normal under DAZ */
+    int64_t *zeros, *nonfinite; /* [threads][count] */
+} ScanCtx;
+
+static void scan_work(void *arg, int tid, int64_t a, int64_t b) {
+    ScanCtx *c = arg;
+    int64_t *zeros = c->zeros + (size_t)tid * c->p->count, *bad = c->nonfinite + (size_t)tid * c->p->count;
+    const int32_t zl = (int32_t)c->zero_below;
+    FOR_SEGMENTS(c->p, a, b, {
+        const int32_t *x = (const int32_t *)c->p->ptr[piece] + from;
+        int64_t n = to - from, z = 0, f = 0;
+        for (int64_t s = 0; s < n; s += 4096) {
+            int64_t m = n - s < 4096 ? n - s : 4096;
+            int32_t zc = 0, fc = 0;
+            for (int64_t j = 0; j < m; j++) {
+                int32_t key = x[s + j] & (int32_t)KEY_MASK;
+                zc += key < zl;
+                fc += key >= (int32_t)NONFINITE;
+            }
+            z += zc;
+            f += fc;
+        }
+        zeros[piece] += z;
+        bad[piece] += f;
+    });
+}
+
+static PyObject *list_of_sums(const int64_t *per_thread, int threads, Py_ssize_t count) {
+    PyObject *out = PyList_New(count);
+    if (!out) return NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        int64_t s = 0;
+        for (int t = 0; t < threads; t++) s += per_thread[(size_t)t * count + i];
+        PyObject *v = PyLong_FromLongLong(s);
+        if (!v) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, i, v);
+    }
+    return out;
+}
+
+static PyObject *py_scan(PyObject *self, PyObject *args) {
+    PyObject *ptrs, *sizes;
+    long threads;
+    unsigned long zero_below;
+    if (!PyArg_ParseTuple(args, "OOlk", &ptrs, &sizes, &threads, &zero_below)) return NULL;
+    Pieces p;
+    if (pieces_parse(ptrs, sizes, &p) < 0) return NULL;
+    int T = clamp_threads(threads, p.start[p.count]);
+    ScanCtx c = {&p, (uint32_t)zero_below, calloc((size_t)T * (p.count + 1), sizeof(int64_t)),
+                 calloc((size_t)T * (p.count + 1), sizeof(int64_t))};
+    PyObject *result = NULL;
+    if (!c.zeros || !c.nonfinite) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS run_parallel(T, scan_work, &c, p.start[p.count]);
+    Py_END_ALLOW_THREADS
+    PyObject *z = list_of_sums(c.zeros, T, p.count), *f = z ? list_of_sums(c.nonfinite, T, p.count) : NULL;
+    if (z && f) result = PyTuple_Pack(2, z, f);
+    Py_XDECREF(z);
+    Py_XDECREF(f);
+done:
+    free(c.zeros);
+    free(c.nonfinite);
+    pieces_free(&p);
+    return result;
+}
+
+/* ---- exact k-th smallest key of a small array (radix select, 16-bit digits from the top) ---- */
+
+static uint32_t kth_key(const uint32_t *keys, int64_t n, int64_t rank /* 0-based */, uint32_t *scratch, int64_t *hist) {
+    /* Narrow `keys` (n of them) down digit by digit; scratch holds the survivors of each round. */
+    const uint32_t *cur = keys;
+    int64_t m = n;
+    uint32_t prefix = 0;
+    for (int shift = 16; shift >= 0; shift -= 16) {
+        memset(hist, 0, sizeof(int64_t) << 16);
+        for (int64_t i = 0; i < m; i++) hist[(cur[i] >> shift) & 0xffff]++;
+        uint32_t d = 0;
+        while (rank >= hist[d]) rank -= hist[d++];
+        prefix |= d << shift;
+        if (shift == 0) break;
+        int64_t w = 0;
+        for (int64_t i = 0; i < m; i++)
+            if ((cur[i] >> 16) == d) scratch[w++] = cur[i];
+        cur = scratch;
+        m = w;
+    }
+    return prefix;
+}
+
+/* ---- select: the cut at the k-th smallest key ---- */
+
+/* One stretch of the count pass. Adds to `c` the keys below lo, the zeros and the non-finite
+ * entries; returns how many 16-entry blocks hold a key in [lo, hi], each recorded as its
+ * offset in blk[] and a bit per entry in msk[]. No branch depends on the data: candidates
+ * are rare, and are looked at afterwards, while the stretch is still in cache. */
+typedef struct {
+    int64_t below, zeros, nonfinite;
+} Counts;
+
+static int64_t blocks_generic(const int32_t *x, int64_t n, int32_t lo, int32_t hi, int32_t zl, Counts *c, uint32_t *blk, uint32_t *msk) {
+    int64_t nb = 0, below = 0, zeros = 0, bad = 0;
+    for (int64_t j = 0; j < n; j += BLOCK) {
+        int m = n - j < BLOCK ? (int)(n - j) : BLOCK;
+        uint32_t bits = 0;
+        for (int q = 0; q < m; q++) {
+            int32_t key = x[j + q] & (int32_t)KEY_MASK;
+            below += key < lo;
+            zeros += key < zl;
+            bad += key >= (int32_t)NONFINITE;
+            bits |= (uint32_t)((key >= lo) & (key <= hi)) << q;
+        }
+        blk[nb] = (uint32_t)j;
+        msk[nb] = bits;
+        nb += bits != 0;
+    }
+    c->below += below;
+    c->zeros += zeros;
+    c->nonfinite += bad;
+    return nb;
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define HAVE_AVX2_PATH 1
+static int use_avx2 = 0;
+
+__attribute__((target("avx2"))) static int64_t blocks_avx2(const int32_t *x, int64_t n, int32_t lo, int32_t hi, int32_t zl, Counts *c, uint32_t *blk, uint32_t *msk) {
+    const __m256i km = _mm256_set1_epi32((int32_t)KEY_MASK), vlo = _mm256_set1_epi32(lo), vhi = _mm256_set1_epi32(hi);
+    const __m256i vzl = _mm256_set1_epi32(zl), vnf = _mm256_set1_epi32((int32_t)NONFINITE - 1);
+    __m256i cb = _mm256_setzero_si256(), cz = cb, cf = cb; /* lanes count down (compares give -1) */
+    int64_t nb = 0, j = 0;
+    for (; j + BLOCK <= n; j += BLOCK) {
+        __m256i k0 = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + j)), km);
+        __m256i k1 = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + j + 8)), km);
+        __m256i l0 = _mm256_cmpgt_epi32(vlo, k0), l1 = _mm256_cmpgt_epi32(vlo, k1);
+        cb = _mm256_add_epi32(cb, _mm256_add_epi32(l0, l1));
+        cz = _mm256_add_epi32(cz, _mm256_add_epi32(_mm256_cmpgt_epi32(vzl, k0), _mm256_cmpgt_epi32(vzl, k1)));
+        cf = _mm256_add_epi32(cf, _mm256_add_epi32(_mm256_cmpgt_epi32(k0, vnf), _mm256_cmpgt_epi32(k1, vnf)));
+        __m256i o0 = _mm256_or_si256(l0, _mm256_cmpgt_epi32(k0, vhi)), o1 = _mm256_or_si256(l1, _mm256_cmpgt_epi32(k1, vhi));
+        uint32_t out = (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(o0)) | ((uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(o1)) << 8);
+        blk[nb] = (uint32_t)j;
+        msk[nb] = out ^ 0xffffu;
+        nb += out != 0xffffu;
+    }
+    int32_t lanes[3][8];
+    _mm256_storeu_si256((__m256i *)lanes[0], cb);
+    _mm256_storeu_si256((__m256i *)lanes[1], cz);
+    _mm256_storeu_si256((__m256i *)lanes[2], cf);
+    for (int q = 0; q < 8; q++) {
+        c->below -= lanes[0][q];
+        c->zeros -= lanes[1][q];
+        c->nonfinite -= lanes[2][q];
+    }
+    if (j < n) { /* the last, partial block */
+        int64_t more = blocks_generic(x + j, n - j, lo, hi, zl, c, blk + nb, msk + nb);
+        if (more) blk[nb] += (uint32_t)j;
+        nb += more;
+    }
+    return nb;
+}
+#endif
+
+#define STRETCH 4096 /* entries per stretch: 16 KB, in L1 while its candidates are picked out */
+#define HIST_BITS 12  /* candidates are binned as they are found, in a histogram that stays in L1 */
+#define HIST_BINS (1 << HIST_BITS)
+
+typedef struct {
+    const Pieces *p;
+    uint32_t lo, hi;     /* the bracket: keys in [lo, hi] are looked at closely */
+    uint32_t zero_below; /* keys below this count as zero */
+    int64_t cap;         /* candidates each thread may keep */
+    int64_t *below;      /* [threads] */
+    int64_t *eq_lo;      /* [threads][count] */
+    int64_t *eq_hi;      /* [threads][count] */
+    int64_t *zeros;      /* [threads][count] */
+    int64_t *nonfinite;  /* [threads][count] */
+    uint32_t **cand_key; /* [threads][cap]: keys strictly inside (lo, hi) */
+    uint32_t **cand_piece;
+    int64_t **cand_pos; /* [threads][cap]: their positions in their pieces */
+    uint32_t **hist;  /* [threads][HIST_BINS]: candidates by (key - lo) >> shift */
+    int shift;
+    int64_t *ncand;   /* [threads] */
+    int *overflow;    /* [threads] */
+} CountCtx;
+
+static void count_work(void *arg, int tid, int64_t a, int64_t b) {
+    CountCtx *c = arg;
+    const Py_ssize_t np = c->p->count;
+    int64_t *eql = c->eq_lo + (size_t)tid * np, *eqh = c->eq_hi + (size_t)tid * np;
+    int64_t *zeros = c->zeros + (size_t)tid * np, *bad = c->nonfinite + (size_t)tid * np;
+    uint32_t *ck = c->cand_key[tid], *cp = c->cand_piece[tid], *hist = c->hist[tid];
+    int64_t *cpos = c->cand_pos[tid];
+    uint32_t blk[STRETCH / BLOCK], msk[STRETCH / BLOCK];
+    const int shift = c->shift;
+    int64_t nc = 0, below = 0;
+    const int32_t lo = (int32_t)c->lo, hi = (int32_t)c->hi, zl = (int32_t)c->zero_below;
+    int over = 0;
+    FOR_SEGMENTS(c->p, a, b, {
+        const int32_t *x = (const int32_t *)c->p->ptr[piece] + from;
+        int64_t n = to - from;
+        Counts counts = {0, 0, 0};
+        for (int64_t s = 0; s < n; s += STRETCH) {
+            int64_t m = n - s < STRETCH ? n - s : STRETCH, nb;
+#ifdef HAVE_AVX2_PATH
+            if (use_avx2) nb = blocks_avx2(x + s, m, lo, hi, zl, &counts, blk, msk);
+            else
+#endif
+                nb = blocks_generic(x + s, m, lo, hi, zl, &counts, blk, msk);
+            for (int64_t q = 0; q < nb; q++) {
+                uint32_t bits = msk[q];
+                const int32_t *y = x + s + blk[q];
+                while (bits) {
+                    int at = __builtin_ctz(bits);
+                    int32_t key = y[at] & (int32_t)KEY_MASK;
+                    bits &= bits - 1;
+                    if (key == lo) eql[piece]++;
+                    else if (key == hi) eqh[piece]++;
+                    else if (nc < c->cap) {
+                        ck[nc] = (uint32_t)key;
+                        cpos[nc] = from + s + blk[q] + at;
+                        cp[nc++] = (uint32_t)piece;
+                        hist[(uint32_t)(key - lo) >> shift]++;
+                    } else over = 1; /* counting goes on: the counts stay whole */
+                }
+            }
+        }
+        below += counts.below;
+        zeros[piece] += counts.zeros;
+        bad[piece] += counts.nonfinite;
+    });
+    c->below[tid] = below;
+    c->ncand[tid] = nc;
+    c->overflow[tid] = over;
+}
+
+static uint32_t mix(uint64_t x) { /* splitmix64: a fixed jitter for sample positions (no RNG state touched) */
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return (uint32_t)(x ^ (x >> 31));
+}
+
+#define SAMPLE_BLOCKS 16384
+#define SAMPLE_RUN 16 /* contiguous entries per sample block: one cache line */
+#define SAMPLE (SAMPLE_BLOCKS * SAMPLE_RUN)
+
+static PyObject *int_list(const int64_t *values, Py_ssize_t count) {
+    PyObject *out = PyList_New(count);
+    for (Py_ssize_t i = 0; out && i < count; i++) {
+        PyObject *v = PyLong_FromLongLong(values[i]);
+        if (!v) {
+            Py_CLEAR(out);
+            break;
+        }
+        PyList_SET_ITEM(out, i, v);
+    }
+    return out;
+}
+
+static PyObject *py_select(PyObject *self, PyObject *args) {
+    PyObject *ptrs, *sizes;
+    long long k;
+    long threads;
+    unsigned long zero_below;
+    if (!PyArg_ParseTuple(args, "OOLlk", &ptrs, &sizes, &k, &threads, &zero_below)) return NULL;
+    Pieces p;
+    if (pieces_parse(ptrs, sizes, &p) < 0) return NULL;
+    const int64_t total = p.start[p.count];
+    if (k < 1 || k > total) {
+        pieces_free(&p);
+        PyErr_SetString(PyExc_ValueError, "k must be in [1, total entries]");
+        return NULL;
+    }
+    int T = clamp_threads(threads, total);
+    const Py_ssize_t np = p.count;
+    PyObject *result = NULL;
+    int64_t s = total <= SAMPLE ? total : SAMPLE;
+    uint32_t *sample = malloc(sizeof(uint32_t) * (size_t)s * 2); /* the sample, then select scratch */
+    int64_t *hist = malloc(sizeof(int64_t) << 16);
+    int64_t *sample_at = malloc(sizeof(int64_t) * SAMPLE_BLOCKS);
+    Py_ssize_t *sample_piece = malloc(sizeof(Py_ssize_t) * SAMPLE_BLOCKS);
+    CountCtx c;
+    memset(&c, 0, sizeof(c));
+    c.p = &p;
+    c.zero_below = (uint32_t)zero_below;
+    c.below = calloc(T, sizeof(int64_t));
+    c.ncand = calloc(T, sizeof(int64_t));
+    c.overflow = calloc(T, sizeof(int));
+    c.eq_lo = calloc((size_t)T * (np + 1), sizeof(int64_t));
+    c.eq_hi = calloc((size_t)T * (np + 1), sizeof(int64_t));
+    c.zeros = calloc((size_t)T * (np + 1), sizeof(int64_t));
+    c.nonfinite = calloc((size_t)T * (np + 1), sizeof(int64_t));
+    c.cand_key = calloc(T, sizeof(uint32_t *));
+    c.cand_piece = calloc(T, sizeof(uint32_t *));
+    c.cand_pos = calloc(T, sizeof(int64_t *));
+    c.hist = calloc(T, sizeof(uint32_t *));
+    int64_t *per_piece = calloc((size_t)5 * (np + 1), sizeof(int64_t)); /* ties, zeros, non-finite, splits, scratch */
+    uint32_t *all_keys = NULL;
+    if (!sample || !hist || !sample_at || !sample_piece || !c.below || !c.ncand || !c.overflow || !c.eq_lo || !c.eq_hi || !c.zeros || !c.nonfinite || !c.cand_key ||
+        !c.cand_piece || !c.cand_pos || !c.hist || !per_piece) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int64_t *ties = per_piece, *zeros = per_piece + (np + 1), *bad = per_piece + 2 * (np + 1), *split = per_piece + 3 * (np + 1);
+    for (Py_ssize_t i = 0; i < np; i++) split[i] = -1;
+    int found = 0, no_memory = 0;
+    uint32_t key = 0;
+    int64_t below_key = 0;
+    Py_BEGIN_ALLOW_THREADS
+    /* 1. A sample: everything when small; else one cache line of entries from each of
+     *    SAMPLE_BLOCKS equal stretches of the concatenation, at a fixed pseudo-random place. */
+    if (s == total) {
+        int64_t w = 0;
+        for (Py_ssize_t i = 0; i < np; i++)
+            for (int64_t j = 0; j < p.size[i]; j++) sample[w++] = p.ptr[i][j] & KEY_MASK;
+    } else {
+        int64_t stretch = total / SAMPLE_BLOCKS, w = 0;
+        Py_ssize_t i = 0;
+        for (int64_t blk = 0; blk < SAMPLE_BLOCKS; blk++) { /* where each run starts, walking the pieces */
+            int64_t pos = blk * stretch + (int64_t)(mix((uint64_t)blk) % (uint64_t)(stretch - SAMPLE_RUN + 1));
+            while (pos >= p.start[i + 1]) i++;
+            sample_at[blk] = pos;
+            sample_piece[blk] = i;
+        }
+        for (int64_t blk = 0; blk < SAMPLE_BLOCKS; blk++) { /* the reads, with the next runs fetched ahead */
+            if (blk + 16 < SAMPLE_BLOCKS) {
+                Py_ssize_t ahead = sample_piece[blk + 16];
+                __builtin_prefetch(p.ptr[ahead] + (sample_at[blk + 16] - p.start[ahead]));
+            }
+            i = sample_piece[blk];
+            for (int64_t pos = sample_at[blk]; pos < sample_at[blk] + SAMPLE_RUN; pos++) {
+                while (pos >= p.start[i + 1]) i++;
+                sample[w++] = p.ptr[i][pos - p.start[i]] & KEY_MASK;
+            }
+        }
+    }
+    /* 2. A bracket [lo, hi] that holds the k-th smallest key but for a vanishing chance: the
+     *    sample's order statistics 6 standard deviations (and a slack for runs) either side. */
+    int64_t lo_rank, hi_rank;
+    if (s == total) {
+        lo_rank = hi_rank = k - 1;
+    } else {
+        double q = (double)k / (double)total;
+        int64_t center = (int64_t)(q * (double)s);
+        int64_t delta = (int64_t)(6.0 * sqrt((double)s * q * (1.0 - q))) + 4 * SAMPLE_RUN;
+        lo_rank = center - delta;
+        hi_rank = center + delta;
+    }
+    c.lo = lo_rank < 0 ? 0 : kth_key(sample, s, lo_rank, sample + s, hist);
+    c.hi = hi_rank >= s ? KEY_MASK : kth_key(sample, s, hi_rank, sample + s, hist);
+    /* 3. One pass: count below lo, count lo and hi per piece, keep the keys strictly between
+     *    (up to a cap: past it only the counts go on); count zeros and non-finite entries. */
+    int64_t expected = s == total ? 0 : (int64_t)((double)total * (double)(hi_rank - lo_rank) / (double)s);
+    c.cap = 4 * expected + (1 << 16);
+    if (c.cap > total) c.cap = total;
+    if (c.cap > INT32_MAX) c.cap = INT32_MAX; /* histogram counts are 32-bit */
+    uint32_t span = c.hi - c.lo;
+    while ((span >> c.shift) >= HIST_BINS) c.shift++;
+    for (int t = 0; t < T && !no_memory; t++) { /* untouched pages of these cost no memory */
+        c.cand_key[t] = malloc(sizeof(uint32_t) * (size_t)c.cap);
+        c.cand_piece[t] = malloc(sizeof(uint32_t) * (size_t)c.cap);
+        c.cand_pos[t] = malloc(sizeof(int64_t) * (size_t)c.cap);
+        c.hist[t] = calloc(HIST_BINS, sizeof(uint32_t));
+        no_memory = !c.cand_key[t] || !c.cand_piece[t] || !c.cand_pos[t] || !c.hist[t];
+    }
+    if (!no_memory) {
+        run_parallel(T, count_work, &c, total);
+        int overflow = 0;
+        int64_t below = 0, eq_lo = 0, eq_hi = 0, ncand = 0;
+        for (int t = 0; t < T; t++) {
+            overflow |= c.overflow[t];
+            below += c.below[t];
+            ncand += c.ncand[t];
+            for (Py_ssize_t i = 0; i < np; i++) {
+                eq_lo += c.eq_lo[(size_t)t * np + i];
+                eq_hi += c.eq_hi[(size_t)t * np + i];
+                zeros[i] += c.zeros[(size_t)t * np + i];
+                bad[i] += c.nonfinite[(size_t)t * np + i];
+            }
+        }
+        /* 4. Where the k-th key fell; found stays 0 if outside the bracket (the caller then
+         *    takes the pure-torch path) or among more candidates than were kept. */
+        if (below >= k) {
+        } else if (below + eq_lo >= k) {
+            found = 1;
+            key = c.lo;
+            below_key = below;
+            for (int t = 0; t < T; t++)
+                for (Py_ssize_t i = 0; i < np; i++) ties[i] += c.eq_lo[(size_t)t * np + i];
+        } else if (below + eq_lo + ncand >= k) {
+            /* the bucket of the candidates' histogram holding it, then that bucket's keys */
+            int64_t rank = k - below - eq_lo, before = 0, d = 0, in_bucket = 0;
+            for (;; d++) {
+                in_bucket = 0;
+                for (int t = 0; t < T; t++) in_bucket += c.hist[t][d];
+                if (before + in_bucket >= rank) break;
+                before += in_bucket;
+            }
+            if (!overflow && (all_keys = malloc(sizeof(uint32_t) * (size_t)in_bucket * 5)) != NULL) {
+                uint32_t *bucket_piece = all_keys + 2 * in_bucket;
+                int64_t *bucket_pos = (int64_t *)(all_keys + 3 * in_bucket);
+                int64_t w = 0;
+                for (int t = 0; t < T; t++) /* in thread order: ascending position, piece by piece */
+                    for (int64_t j = 0; j < c.ncand[t]; j++)
+                        if (((c.cand_key[t][j] - c.lo) >> c.shift) == (uint32_t)d) {
+                            bucket_piece[w] = c.cand_piece[t][j];
+                            bucket_pos[w] = c.cand_pos[t][j];
+                            all_keys[w++] = c.cand_key[t][j];
+                        }
+                found = 1;
+                key = c.shift == 0 ? c.lo + (uint32_t)d : kth_key(all_keys, in_bucket, rank - before - 1, all_keys + in_bucket, hist);
+                below_key = below + eq_lo + before;
+                for (int64_t j = 0; j < in_bucket; j++) {
+                    if (all_keys[j] < key) below_key++;
+                    else if (all_keys[j] == key) ties[bucket_piece[j]]++;
+                }
+                /* Ties split by count, earliest first, piece by piece (the caller's quotas): where
+                 * a piece's share ends, so a fold can prune <= key before it and < key after it. */
+                int64_t left = k - below_key, *seen = per_piece + 4 * (np + 1);
+                for (Py_ssize_t i = 0; i < np; i++) {
+                    int64_t take = ties[i] < left ? ties[i] : left;
+                    seen[i] = take; /* quota, counted down below */
+                    left -= take;
+                }
+                for (int64_t j = 0; j < in_bucket; j++)
+                    if (all_keys[j] == key && seen[bucket_piece[j]] > 0 && --seen[bucket_piece[j]] == 0) split[bucket_piece[j]] = bucket_pos[j];
+            }
+        } else if (!overflow && below + eq_lo + ncand + eq_hi >= k) {
+            found = 1;
+            key = c.hi;
+            below_key = below + eq_lo + ncand;
+            for (int t = 0; t < T; t++)
+                for (Py_ssize_t i = 0; i < np; i++) ties[i] += c.eq_hi[(size_t)t * np + i];
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (no_memory) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    PyObject *t_list = int_list(ties, np), *z_list = int_list(zeros, np), *f_list = int_list(bad, np), *s_list = int_list(split, np);
+    if (t_list && z_list && f_list && s_list) {
+        if (found) result = Py_BuildValue("(kLOOOO)", (unsigned long)key, (long long)below_key, t_list, z_list, f_list, s_list);
+        else result = Py_BuildValue("(OOOOOO)", Py_None, Py_None, Py_None, z_list, f_list, Py_None);
+    }
+    Py_XDECREF(s_list);
+    Py_XDECREF(t_list);
+    Py_XDECREF(z_list);
+    Py_XDECREF(f_list);
+done:
+    for (int t = 0; c.cand_key && t < T; t++) free(c.cand_key[t]);
+    for (int t = 0; c.cand_piece && t < T; t++) free(c.cand_piece[t]);
+    for (int t = 0; c.cand_pos && t < T; t++) free(c.cand_pos[t]);
+    free(c.cand_pos);
+    for (int t = 0; c.hist && t < T; t++) free(c.hist[t]);
+    free(c.hist);
+    free(c.cand_key);
+    free(c.cand_piece);
+    free(c.below);
+    free(c.ncand);
+    free(c.overflow);
+    free(c.eq_lo);
+    free(c.eq_hi);
+    free(c.zeros);
+    free(c.nonfinite);
+    free(per_piece);
+    free(all_keys);
+    free(sample);
+    free(hist);
+    free(sample_at);
+    free(sample_piece);
+    pieces_free(&p);
+    return result;
+}
+
+/* ---- fold: w *= (key >= cut); ties at the cut pruned earliest first, up to a quota ---- */
+
+/* x[0:n] *= (key >= cut), as torch's w * mask (so -0.0, and subnormals under flush-to-zero,
+ * come out as torch makes them); cut may be 2^31, above every key. Returns the zeros after. */
+static inline __attribute__((always_inline)) int64_t fold_range_body(float *x, int64_t n, uint32_t cut, int32_t zl) {
+    const int32_t c = cut > KEY_MASK ? (int32_t)KEY_MASK : (int32_t)cut, all = cut > KEY_MASK;
+    int64_t z = 0;
+    for (int64_t s = 0; s < n; s += 4096) {
+        int64_t m = n - s < 4096 ? n - s : 4096;
+        int32_t zc = 0;
+        for (int64_t j = 0; j < m; j++) {
+            int32_t bits;
+            memcpy(&bits, x + s + j, 4);
+            float r = x[s + j] * (float)(((bits & (int32_t)KEY_MASK) >= c) & !all);
+            x[s + j] = r;
+            memcpy(&bits, &r, 4);
+            zc += (bits & (int32_t)KEY_MASK) < zl;
+        }
+        z += zc;
+    }
+    return z;
+}
+
+static int64_t fold_range_generic(float *x, int64_t n, uint32_t cut, int32_t zl) { return fold_range_body(x, n, cut, zl); }
+#ifdef HAVE_AVX2_PATH
+__attribute__((target("avx2"))) static int64_t fold_range_avx2(float *x, int64_t n, uint32_t cut, int32_t zl) {
+    return fold_range_body(x, n, cut, zl);
+}
+#endif
+
+static int64_t fold_range(float *x, int64_t n, uint32_t cut, int32_t zl) {
+#ifdef HAVE_AVX2_PATH
+    if (use_avx2) return fold_range_avx2(x, n, cut, zl);
+#endif
+    return fold_range_generic(x, n, cut, zl);
+}
+
+typedef struct {
+    const Pieces *p;
+    const uint32_t *cut;   /* [count] */
+    const int64_t *quota;  /* [count]: ties at the cut to prune; 0 for a plain cut */
+    const int64_t *split;  /* [count]: where the quota ends (the last tie it takes), or -1: unknown */
+    uint32_t zero_below;
+    int64_t *zeros;        /* [threads][count] */
+} FoldCtx;
+
+static void fold_work(void *arg, int tid, int64_t a, int64_t b) {
+    FoldCtx *c = arg;
+    int64_t *zeros = c->zeros + (size_t)tid * c->p->count;
+    const int32_t zl = (int32_t)c->zero_below;
+    FOR_SEGMENTS(c->p, a, b, {
+        float *x = (float *)c->p->ptr[piece];
+        uint32_t cut = c->cut[piece];
+        if (c->quota[piece] > 0) {
+            int64_t split = c->split[piece];
+            if (split < 0) continue; /* ties to count off in order: done afterwards, by one thread */
+            /* up to the last tie taken, ties are pruned too (cut + 1); after it, a plain cut */
+            int64_t mid = split + 1 < from ? from : (split + 1 > to ? to : split + 1);
+            zeros[piece] += fold_range(x + from, mid - from, cut + 1, zl);
+            from = mid;
+        }
+        zeros[piece] += fold_range(x + from, to - from, cut, zl);
+    });
+}
+
+static PyObject *py_fold(PyObject *self, PyObject *args) {
+    PyObject *ptrs, *sizes, *cuts, *quotas, *splits;
+    long threads;
+    unsigned long zero_below;
+    if (!PyArg_ParseTuple(args, "OOOOOlk", &ptrs, &sizes, &cuts, &quotas, &splits, &threads, &zero_below)) return NULL;
+    Pieces p;
+    if (pieces_parse(ptrs, sizes, &p) < 0) return NULL;
+    const Py_ssize_t np = p.count;
+    PyObject *result = NULL, *fc = NULL, *fq = NULL, *fs = NULL;
+    uint32_t *cut = malloc(sizeof(uint32_t) * (size_t)(np + 1));
+    int64_t *quota = malloc(sizeof(int64_t) * (size_t)(np + 1));
+    int64_t *split = malloc(sizeof(int64_t) * (size_t)(np + 1));
+    int T = clamp_threads(threads, p.start[np]);
+    FoldCtx c = {&p, cut, quota, split, (uint32_t)zero_below, calloc((size_t)T * (np + 1), sizeof(int64_t))};
+    if (!cut || !quota || !split || !c.zeros) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    fc = PySequence_Fast(cuts, "cuts must be a sequence");
+    fq = fc ? PySequence_Fast(quotas, "quotas must be a sequence") : NULL;
+    fs = fq ? PySequence_Fast(splits, "splits must be a sequence") : NULL;
+    if (!fs) goto done;
+    if (PySequence_Fast_GET_SIZE(fc) != np || PySequence_Fast_GET_SIZE(fq) != np || PySequence_Fast_GET_SIZE(fs) != np) {
+        PyErr_SetString(PyExc_ValueError, "cuts, quotas and splits must have one entry per tensor");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < np; i++) {
+        cut[i] = (uint32_t)PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(fc, i));
+        quota[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fq, i));
+        split[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fs, i));
+        if (PyErr_Occurred()) goto done;
+        if (cut[i] > KEY_MASK + 1u || quota[i] < 0 || (quota[i] > 0 && cut[i] > KEY_MASK) || split[i] >= p.size[i]) {
+            PyErr_SetString(PyExc_ValueError, "bad cut or quota");
+            goto done;
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS run_parallel(T, fold_work, &c, p.start[np]);
+    for (Py_ssize_t i = 0; i < np; i++) { /* ties to count off in order, where the split is not known */
+        if (quota[i] <= 0 || split[i] >= 0) continue;
+        float *x = (float *)p.ptr[i];
+        int64_t left = quota[i], z = 0;
+        for (int64_t j = 0; j < p.size[i]; j++) {
+            uint32_t bits;
+            memcpy(&bits, x + j, 4);
+            uint32_t kk = bits & KEY_MASK;
+            int keep = kk > cut[i] || (kk == cut[i] && left-- <= 0);
+            float r = x[j] * (float)keep;
+            x[j] = r;
+            memcpy(&bits, &r, 4);
+            z += (bits & KEY_MASK) < zero_below;
+        }
+        c.zeros[i] += z;
+    }
+    Py_END_ALLOW_THREADS
+    result = list_of_sums(c.zeros, T, np);
+done:
+    Py_XDECREF(fc);
+    Py_XDECREF(fq);
+    Py_XDECREF(fs);
+    free(cut);
+    free(quota);
+    free(split);
+    free(c.zeros);
+    pieces_free(&p);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"scan", py_scan, METH_VARARGS, "scan(ptrs, sizes, threads, zero_below) -> (zeros, nonfinite) per tensor"},
+    {"select", py_select, METH_VARARGS,
+     "select(ptrs, sizes, k, threads, zero_below) -> (key, entries below key, ties at key, zeros, non-finite, splits), all "
+     "but the first two per tensor; splits: position of the last tie a tensor's share prunes (earliest first), or -1 "
+     "when not known; key, below, ties and splits are None when the k-th key was not pinned down (take the slow path)"},
+    {"fold", py_fold, METH_VARARGS, "fold(ptrs, sizes, cuts, quotas, splits, threads, zero_below) -> zeros after per tensor"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "Fused float32 kernels for prunerecipe.fastprune.", -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void) {
+#ifdef HAVE_AVX2_PATH
+    __builtin_cpu_init();
+    use_avx2 = __builtin_cpu_supports("avx2") != 0;
+#endif
+    PyObject *m = PyModule_Create(&module);
+#ifdef HAVE_AVX2_PATH
+    if (m && PyModule_AddIntConstant(m, "AVX2", use_avx2) < 0) Py_CLEAR(m);
+#else
+    if (m && PyModule_AddIntConstant(m, "AVX2", 0) < 0) Py_CLEAR(m);
+#endif
+    return m;
+}
