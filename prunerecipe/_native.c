@@ -432,7 +432,8 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     long long k;
     long threads;
     unsigned long zero_below;
-    if (!PyArg_ParseTuple(args, "OOLlk", &ptrs, &sizes, &k, &threads, &zero_below)) return NULL;
+    long long force_lo = -1, force_hi = -1, force_cap = -1; /* tests: a given bracket and cap */
+    if (!PyArg_ParseTuple(args, "OOLlk|LLL", &ptrs, &sizes, &k, &threads, &zero_below, &force_lo, &force_hi, &force_cap)) return NULL;
     Pieces p;
     if (pieces_parse(ptrs, sizes, &p) < 0) return NULL;
     const int64_t total = p.start[p.count];
@@ -506,7 +507,7 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     }
     /* 2. A bracket [lo, hi] that holds the k-th smallest key but for a vanishing chance: the
      *    sample's order statistics 6 standard deviations (and a slack for runs) either side. */
-    int64_t lo_rank, hi_rank;
+    int64_t lo_rank, hi_rank, expected;
     if (s == total) {
         lo_rank = hi_rank = k - 1;
     } else {
@@ -516,12 +517,18 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
         lo_rank = center - delta;
         hi_rank = center + delta;
     }
+    expected = s == total ? 0 : (int64_t)((double)total * (double)(hi_rank - lo_rank) / (double)s);
     c.lo = lo_rank < 0 ? 0 : kth_key(sample, s, lo_rank, sample + s, hist);
     c.hi = hi_rank >= s ? KEY_MASK : kth_key(sample, s, hi_rank, sample + s, hist);
+    if (force_lo >= 0 && force_hi >= force_lo && force_hi <= (long long)KEY_MASK) {
+        c.lo = (uint32_t)force_lo;
+        c.hi = (uint32_t)force_hi;
+        expected = total;
+    }
     /* 3. One pass: count below lo, count lo and hi per piece, keep the keys strictly between
      *    (up to a cap: past it only the counts go on); count zeros and non-finite entries. */
-    int64_t expected = s == total ? 0 : (int64_t)((double)total * (double)(hi_rank - lo_rank) / (double)s);
     c.cap = 4 * expected + (1 << 16);
+    if (force_cap >= 0) c.cap = force_cap;
     if (c.cap > total) c.cap = total;
     if (c.cap > INT32_MAX) c.cap = INT32_MAX; /* histogram counts are 32-bit */
     uint32_t span = c.hi - c.lo;

@@ -1,0 +1,243 @@
+"""The optional C kernels (prunerecipe/_native.c) against the pure-torch path, cut for cut.
+
+Every test here compares the two paths on the same input: the cut (key and tie quotas), the
+zero and non-finite counts, and the weights a fold leaves, bit for bit. When the kernels are
+not built (or turned off) these tests are skipped, except that under
+``PRUNERECIPE_REQUIRE_NATIVE`` (CI) a missing build is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+import torch
+from torch import nn
+
+from prunerecipe import apply_recipe, parse_recipe
+from prunerecipe import fastprune as fp
+
+REQUIRED = bool(os.environ.get("PRUNERECIPE_REQUIRE_NATIVE"))
+
+
+def test_the_kernels_are_built_where_required():
+    if REQUIRED:
+        assert fp._native_module is not None, "PRUNERECIPE_REQUIRE_NATIVE is set but prunerecipe._native is not importable"
+    elif fp._native_module is None:
+        pytest.skip("C kernels not built here")
+
+
+needs_kernels = pytest.mark.skipif(fp.NATIVE is None, reason="C kernels not built, or turned off (PRUNERECIPE_NATIVE=0)")
+
+KEY = 0x7FFFFFFF
+
+
+def key_of(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", x))[0] & KEY
+
+
+def tensors(kind: str, sizes: list[int], seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes:
+        if kind == "normal":
+            t = torch.randn(n, generator=g)
+        elif kind == "levels":  # few distinct values: huge ties everywhere (quantized weights)
+            t = torch.randint(-8, 9, (n,), generator=g).float() / 8
+        elif kind == "zeros":  # a third exact zeros (+0.0 and -0.0), as after an earlier prune
+            t = torch.randn(n, generator=g)
+            t[torch.rand(n, generator=g) < 0.33] = 0.0
+            t[::11] = -0.0
+        elif kind == "equal":
+            t = torch.full((n,), -0.25)
+        elif kind == "sorted":
+            t = torch.randn(n, generator=g).abs().sort().values
+        elif kind == "rows":  # rows with very different scales: a sample of cache lines is not iid
+            t = torch.randn(n, generator=g) * torch.logspace(-4, 4, 64).repeat_interleave(-(-n // 64))[:n]
+        elif kind == "subnormal":
+            t = torch.randn(n, generator=g) * 1e-39
+        else:
+            raise AssertionError(kind)
+        out.append(t.contiguous())
+    return out
+
+
+def torch_cut(ts: list[torch.Tensor], k: int) -> fp.Threshold:
+    return fp._select_torch([fp.Piece(t) for t in ts], k)
+
+
+SIZES = [[1], [7, 0, 5], [1000], [300_000], [70_000, 5, 400_000, 33], [1 << 21]]
+KINDS = ["normal", "levels", "zeros", "equal", "sorted", "rows", "subnormal"]
+
+
+@needs_kernels
+@pytest.mark.parametrize("sizes", SIZES, ids=lambda s: "+".join(map(str, s)))
+@pytest.mark.parametrize("kind", KINDS)
+def test_select_equals_the_torch_radix_select(kind, sizes):
+    ts = tensors(kind, sizes, seed=len(sizes))
+    total = sum(sizes)
+    for k in sorted({1, total // 3, total // 2, total - 1, total} - {0}):
+        cut, zeros, nonfinite = fp.select_counting([fp.Piece(t) for t in ts], k)
+        assert cut == torch_cut(ts, k), (kind, sizes, k)
+        if zeros is not None:  # counted on the way by the kernels
+            assert zeros == [int((t == 0).sum()) for t in ts]
+            assert nonfinite == [0] * len(ts)
+        if cut.splits is not None:  # where each share of the ties ends: the quota-th tie of that piece
+            for t, quota, split in zip(ts, cut.quotas, cut.splits):
+                if split >= 0:
+                    at = torch.nonzero((t.view(torch.int32) & KEY) == cut.key).view(-1)
+                    assert int(at[quota - 1]) == split
+
+
+@needs_kernels
+def test_select_counts_nonfinite_entries_and_ranks_nan_last():
+    t = torch.randn(500_000)
+    t[::1000] = float("nan")
+    t[5::1000] = float("inf")
+    t[7::1000] = float("-inf")
+    for k in (1, 250_000, 498_000, 499_500, 500_000):
+        cut, zeros, nonfinite = fp.select_counting([fp.Piece(t)], k)
+        assert cut == torch_cut([t], k)
+        assert nonfinite == [1500]
+    zeros, nonfinite = fp.native_scan([t, torch.zeros(3), torch.empty(0)])
+    assert (zeros, nonfinite) == ([0, 3, 0], [1500, 0, 0])
+
+
+@needs_kernels
+@pytest.mark.parametrize("where", ["below", "at-lo", "inside", "at-hi", "above", "over-cap", "lo=hi"])
+def test_every_outcome_of_a_given_bracket(where):
+    # A bracket the sample would not give: each way the k-th key can fall, and a missed one
+    # (the caller then takes the torch path), must still end in the torch path's cut.
+    t = tensors("levels", [200_000])[0]
+    k = 120_000
+    exact = torch_cut([t], k)
+    kth = exact.key - 1 if exact.quotas is None else exact.key  # the k-th smallest key
+    levels = sorted({key_of(float(v)) for v in t.unique()})
+    i = levels.index(kth)
+    lo, hi, cap = {
+        "below": (levels[i + 1], levels[i + 2], -1),
+        "at-lo": (kth, levels[i + 2], -1),
+        "inside": (levels[i - 1], levels[i + 1], -1),
+        "at-hi": (levels[i - 2], kth, -1),
+        "above": (levels[i - 2], levels[i - 1], -1),
+        "over-cap": (levels[i - 2], levels[i + 2], 10),
+        "lo=hi": (kth, kth, -1),
+    }[where]
+    key, below, ties, zeros, nonfinite, splits = fp.NATIVE.select([t.data_ptr()], [t.numel()], k, 2, 1, lo, hi, cap)
+    assert zeros == [int((t == 0).sum())] and nonfinite == [0]  # counts are whole even on a miss
+    if where in ("below", "above", "over-cap"):
+        assert key is None
+        return
+    assert key == kth and below == int(((t.view(torch.int32) & KEY) < kth).sum())
+    assert ties == [int(((t.view(torch.int32) & KEY) == kth).sum())]
+
+
+def fold_both_ways(ts: list[torch.Tensor], cut: fp.Threshold, monkeypatch) -> tuple[list[torch.Tensor], list[torch.Tensor], dict]:
+    """The same folds through the kernels and through torch; returns both results and the kernels' zero counts."""
+    mods_n = [nn.Module() for _ in ts]
+    mods_t = [nn.Module() for _ in ts]
+    for m, t in zip(mods_n, ts):
+        m.register_parameter("weight", nn.Parameter(t.clone()))
+    for m, t in zip(mods_t, ts):
+        m.register_parameter("weight", nn.Parameter(t.clone()))
+    zeros = fp.fold_all([(m, "weight", fp.Piece(m.weight), cut, i) for i, m in enumerate(mods_n)], {})
+    monkeypatch.setattr(fp, "NATIVE", None)
+    assert fp.fold_all([(m, "weight", fp.Piece(m.weight), cut, i) for i, m in enumerate(mods_t)], {}) == {}
+    monkeypatch.undo()
+    return [m.weight.detach() for m in mods_n], [m.weight.detach() for m in mods_t], {i: zeros[(id(m), "weight")] for i, m in enumerate(mods_n)}
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["normal", "levels", "zeros", "equal", "rows"])
+def test_fold_leaves_the_same_bits_as_torch(kind, monkeypatch):
+    ts = tensors(kind, [300_000, 17, 1 << 20], seed=7)
+    total = sum(t.numel() for t in ts)
+    for k in (1, total // 2, total):
+        cut = fp.select_smallest([fp.Piece(t) for t in ts], k)
+        native, reference, zeros = fold_both_ways(ts, cut, monkeypatch)
+        for i, (a, b) in enumerate(zip(native, reference)):
+            assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (kind, k, i)  # -0.0 included
+            assert zeros[i] == int((b == 0).sum())
+        pruned = sum(int((a == 0).sum()) - int((t == 0).sum()) for a, t in zip(native, ts))
+        assert pruned + sum(int(((t == 0) & (a == 0)).sum()) for a, t in zip(native, ts)) >= k
+
+
+@needs_kernels
+def test_fold_with_ties_and_no_known_split_counts_them_off_in_order(monkeypatch):
+    t = tensors("levels", [1 << 20], seed=3)[0]
+    cut = fp.select_smallest([fp.Piece(t)], 600_000)
+    assert cut.quotas is not None and cut.splits is not None
+    blind = fp.Threshold(cut.key, cut.quotas)  # as the torch path gives it: no split positions
+    native, reference, _ = fold_both_ways([t], blind, monkeypatch)
+    assert torch.equal(native[0].view(torch.int32), reference[0].view(torch.int32))
+    assert int((native[0] == 0).sum()) == 600_000 + 0  # exactly k pruned (no zeros before)
+
+
+@needs_kernels
+def test_fold_cut_above_every_key_prunes_everything_and_cut_zero_nothing():
+    t = torch.randn(100_000)
+    t[3] = -0.0
+    for cut, expect in ((KEY + 1, 100_000), (0, 1)):
+        x = t.clone()
+        (zeros,) = fp.NATIVE.fold([x.data_ptr()], [x.numel()], [cut], [0], [-1], 2, 1)
+        assert zeros == expect == int((x == 0).sum())
+        assert torch.equal(x.view(torch.int32), (t * (1.0 if cut == 0 else 0.0)).view(torch.int32))
+
+
+@needs_kernels
+def test_bad_arguments_are_refused_not_crashed_on():
+    t = torch.randn(10)
+    with pytest.raises(ValueError):
+        fp.NATIVE.select([t.data_ptr()], [10], 11, 1, 1)
+    with pytest.raises(ValueError):
+        fp.NATIVE.select([t.data_ptr()], [10], 0, 1, 1)
+    with pytest.raises(ValueError):
+        fp.NATIVE.fold([t.data_ptr()], [10], [1], [0], [10], 1, 1)  # split past the end
+    with pytest.raises(ValueError):
+        fp.NATIVE.fold([t.data_ptr()], [10], [KEY + 2], [0], [-1], 1, 1)
+    with pytest.raises(ValueError):
+        fp.NATIVE.scan([t.data_ptr()], [10, 3], 1, 1)
+    with pytest.raises(ValueError):
+        fp.NATIVE.scan([0], [5], 1, 1)
+
+
+FINALIZE = """
+version: 1
+finalize: true
+steps:
+  - {{select: {{types: [Linear]}}, method: l1_unstructured, amount: {amount}, scope: {scope}}}
+"""
+
+
+@needs_kernels
+@pytest.mark.parametrize("scope", ["local", "global"])
+@pytest.mark.parametrize("kind", ["normal", "levels"])
+def test_apply_with_finalize_is_the_same_with_and_without_the_kernels(scope, kind, monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 1100), nn.Linear(1100, 300), nn.Linear(300, 10))
+    if kind == "levels":  # ties at the cut on a tensor above EXACT_TIES_UP_TO: split by the fold
+        with torch.no_grad():
+            for m in model:
+                m.weight.copy_(torch.randint(-8, 9, m.weight.shape).float() / 8)
+    twin = nn.Sequential(*[nn.Linear(m.in_features, m.out_features) for m in model])
+    twin.load_state_dict(model.state_dict())
+    recipe = parse_recipe(FINALIZE.format(amount=0.37, scope=scope))
+    report = apply_recipe(model, recipe)
+    monkeypatch.setattr(fp, "NATIVE", None)
+    reference = apply_recipe(twin, recipe)
+    for (name, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32)), name
+    assert report.targets == reference.targets
+    assert list(model.state_dict()) == list(twin.state_dict())
+
+
+@needs_kernels
+def test_apply_refuses_nan_found_by_the_kernels_and_changes_nothing():
+    model = nn.Sequential(nn.Linear(600, 600))
+    with torch.no_grad():
+        model[0].weight[3, 4] = float("nan")
+    before = model[0].weight.detach().clone()
+    with pytest.raises(Exception, match=r"1 NaN and 0 infinite"):
+        apply_recipe(model, parse_recipe(FINALIZE.format(amount=0.5, scope="global")))
+    assert torch.equal(model[0].weight.detach().nan_to_num(7), before.nan_to_num(7))
