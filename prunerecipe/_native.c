@@ -23,6 +23,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#define HAVE_MMAP 1
+#endif
+
 #define KEY_MASK 0x7fffffffu
 #define NONFINITE 0x7f800000u
 #define MAX_THREADS 256
@@ -97,6 +102,31 @@ static Py_ssize_t piece_at(const Pieces *p, int64_t pos) { /* the piece holding 
         else hi = mid;
     }
     return lo;
+}
+
+/* Scratch of the select: mapped for the call and unmapped after, so its pages go back to the
+ * system at once. From malloc, freed blocks can stay resident in the heap (glibc raises its
+ * mmap threshold after a large free) and would sit under the masks built next. */
+static void *scratch_alloc(size_t bytes) {
+#ifdef HAVE_MMAP
+    size_t total = bytes + 64;
+    void *p = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED) return NULL;
+    *(size_t *)p = total;
+    return (char *)p + 64;
+#else
+    return malloc(bytes);
+#endif
+}
+
+static void scratch_free(void *q) {
+    if (!q) return;
+#ifdef HAVE_MMAP
+    char *p = (char *)q - 64;
+    munmap(p, *(size_t *)p);
+#else
+    free(q);
+#endif
 }
 
 /* ---- threads: each worker gets an equal share [a, b) of the concatenated entries ---- */
@@ -446,8 +476,8 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     const Py_ssize_t np = p.count;
     PyObject *result = NULL;
     int64_t s = total <= SAMPLE ? total : SAMPLE;
-    uint32_t *sample = malloc(sizeof(uint32_t) * (size_t)s * 2); /* the sample, then select scratch */
-    int64_t *hist = malloc(sizeof(int64_t) << 16);
+    uint32_t *sample = scratch_alloc(sizeof(uint32_t) * (size_t)s * 2); /* the sample, then select scratch */
+    int64_t *hist = scratch_alloc(sizeof(int64_t) << 16);
     int64_t *sample_at = malloc(sizeof(int64_t) * SAMPLE_BLOCKS);
     Py_ssize_t *sample_piece = malloc(sizeof(Py_ssize_t) * SAMPLE_BLOCKS);
     CountCtx c;
@@ -534,9 +564,9 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     uint32_t span = c.hi - c.lo;
     while ((span >> c.shift) >= HIST_BINS) c.shift++;
     for (int t = 0; t < T && !no_memory; t++) { /* untouched pages of these cost no memory */
-        c.cand_key[t] = malloc(sizeof(uint32_t) * (size_t)c.cap);
-        c.cand_piece[t] = malloc(sizeof(uint32_t) * (size_t)c.cap);
-        c.cand_pos[t] = malloc(sizeof(int64_t) * (size_t)c.cap);
+        c.cand_key[t] = scratch_alloc(sizeof(uint32_t) * (size_t)c.cap);
+        c.cand_piece[t] = scratch_alloc(sizeof(uint32_t) * (size_t)c.cap);
+        c.cand_pos[t] = scratch_alloc(sizeof(int64_t) * (size_t)c.cap);
         c.hist[t] = calloc(HIST_BINS, sizeof(uint32_t));
         no_memory = !c.cand_key[t] || !c.cand_piece[t] || !c.cand_pos[t] || !c.hist[t];
     }
@@ -573,7 +603,7 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
                 if (before + in_bucket >= rank) break;
                 before += in_bucket;
             }
-            if (!overflow && (all_keys = malloc(sizeof(uint32_t) * (size_t)in_bucket * 5)) != NULL) {
+            if (!overflow && (all_keys = scratch_alloc(sizeof(uint32_t) * (size_t)in_bucket * 5)) != NULL) {
                 uint32_t *bucket_piece = all_keys + 2 * in_bucket;
                 int64_t *bucket_pos = (int64_t *)(all_keys + 3 * in_bucket);
                 int64_t w = 0;
@@ -625,9 +655,9 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     Py_XDECREF(z_list);
     Py_XDECREF(f_list);
 done:
-    for (int t = 0; c.cand_key && t < T; t++) free(c.cand_key[t]);
-    for (int t = 0; c.cand_piece && t < T; t++) free(c.cand_piece[t]);
-    for (int t = 0; c.cand_pos && t < T; t++) free(c.cand_pos[t]);
+    for (int t = 0; c.cand_key && t < T; t++) scratch_free(c.cand_key[t]);
+    for (int t = 0; c.cand_piece && t < T; t++) scratch_free(c.cand_piece[t]);
+    for (int t = 0; c.cand_pos && t < T; t++) scratch_free(c.cand_pos[t]);
     free(c.cand_pos);
     for (int t = 0; c.hist && t < T; t++) free(c.hist[t]);
     free(c.hist);
@@ -641,9 +671,9 @@ done:
     free(c.zeros);
     free(c.nonfinite);
     free(per_piece);
-    free(all_keys);
-    free(sample);
-    free(hist);
+    scratch_free(all_keys);
+    scratch_free(sample);
+    scratch_free(hist);
     free(sample_at);
     free(sample_piece);
     pieces_free(&p);

@@ -154,7 +154,7 @@ def test_fold_leaves_the_same_bits_as_torch(kind, monkeypatch):
     ts = tensors(kind, [300_000, 17, 1 << 20], seed=7)
     total = sum(t.numel() for t in ts)
     for k in (1, total // 2, total):
-        cut = fp.select_smallest([fp.Piece(t) for t in ts], k)
+        cut = fp.select_counting([fp.Piece(t) for t in ts], k)[0]
         native, reference, zeros = fold_both_ways(ts, cut, monkeypatch)
         for i, (a, b) in enumerate(zip(native, reference)):
             assert torch.equal(a.view(torch.int32), b.view(torch.int32)), (kind, k, i)  # -0.0 included
@@ -166,7 +166,7 @@ def test_fold_leaves_the_same_bits_as_torch(kind, monkeypatch):
 @needs_kernels
 def test_fold_with_ties_and_no_known_split_counts_them_off_in_order(monkeypatch):
     t = tensors("levels", [1 << 20], seed=3)[0]
-    cut = fp.select_smallest([fp.Piece(t)], 600_000)
+    cut = fp.select_counting([fp.Piece(t)], 600_000)[0]
     assert cut.quotas is not None and cut.splits is not None
     blind = fp.Threshold(cut.key, cut.quotas)  # as the torch path gives it: no split positions
     native, reference, _ = fold_both_ways([t], blind, monkeypatch)
