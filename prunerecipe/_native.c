@@ -266,28 +266,51 @@ done:
 
 /* ---- exact k-th smallest key of a small array (radix select, 16-bit digits from the top) ---- */
 
-static uint32_t kth_key(const uint32_t *keys, int64_t n, int64_t rank /* 0-based */, uint32_t *scratch, int64_t *hist) {
-    /* Narrow `keys` (n of them) down digit by digit; scratch holds the survivors of each round. */
-    const uint32_t *cur = keys;
-    int64_t m = n;
-    uint32_t prefix = 0;
-    for (int shift = 16; shift >= 0; shift -= 16) {
-        memset(hist, 0, sizeof(int64_t) << 16);
-        for (int64_t i = 0; i < m; i++) hist[(cur[i] >> shift) & 0xffff]++;
-        uint32_t d = 0;
-        while (rank >= hist[d]) rank -= hist[d++];
-        prefix |= d << shift;
-        if (shift == 0) break;
-        int64_t w = 0;
-        for (int64_t i = 0; i < m; i++)
-            if ((cur[i] >> 16) == d) scratch[w++] = cur[i];
-        cur = scratch;
-        m = w;
+static uint32_t small_kth(uint32_t *a, int64_t n, int64_t rank) { /* nth_element on a (reordered) */
+    int64_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        uint32_t x = a[lo], y = a[lo + (hi - lo) / 2], z = a[hi];
+        uint32_t pivot = x < y ? (y < z ? y : (x < z ? z : x)) : (x < z ? x : (y < z ? z : y)); /* median of 3 */
+        int64_t i = lo, j = hi;
+        while (i <= j) {
+            while (a[i] < pivot) i++;
+            while (a[j] > pivot) j--;
+            if (i <= j) {
+                uint32_t t = a[i];
+                a[i++] = a[j];
+                a[j--] = t;
+            }
+        }
+        if (rank <= j) hi = j;
+        else if (rank >= i) lo = i;
+        else return a[rank]; /* between the two halves: equal to the pivot */
     }
-    return prefix;
+    return a[lo];
 }
 
-/* ---- select: the cut at the k-th smallest key ---- */
+#define SMALL 4096 /* up to this many keys, a quickselect beats clearing a 64k-bin histogram */
+
+static uint32_t kth_key(const uint32_t *keys, int64_t n, int64_t rank /* 0-based */, uint32_t *scratch, uint32_t *hist) {
+    /* The top 16 bits by histogram, then the survivors (copied to scratch, which has room for
+     * n keys) by histogram or, when few, by quickselect. */
+    if (n <= SMALL) {
+        memcpy(scratch, keys, sizeof(uint32_t) * (size_t)n);
+        return small_kth(scratch, n, rank);
+    }
+    memset(hist, 0, sizeof(uint32_t) << 16);
+    for (int64_t i = 0; i < n; i++) hist[keys[i] >> 16]++;
+    uint32_t d = 0;
+    while (rank >= (int64_t)hist[d]) rank -= hist[d++];
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; i++)
+        if ((keys[i] >> 16) == d) scratch[m++] = keys[i];
+    if (m <= SMALL) return small_kth(scratch, m, rank);
+    memset(hist, 0, sizeof(uint32_t) << 16);
+    for (int64_t i = 0; i < m; i++) hist[scratch[i] & 0xffff]++;
+    uint32_t e = 0;
+    while (rank >= (int64_t)hist[e]) rank -= hist[e++];
+    return (d << 16) | e;
+}
 
 /* One stretch of the count pass. Adds to `c` the keys below lo, the zeros and the non-finite
  * entries; returns how many 16-entry blocks hold a key in [lo, hi], each recorded as its
@@ -440,8 +463,33 @@ static uint32_t mix(uint64_t x) { /* splitmix64: a fixed jitter for sample posit
     return (uint32_t)(x ^ (x >> 31));
 }
 
-#define SAMPLE_BLOCKS 16384
+typedef struct {
+    const Pieces *p;
+    const int64_t *at;        /* [SAMPLE_BLOCKS]: where each run starts in the concatenation */
+    const Py_ssize_t *piece;  /* [SAMPLE_BLOCKS]: the piece holding that start */
+    uint32_t *out;
+} SampleCtx;
+
 #define SAMPLE_RUN 16 /* contiguous entries per sample block: one cache line */
+
+static void sample_work(void *arg, int tid, int64_t a, int64_t b) {
+    SampleCtx *c = arg;
+    (void)tid;
+    for (int64_t blk = a; blk < b; blk++) {
+        if (blk + 16 < b) { /* the runs ahead, fetched while this one is read */
+            Py_ssize_t ahead = c->piece[blk + 16];
+            __builtin_prefetch(c->p->ptr[ahead] + (c->at[blk + 16] - c->p->start[ahead]));
+        }
+        Py_ssize_t i = c->piece[blk];
+        uint32_t *w = c->out + blk * SAMPLE_RUN;
+        for (int64_t pos = c->at[blk]; pos < c->at[blk] + SAMPLE_RUN; pos++) {
+            while (pos >= c->p->start[i + 1]) i++;
+            *w++ = c->p->ptr[i][pos - c->p->start[i]] & KEY_MASK;
+        }
+    }
+}
+
+#define SAMPLE_BLOCKS 16384
 #define SAMPLE (SAMPLE_BLOCKS * SAMPLE_RUN)
 
 static PyObject *int_list(const int64_t *values, Py_ssize_t count) {
@@ -476,8 +524,8 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     const Py_ssize_t np = p.count;
     PyObject *result = NULL;
     int64_t s = total <= SAMPLE ? total : SAMPLE;
-    uint32_t *sample = scratch_alloc(sizeof(uint32_t) * (size_t)s * 2); /* the sample, then select scratch */
-    int64_t *hist = scratch_alloc(sizeof(int64_t) << 16);
+    uint32_t *sample = malloc(sizeof(uint32_t) * (size_t)s * 2); /* the sample, then select scratch: at most 2 MB, from the heap (reused, no page faults) */
+    uint32_t *hist = malloc(sizeof(uint32_t) << 16); /* small, reused: from the heap */
     int64_t *sample_at = malloc(sizeof(int64_t) * SAMPLE_BLOCKS);
     Py_ssize_t *sample_piece = malloc(sizeof(Py_ssize_t) * SAMPLE_BLOCKS);
     CountCtx c;
@@ -523,17 +571,9 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
             sample_at[blk] = pos;
             sample_piece[blk] = i;
         }
-        for (int64_t blk = 0; blk < SAMPLE_BLOCKS; blk++) { /* the reads, with the next runs fetched ahead */
-            if (blk + 16 < SAMPLE_BLOCKS) {
-                Py_ssize_t ahead = sample_piece[blk + 16];
-                __builtin_prefetch(p.ptr[ahead] + (sample_at[blk + 16] - p.start[ahead]));
-            }
-            i = sample_piece[blk];
-            for (int64_t pos = sample_at[blk]; pos < sample_at[blk] + SAMPLE_RUN; pos++) {
-                while (pos >= p.start[i + 1]) i++;
-                sample[w++] = p.ptr[i][pos - p.start[i]] & KEY_MASK;
-            }
-        }
+        SampleCtx sc = {&p, sample_at, sample_piece, sample};
+        run_parallel(T, sample_work, &sc, SAMPLE_BLOCKS); /* the reads: latency-bound, so spread over the threads */
+        (void)w;
     }
     /* 2. A bracket [lo, hi] that holds the k-th smallest key but for a vanishing chance: the
      *    sample's order statistics 6 standard deviations (and a slack for runs) either side. */
@@ -672,8 +712,8 @@ done:
     free(c.nonfinite);
     free(per_piece);
     scratch_free(all_keys);
-    scratch_free(sample);
-    scratch_free(hist);
+    free(sample);
+    free(hist);
     free(sample_at);
     free(sample_piece);
     pieces_free(&p);
