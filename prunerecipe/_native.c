@@ -129,6 +129,12 @@ static void scratch_free(void *q) {
 #endif
 }
 
+static int zero_below_ok(long long v) {
+    if (v >= 0 && v <= (long long)KEY_MASK + 1) return 1;
+    PyErr_SetString(PyExc_ValueError, "zero_below must be a key in [0, 2**31]");
+    return 0;
+}
+
 /* ---- threads: each worker gets an equal share [a, b) of the concatenated entries ---- */
 
 typedef void (*work_fn)(void *ctx, int tid, int64_t a, int64_t b);
@@ -239,8 +245,9 @@ static PyObject *list_of_sums(const int64_t *per_thread, int threads, Py_ssize_t
 static PyObject *py_scan(PyObject *self, PyObject *args) {
     PyObject *ptrs, *sizes;
     long threads;
-    unsigned long zero_below;
-    if (!PyArg_ParseTuple(args, "OOlk", &ptrs, &sizes, &threads, &zero_below)) return NULL;
+    long long zero_below;
+    if (!PyArg_ParseTuple(args, "OOlL", &ptrs, &sizes, &threads, &zero_below)) return NULL;
+    if (!zero_below_ok(zero_below)) return NULL;
     Pieces p;
     if (pieces_parse(ptrs, sizes, &p) < 0) return NULL;
     int T = clamp_threads(threads, p.start[p.count]);
@@ -509,9 +516,10 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     PyObject *ptrs, *sizes;
     long long k;
     long threads;
-    unsigned long zero_below;
+    long long zero_below;
     long long force_lo = -1, force_hi = -1, force_cap = -1; /* tests: a given bracket and cap */
-    if (!PyArg_ParseTuple(args, "OOLlk|LLL", &ptrs, &sizes, &k, &threads, &zero_below, &force_lo, &force_hi, &force_cap)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOLlL|LLL", &ptrs, &sizes, &k, &threads, &zero_below, &force_lo, &force_hi, &force_cap)) return NULL;
+    if (!zero_below_ok(zero_below)) return NULL;
     Pieces p;
     if (pieces_parse(ptrs, sizes, &p) < 0) return NULL;
     const int64_t total = p.start[p.count];
@@ -545,6 +553,7 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     c.hist = calloc(T, sizeof(uint32_t *));
     int64_t *per_piece = calloc((size_t)5 * (np + 1), sizeof(int64_t)); /* ties, zeros, non-finite, splits, scratch */
     uint32_t *all_keys = NULL;
+    int64_t *bucket_pos = NULL; /* one scratch block: positions, then keys (twice) and pieces */
     if (!sample || !hist || !sample_at || !sample_piece || !c.below || !c.ncand || !c.overflow || !c.eq_lo || !c.eq_hi || !c.zeros || !c.nonfinite || !c.cand_key ||
         !c.cand_piece || !c.cand_pos || !c.hist || !per_piece) {
         PyErr_NoMemory();
@@ -563,27 +572,45 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
         for (Py_ssize_t i = 0; i < np; i++)
             for (int64_t j = 0; j < p.size[i]; j++) sample[w++] = p.ptr[i][j] & KEY_MASK;
     } else {
-        int64_t stretch = total / SAMPLE_BLOCKS, w = 0;
         Py_ssize_t i = 0;
         for (int64_t blk = 0; blk < SAMPLE_BLOCKS; blk++) { /* where each run starts, walking the pieces */
-            int64_t pos = blk * stretch + (int64_t)(mix((uint64_t)blk) % (uint64_t)(stretch - SAMPLE_RUN + 1));
+            /* stretch blk is [blk * total / B, (blk + 1) * total / B): together they cover everything */
+            int64_t first = (int64_t)((double)blk * (double)total / SAMPLE_BLOCKS), next = (int64_t)((double)(blk + 1) * (double)total / SAMPLE_BLOCKS);
+            if (next > total) next = total;
+            if (first > next - SAMPLE_RUN) first = next - SAMPLE_RUN;
+            int64_t pos = first + (int64_t)(mix((uint64_t)blk) % (uint64_t)(next - first - SAMPLE_RUN + 1));
             while (pos >= p.start[i + 1]) i++;
             sample_at[blk] = pos;
             sample_piece[blk] = i;
         }
         SampleCtx sc = {&p, sample_at, sample_piece, sample};
         run_parallel(T, sample_work, &sc, SAMPLE_BLOCKS); /* the reads: latency-bound, so spread over the threads */
-        (void)w;
     }
     /* 2. A bracket [lo, hi] that holds the k-th smallest key but for a vanishing chance: the
-     *    sample's order statistics 6 standard deviations (and a slack for runs) either side. */
+     *    sample's order statistics 4.5 standard deviations (and a slack for runs) either side. */
     int64_t lo_rank, hi_rank, expected;
     if (s == total) {
         lo_rank = hi_rank = k - 1;
     } else {
         double q = (double)k / (double)total;
         int64_t center = (int64_t)(q * (double)s);
-        int64_t delta = (int64_t)(6.0 * sqrt((double)s * q * (1.0 - q))) + 4 * SAMPLE_RUN;
+        if (center >= s) center = s - 1;
+        /* The sample comes in runs of SAMPLE_RUN neighbours, which may be alike (rows with their
+         * own scale, runs of equal values): the spread of the estimate is measured from the runs
+         * themselves (how many of each fall below the estimate), never taken below the iid one. */
+        uint32_t guess = kth_key(sample, s, center, sample + s, hist);
+        double sum = 0, sum2 = 0;
+        for (int64_t blk = 0; blk < SAMPLE_BLOCKS; blk++) {
+            int below_guess = 0;
+            for (int j = 0; j < SAMPLE_RUN; j++) below_guess += sample[blk * SAMPLE_RUN + j] < guess;
+            sum += below_guess;
+            sum2 += (double)below_guess * below_guess;
+        }
+        double mean = sum / SAMPLE_BLOCKS, var = sum2 / SAMPLE_BLOCKS - mean * mean;
+        double spread = sqrt((double)s * q * (1.0 - q)); /* in sample ranks */
+        double clustered = sqrt(var > 0 ? var * SAMPLE_BLOCKS : 0);
+        if (clustered > spread) spread = clustered;
+        int64_t delta = (int64_t)(4.5 * spread) + 4 * SAMPLE_RUN;
         lo_rank = center - delta;
         hi_rank = center + delta;
     }
@@ -643,9 +670,9 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
                 if (before + in_bucket >= rank) break;
                 before += in_bucket;
             }
-            if (!overflow && (all_keys = scratch_alloc(sizeof(uint32_t) * (size_t)in_bucket * 5)) != NULL) {
+            if (!overflow && (bucket_pos = scratch_alloc(sizeof(uint32_t) * (size_t)in_bucket * 5)) != NULL) {
+                all_keys = (uint32_t *)(bucket_pos + in_bucket); /* the int64 array first: aligned */
                 uint32_t *bucket_piece = all_keys + 2 * in_bucket;
-                int64_t *bucket_pos = (int64_t *)(all_keys + 3 * in_bucket);
                 int64_t w = 0;
                 for (int t = 0; t < T; t++) /* in thread order: ascending position, piece by piece */
                     for (int64_t j = 0; j < c.ncand[t]; j++)
@@ -711,7 +738,7 @@ done:
     free(c.zeros);
     free(c.nonfinite);
     free(per_piece);
-    scratch_free(all_keys);
+    scratch_free(bucket_pos);
     free(sample);
     free(hist);
     free(sample_at);
@@ -788,8 +815,9 @@ static void fold_work(void *arg, int tid, int64_t a, int64_t b) {
 static PyObject *py_fold(PyObject *self, PyObject *args) {
     PyObject *ptrs, *sizes, *cuts, *quotas, *splits;
     long threads;
-    unsigned long zero_below;
-    if (!PyArg_ParseTuple(args, "OOOOOlk", &ptrs, &sizes, &cuts, &quotas, &splits, &threads, &zero_below)) return NULL;
+    long long zero_below;
+    if (!PyArg_ParseTuple(args, "OOOOOlL", &ptrs, &sizes, &cuts, &quotas, &splits, &threads, &zero_below)) return NULL;
+    if (!zero_below_ok(zero_below)) return NULL;
     Pieces p;
     if (pieces_parse(ptrs, sizes, &p) < 0) return NULL;
     const Py_ssize_t np = p.count;
@@ -812,11 +840,12 @@ static PyObject *py_fold(PyObject *self, PyObject *args) {
         goto done;
     }
     for (Py_ssize_t i = 0; i < np; i++) {
-        cut[i] = (uint32_t)PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(fc, i));
+        long long wide = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fc, i));
         quota[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fq, i));
         split[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fs, i));
         if (PyErr_Occurred()) goto done;
-        if (cut[i] > KEY_MASK + 1u || quota[i] < 0 || (quota[i] > 0 && cut[i] > KEY_MASK) || split[i] >= p.size[i]) {
+        cut[i] = (uint32_t)wide;
+        if (wide < 0 || wide > (long long)KEY_MASK + 1 || quota[i] < 0 || (quota[i] > 0 && cut[i] > KEY_MASK) || split[i] >= p.size[i]) {
             PyErr_SetString(PyExc_ValueError, "bad cut or quota");
             goto done;
         }

@@ -267,17 +267,25 @@ def _histogram(
 
 
 def native_ok(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether the C kernels take these tensors: float32, on the CPU, contiguous."""
-    return NATIVE is not None and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+    """Whether the C kernels take these tensors: float32, on the CPU, contiguous, and
+    subnormals not flushed to zero (``torch.set_flush_denormal(True)`` acts on the calling
+    thread only, so torch's own pool threads may or may not flush: no kernel could match it
+    bit for bit, and the torch path is used)."""
+    return (
+        NATIVE is not None
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+        and not flushes_subnormals()
+    )
 
 
-def _zero_below() -> int:
-    """Keys below this are zero to torch: 1, or the smallest normal float32 when
-    ``torch.set_flush_denormal(True)`` makes subnormals compare equal to zero."""
-    return 1 if bool(_SUBNORMAL.ne(0).item()) else _SMALLEST_NORMAL_KEY[torch.float32]
+# The smallest positive subnormal float32, made from its bits (a float literal would itself be
+# flushed to zero when the module is imported with flush-to-zero on).
+_SUBNORMAL = torch.tensor([1], dtype=torch.int32).view(torch.float32)
 
 
-_SUBNORMAL = torch.tensor([1e-40], dtype=torch.float32)
+def flushes_subnormals() -> bool:
+    """Whether ``torch.set_flush_denormal(True)`` is in effect on this thread."""
+    return not bool(_SUBNORMAL.ne(0).item())
 
 
 def _args(tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[int]]:
@@ -287,7 +295,7 @@ def _args(tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[int]]:
 def native_scan(tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[int]]:
     """Zero and non-finite entries of each tensor, in one read pass (``native_ok`` tensors only)."""
     ptrs, sizes = _args(tensors)
-    zeros, nonfinite = NATIVE.scan(ptrs, sizes, torch.get_num_threads(), _zero_below())
+    zeros, nonfinite = NATIVE.scan(ptrs, sizes, torch.get_num_threads(), 1)
     return zeros, nonfinite
 
 
@@ -297,7 +305,10 @@ def select_counting(pieces: Sequence[Piece], k: int, pool: Pool | None = None) -
     tensors = [p.importance.detach() for p in pieces]
     if 0 < k <= sum(t.numel() for t in tensors) and all(p.eligible is None for p in pieces) and native_ok(tensors):
         ptrs, sizes = _args(tensors)
-        key, below, ties, zeros, nonfinite, splits = NATIVE.select(ptrs, sizes, k, torch.get_num_threads(), _zero_below())
+        try:
+            key, below, ties, zeros, nonfinite, splits = NATIVE.select(ptrs, sizes, k, torch.get_num_threads(), 1)
+        except MemoryError:  # no room for the kernels' scratch: the torch path needs less
+            return _select_torch(pieces, k, pool), None, None
         if key is not None:
             remaining = k - below
             if remaining == sum(ties):  # every entry equal to the k-th is pruned: a plain cut
@@ -616,7 +627,7 @@ def fold_all(folds: Sequence[Fold], pool: Pool) -> dict[tuple[int, str], int]:
         quotas = [th.quotas[i] if th.quotas is not None else 0 for *_, th, i in native]
         splits = [th.splits[i] if th.splits is not None else -1 for *_, th, i in native]
         ptrs, sizes = _args(params)
-        after = NATIVE.fold(ptrs, sizes, cuts, quotas, splits, torch.get_num_threads(), _zero_below())
+        after = NATIVE.fold(ptrs, sizes, cuts, quotas, splits, torch.get_num_threads(), 1)
         for (module, name, *_), param, count in zip(native, params, after):
             torch.autograd.graph.increment_version(param)  # written in place, as param.mul_ would count it
             zeros[(id(module), name)] = count

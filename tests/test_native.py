@@ -200,6 +200,43 @@ def test_bad_arguments_are_refused_not_crashed_on():
         fp.NATIVE.scan([t.data_ptr()], [10, 3], 1, 1)
     with pytest.raises(ValueError):
         fp.NATIVE.scan([0], [5], 1, 1)
+    with pytest.raises(ValueError):  # would wrap to a small cut if taken modulo 2**32 (review finding)
+        fp.NATIVE.fold([t.data_ptr()], [10], [(1 << 32) + 0x3F800001], [0], [-1], 1, 1)
+    with pytest.raises(ValueError):
+        fp.NATIVE.scan([t.data_ptr()], [10], 1, (1 << 31) + 1)
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "kind, n",
+    [("sorted", 300_001), ("rows", 300_001), ("runs", 2_000_000), ("rows", 3_000_000), ("normal", 5_000_000)],
+)
+def test_the_sample_bracket_holds_on_structured_data(kind, n):
+    # A miss is never wrong (the torch select runs instead) but is slow. The sample must reach
+    # the end of the data (it once skipped the last stretch), and runs of alike neighbours must
+    # widen the bracket instead of fooling it (review findings).
+    if kind == "runs":  # runs of 16 equal values, each one cache line
+        t = torch.randn(n // 16, generator=torch.Generator().manual_seed(1)).repeat_interleave(16).contiguous()
+    else:
+        (t,) = tensors(kind, [n], seed=5)
+    for k in (n // 10, n // 2, n - n // 10):
+        key, *_ = fp.NATIVE.select([t.data_ptr()], [n], k, 2, 1)
+        assert key is not None, (kind, n, k)
+
+
+def test_flush_to_zero_turns_the_kernels_off(monkeypatch):
+    # torch.set_flush_denormal acts on the calling thread only; torch's pool threads and ours
+    # would flush different entries, so the torch path runs (review finding).
+    assert fp._SUBNORMAL.view(torch.int32).item() == 1  # made from bits: unaffected by the mode at import
+    t = torch.randn(1000)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero mode for torch to set")
+    try:
+        assert fp.flushes_subnormals() and not fp.native_ok([t])
+    finally:
+        torch.set_flush_denormal(False)
+    assert not fp.flushes_subnormals()
+    assert fp.native_ok([t]) == (fp.NATIVE is not None)
 
 
 FINALIZE = """
