@@ -405,8 +405,7 @@ typedef struct {
     int64_t *zeros;      /* [threads][count] */
     int64_t *nonfinite;  /* [threads][count] */
     uint32_t **cand_key; /* [threads][cap]: keys strictly inside (lo, hi) */
-    uint32_t **cand_piece;
-    int64_t **cand_pos; /* [threads][cap]: their positions in their pieces */
+    int64_t *seg_begin, *seg_end; /* [threads][count]: each piece's candidates in its thread's cand_key */
     uint32_t **hist;  /* [threads][HIST_BINS]: candidates by (key - lo) >> shift */
     int shift;
     int64_t *ncand;   /* [threads] */
@@ -418,8 +417,8 @@ static void count_work(void *arg, int tid, int64_t a, int64_t b) {
     const Py_ssize_t np = c->p->count;
     int64_t *eql = c->eq_lo + (size_t)tid * np, *eqh = c->eq_hi + (size_t)tid * np;
     int64_t *zeros = c->zeros + (size_t)tid * np, *bad = c->nonfinite + (size_t)tid * np;
-    uint32_t *ck = c->cand_key[tid], *cp = c->cand_piece[tid], *hist = c->hist[tid];
-    int64_t *cpos = c->cand_pos[tid];
+    uint32_t *ck = c->cand_key[tid], *hist = c->hist[tid];
+    int64_t *seg_begin = c->seg_begin + (size_t)tid * np, *seg_end = c->seg_end + (size_t)tid * np;
     uint32_t blk[STRETCH / BLOCK], msk[STRETCH / BLOCK];
     const int shift = c->shift;
     int64_t nc = 0, below = 0;
@@ -427,8 +426,9 @@ static void count_work(void *arg, int tid, int64_t a, int64_t b) {
     int over = 0;
     FOR_SEGMENTS(c->p, a, b, {
         const int32_t *x = (const int32_t *)c->p->ptr[piece] + from;
-        int64_t n = to - from;
+        int64_t n = to - from, el = 0, eh = 0;
         Counts counts = {0, 0, 0};
+        seg_begin[piece] = nc; /* a thread sees each piece in one stretch at most */
         for (int64_t s = 0; s < n; s += STRETCH) {
             int64_t m = n - s < STRETCH ? n - s : STRETCH, nb;
 #ifdef HAVE_AVX2_PATH
@@ -439,24 +439,32 @@ static void count_work(void *arg, int tid, int64_t a, int64_t b) {
             for (int64_t q = 0; q < nb; q++) {
                 uint32_t bits = msk[q];
                 const int32_t *y = x + s + blk[q];
-                while (bits) {
-                    int at = __builtin_ctz(bits);
-                    int32_t key = y[at] & (int32_t)KEY_MASK;
-                    bits &= bits - 1;
-                    if (key == lo) eql[piece]++;
-                    else if (key == hi) eqh[piece]++;
-                    else if (nc < c->cap) {
-                        ck[nc] = (uint32_t)key;
-                        cpos[nc] = from + s + blk[q] + at;
-                        cp[nc++] = (uint32_t)piece;
-                        hist[(uint32_t)(key - lo) >> shift]++;
-                    } else over = 1; /* counting goes on: the counts stay whole */
+                if (nc + BLOCK > c->cap) { /* no room for a whole block: counting goes on, the counts stay whole */
+                    over = 1;
+                    for (; bits; bits &= bits - 1) {
+                        int32_t key = y[__builtin_ctz(bits)] & (int32_t)KEY_MASK;
+                        el += key == lo;
+                        eh += key == hi;
+                    }
+                    continue;
+                }
+                for (; bits; bits &= bits - 1) { /* no branch on the key: lo, hi or between */
+                    int32_t key = y[__builtin_ctz(bits)] & (int32_t)KEY_MASK;
+                    int is_lo = key == lo, is_hi = key == hi, inside = !(is_lo | is_hi);
+                    el += is_lo;
+                    eh += is_hi;
+                    ck[nc] = (uint32_t)key; /* 4 bytes a candidate: fresh pages are dear (page faults) */
+                    hist[(uint32_t)(key - lo) >> shift] += (uint32_t)inside; /* in range for any key in [lo, hi] */
+                    nc += inside;
                 }
             }
         }
         below += counts.below;
         zeros[piece] += counts.zeros;
         bad[piece] += counts.nonfinite;
+        eql[piece] += el;
+        eqh[piece] += eh;
+        seg_end[piece] = nc;
     });
     c->below[tid] = below;
     c->ncand[tid] = nc;
@@ -494,6 +502,22 @@ static void sample_work(void *arg, int tid, int64_t a, int64_t b) {
             *w++ = c->p->ptr[i][pos - c->p->start[i]] & KEY_MASK;
         }
     }
+}
+
+/* Position of the nth (1-based) entry of x with this key, or -1. Counted 256 at a time, with
+ * no early exit inside, so the compiler can vectorize; only the block holding it is walked. */
+static int64_t nth_tie(const int32_t *x, int64_t n, int32_t key, int64_t nth) {
+    int64_t seen = 0;
+    for (int64_t j = 0; j < n; j += 256) {
+        int64_t m = n - j < 256 ? n - j : 256;
+        int32_t count = 0;
+        for (int64_t q = 0; q < m; q++) count += (x[j + q] & (int32_t)KEY_MASK) == key;
+        if (seen + count >= nth)
+            for (int64_t q = 0; q < m; q++)
+                if ((x[j + q] & (int32_t)KEY_MASK) == key && ++seen == nth) return j + q;
+        seen += count;
+    }
+    return -1;
 }
 
 #define SAMPLE_BLOCKS 16384
@@ -548,14 +572,13 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     c.zeros = calloc((size_t)T * (np + 1), sizeof(int64_t));
     c.nonfinite = calloc((size_t)T * (np + 1), sizeof(int64_t));
     c.cand_key = calloc(T, sizeof(uint32_t *));
-    c.cand_piece = calloc(T, sizeof(uint32_t *));
-    c.cand_pos = calloc(T, sizeof(int64_t *));
+    c.seg_begin = calloc((size_t)T * (np + 1), sizeof(int64_t));
+    c.seg_end = calloc((size_t)T * (np + 1), sizeof(int64_t));
     c.hist = calloc(T, sizeof(uint32_t *));
-    int64_t *per_piece = calloc((size_t)5 * (np + 1), sizeof(int64_t)); /* ties, zeros, non-finite, splits, scratch */
+    int64_t *per_piece = calloc((size_t)4 * (np + 1), sizeof(int64_t)); /* ties, zeros, non-finite, splits */
     uint32_t *all_keys = NULL;
-    int64_t *bucket_pos = NULL; /* one scratch block: positions, then keys (twice) and pieces */
     if (!sample || !hist || !sample_at || !sample_piece || !c.below || !c.ncand || !c.overflow || !c.eq_lo || !c.eq_hi || !c.zeros || !c.nonfinite || !c.cand_key ||
-        !c.cand_piece || !c.cand_pos || !c.hist || !per_piece) {
+        !c.seg_begin || !c.seg_end || !c.hist || !per_piece) {
         PyErr_NoMemory();
         goto done;
     }
@@ -632,10 +655,8 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     while ((span >> c.shift) >= HIST_BINS) c.shift++;
     for (int t = 0; t < T && !no_memory; t++) { /* untouched pages of these cost no memory */
         c.cand_key[t] = scratch_alloc(sizeof(uint32_t) * (size_t)c.cap);
-        c.cand_piece[t] = scratch_alloc(sizeof(uint32_t) * (size_t)c.cap);
-        c.cand_pos[t] = scratch_alloc(sizeof(int64_t) * (size_t)c.cap);
         c.hist[t] = calloc(HIST_BINS, sizeof(uint32_t));
-        no_memory = !c.cand_key[t] || !c.cand_piece[t] || !c.cand_pos[t] || !c.hist[t];
+        no_memory = !c.cand_key[t] || !c.hist[t];
     }
     if (!no_memory) {
         run_parallel(T, count_work, &c, total);
@@ -670,17 +691,16 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
                 if (before + in_bucket >= rank) break;
                 before += in_bucket;
             }
-            if (!overflow && (bucket_pos = scratch_alloc(sizeof(uint32_t) * (size_t)in_bucket * 5)) != NULL) {
-                all_keys = (uint32_t *)(bucket_pos + in_bucket); /* the int64 array first: aligned */
+            if (!overflow && (all_keys = scratch_alloc(sizeof(uint32_t) * (size_t)in_bucket * 3)) != NULL) {
                 uint32_t *bucket_piece = all_keys + 2 * in_bucket;
                 int64_t w = 0;
-                for (int t = 0; t < T; t++) /* in thread order: ascending position, piece by piece */
-                    for (int64_t j = 0; j < c.ncand[t]; j++)
-                        if (((c.cand_key[t][j] - c.lo) >> c.shift) == (uint32_t)d) {
-                            bucket_piece[w] = c.cand_piece[t][j];
-                            bucket_pos[w] = c.cand_pos[t][j];
-                            all_keys[w++] = c.cand_key[t][j];
-                        }
+                for (int t = 0; t < T; t++)
+                    for (Py_ssize_t i = 0; i < np; i++)
+                        for (int64_t j = c.seg_begin[(size_t)t * np + i]; j < c.seg_end[(size_t)t * np + i]; j++)
+                            if (((c.cand_key[t][j] - c.lo) >> c.shift) == (uint32_t)d) {
+                                bucket_piece[w] = (uint32_t)i;
+                                all_keys[w++] = c.cand_key[t][j];
+                            }
                 found = 1;
                 key = c.shift == 0 ? c.lo + (uint32_t)d : kth_key(all_keys, in_bucket, rank - before - 1, all_keys + in_bucket, hist);
                 below_key = below + eq_lo + before;
@@ -688,16 +708,6 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
                     if (all_keys[j] < key) below_key++;
                     else if (all_keys[j] == key) ties[bucket_piece[j]]++;
                 }
-                /* Ties split by count, earliest first, piece by piece (the caller's quotas): where
-                 * a piece's share ends, so a fold can prune <= key before it and < key after it. */
-                int64_t left = k - below_key, *seen = per_piece + 4 * (np + 1);
-                for (Py_ssize_t i = 0; i < np; i++) {
-                    int64_t take = ties[i] < left ? ties[i] : left;
-                    seen[i] = take; /* quota, counted down below */
-                    left -= take;
-                }
-                for (int64_t j = 0; j < in_bucket; j++)
-                    if (all_keys[j] == key && seen[bucket_piece[j]] > 0 && --seen[bucket_piece[j]] == 0) split[bucket_piece[j]] = bucket_pos[j];
             }
         } else if (!overflow && below + eq_lo + ncand + eq_hi >= k) {
             found = 1;
@@ -705,6 +715,18 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
             below_key = below + eq_lo + ncand;
             for (int t = 0; t < T; t++)
                 for (Py_ssize_t i = 0; i < np; i++) ties[i] += c.eq_hi[(size_t)t * np + i];
+        }
+    }
+    if (found) {
+        /* Ties split by count, earliest first, tensor by tensor (the caller's quotas), and where
+         * each tensor's share ends, so a fold can prune <= key before that and < key after it,
+         * in parallel. A tensor whose ties are all taken ends at its end; at most one takes
+         * part of its ties, and is searched for its share's last one. */
+        int64_t left = k - below_key;
+        for (Py_ssize_t i = 0; i < np && left > 0; i++) {
+            int64_t take = ties[i] < left ? ties[i] : left;
+            left -= take;
+            if (take > 0) split[i] = take == ties[i] ? p.size[i] - 1 : nth_tie((const int32_t *)p.ptr[i], p.size[i], (int32_t)key, take);
         }
     }
     Py_END_ALLOW_THREADS
@@ -723,13 +745,11 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     Py_XDECREF(f_list);
 done:
     for (int t = 0; c.cand_key && t < T; t++) scratch_free(c.cand_key[t]);
-    for (int t = 0; c.cand_piece && t < T; t++) scratch_free(c.cand_piece[t]);
-    for (int t = 0; c.cand_pos && t < T; t++) scratch_free(c.cand_pos[t]);
-    free(c.cand_pos);
+    free(c.seg_begin);
+    free(c.seg_end);
     for (int t = 0; c.hist && t < T; t++) free(c.hist[t]);
     free(c.hist);
     free(c.cand_key);
-    free(c.cand_piece);
     free(c.below);
     free(c.ncand);
     free(c.overflow);
@@ -738,7 +758,7 @@ done:
     free(c.zeros);
     free(c.nonfinite);
     free(per_piece);
-    scratch_free(bucket_pos);
+    scratch_free(all_keys);
     free(sample);
     free(hist);
     free(sample_at);
@@ -885,8 +905,8 @@ static PyMethodDef methods[] = {
     {"scan", py_scan, METH_VARARGS, "scan(ptrs, sizes, threads, zero_below) -> (zeros, nonfinite) per tensor"},
     {"select", py_select, METH_VARARGS,
      "select(ptrs, sizes, k, threads, zero_below) -> (key, entries below key, ties at key, zeros, non-finite, splits), all "
-     "but the first two per tensor; splits: position of the last tie a tensor's share prunes (earliest first), or -1 "
-     "when not known; key, below, ties and splits are None when the k-th key was not pinned down (take the slow path)"},
+     "but the first two per tensor; splits: where a tensor's share of the ties (earliest first) ends, at or after its "
+     "last tie taken and before the first left, or -1 for none; key, below, ties and splits are None when the k-th key was not pinned down (take the slow path)"},
     {"fold", py_fold, METH_VARARGS, "fold(ptrs, sizes, cuts, quotas, splits, threads, zero_below) -> zeros after per tensor"},
     {NULL, NULL, 0, NULL},
 };

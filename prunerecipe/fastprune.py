@@ -117,9 +117,9 @@ class Piece:
 class Threshold:
     """Prune eligible entries whose key is below ``key``; with ``quotas``, also that many
     entries whose key equals ``key``, per piece, in order. ``splits``, when the C kernels
-    found them, says where each piece's quota ends (the position of the last tie it takes,
-    or -1 when not known): a fold can then cut both sides in parallel. Not part of equality:
-    it is where, not what."""
+    found them, says where each piece's quota ends (a position at or after the last tie it
+    takes and before the first it leaves; -1 for none): a fold then prunes ``<= key`` up to
+    there and ``< key`` after it, in parallel. Not part of equality: it is where, not what."""
 
     key: int
     quotas: tuple[int, ...] | None = None
