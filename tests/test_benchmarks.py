@@ -24,7 +24,7 @@ def test_bench_prune_prints_its_table_with_the_same_sparsity_on_both_sides():
     assert len(rows) == 2  # the script asserts equal sparsity for torch and ours before printing a row
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert len(cells) == 11 and cells[4].endswith("x") and cells[6].endswith("MB")
+        assert len(cells) == 12 and cells[4].endswith("x") and cells[6].endswith("MB") and cells[11].endswith("s)")
     assert "out of place" in out
 
 
