@@ -390,6 +390,43 @@ __attribute__((target("avx2"))) static int64_t blocks_avx2(const int32_t *x, int
 }
 #endif
 
+#ifdef HAVE_AVX2_PATH
+static uint32_t compress_lut[256][8]; /* lane mask -> the indices of its set lanes, first */
+
+static void compress_lut_init(void) {
+    for (int m = 0; m < 256; m++) {
+        int w = 0;
+        for (int lane = 0; lane < 8; lane++)
+            if (m & (1 << lane)) compress_lut[m][w++] = (uint32_t)lane;
+        while (w < 8) compress_lut[m][w++] = 0;
+    }
+}
+
+/* The candidates of the recorded blocks of one stretch, without a branch on the data: keys
+ * strictly inside (lo, hi) are packed into out with a permute (out needs room for BLOCK
+ * more than it gets), keys equal to lo or hi are counted. Returns how many were written. */
+__attribute__((target("avx2"))) static int64_t extract_avx2(const int32_t *x, const uint32_t *blk, int64_t nb, int32_t lo, int32_t hi,
+                                                            uint32_t *out, int64_t *el, int64_t *eh) {
+    const __m256i km = _mm256_set1_epi32((int32_t)KEY_MASK), vlo = _mm256_set1_epi32(lo), vhi = _mm256_set1_epi32(hi);
+    int64_t w = 0, nlo = 0, nhi = 0;
+    for (int64_t q = 0; q < nb; q++) {
+        for (int half = 0; half < BLOCK; half += 8) {
+            __m256i k = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + blk[q] + half)), km);
+            __m256i inside = _mm256_and_si256(_mm256_cmpgt_epi32(k, vlo), _mm256_cmpgt_epi32(vhi, k));
+            uint32_t m = (uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(inside));
+            nlo += __builtin_popcount((uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(k, vlo))));
+            nhi += __builtin_popcount((uint32_t)_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(k, vhi))));
+            __m256i packed = _mm256_permutevar8x32_epi32(k, _mm256_loadu_si256((const __m256i *)compress_lut[m]));
+            _mm256_storeu_si256((__m256i *)(out + w), packed);
+            w += __builtin_popcount(m);
+        }
+    }
+    *el += nlo;
+    *eh += nhi;
+    return w;
+}
+#endif
+
 #define STRETCH 4096 /* entries per stretch: 16 KB, in L1 while its candidates are picked out */
 #define HIST_BITS 12  /* candidates are binned as they are found, in a histogram that stays in L1 */
 #define HIST_BINS (1 << HIST_BITS)
@@ -436,7 +473,17 @@ static void count_work(void *arg, int tid, int64_t a, int64_t b) {
             else
 #endif
                 nb = blocks_generic(x + s, m, lo, hi, zl, &counts, blk, msk);
-            for (int64_t q = 0; q < nb; q++) {
+            int64_t first = 0; /* the recorded blocks still to look at */
+#ifdef HAVE_AVX2_PATH
+            if (use_avx2 && lo < hi && nc + nb * BLOCK + BLOCK <= c->cap) {
+                int64_t full = nb > 0 && blk[nb - 1] + BLOCK > m ? nb - 1 : nb; /* a partial last block: below */
+                int64_t got = extract_avx2(x + s, blk, full, lo, hi, ck + nc, &el, &eh);
+                for (int64_t j = nc; j < nc + got; j++) hist[(ck[j] - (uint32_t)lo) >> shift]++;
+                nc += got;
+                first = full;
+            }
+#endif
+            for (int64_t q = first; q < nb; q++) {
                 uint32_t bits = msk[q];
                 const int32_t *y = x + s + blk[q];
                 if (nc + BLOCK > c->cap) { /* no room for a whole block: counting goes on, the counts stay whole */
@@ -917,6 +964,7 @@ PyMODINIT_FUNC PyInit__native(void) {
 #ifdef HAVE_AVX2_PATH
     __builtin_cpu_init();
     use_avx2 = __builtin_cpu_supports("avx2") != 0;
+    compress_lut_init();
 #endif
     PyObject *m = PyModule_Create(&module);
 #ifdef HAVE_AVX2_PATH
