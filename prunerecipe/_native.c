@@ -567,7 +567,8 @@ static int64_t nth_tie(const int32_t *x, int64_t n, int32_t key, int64_t nth) {
     return -1;
 }
 
-#define SAMPLE_BLOCKS 16384
+#define SAMPLE_BLOCKS 16384 /* at most: one per 1024 entries, at least 4096 */
+#define SAMPLE_BLOCKS_MIN 4096
 #define SAMPLE (SAMPLE_BLOCKS * SAMPLE_RUN)
 
 static PyObject *int_list(const int64_t *values, Py_ssize_t count) {
@@ -602,7 +603,10 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     int T = clamp_threads(threads, total);
     const Py_ssize_t np = p.count;
     PyObject *result = NULL;
-    int64_t s = total <= SAMPLE ? total : SAMPLE;
+    /* Sampling costs a cache miss a block: smaller selects take fewer blocks (a wider bracket,
+     * so more candidates, but fewer misses; per-layer selects on 4M entries gain ~0.7 ms). */
+    int64_t blocks = total / 1024 < SAMPLE_BLOCKS_MIN ? SAMPLE_BLOCKS_MIN : (total / 1024 > SAMPLE_BLOCKS ? SAMPLE_BLOCKS : total / 1024);
+    int64_t s = total <= SAMPLE ? total : blocks * SAMPLE_RUN;
     uint32_t *sample = malloc(sizeof(uint32_t) * (size_t)s * 2); /* the sample, then select scratch: at most 2 MB, from the heap (reused, no page faults) */
     uint32_t *hist = malloc(sizeof(uint32_t) << 16); /* small, reused: from the heap */
     int64_t *sample_at = malloc(sizeof(int64_t) * SAMPLE_BLOCKS);
@@ -636,16 +640,16 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     int64_t below_key = 0;
     Py_BEGIN_ALLOW_THREADS
     /* 1. A sample: everything when small; else one cache line of entries from each of
-     *    SAMPLE_BLOCKS equal stretches of the concatenation, at a fixed pseudo-random place. */
+     *    `blocks` equal stretches of the concatenation, at a fixed pseudo-random place. */
     if (s == total) {
         int64_t w = 0;
         for (Py_ssize_t i = 0; i < np; i++)
             for (int64_t j = 0; j < p.size[i]; j++) sample[w++] = p.ptr[i][j] & KEY_MASK;
     } else {
         Py_ssize_t i = 0;
-        for (int64_t blk = 0; blk < SAMPLE_BLOCKS; blk++) { /* where each run starts, walking the pieces */
+        for (int64_t blk = 0; blk < blocks; blk++) { /* where each run starts, walking the pieces */
             /* stretch blk is [blk * total / B, (blk + 1) * total / B): together they cover everything */
-            int64_t first = (int64_t)((double)blk * (double)total / SAMPLE_BLOCKS), next = (int64_t)((double)(blk + 1) * (double)total / SAMPLE_BLOCKS);
+            int64_t first = (int64_t)((double)blk * (double)total / blocks), next = (int64_t)((double)(blk + 1) * (double)total / blocks);
             if (next > total) next = total;
             if (first > next - SAMPLE_RUN) first = next - SAMPLE_RUN;
             int64_t pos = first + (int64_t)(mix((uint64_t)blk) % (uint64_t)(next - first - SAMPLE_RUN + 1));
@@ -654,7 +658,7 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
             sample_piece[blk] = i;
         }
         SampleCtx sc = {&p, sample_at, sample_piece, sample};
-        run_parallel(T, sample_work, &sc, SAMPLE_BLOCKS); /* the reads: latency-bound, so spread over the threads */
+        run_parallel(T, sample_work, &sc, blocks); /* the reads: latency-bound, so spread over the threads */
     }
     /* 2. A bracket [lo, hi] that holds the k-th smallest key but for a vanishing chance: the
      *    sample's order statistics 4.5 standard deviations (and a slack for runs) either side. */
@@ -670,15 +674,15 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
          * themselves (how many of each fall below the estimate), never taken below the iid one. */
         uint32_t guess = kth_key(sample, s, center, sample + s, hist);
         double sum = 0, sum2 = 0;
-        for (int64_t blk = 0; blk < SAMPLE_BLOCKS; blk++) {
+        for (int64_t blk = 0; blk < blocks; blk++) {
             int below_guess = 0;
             for (int j = 0; j < SAMPLE_RUN; j++) below_guess += sample[blk * SAMPLE_RUN + j] < guess;
             sum += below_guess;
             sum2 += (double)below_guess * below_guess;
         }
-        double mean = sum / SAMPLE_BLOCKS, var = sum2 / SAMPLE_BLOCKS - mean * mean;
+        double mean = sum / blocks, var = sum2 / blocks - mean * mean;
         double spread = sqrt((double)s * q * (1.0 - q)); /* in sample ranks */
-        double clustered = sqrt(var > 0 ? var * SAMPLE_BLOCKS : 0);
+        double clustered = sqrt(var > 0 ? var * blocks : 0);
         if (clustered > spread) spread = clustered;
         int64_t delta = (int64_t)(4.5 * spread) + 4 * SAMPLE_RUN;
         lo_rank = center - delta;
