@@ -427,6 +427,7 @@ __attribute__((target("avx2"))) static int64_t extract_avx2(const int32_t *x, co
 }
 #endif
 
+#define CAND_SLACK (2 * BLOCK + 8) /* candidate buffers hold this many past the cap: whole blocks are written */
 #define STRETCH 4096 /* entries per stretch: 16 KB, in L1 while its candidates are picked out */
 #define HIST_BITS 12  /* candidates are binned as they are found, in a histogram that stays in L1 */
 #define HIST_BINS (1 << HIST_BITS)
@@ -475,7 +476,7 @@ static void count_work(void *arg, int tid, int64_t a, int64_t b) {
                 nb = blocks_generic(x + s, m, lo, hi, zl, &counts, blk, msk);
             int64_t first = 0; /* the recorded blocks still to look at */
 #ifdef HAVE_AVX2_PATH
-            if (use_avx2 && lo < hi && nc + nb * BLOCK + BLOCK <= c->cap) {
+            if (use_avx2 && lo < hi && nc + nb * BLOCK <= c->cap + BLOCK) { /* writes stay within the slack */
                 int64_t full = nb > 0 && blk[nb - 1] + BLOCK > m ? nb - 1 : nb; /* a partial last block: below */
                 int64_t got = extract_avx2(x + s, blk, full, lo, hi, ck + nc, &el, &eh);
                 for (int64_t j = nc; j < nc + got; j++) hist[(ck[j] - (uint32_t)lo) >> shift]++;
@@ -486,18 +487,18 @@ static void count_work(void *arg, int tid, int64_t a, int64_t b) {
             for (int64_t q = first; q < nb; q++) {
                 uint32_t bits = msk[q];
                 const int32_t *y = x + s + blk[q];
-                if (nc + BLOCK > c->cap) { /* no room for a whole block: counting goes on, the counts stay whole */
+                if (nc > c->cap) { /* past the cap: counting goes on, the counts stay whole */
                     over = 1;
                     for (; bits; bits &= bits - 1) {
                         int32_t key = y[__builtin_ctz(bits)] & (int32_t)KEY_MASK;
                         el += key == lo;
-                        eh += key == hi;
+                        eh += (key == hi) & (key != lo);
                     }
                     continue;
                 }
                 for (; bits; bits &= bits - 1) { /* no branch on the key: lo, hi or between */
                     int32_t key = y[__builtin_ctz(bits)] & (int32_t)KEY_MASK;
-                    int is_lo = key == lo, is_hi = key == hi, inside = !(is_lo | is_hi);
+                    int is_lo = key == lo, is_hi = (key == hi) & !is_lo, inside = !(is_lo | is_hi); /* lo may equal hi */
                     el += is_lo;
                     eh += is_hi;
                     ck[nc] = (uint32_t)key; /* 4 bytes a candidate: fresh pages are dear (page faults) */
@@ -515,7 +516,7 @@ static void count_work(void *arg, int tid, int64_t a, int64_t b) {
     });
     c->below[tid] = below;
     c->ncand[tid] = nc;
-    c->overflow[tid] = over;
+    c->overflow[tid] = over | (nc > c->cap);
 }
 
 static uint32_t mix(uint64_t x) { /* splitmix64: a fixed jitter for sample positions (no RNG state touched) */
@@ -705,7 +706,7 @@ static PyObject *py_select(PyObject *self, PyObject *args) {
     uint32_t span = c.hi - c.lo;
     while ((span >> c.shift) >= HIST_BINS) c.shift++;
     for (int t = 0; t < T && !no_memory; t++) { /* untouched pages of these cost no memory */
-        c.cand_key[t] = scratch_alloc(sizeof(uint32_t) * (size_t)c.cap);
+        c.cand_key[t] = scratch_alloc(sizeof(uint32_t) * (size_t)(c.cap + CAND_SLACK));
         c.hist[t] = calloc(HIST_BINS, sizeof(uint32_t));
         no_memory = !c.cand_key[t] || !c.hist[t];
     }

@@ -107,7 +107,7 @@ def test_select_counts_nonfinite_entries_and_ranks_nan_last():
 
 
 @needs_kernels
-@pytest.mark.parametrize("where", ["below", "at-lo", "inside", "at-hi", "above", "over-cap", "lo=hi"])
+@pytest.mark.parametrize("where", ["below", "at-lo", "inside", "at-hi", "above", "over-cap", "lo=hi", "lo=hi-below"])
 def test_every_outcome_of_a_given_bracket(where):
     # A bracket the sample would not give: each way the k-th key can fall, and a missed one
     # (the caller then takes the torch path), must still end in the torch path's cut.
@@ -125,10 +125,11 @@ def test_every_outcome_of_a_given_bracket(where):
         "above": (levels[i - 2], levels[i - 1], -1),
         "over-cap": (levels[i - 2], levels[i + 2], 10),
         "lo=hi": (kth, kth, -1),
+        "lo=hi-below": (levels[i - 1], levels[i - 1], -1),  # entries equal to lo must count once, not as lo and hi
     }[where]
     key, below, ties, zeros, nonfinite, splits = fp.NATIVE.select([t.data_ptr()], [t.numel()], k, 2, 1, lo, hi, cap)
     assert zeros == [int((t == 0).sum())] and nonfinite == [0]  # counts are whole even on a miss
-    if where in ("below", "above", "over-cap"):
+    if where in ("below", "above", "over-cap", "lo=hi-below"):
         assert key is None
         return
     assert key == kth and below == int(((t.view(torch.int32) & KEY) < kth).sum())
