@@ -281,3 +281,42 @@ def test_apply_refuses_nan_found_by_the_kernels_and_changes_nothing():
     with pytest.raises(Exception, match=r"1 NaN and 0 infinite"):
         apply_recipe(model, parse_recipe(FINALIZE.format(amount=0.5, scope="global")))
     assert torch.equal(model[0].weight.detach().nan_to_num(7), before.nan_to_num(7))
+
+
+@needs_kernels
+@pytest.mark.parametrize("seed", range(4))
+def test_random_forced_brackets_agree_with_a_sort(seed):
+    # Every way a bracket can sit (around, at, beside the k-th key; collapsed; capped) on
+    # data with and without ties, against the truth from sorting all keys.
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(60):
+        kind = rng.choice(["normal", "levels", "zeros", "equal", "sorted", "rows"])
+        sizes = [rng.choice([0, 1, 16, 17, 1000, 70_001]) for _ in range(rng.choice([1, 2, 3]))]
+        if sum(sizes) == 0:
+            continue
+        ts = tensors(kind, sizes, seed=rng.randrange(1 << 30))
+        keys = [t.view(torch.int32) & KEY for t in ts]
+        everything = torch.cat(keys).sort().values
+        distinct = everything.unique()
+        total = everything.numel()
+        k = rng.choice([1, total, rng.randint(1, total)])
+        kth = int(everything[k - 1])
+        at = int(torch.searchsorted(distinct, torch.tensor(kth, dtype=torch.int32)))
+
+        def near(spread: int) -> int:
+            return int(distinct[min(max(at + rng.randint(-spread, spread), 0), distinct.numel() - 1)])
+
+        lo, hi = sorted((near(3), near(3)))
+        cap = rng.choice([-1, -1, 0, 1, 10, total])
+        key, below, ties, zeros, nonfinite, splits = fp.NATIVE.select([t.data_ptr() for t in ts], sizes, k, rng.randint(1, 4), 1, lo, hi, cap)
+        assert zeros == [int((kk == 0).sum()) for kk in keys] and nonfinite == [0] * len(ts)
+        inside = int(((everything > lo) & (everything < hi)).sum())
+        context = (kind, sizes, k, lo, hi, cap, kth)
+        if key is None:  # a miss must be a real one: outside the bracket, or past lo with more inside than the cap
+            assert kth < lo or kth > hi or (kth > lo and cap >= 0 and inside > cap), context
+            continue
+        assert key == kth, context
+        assert below == int((everything < kth).sum()), context
+        assert ties == [int((kk == kth).sum()) for kk in keys], context
