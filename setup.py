@@ -36,7 +36,7 @@ native = Extension(
     "prunerecipe._native",
     sources=["prunerecipe/_native.c"],
     extra_compile_args=["-O3", "-std=c99", "-fno-strict-aliasing"] if os.name == "posix" else [],
-    extra_link_args=["-pthread"] if os.name == "posix" else [],
+    extra_link_args=["-pthread"] + (["-ldl"] if sys.platform.startswith("linux") else []) if os.name == "posix" else [],
     optional=True,
 )
 

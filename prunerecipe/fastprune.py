@@ -417,7 +417,10 @@ def _write_keep(piece: Piece, threshold: Threshold, index: int, out: torch.Tenso
             ties = keys == threshold.key
             if eligible is not None:
                 ties &= eligible[a:b]
-        torch.ge(keys, threshold.key, out=part)
+        if threshold.key > clear_sign:  # above every key (the k-th was the top NaN pattern): all pruned;
+            part.zero_()  # compared as is, the key would not fit the integer dtype and wrap
+        else:
+            torch.ge(keys, threshold.key, out=part)
         if ties is not None:
             at = torch.nonzero(ties).view(-1)[:quota]
             part[at] = 0

@@ -320,3 +320,40 @@ def test_random_forced_brackets_agree_with_a_sort(seed):
         assert key == kth, context
         assert below == int((everything < kth).sum()), context
         assert ties == [int((kk == kth).sum()) for kk in keys], context
+
+
+@needs_kernels
+def test_own_threads_and_torchs_openmp_pool_give_the_same_results():
+    # Parallel work goes to torch's OpenMP pool when the process has one (its spinning workers
+    # would otherwise share the cores with ours); the pthreads fallback must agree exactly.
+    ts = tensors("levels", [300_000, 17, 1 << 20], seed=9) + tensors("rows", [700_000], seed=2)
+    ptrs, sizes = [t.data_ptr() for t in ts], [t.numel() for t in ts]
+    outputs = []
+    for pool in (True, False):
+        was, _found = fp.NATIVE.use_openmp_pool(pool)
+        try:
+            picked = [fp.NATIVE.select(ptrs, sizes, k, 4, 1) for k in (1, 1234, sum(sizes) // 2, sum(sizes))]
+            copies = [t.clone() for t in ts]
+            key, below, ties, _, _, splits = picked[2]
+            quotas, left = [], sum(sizes) // 2 - below
+            for count in ties:
+                quotas.append(min(count, left))
+                left -= quotas[-1]
+            zeros = fp.NATIVE.fold([c.data_ptr() for c in copies], sizes, [key] * len(ts), quotas, splits, 3, 1)
+            outputs.append((picked, fp.NATIVE.scan(ptrs, sizes, 3, 1), zeros, [c.view(torch.int32) for c in copies]))
+        finally:
+            fp.NATIVE.use_openmp_pool(was)
+    (a_pick, a_scan, a_zeros, a_bits), (b_pick, b_scan, b_zeros, b_bits) = outputs
+    assert a_pick == b_pick and a_scan == b_scan and a_zeros == b_zeros
+    assert all(torch.equal(x, y) for x, y in zip(a_bits, b_bits))
+    assert sum(a_zeros) == sum(sizes) // 2  # exactly k pruned (no zeros before in these data)
+
+
+def test_a_cut_above_every_key_prunes_everything_on_the_torch_path_too():
+    # k = all entries, with the top NaN pattern among them: the cut is 2**31, past int32. The
+    # torch path compared it as an int32 and wrapped, keeping everything (found by the fuzzer).
+    t = torch.randn(1000)
+    t.view(torch.int32)[5] = 0x7FFFFFFF
+    cut = fp._select_torch([fp.Piece(t)], 1000)
+    assert cut.key == 1 << 31 and cut.quotas is None
+    assert int(fp.keep_flags(fp.Piece(t), cut, 0, torch.float32).sum()) == 0
