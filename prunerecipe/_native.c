@@ -185,6 +185,13 @@ static void omp_lookup(void) {
 static void omp_lookup(void) {}
 #endif
 
+static void omp_once(void) {
+    if (!omp_looked_up) { /* a benign race: every thread that looks finds the same symbols */
+        omp_lookup();
+        omp_looked_up = 1;
+    }
+}
+
 typedef struct {
     work_fn fn;
     void *ctx;
@@ -200,10 +207,7 @@ static void team_main(void *arg) {
 static int use_omp_pool = 1; /* tests turn it off to cover the pthreads path */
 
 static void run_parallel(int threads, work_fn fn, void *ctx, int64_t total) {
-    if (!omp_looked_up) { /* a benign race: every thread that looks finds the same symbols */
-        omp_lookup();
-        omp_looked_up = 1;
-    }
+    omp_once();
     if (threads > 1 && use_omp_pool && gomp_parallel) {
         TeamJob job = {fn, ctx, total};
         gomp_parallel(team_main, &job, (unsigned)threads, 0);
@@ -1007,10 +1011,7 @@ static PyObject *py_use_openmp_pool(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
     int was = use_omp_pool;
     use_omp_pool = on;
-    if (!omp_looked_up) {
-        omp_lookup();
-        omp_looked_up = 1;
-    }
+    omp_once();
     return Py_BuildValue("(OO)", was ? Py_True : Py_False, gomp_parallel ? Py_True : Py_False);
 }
 

@@ -293,20 +293,19 @@ def _check_finite(recipe: Recipe, active: list[PlannedStep], scanned: dict[tuple
                 continue
             if tensor.is_floating_point() and tensor.numel() > 0:
                 todo.append((ps, t))
-    counted = [t for _, t in todo if (id(t.module), t.param) not in scanned and fastprune.native_ok([t.original])]
-    finite: set[tuple[int, str]] = set()
-    if counted:
-        zeros, nonfinite = fastprune.native_scan([t.original for t in counted])
-        for t, z, bad in zip(counted, zeros, nonfinite):
+    # non-finite entries per tensor, where counted: by the fold's select, or here by the kernels
+    nonfinite = {key: bad for key, (_, bad) in scanned.items()}
+    counted = [t for _, t in todo if (id(t.module), t.param) not in nonfinite and fastprune.native_takes(t.original)]
+    if counted and fastprune.native_ready():
+        zeros, bads = fastprune.native_scan([t.original for t in counted])
+        for t, z, bad in zip(counted, zeros, bads):
             key = (id(t.module), t.param)
-            if not bad:
-                finite.add(key)
-            if not is_pruned_param(t.module, t.param):
+            nonfinite[key] = bad
+            if not is_pruned_param(t.module, t.param):  # the report's zeros are orig * mask's when pruned
                 scanned[key] = (z, bad)
     for ps, t in todo:
-        key = (id(t.module), t.param)
-        known = scanned.get(key)
-        if key in finite or (known is not None and not known[1]):
+        known = nonfinite.get((id(t.module), t.param))
+        if known == 0:
             continue
         tensor = t.original
         if known is None and bool(torch.isfinite(tensor.sum()).item()):  # one fast pass; overflow falls through to the exact count

@@ -266,16 +266,22 @@ def _histogram(
     hist.add_(torch.bincount(digits, minlength=_BINS + 1)[:_BINS])
 
 
+def native_ready() -> bool:
+    """Whether the C kernels may run now: built and on, and subnormals not flushed to zero
+    (``torch.set_flush_denormal(True)`` acts on the calling thread only, so torch's own pool
+    threads may or may not flush: no kernel could match it bit for bit, and the torch path
+    is used). Costs a tiny torch op: ask once per batch of tensors, not per tensor."""
+    return NATIVE is not None and not flushes_subnormals()
+
+
+def native_takes(t: torch.Tensor) -> bool:
+    """Whether the C kernels handle this tensor: float32, on the CPU, contiguous."""
+    return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+
+
 def native_ok(tensors: Sequence[torch.Tensor]) -> bool:
-    """Whether the C kernels take these tensors: float32, on the CPU, contiguous, and
-    subnormals not flushed to zero (``torch.set_flush_denormal(True)`` acts on the calling
-    thread only, so torch's own pool threads may or may not flush: no kernel could match it
-    bit for bit, and the torch path is used)."""
-    return (
-        NATIVE is not None
-        and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
-        and not flushes_subnormals()
-    )
+    """Whether the C kernels may run now on all of these tensors."""
+    return native_ready() and all(native_takes(t) for t in tensors)
 
 
 # The smallest positive subnormal float32, made from its bits (a float literal would itself be
@@ -313,12 +319,7 @@ def select_counting(pieces: Sequence[Piece], k: int, pool: Pool | None = None) -
             remaining = k - below
             if remaining == sum(ties):  # every entry equal to the k-th is pruned: a plain cut
                 return Threshold(key + 1), zeros, nonfinite
-            quotas = []
-            for count in ties:
-                take = min(count, remaining)
-                quotas.append(take)
-                remaining -= take
-            return Threshold(key, tuple(quotas), splits=tuple(splits)), zeros, nonfinite
+            return _split_ties(key, remaining, ties, tuple(splits)), zeros, nonfinite
         return _select_torch(pieces, k, pool), zeros, nonfinite  # the sample's bracket missed: exact, slower
     return _select_torch(pieces, k, pool), None, None
 
@@ -386,12 +387,18 @@ def _select_torch(pieces: Sequence[Piece], k: int, pool: Pool | None = None) -> 
             for i, a, b in group:
                 per_piece[i] += int(torch.count_nonzero(eq[off : off + b - a]).item())
                 off += b - a
+    return _split_ties(prefix, remaining, per_piece)
+
+
+def _split_ties(key: int, remaining: int, ties: Sequence[int], splits: tuple[int, ...] | None = None) -> Threshold:
+    """The cut at ``key`` that also prunes ``remaining`` of the entries equal to it: earliest
+    first, piece by piece (``ties`` counts them per piece)."""
     quotas = []
-    for count in per_piece:
+    for count in ties:
         take = min(count, remaining)
         quotas.append(take)
         remaining -= take
-    return Threshold(prefix, tuple(quotas))
+    return Threshold(key, tuple(quotas), splits=splits)
 
 
 def _write_keep(piece: Piece, threshold: Threshold, index: int, out: torch.Tensor, pool: Pool | None) -> None:
@@ -593,10 +600,10 @@ def l1_global(params: Sequence[tuple[nn.Module, str]], amount: int | float, zero
         attach(module, name, prune.CustomFromMask(mask), mask)
 
 
-def fold_in_place(module: nn.Module, name: str, piece: Piece, threshold: Threshold, index: int, pool: Pool, reorder: bool = True) -> None:
-    """What ``prune`` then ``prune.remove`` leave, without the re-parametrization in between:
-    ``weight *= mask`` in place (the same arithmetic, so -0.0 and NaN come out as torch
-    makes them), and the parameter moved to the end of ``_parameters`` as ``remove`` does."""
+def fold_in_place(module: nn.Module, name: str, piece: Piece, threshold: Threshold, index: int, pool: Pool) -> None:
+    """The data side of ``prune`` then ``prune.remove``, without the re-parametrization in
+    between: ``weight *= mask`` in place (the same arithmetic, so -0.0 and NaN come out as
+    torch makes them). :func:`fold_all` also moves the parameters as ``remove`` does."""
     param = module._parameters[name]
     assert param is not None
     splits_ties = threshold.quotas is not None and threshold.quotas[index] > 0
@@ -611,8 +618,6 @@ def fold_in_place(module: nn.Module, name: str, piece: Piece, threshold: Thresho
                 flat[a:b].mul_(mask[: b - a])
         else:  # ties to split across chunks, or unusual strides: one whole-tensor mask
             param.mul_(keep_flags(piece, threshold, index, param.dtype))
-    if reorder:
-        module._parameters[name] = module._parameters.pop(name)
 
 
 Fold = tuple  # (module, name, piece, threshold, index in the threshold's pieces)
@@ -622,7 +627,11 @@ def fold_all(folds: Sequence[Fold], pool: Pool) -> dict[tuple[int, str], int]:
     """:func:`fold_in_place` for each fold, in order. The float32 CPU tensors go through the C
     kernels in one threaded pass, which also counts their zeros after: returned, keyed by
     ``(id(module), name)``."""
-    native = [f for f in folds if native_ok([f[0]._parameters[f[1]]])]
+    ready = native_ready()
+    native: list[Fold] = []
+    rest: list[Fold] = []
+    for fold in folds:
+        (native if ready and native_takes(fold[0]._parameters[fold[1]]) else rest).append(fold)
     zeros: dict[tuple[int, str], int] = {}
     if native:
         params = [module._parameters[name] for module, name, *_ in native]
@@ -634,11 +643,8 @@ def fold_all(folds: Sequence[Fold], pool: Pool) -> dict[tuple[int, str], int]:
         for (module, name, *_), param, count in zip(native, params, after):
             torch.autograd.graph.increment_version(param)  # written in place, as param.mul_ would count it
             zeros[(id(module), name)] = count
-    done = {id(f) for f in native}
-    for fold in folds:
-        if id(fold) not in done:
-            module, name, piece, threshold, index = fold
-            fold_in_place(module, name, piece, threshold, index, pool, reorder=False)
+    for fold in rest:
+        fold_in_place(*fold, pool)
     for module, name, *_ in folds:  # prune.remove moves each parameter to the end, in call order
         module._parameters[name] = module._parameters.pop(name)
     return zeros
