@@ -480,48 +480,281 @@ __attribute__((target("avx2"))) static int64_t extract_avx2(const int32_t *x, co
 }
 #endif
 
+#ifdef HAVE_AVX2_PATH
+#define HAVE_AVX512_PATH 1
+static int use_avx512 = 0;
+
+__attribute__((target("avx512f"))) static int64_t lanes_sum(__m512i v) { return (int64_t)_mm512_reduce_add_epi32(v); }
+
+/* One stretch of the count pass in a single sweep, where AVX-512 is at hand: the counts as in
+ * blocks_avx2, and the keys strictly inside (lo, hi) packed into out by a compress with no
+ * branch and no second look (out needs room for 16 more than it gets). lo < hi. Returns how
+ * many were written. */
+__attribute__((target("avx512f,popcnt"))) static int64_t stretch_avx512(const int32_t *x, int64_t n, int32_t lo, int32_t hi, int32_t zl, Counts *c,
+                                                                     uint32_t *out, int64_t *el, int64_t *eh) {
+    const __m512i km = _mm512_set1_epi32((int32_t)KEY_MASK), vlo = _mm512_set1_epi32(lo), vhi = _mm512_set1_epi32(hi);
+    const __m512i vzl = _mm512_set1_epi32(zl), vnf = _mm512_set1_epi32((int32_t)NONFINITE - 1), one = _mm512_set1_epi32(1);
+    __m512i cb = _mm512_setzero_si512(), cz = cb, cf = cb, cl = cb, ch = cb; /* lanes: at most n / 16 each */
+    int64_t w = 0, j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m512i k = _mm512_and_si512(_mm512_loadu_si512((const void *)(x + j)), km);
+        __mmask16 lt = _mm512_cmplt_epi32_mask(k, vlo), gt = _mm512_cmpgt_epi32_mask(k, vhi);
+        __mmask16 at_lo = _mm512_cmpeq_epi32_mask(k, vlo), at_hi = _mm512_cmpeq_epi32_mask(k, vhi);
+        __mmask16 inside = (__mmask16)~(lt | gt | at_lo | at_hi);
+        cb = _mm512_mask_add_epi32(cb, lt, cb, one);
+        cz = _mm512_mask_add_epi32(cz, _mm512_cmplt_epi32_mask(k, vzl), cz, one);
+        cf = _mm512_mask_add_epi32(cf, _mm512_cmpgt_epi32_mask(k, vnf), cf, one);
+        cl = _mm512_mask_add_epi32(cl, at_lo, cl, one);
+        ch = _mm512_mask_add_epi32(ch, at_hi, ch, one);
+        _mm512_storeu_si512((void *)(out + w), _mm512_maskz_compress_epi32(inside, k));
+        w += __builtin_popcount((unsigned)inside);
+    }
+    int64_t below = lanes_sum(cb), zeros = lanes_sum(cz), bad = lanes_sum(cf), nlo = lanes_sum(cl), nhi = lanes_sum(ch);
+    for (; j < n; j++) { /* the last, partial block */
+        int32_t key = x[j] & (int32_t)KEY_MASK;
+        below += key < lo;
+        zeros += key < zl;
+        bad += key >= (int32_t)NONFINITE;
+        nlo += key == lo;
+        nhi += key == hi;
+        out[w] = (uint32_t)key;
+        w += (key > lo) & (key < hi);
+    }
+    c->below += below;
+    c->zeros += zeros;
+    c->nonfinite += bad;
+    *el += nlo;
+    *eh += nhi;
+    return w;
+}
+#endif
+
 #define CAND_SLACK (2 * BLOCK + 8) /* candidate buffers hold this many past the cap: whole blocks are written */
 #define STRETCH 4096 /* entries per stretch: 16 KB, in L1 while its candidates are picked out */
-#define HIST_BITS 12  /* candidates are binned as they are found, in a histogram that stays in L1 */
+#define HIST_BITS 12  /* a group's candidates are binned as they are found, in at most this many bins */
 #define HIST_BINS (1 << HIST_BITS)
+
+/* ---- select: the k-th smallest key of each group of pieces ----
+ *
+ * A group is a run of consecutive pieces with one k (a global cut: one group of all pieces;
+ * per-tensor cuts: a group per piece). Every group is done in the same three stages, so one
+ * call does all the cuts of a recipe:
+ *   1. a bracket [lo, hi] per group from a sample (a small group is read whole: lo = hi = its
+ *      exact k-th key);
+ *   2. one read pass over everything: per piece, the keys below its group's lo, those equal to
+ *      lo and to hi, zeros and non-finite entries; the keys strictly inside a bracket are kept
+ *      (4 bytes each, about 1% of the entries) and binned;
+ *   3. per group, the k-th key from those counts and the one bin holding it.
+ * A group whose bracket missed (or whose kept keys overflowed) comes back unresolved; the
+ * caller finds its cut the slow, exact way. */
+
+#define SAMPLE_RUN 64 /* entries per sample block: 256 bytes, neighbours (mostly one page: one TLB miss) */
+#define SAMPLE_EVERY 4096 /* a sample block per this many entries of a group, within: */
+#define SAMPLE_BLOCKS_MIN 1024
+#define SAMPLE_BLOCKS_MAX 16384
+#define SAMPLE_ALL 262144 /* a group up to this size is read whole */
+#define SHARED_BLOCKS 8192 /* a group with this many sample blocks is sampled by all threads together */
+#define SIGMAS 4.5 /* bracket half-width, in standard deviations of the sample's rank estimate */
+
+typedef struct {
+    Py_ssize_t first, last; /* its pieces */
+    int64_t total, k;
+    int64_t blocks;   /* sample blocks of SAMPLE_RUN entries; 0: the group is read whole */
+    uint32_t lo, hi;  /* the bracket: keys in [lo, hi] are looked at closely */
+    int shift;        /* candidates are binned by (key - lo) >> shift */
+    int64_t bins, hist_at; /* that many bins, at this offset in each thread's histogram */
+    int64_t expected; /* candidates expected */
+    /* the answer */
+    int found;
+    uint32_t key;
+    int64_t below_key;
+} Group;
+
+static int64_t group_blocks(int64_t total) {
+    if (total <= SAMPLE_ALL) return 0;
+    int64_t b = total / SAMPLE_EVERY;
+    return b < SAMPLE_BLOCKS_MIN ? SAMPLE_BLOCKS_MIN : (b > SAMPLE_BLOCKS_MAX ? SAMPLE_BLOCKS_MAX : b);
+}
+
+static int64_t sample_size(const Group *g) { return g->blocks ? g->blocks * SAMPLE_RUN : g->total; }
+
+static uint32_t mix(uint64_t x) { /* splitmix64: a fixed jitter for sample positions (no RNG state touched) */
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return (uint32_t)(x ^ (x >> 31));
+}
+
+/* Where sample block blk of g starts, as an offset in the group: block blk lies in the
+ * stretch [blk * total / blocks, (blk + 1) * total / blocks), at a fixed pseudo-random place;
+ * the stretches cover the group, and each holds at least 4 blocks' worth of entries. */
+static int64_t block_start(const Group *g, int64_t blk) {
+    int64_t first = (int64_t)((double)blk * (double)g->total / (double)g->blocks);
+    int64_t next = (int64_t)((double)(blk + 1) * (double)g->total / (double)g->blocks);
+    if (next > g->total) next = g->total;
+    if (first > next - SAMPLE_RUN) first = next - SAMPLE_RUN;
+    return first + (int64_t)(mix((uint64_t)blk) % (uint64_t)(next - first - SAMPLE_RUN + 1));
+}
+
+/* Sample blocks [b0, b1) of g, into out + (blk - b0) * SAMPLE_RUN; or, for a group read whole
+ * (b0 = 0, b1 = 1), all of it into out. */
+static void sample_blocks(const Pieces *p, const Group *g, int64_t b0, int64_t b1, uint32_t *out) {
+    const int64_t base = p->start[g->first];
+    if (g->blocks == 0) {
+        for (Py_ssize_t i = g->first; i < g->last; i++)
+            for (int64_t j = 0; j < p->size[i]; j++) *out++ = p->ptr[i][j] & KEY_MASK;
+        return;
+    }
+    if (b0 >= b1) return;
+    Py_ssize_t i = piece_at(p, base + block_start(g, b0)), ahead = i;
+    for (int64_t blk = b0; blk < b1; blk++) {
+        if (blk + 8 < b1) { /* the block 8 ahead, fetched while this one is read */
+            int64_t at = base + block_start(g, blk + 8);
+            while (at >= p->start[ahead + 1]) ahead++;
+            const uint32_t *x = p->ptr[ahead] + (at - p->start[ahead]);
+            for (int line = 0; line < SAMPLE_RUN && at + line < p->start[ahead + 1]; line += 16) __builtin_prefetch(x + line);
+        }
+        int64_t pos = base + block_start(g, blk);
+        while (pos >= p->start[i + 1]) i++;
+        if (pos + SAMPLE_RUN <= p->start[i + 1]) { /* within one piece (nearly always) */
+            const uint32_t *x = p->ptr[i] + (pos - p->start[i]);
+            for (int j = 0; j < SAMPLE_RUN; j++) out[j] = x[j] & KEY_MASK;
+        } else {
+            Py_ssize_t h = i;
+            for (int j = 0; j < SAMPLE_RUN; j++) {
+                while (pos + j >= p->start[h + 1]) h++;
+                out[j] = p->ptr[h][pos + j - p->start[h]] & KEY_MASK;
+            }
+        }
+        out += SAMPLE_RUN;
+    }
+}
+
+/* The key of the given rank (0-based) among n keys, whose top-16-bit histogram is top[]. */
+static uint32_t rank_key(const uint32_t *keys, int64_t n, const uint32_t *top, int64_t rank, uint32_t *scratch, uint32_t *low) {
+    uint32_t d = 0;
+    while (rank >= (int64_t)top[d]) rank -= top[d++];
+    int64_t m = 0;
+    for (int64_t i = 0; i < n; i++) { /* the keys of bin d, without a branch */
+        scratch[m] = keys[i];
+        m += (keys[i] >> 16) == d;
+    }
+    if (m <= SMALL) return small_kth(scratch, m, rank);
+    memset(low, 0, sizeof(uint32_t) << 16);
+    for (int64_t i = 0; i < m; i++) low[scratch[i] & 0xffff]++;
+    uint32_t e = 0;
+    while (rank >= (int64_t)low[e]) rank -= low[e++];
+    return (d << 16) | e;
+}
+
+/* The bracket of g from its sample: s keys (everything, for a group read whole); scratch has
+ * room for s + 1 keys; top and low have 65536 bins each. */
+static void bracket(Group *g, const uint32_t *sample, uint32_t *scratch, uint32_t *top, uint32_t *low) {
+    const int64_t s = sample_size(g);
+    memset(top, 0, sizeof(uint32_t) << 16);
+    for (int64_t i = 0; i < s; i++) top[sample[i] >> 16]++;
+    if (g->blocks == 0) { /* the whole group: its exact k-th key */
+        g->lo = g->hi = rank_key(sample, s, top, g->k - 1, scratch, low);
+        g->expected = 0;
+        return;
+    }
+    double q = (double)g->k / (double)g->total;
+    int64_t center = (int64_t)(q * (double)s);
+    if (center >= s) center = s - 1;
+    uint32_t guess = rank_key(sample, s, top, center, scratch, low);
+    /* How far the estimate may be off. The sample is stratified (a block per stretch), so its
+     * variance is the blocks' variance within their stretches: estimated from successive
+     * differences of how many of each block's keys fall below the guess (neighbouring stretches
+     * differ less than distant ones: layers of other scales are not counted as noise; rows of
+     * alike values are). Never taken below the variance of as many independent keys. */
+    double sum2 = 0;
+    int prev = 0;
+    for (int64_t blk = 0; blk < g->blocks; blk++) {
+        int below_guess = 0;
+        for (int j = 0; j < SAMPLE_RUN; j++) below_guess += sample[blk * SAMPLE_RUN + j] < guess;
+        if (blk > 0) sum2 += (double)(below_guess - prev) * (double)(below_guess - prev);
+        prev = below_guess;
+    }
+    double spread = sqrt((double)s * q * (1.0 - q)); /* in sample ranks */
+    double stratified = g->blocks > 1 ? sqrt(sum2 / (2.0 * (double)(g->blocks - 1)) * (double)g->blocks) : 0;
+    if (stratified > spread) spread = stratified;
+    int64_t delta = (int64_t)(SIGMAS * spread) + SAMPLE_RUN;
+    int64_t lo_rank = center - delta, hi_rank = center + delta;
+    g->expected = (int64_t)((double)g->total * (double)(hi_rank - lo_rank) / (double)s);
+    g->lo = lo_rank < 0 ? 0 : rank_key(sample, s, top, lo_rank, scratch, low);
+    g->hi = hi_rank >= s ? KEY_MASK : rank_key(sample, s, top, hi_rank, scratch, low);
+}
 
 typedef struct {
     const Pieces *p;
-    uint32_t lo, hi;     /* the bracket: keys in [lo, hi] are looked at closely */
+    Group *groups;
+    const Py_ssize_t *which; /* the groups this stage works on */
+    uint32_t **sample, **scratch, **top, **low; /* [threads] */
+} BracketCtx;
+
+static void brackets_work(void *arg, int tid, int64_t a, int64_t b) { /* a group at a time, each on one thread */
+    BracketCtx *c = arg;
+    for (int64_t j = a; j < b; j++) {
+        Group *g = c->groups + c->which[j];
+        sample_blocks(c->p, g, 0, g->blocks ? g->blocks : 1, c->sample[tid]);
+        bracket(g, c->sample[tid], c->scratch[tid], c->top[tid], c->low[tid]);
+    }
+}
+
+typedef struct {
+    const Pieces *p;
+    const Group *g;
+    uint32_t *out;
+} SampleCtx;
+
+static void sample_work(void *arg, int tid, int64_t a, int64_t b) { /* one group's blocks, shared out */
+    SampleCtx *c = arg;
+    (void)tid;
+    sample_blocks(c->p, c->g, a, b, c->out + a * SAMPLE_RUN);
+}
+
+typedef struct {
+    const Pieces *p;
+    const Group *groups;
+    const Py_ssize_t *group_of; /* [count]: each piece's group */
     uint32_t zero_below; /* keys below this count as zero */
     int64_t cap;         /* candidates each thread may keep */
-    int64_t *below;      /* [threads] */
-    int64_t *eq_lo;      /* [threads][count] */
-    int64_t *eq_hi;      /* [threads][count] */
-    int64_t *zeros;      /* [threads][count] */
-    int64_t *nonfinite;  /* [threads][count] */
-    uint32_t **cand_key; /* [threads][cap]: keys strictly inside (lo, hi) */
-    int64_t *seg_begin, *seg_end; /* [threads][count]: each piece's candidates in its thread's cand_key */
-    uint32_t **hist;  /* [threads][HIST_BINS]: candidates by (key - lo) >> shift */
-    int shift;
-    int64_t *ncand;   /* [threads] */
-    int *overflow;    /* [threads] */
+    /* [threads][count]: */
+    int64_t *below, *eq_lo, *eq_hi, *zeros, *nonfinite;
+    int64_t *seg_begin, *seg_end; /* each piece's candidates in its thread's cand_key */
+    char *overflow;               /* candidates of the piece were dropped */
+    uint32_t **cand_key; /* [threads][cap]: keys strictly inside their bracket */
+    uint32_t **hist;     /* [threads][all groups' bins] */
 } CountCtx;
 
 static void count_work(void *arg, int tid, int64_t a, int64_t b) {
     CountCtx *c = arg;
     const Py_ssize_t np = c->p->count;
-    int64_t *eql = c->eq_lo + (size_t)tid * np, *eqh = c->eq_hi + (size_t)tid * np;
-    int64_t *zeros = c->zeros + (size_t)tid * np, *bad = c->nonfinite + (size_t)tid * np;
-    uint32_t *ck = c->cand_key[tid], *hist = c->hist[tid];
-    int64_t *seg_begin = c->seg_begin + (size_t)tid * np, *seg_end = c->seg_end + (size_t)tid * np;
+    const size_t row = (size_t)tid * np;
+    uint32_t *ck = c->cand_key[tid];
     uint32_t blk[STRETCH / BLOCK], msk[STRETCH / BLOCK];
-    const int shift = c->shift;
-    int64_t nc = 0, below = 0;
-    const int32_t lo = (int32_t)c->lo, hi = (int32_t)c->hi, zl = (int32_t)c->zero_below;
-    int over = 0;
+    const int32_t zl = (int32_t)c->zero_below;
+    int64_t nc = 0;
     FOR_SEGMENTS(c->p, a, b, {
+        const Group *g = c->groups + c->group_of[piece];
+        const int32_t lo = (int32_t)g->lo, hi = (int32_t)g->hi;
+        const int shift = g->shift;
+        uint32_t *hist = c->hist[tid] + g->hist_at;
         const int32_t *x = (const int32_t *)c->p->ptr[piece] + from;
         int64_t n = to - from, el = 0, eh = 0;
+        int over = 0;
         Counts counts = {0, 0, 0};
-        seg_begin[piece] = nc; /* a thread sees each piece in one stretch at most */
+        c->seg_begin[row + piece] = nc; /* a thread sees each piece in one stretch at most */
         for (int64_t s = 0; s < n; s += STRETCH) {
             int64_t m = n - s < STRETCH ? n - s : STRETCH, nb;
+#ifdef HAVE_AVX512_PATH
+            if (use_avx512 && lo < hi && nc + m <= c->cap) { /* writes stay within the slack */
+                int64_t got = stretch_avx512(x + s, m, lo, hi, zl, &counts, ck + nc, &el, &eh);
+                for (int64_t j = nc; j < nc + got; j++) hist[(ck[j] - (uint32_t)lo) >> shift]++;
+                nc += got;
+                continue;
+            }
+#endif
 #ifdef HAVE_AVX2_PATH
             if (use_avx2) nb = blocks_avx2(x + s, m, lo, hi, zl, &counts, blk, msk);
             else
@@ -560,49 +793,14 @@ static void count_work(void *arg, int tid, int64_t a, int64_t b) {
                 }
             }
         }
-        below += counts.below;
-        zeros[piece] += counts.zeros;
-        bad[piece] += counts.nonfinite;
-        eql[piece] += el;
-        eqh[piece] += eh;
-        seg_end[piece] = nc;
+        c->below[row + piece] += counts.below;
+        c->zeros[row + piece] += counts.zeros;
+        c->nonfinite[row + piece] += counts.nonfinite;
+        c->eq_lo[row + piece] += el;
+        c->eq_hi[row + piece] += eh;
+        c->overflow[row + piece] |= (char)(over | (nc > c->cap));
+        c->seg_end[row + piece] = nc;
     });
-    c->below[tid] = below;
-    c->ncand[tid] = nc;
-    c->overflow[tid] = over | (nc > c->cap);
-}
-
-static uint32_t mix(uint64_t x) { /* splitmix64: a fixed jitter for sample positions (no RNG state touched) */
-    x += 0x9e3779b97f4a7c15ull;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return (uint32_t)(x ^ (x >> 31));
-}
-
-typedef struct {
-    const Pieces *p;
-    const int64_t *at;        /* [SAMPLE_BLOCKS]: where each run starts in the concatenation */
-    const Py_ssize_t *piece;  /* [SAMPLE_BLOCKS]: the piece holding that start */
-    uint32_t *out;
-} SampleCtx;
-
-#define SAMPLE_RUN 16 /* contiguous entries per sample block: one cache line */
-
-static void sample_work(void *arg, int tid, int64_t a, int64_t b) {
-    SampleCtx *c = arg;
-    (void)tid;
-    for (int64_t blk = a; blk < b; blk++) {
-        if (blk + 16 < b) { /* the runs ahead, fetched while this one is read */
-            Py_ssize_t ahead = c->piece[blk + 16];
-            __builtin_prefetch(c->p->ptr[ahead] + (c->at[blk + 16] - c->p->start[ahead]));
-        }
-        Py_ssize_t i = c->piece[blk];
-        uint32_t *w = c->out + blk * SAMPLE_RUN;
-        for (int64_t pos = c->at[blk]; pos < c->at[blk] + SAMPLE_RUN; pos++) {
-            while (pos >= c->p->start[i + 1]) i++;
-            *w++ = c->p->ptr[i][pos - c->p->start[i]] & KEY_MASK;
-        }
-    }
 }
 
 /* Position of the nth (1-based) entry of x with this key, or -1. Counted 256 at a time, with
@@ -621,9 +819,256 @@ static int64_t nth_tie(const int32_t *x, int64_t n, int32_t key, int64_t nth) {
     return -1;
 }
 
-#define SAMPLE_BLOCKS 16384 /* at most: one per 1024 entries, at least 4096 */
-#define SAMPLE_BLOCKS_MIN 4096
-#define SAMPLE (SAMPLE_BLOCKS * SAMPLE_RUN)
+typedef struct {
+    CountCtx *c;
+    Group *groups;
+    int threads; /* of the count pass */
+    int64_t *ties, *split; /* [count] */
+    uint32_t **low;        /* [threads of this stage]: 65536 bins each */
+} ResolveCtx;
+
+/* Sum over the count pass's threads of one per-piece counter, for g's pieces. */
+static int64_t group_sum(const ResolveCtx *r, const int64_t *counter, const Group *g) {
+    int64_t sum = 0;
+    const Py_ssize_t np = r->c->p->count;
+    for (int t = 0; t < r->threads; t++)
+        for (Py_ssize_t i = g->first; i < g->last; i++) sum += counter[(size_t)t * np + i];
+    return sum;
+}
+
+static void resolve_group(ResolveCtx *r, Group *g, uint32_t *low) {
+    const CountCtx *c = r->c;
+    const Py_ssize_t np = c->p->count;
+    const int T = r->threads;
+    const int64_t k = g->k;
+    int64_t below = group_sum(r, c->below, g), eq_lo = group_sum(r, c->eq_lo, g), eq_hi = group_sum(r, c->eq_hi, g);
+    int64_t ncand = group_sum(r, c->seg_end, g) - group_sum(r, c->seg_begin, g);
+    int overflow = 0;
+    for (int t = 0; t < T; t++)
+        for (Py_ssize_t i = g->first; i < g->last; i++) overflow |= c->overflow[(size_t)t * np + i];
+    int64_t *ties = r->ties;
+    g->found = 0;
+    if (below >= k) {
+        /* below the bracket: unresolved */
+    } else if (below + eq_lo >= k) {
+        g->found = 1;
+        g->key = g->lo;
+        g->below_key = below;
+        for (Py_ssize_t i = g->first; i < g->last; i++)
+            for (int t = 0; t < T; t++) ties[i] += c->eq_lo[(size_t)t * np + i];
+    } else if (below + eq_lo + ncand >= k) {
+        if (overflow) return;
+        /* the bin of the candidates' histogram holding it, then that bin's keys */
+        int64_t rank = k - below - eq_lo, before = 0, d = 0, in_bin = 0;
+        for (;; d++) {
+            in_bin = 0;
+            for (int t = 0; t < T; t++) in_bin += c->hist[t][g->hist_at + d];
+            if (before + in_bin >= rank) break;
+            before += in_bin;
+        }
+        uint32_t *keys = scratch_alloc(sizeof(uint32_t) * (size_t)(in_bin * 3 + 1));
+        if (!keys) return; /* unresolved: the caller's exact path */
+        uint32_t *bin_piece = keys + 2 * in_bin;
+        int64_t w = 0;
+        for (int t = 0; t < T; t++)
+            for (Py_ssize_t i = g->first; i < g->last; i++)
+                for (int64_t j = c->seg_begin[(size_t)t * np + i]; j < c->seg_end[(size_t)t * np + i]; j++)
+                    if (((c->cand_key[t][j] - g->lo) >> g->shift) == (uint32_t)d) {
+                        bin_piece[w] = (uint32_t)i;
+                        keys[w++] = c->cand_key[t][j];
+                    }
+        g->found = 1;
+        g->key = g->shift == 0 ? g->lo + (uint32_t)d : kth_key(keys, in_bin, rank - before - 1, keys + in_bin, low);
+        g->below_key = below + eq_lo + before;
+        for (int64_t j = 0; j < in_bin; j++) {
+            if (keys[j] < g->key) g->below_key++;
+            else if (keys[j] == g->key) ties[bin_piece[j]]++;
+        }
+        scratch_free(keys);
+    } else if (!overflow && below + eq_lo + ncand + eq_hi >= k) {
+        g->found = 1;
+        g->key = g->hi;
+        g->below_key = below + eq_lo + ncand;
+        for (Py_ssize_t i = g->first; i < g->last; i++)
+            for (int t = 0; t < T; t++) ties[i] += c->eq_hi[(size_t)t * np + i];
+    }
+    if (!g->found) return;
+    /* Ties split by count, earliest first, piece by piece (the caller's quotas), and where each
+     * piece's share ends, so a fold can prune <= key before that and < key after it, in
+     * parallel. A piece whose ties are all taken ends at its end; at most one takes part of
+     * its ties, and is searched for its share's last one. */
+    int64_t left = k - g->below_key;
+    for (Py_ssize_t i = g->first; i < g->last && left > 0; i++) {
+        int64_t take = ties[i] < left ? ties[i] : left;
+        left -= take;
+        if (take > 0) r->split[i] = take == ties[i] ? c->p->size[i] - 1 : nth_tie((const int32_t *)c->p->ptr[i], c->p->size[i], (int32_t)g->key, take);
+    }
+}
+
+static void resolve_work(void *arg, int tid, int64_t a, int64_t b) {
+    ResolveCtx *r = arg;
+    for (int64_t j = a; j < b; j++) resolve_group(r, r->groups + j, r->low[tid]);
+}
+
+static int stage_threads(long threads, int64_t jobs) { /* threads for a stage of `jobs` separate jobs */
+    if (threads < 1) threads = 1;
+    if (threads > MAX_THREADS) threads = MAX_THREADS;
+    return (int)(jobs < threads ? (jobs < 1 ? 1 : jobs) : threads);
+}
+
+typedef struct {
+    long long lo, hi, cap; /* tests: a given bracket for every group, and a cap; -1: none */
+} Forced;
+
+/* All three stages, with the GIL released. Fills the groups' answers and, per piece, ties at
+ * its group's key, zeros, non-finite entries and splits (-1 for none). Returns 0, or -1 when
+ * memory for scratch could not be had (nothing is answered then). */
+static int select_groups_core(const Pieces *p, Group *groups, Py_ssize_t G, const Py_ssize_t *group_of, long threads, uint32_t zero_below,
+                              Forced force, int64_t *ties, int64_t *zeros, int64_t *bad, int64_t *split) {
+    const Py_ssize_t np = p->count;
+    const int64_t total = p->start[np];
+    const int T = clamp_threads(threads, total); /* of the count pass */
+    const int TB = stage_threads(threads, G);    /* of the per-group stages */
+    int rc = -1;
+    Py_ssize_t *shared = malloc(sizeof(Py_ssize_t) * (size_t)(G + 1)), *alone = malloc(sizeof(Py_ssize_t) * (size_t)(G + 1));
+    uint32_t *sample = NULL, *scratch = NULL;
+    BracketCtx bc;
+    memset(&bc, 0, sizeof(bc));
+    CountCtx c;
+    memset(&c, 0, sizeof(c));
+    size_t per = (size_t)T * (size_t)(np + 1);
+    c.below = calloc(per, sizeof(int64_t));
+    c.eq_lo = calloc(per, sizeof(int64_t));
+    c.eq_hi = calloc(per, sizeof(int64_t));
+    c.zeros = calloc(per, sizeof(int64_t));
+    c.nonfinite = calloc(per, sizeof(int64_t));
+    c.seg_begin = calloc(per, sizeof(int64_t));
+    c.seg_end = calloc(per, sizeof(int64_t));
+    c.overflow = calloc(per, 1);
+    c.cand_key = calloc(T, sizeof(uint32_t *));
+    c.hist = calloc(T, sizeof(uint32_t *));
+    bc.sample = calloc(TB, sizeof(uint32_t *));
+    bc.scratch = calloc(TB, sizeof(uint32_t *));
+    bc.top = calloc(TB, sizeof(uint32_t *));
+    bc.low = calloc(TB, sizeof(uint32_t *));
+    if (!shared || !alone || !c.below || !c.eq_lo || !c.eq_hi || !c.zeros || !c.nonfinite || !c.seg_begin || !c.seg_end || !c.overflow ||
+        !c.cand_key || !c.hist || !bc.sample || !bc.scratch || !bc.top || !bc.low)
+        goto done;
+
+    /* 1. Brackets: groups with many sample blocks are sampled by all threads together, one
+     *    after another; the others a group at a time per thread. */
+    Py_ssize_t nshared = 0, nalone = 0;
+    int64_t alone_max = 1, shared_max = 1;
+    for (Py_ssize_t j = 0; j < G; j++) {
+        Group *g = groups + j;
+        g->blocks = group_blocks(g->total);
+        if (force.lo >= 0) continue;
+        int64_t s = sample_size(g);
+        if (g->blocks >= SHARED_BLOCKS && threads > 1) {
+            shared[nshared++] = j;
+            if (s > shared_max) shared_max = s;
+        } else {
+            alone[nalone++] = j;
+            if (s > alone_max) alone_max = s;
+        }
+    }
+    for (int t = 0; t < TB; t++) { /* untouched pages of these cost nothing */
+        bc.sample[t] = scratch_alloc(sizeof(uint32_t) * (size_t)alone_max);
+        bc.scratch[t] = scratch_alloc(sizeof(uint32_t) * (size_t)(alone_max + 1));
+        bc.top[t] = malloc(sizeof(uint32_t) << 16);
+        bc.low[t] = malloc(sizeof(uint32_t) << 16);
+        if (!bc.sample[t] || !bc.scratch[t] || !bc.top[t] || !bc.low[t]) goto done;
+    }
+    bc.p = p;
+    bc.groups = groups;
+    if (nshared > 0) {
+        sample = scratch_alloc(sizeof(uint32_t) * (size_t)shared_max);
+        scratch = scratch_alloc(sizeof(uint32_t) * (size_t)(shared_max + 1));
+        if (!sample || !scratch) goto done;
+        for (Py_ssize_t j = 0; j < nshared; j++) {
+            Group *g = groups + shared[j];
+            SampleCtx sc = {p, g, sample};
+            run_parallel(stage_threads(threads, g->blocks), sample_work, &sc, g->blocks); /* latency-bound reads: spread out */
+            bracket(g, sample, scratch, bc.top[0], bc.low[0]);
+        }
+    }
+    if (nalone > 0) {
+        bc.which = alone;
+        run_parallel(stage_threads(threads, nalone), brackets_work, &bc, nalone);
+    }
+    int64_t bins_total = 0, cap = 1 << 16;
+    for (Py_ssize_t j = 0; j < G; j++) {
+        Group *g = groups + j;
+        if (force.lo >= 0) {
+            g->lo = (uint32_t)force.lo;
+            g->hi = (uint32_t)force.hi;
+            g->expected = g->total;
+        }
+        /* bins: about 16 expected candidates each, at most HIST_BINS */
+        g->bins = 1;
+        while (g->bins < HIST_BINS && g->bins * 16 < g->expected) g->bins <<= 1;
+        uint32_t span = g->hi - g->lo;
+        g->shift = 0;
+        while ((span >> g->shift) >= (uint32_t)g->bins) g->shift++;
+        g->hist_at = bins_total;
+        bins_total += g->bins;
+        cap += 4 * g->expected;
+    }
+    /* 2. One pass: per piece, count below lo, at lo and at hi; keep the keys strictly between
+     *    (up to a cap: past it only the counts go on); count zeros and non-finite entries. */
+    if (force.cap >= 0) cap = force.cap;
+    if (cap > total) cap = total;
+    if (cap > INT32_MAX) cap = INT32_MAX; /* histogram counts are 32-bit */
+    c.cap = cap;
+    c.p = p;
+    c.groups = groups;
+    c.group_of = group_of;
+    c.zero_below = zero_below;
+    for (int t = 0; t < T; t++) {
+        c.cand_key[t] = scratch_alloc(sizeof(uint32_t) * (size_t)(cap + CAND_SLACK));
+        c.hist[t] = scratch_alloc(sizeof(uint32_t) * (size_t)bins_total); /* zero-filled */
+        if (!c.cand_key[t] || !c.hist[t]) goto done;
+    }
+    run_parallel(T, count_work, &c, total);
+    for (Py_ssize_t i = 0; i < np; i++)
+        for (int t = 0; t < T; t++) {
+            zeros[i] += c.zeros[(size_t)t * np + i];
+            bad[i] += c.nonfinite[(size_t)t * np + i];
+        }
+    /* 3. Each group's k-th key; unresolved where it fell outside the bracket, or among more
+     *    candidates than were kept, or no scratch was had (the caller's exact path then). */
+    ResolveCtx r = {&c, groups, T, ties, split, bc.low};
+    run_parallel(TB, resolve_work, &r, G);
+    rc = 0;
+done:
+    for (int t = 0; c.cand_key && t < T; t++) scratch_free(c.cand_key[t]);
+    for (int t = 0; c.hist && t < T; t++) scratch_free(c.hist[t]);
+    for (int t = 0; bc.sample && t < TB; t++) {
+        scratch_free(bc.sample[t]);
+        scratch_free(bc.scratch[t]);
+        free(bc.top[t]);
+        free(bc.low[t]);
+    }
+    free(bc.sample);
+    free(bc.scratch);
+    free(bc.top);
+    free(bc.low);
+    free(c.cand_key);
+    free(c.hist);
+    free(c.below);
+    free(c.eq_lo);
+    free(c.eq_hi);
+    free(c.zeros);
+    free(c.nonfinite);
+    free(c.seg_begin);
+    free(c.seg_end);
+    free(c.overflow);
+    scratch_free(sample);
+    scratch_free(scratch);
+    free(shared);
+    free(alone);
+    return rc;
+}
 
 static PyObject *int_list(const int64_t *values, Py_ssize_t count) {
     PyObject *out = PyList_New(count);
@@ -638,237 +1083,127 @@ static PyObject *int_list(const int64_t *values, Py_ssize_t count) {
     return out;
 }
 
+/* Shared by select and select_groups: parses, runs, and builds
+ * (keys, belows, ties, zeros, nonfinite, splits); keys and belows per group (None where
+ * unresolved), the rest per piece. */
+static PyObject *select_common(PyObject *ptrs, PyObject *sizes, PyObject *ends, PyObject *ks, long threads, long long zero_below, Forced force) {
+    if (!zero_below_ok(zero_below)) return NULL;
+    if (force.lo >= 0 && !(force.hi >= force.lo && force.hi <= (long long)KEY_MASK)) force.lo = force.hi = -1;
+    Pieces p;
+    if (pieces_parse(ptrs, sizes, &p) < 0) return NULL;
+    const Py_ssize_t np = p.count;
+    PyObject *result = NULL, *fe = NULL, *fk = NULL;
+    Group *groups = NULL;
+    Py_ssize_t *group_of = malloc(sizeof(Py_ssize_t) * (size_t)(np + 1));
+    int64_t *per_piece = calloc((size_t)4 * (np + 1), sizeof(int64_t)); /* ties, zeros, non-finite, splits */
+    if (!group_of || !per_piece) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    fe = PySequence_Fast(ends, "ends must be a sequence");
+    fk = fe ? PySequence_Fast(ks, "ks must be a sequence") : NULL;
+    if (!fk) goto done;
+    const Py_ssize_t G = PySequence_Fast_GET_SIZE(fe);
+    if (PySequence_Fast_GET_SIZE(fk) != G || G < 1) {
+        PyErr_SetString(PyExc_ValueError, "ends and ks must have one entry per group, and there must be a group");
+        goto done;
+    }
+    groups = calloc((size_t)G, sizeof(Group));
+    if (!groups) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    Py_ssize_t first = 0;
+    for (Py_ssize_t j = 0; j < G; j++) {
+        long long end = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fe, j)), k = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fk, j));
+        if (PyErr_Occurred()) goto done;
+        if (end <= first || end > np || (j == G - 1 && end != np)) {
+            PyErr_SetString(PyExc_ValueError, "group ends must rise, each group holding a tensor, and the last must be the tensor count");
+            goto done;
+        }
+        Group *g = groups + j;
+        g->first = first;
+        g->last = (Py_ssize_t)end;
+        g->total = p.start[end] - p.start[first];
+        g->k = k;
+        if (k < 1 || k > g->total) {
+            PyErr_SetString(PyExc_ValueError, "k must be in [1, total entries] of its group");
+            goto done;
+        }
+        for (Py_ssize_t i = first; i < end; i++) group_of[i] = j;
+        first = (Py_ssize_t)end;
+    }
+    int64_t *ties = per_piece, *zeros = per_piece + (np + 1), *bad = per_piece + 2 * (np + 1), *split = per_piece + 3 * (np + 1);
+    for (Py_ssize_t i = 0; i < np; i++) split[i] = -1;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS rc = select_groups_core(&p, groups, G, group_of, threads, (uint32_t)zero_below, force, ties, zeros, bad, split);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    PyObject *keys = PyList_New(G), *belows = PyList_New(G);
+    PyObject *t_list = int_list(ties, np), *z_list = int_list(zeros, np), *f_list = int_list(bad, np), *s_list = int_list(split, np);
+    int ok = keys && belows && t_list && z_list && f_list && s_list;
+    for (Py_ssize_t j = 0; ok && j < G; j++) {
+        PyObject *key = groups[j].found ? PyLong_FromUnsignedLong(groups[j].key) : (Py_INCREF(Py_None), Py_None);
+        PyObject *below = groups[j].found ? PyLong_FromLongLong(groups[j].below_key) : (Py_INCREF(Py_None), Py_None);
+        if (!key || !below) ok = 0;
+        if (key) PyList_SET_ITEM(keys, j, key);
+        if (below) PyList_SET_ITEM(belows, j, below);
+    }
+    if (ok) result = PyTuple_Pack(6, keys, belows, t_list, z_list, f_list, s_list);
+    Py_XDECREF(keys);
+    Py_XDECREF(belows);
+    Py_XDECREF(t_list);
+    Py_XDECREF(z_list);
+    Py_XDECREF(f_list);
+    Py_XDECREF(s_list);
+done:
+    Py_XDECREF(fe);
+    Py_XDECREF(fk);
+    free(groups);
+    free(group_of);
+    free(per_piece);
+    pieces_free(&p);
+    return result;
+}
+
+static PyObject *py_select_groups(PyObject *self, PyObject *args) {
+    PyObject *ptrs, *sizes, *ends, *ks;
+    long threads;
+    long long zero_below;
+    Forced force = {-1, -1, -1};
+    if (!PyArg_ParseTuple(args, "OOOOlL|LLL", &ptrs, &sizes, &ends, &ks, &threads, &zero_below, &force.lo, &force.hi, &force.cap)) return NULL;
+    return select_common(ptrs, sizes, ends, ks, threads, zero_below, force);
+}
+
 static PyObject *py_select(PyObject *self, PyObject *args) {
     PyObject *ptrs, *sizes;
     long long k;
     long threads;
     long long zero_below;
-    long long force_lo = -1, force_hi = -1, force_cap = -1; /* tests: a given bracket and cap */
-    if (!PyArg_ParseTuple(args, "OOLlL|LLL", &ptrs, &sizes, &k, &threads, &zero_below, &force_lo, &force_hi, &force_cap)) return NULL;
-    if (!zero_below_ok(zero_below)) return NULL;
-    Pieces p;
-    if (pieces_parse(ptrs, sizes, &p) < 0) return NULL;
-    const int64_t total = p.start[p.count];
-    if (k < 1 || k > total) {
-        pieces_free(&p);
+    Forced force = {-1, -1, -1};
+    if (!PyArg_ParseTuple(args, "OOLlL|LLL", &ptrs, &sizes, &k, &threads, &zero_below, &force.lo, &force.hi, &force.cap)) return NULL;
+    Py_ssize_t np = PySequence_Size(ptrs);
+    if (np < 0) return NULL;
+    if (np == 0) {
         PyErr_SetString(PyExc_ValueError, "k must be in [1, total entries]");
         return NULL;
     }
-    int T = clamp_threads(threads, total);
-    const Py_ssize_t np = p.count;
-    PyObject *result = NULL;
-    /* Sampling costs a cache miss a block: smaller selects take fewer blocks (a wider bracket,
-     * so more candidates, but fewer misses; per-layer selects on 4M entries gain ~0.7 ms). */
-    int64_t blocks = total / 1024 < SAMPLE_BLOCKS_MIN ? SAMPLE_BLOCKS_MIN : (total / 1024 > SAMPLE_BLOCKS ? SAMPLE_BLOCKS : total / 1024);
-    int64_t s = total <= SAMPLE ? total : blocks * SAMPLE_RUN;
-    uint32_t *sample = malloc(sizeof(uint32_t) * (size_t)s * 2); /* the sample, then select scratch: at most 2 MB, from the heap (reused, no page faults) */
-    uint32_t *hist = malloc(sizeof(uint32_t) << 16); /* small, reused: from the heap */
-    int64_t *sample_at = malloc(sizeof(int64_t) * SAMPLE_BLOCKS);
-    Py_ssize_t *sample_piece = malloc(sizeof(Py_ssize_t) * SAMPLE_BLOCKS);
-    CountCtx c;
-    memset(&c, 0, sizeof(c));
-    c.p = &p;
-    c.zero_below = (uint32_t)zero_below;
-    c.below = calloc(T, sizeof(int64_t));
-    c.ncand = calloc(T, sizeof(int64_t));
-    c.overflow = calloc(T, sizeof(int));
-    c.eq_lo = calloc((size_t)T * (np + 1), sizeof(int64_t));
-    c.eq_hi = calloc((size_t)T * (np + 1), sizeof(int64_t));
-    c.zeros = calloc((size_t)T * (np + 1), sizeof(int64_t));
-    c.nonfinite = calloc((size_t)T * (np + 1), sizeof(int64_t));
-    c.cand_key = calloc(T, sizeof(uint32_t *));
-    c.seg_begin = calloc((size_t)T * (np + 1), sizeof(int64_t));
-    c.seg_end = calloc((size_t)T * (np + 1), sizeof(int64_t));
-    c.hist = calloc(T, sizeof(uint32_t *));
-    int64_t *per_piece = calloc((size_t)4 * (np + 1), sizeof(int64_t)); /* ties, zeros, non-finite, splits */
-    uint32_t *all_keys = NULL;
-    if (!sample || !hist || !sample_at || !sample_piece || !c.below || !c.ncand || !c.overflow || !c.eq_lo || !c.eq_hi || !c.zeros || !c.nonfinite || !c.cand_key ||
-        !c.seg_begin || !c.seg_end || !c.hist || !per_piece) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    int64_t *ties = per_piece, *zeros = per_piece + (np + 1), *bad = per_piece + 2 * (np + 1), *split = per_piece + 3 * (np + 1);
-    for (Py_ssize_t i = 0; i < np; i++) split[i] = -1;
-    int found = 0, no_memory = 0;
-    uint32_t key = 0;
-    int64_t below_key = 0;
-    Py_BEGIN_ALLOW_THREADS
-    /* 1. A sample: everything when small; else one cache line of entries from each of
-     *    `blocks` equal stretches of the concatenation, at a fixed pseudo-random place. */
-    if (s == total) {
-        int64_t w = 0;
-        for (Py_ssize_t i = 0; i < np; i++)
-            for (int64_t j = 0; j < p.size[i]; j++) sample[w++] = p.ptr[i][j] & KEY_MASK;
-    } else {
-        Py_ssize_t i = 0;
-        for (int64_t blk = 0; blk < blocks; blk++) { /* where each run starts, walking the pieces */
-            /* stretch blk is [blk * total / B, (blk + 1) * total / B): together they cover everything */
-            int64_t first = (int64_t)((double)blk * (double)total / blocks), next = (int64_t)((double)(blk + 1) * (double)total / blocks);
-            if (next > total) next = total;
-            if (first > next - SAMPLE_RUN) first = next - SAMPLE_RUN;
-            int64_t pos = first + (int64_t)(mix((uint64_t)blk) % (uint64_t)(next - first - SAMPLE_RUN + 1));
-            while (pos >= p.start[i + 1]) i++;
-            sample_at[blk] = pos;
-            sample_piece[blk] = i;
-        }
-        SampleCtx sc = {&p, sample_at, sample_piece, sample};
-        run_parallel(T, sample_work, &sc, blocks); /* the reads: latency-bound, so spread over the threads */
-    }
-    /* 2. A bracket [lo, hi] that holds the k-th smallest key but for a vanishing chance: the
-     *    sample's order statistics 4.5 standard deviations (and a slack for runs) either side. */
-    int64_t lo_rank, hi_rank, expected;
-    if (s == total) {
-        lo_rank = hi_rank = k - 1;
-    } else {
-        double q = (double)k / (double)total;
-        int64_t center = (int64_t)(q * (double)s);
-        if (center >= s) center = s - 1;
-        /* The sample comes in runs of SAMPLE_RUN neighbours, which may be alike (rows with their
-         * own scale, runs of equal values): the spread of the estimate is measured from the runs
-         * themselves (how many of each fall below the estimate), never taken below the iid one. */
-        uint32_t guess = kth_key(sample, s, center, sample + s, hist);
-        double sum = 0, sum2 = 0;
-        for (int64_t blk = 0; blk < blocks; blk++) {
-            int below_guess = 0;
-            for (int j = 0; j < SAMPLE_RUN; j++) below_guess += sample[blk * SAMPLE_RUN + j] < guess;
-            sum += below_guess;
-            sum2 += (double)below_guess * below_guess;
-        }
-        double mean = sum / blocks, var = sum2 / blocks - mean * mean;
-        double spread = sqrt((double)s * q * (1.0 - q)); /* in sample ranks */
-        double clustered = sqrt(var > 0 ? var * blocks : 0);
-        if (clustered > spread) spread = clustered;
-        int64_t delta = (int64_t)(4.5 * spread) + 4 * SAMPLE_RUN;
-        lo_rank = center - delta;
-        hi_rank = center + delta;
-    }
-    expected = s == total ? 0 : (int64_t)((double)total * (double)(hi_rank - lo_rank) / (double)s);
-    c.lo = lo_rank < 0 ? 0 : kth_key(sample, s, lo_rank, sample + s, hist);
-    c.hi = hi_rank >= s ? KEY_MASK : kth_key(sample, s, hi_rank, sample + s, hist);
-    if (force_lo >= 0 && force_hi >= force_lo && force_hi <= (long long)KEY_MASK) {
-        c.lo = (uint32_t)force_lo;
-        c.hi = (uint32_t)force_hi;
-        expected = total;
-    }
-    /* 3. One pass: count below lo, count lo and hi per piece, keep the keys strictly between
-     *    (up to a cap: past it only the counts go on); count zeros and non-finite entries. */
-    c.cap = 4 * expected + (1 << 16);
-    if (force_cap >= 0) c.cap = force_cap;
-    if (c.cap > total) c.cap = total;
-    if (c.cap > INT32_MAX) c.cap = INT32_MAX; /* histogram counts are 32-bit */
-    uint32_t span = c.hi - c.lo;
-    while ((span >> c.shift) >= HIST_BINS) c.shift++;
-    for (int t = 0; t < T && !no_memory; t++) { /* untouched pages of these cost no memory */
-        c.cand_key[t] = scratch_alloc(sizeof(uint32_t) * (size_t)(c.cap + CAND_SLACK));
-        c.hist[t] = calloc(HIST_BINS, sizeof(uint32_t));
-        no_memory = !c.cand_key[t] || !c.hist[t];
-    }
-    if (!no_memory) {
-        run_parallel(T, count_work, &c, total);
-        int overflow = 0;
-        int64_t below = 0, eq_lo = 0, eq_hi = 0, ncand = 0;
-        for (int t = 0; t < T; t++) {
-            overflow |= c.overflow[t];
-            below += c.below[t];
-            ncand += c.ncand[t];
-            for (Py_ssize_t i = 0; i < np; i++) {
-                eq_lo += c.eq_lo[(size_t)t * np + i];
-                eq_hi += c.eq_hi[(size_t)t * np + i];
-                zeros[i] += c.zeros[(size_t)t * np + i];
-                bad[i] += c.nonfinite[(size_t)t * np + i];
-            }
-        }
-        /* 4. Where the k-th key fell; found stays 0 if outside the bracket (the caller then
-         *    takes the pure-torch path) or among more candidates than were kept. */
-        if (below >= k) {
-        } else if (below + eq_lo >= k) {
-            found = 1;
-            key = c.lo;
-            below_key = below;
-            for (int t = 0; t < T; t++)
-                for (Py_ssize_t i = 0; i < np; i++) ties[i] += c.eq_lo[(size_t)t * np + i];
-        } else if (below + eq_lo + ncand >= k) {
-            /* the bucket of the candidates' histogram holding it, then that bucket's keys */
-            int64_t rank = k - below - eq_lo, before = 0, d = 0, in_bucket = 0;
-            for (;; d++) {
-                in_bucket = 0;
-                for (int t = 0; t < T; t++) in_bucket += c.hist[t][d];
-                if (before + in_bucket >= rank) break;
-                before += in_bucket;
-            }
-            if (!overflow && (all_keys = scratch_alloc(sizeof(uint32_t) * (size_t)in_bucket * 3)) != NULL) {
-                uint32_t *bucket_piece = all_keys + 2 * in_bucket;
-                int64_t w = 0;
-                for (int t = 0; t < T; t++)
-                    for (Py_ssize_t i = 0; i < np; i++)
-                        for (int64_t j = c.seg_begin[(size_t)t * np + i]; j < c.seg_end[(size_t)t * np + i]; j++)
-                            if (((c.cand_key[t][j] - c.lo) >> c.shift) == (uint32_t)d) {
-                                bucket_piece[w] = (uint32_t)i;
-                                all_keys[w++] = c.cand_key[t][j];
-                            }
-                found = 1;
-                key = c.shift == 0 ? c.lo + (uint32_t)d : kth_key(all_keys, in_bucket, rank - before - 1, all_keys + in_bucket, hist);
-                below_key = below + eq_lo + before;
-                for (int64_t j = 0; j < in_bucket; j++) {
-                    if (all_keys[j] < key) below_key++;
-                    else if (all_keys[j] == key) ties[bucket_piece[j]]++;
-                }
-            }
-        } else if (!overflow && below + eq_lo + ncand + eq_hi >= k) {
-            found = 1;
-            key = c.hi;
-            below_key = below + eq_lo + ncand;
-            for (int t = 0; t < T; t++)
-                for (Py_ssize_t i = 0; i < np; i++) ties[i] += c.eq_hi[(size_t)t * np + i];
-        }
-    }
-    if (found) {
-        /* Ties split by count, earliest first, tensor by tensor (the caller's quotas), and where
-         * each tensor's share ends, so a fold can prune <= key before that and < key after it,
-         * in parallel. A tensor whose ties are all taken ends at its end; at most one takes
-         * part of its ties, and is searched for its share's last one. */
-        int64_t left = k - below_key;
-        for (Py_ssize_t i = 0; i < np && left > 0; i++) {
-            int64_t take = ties[i] < left ? ties[i] : left;
-            left -= take;
-            if (take > 0) split[i] = take == ties[i] ? p.size[i] - 1 : nth_tie((const int32_t *)p.ptr[i], p.size[i], (int32_t)key, take);
-        }
-    }
-    Py_END_ALLOW_THREADS
-    if (no_memory) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    PyObject *t_list = int_list(ties, np), *z_list = int_list(zeros, np), *f_list = int_list(bad, np), *s_list = int_list(split, np);
-    if (t_list && z_list && f_list && s_list) {
-        if (found) result = Py_BuildValue("(kLOOOO)", (unsigned long)key, (long long)below_key, t_list, z_list, f_list, s_list);
-        else result = Py_BuildValue("(OOOOOO)", Py_None, Py_None, Py_None, z_list, f_list, Py_None);
-    }
-    Py_XDECREF(s_list);
-    Py_XDECREF(t_list);
-    Py_XDECREF(z_list);
-    Py_XDECREF(f_list);
-done:
-    for (int t = 0; c.cand_key && t < T; t++) scratch_free(c.cand_key[t]);
-    free(c.seg_begin);
-    free(c.seg_end);
-    for (int t = 0; c.hist && t < T; t++) free(c.hist[t]);
-    free(c.hist);
-    free(c.cand_key);
-    free(c.below);
-    free(c.ncand);
-    free(c.overflow);
-    free(c.eq_lo);
-    free(c.eq_hi);
-    free(c.zeros);
-    free(c.nonfinite);
-    free(per_piece);
-    scratch_free(all_keys);
-    free(sample);
-    free(hist);
-    free(sample_at);
-    free(sample_piece);
-    pieces_free(&p);
+    PyObject *ends = Py_BuildValue("[n]", np), *ks = Py_BuildValue("[L]", k);
+    PyObject *out = ends && ks ? select_common(ptrs, sizes, ends, ks, threads, zero_below, force) : NULL;
+    Py_XDECREF(ends);
+    Py_XDECREF(ks);
+    if (!out) return NULL;
+    /* (key, below, ties, zeros, nonfinite, splits); key, below, ties, splits None when unresolved */
+    PyObject *key = PyList_GET_ITEM(PyTuple_GET_ITEM(out, 0), 0), *below = PyList_GET_ITEM(PyTuple_GET_ITEM(out, 1), 0);
+    PyObject *result;
+    if (key == Py_None)
+        result = PyTuple_Pack(6, Py_None, Py_None, Py_None, PyTuple_GET_ITEM(out, 3), PyTuple_GET_ITEM(out, 4), Py_None);
+    else
+        result = PyTuple_Pack(6, key, below, PyTuple_GET_ITEM(out, 2), PyTuple_GET_ITEM(out, 3), PyTuple_GET_ITEM(out, 4), PyTuple_GET_ITEM(out, 5));
+    Py_DECREF(out);
     return result;
 }
 
@@ -1015,7 +1350,27 @@ static PyObject *py_use_openmp_pool(PyObject *self, PyObject *args) {
     return Py_BuildValue("(OO)", was ? Py_True : Py_False, gomp_parallel ? Py_True : Py_False);
 }
 
+static int simd_best = 0; /* what this CPU has: 0 plain C, 1 AVX2, 2 AVX-512 */
+
+static PyObject *py_simd(PyObject *self, PyObject *args) { /* tests: cover each code path on one machine */
+    int level = -1;
+    if (!PyArg_ParseTuple(args, "|i", &level)) return NULL;
+#ifdef HAVE_AVX2_PATH
+    int was = use_avx512 ? 2 : use_avx2;
+    if (level >= 0) {
+        if (level > simd_best) level = simd_best;
+        use_avx2 = level >= 1;
+        use_avx512 = level >= 2;
+    }
+#else
+    int was = 0;
+    (void)simd_best;
+#endif
+    return Py_BuildValue("(ii)", was, simd_best);
+}
+
 static PyMethodDef methods[] = {
+    {"simd", py_simd, METH_VARARGS, "simd([level]) -> (level before, best level): 0 plain C, 1 AVX2, 2 AVX-512; sets the level used, at most the best"},
     {"use_openmp_pool", py_use_openmp_pool, METH_VARARGS,
      "use_openmp_pool(on) -> (was on, pool found): run parallel work in torch's OpenMP pool when found, else own threads"},
     {"scan", py_scan, METH_VARARGS, "scan(ptrs, sizes, threads, zero_below) -> (zeros, nonfinite) per tensor"},
@@ -1023,6 +1378,10 @@ static PyMethodDef methods[] = {
      "select(ptrs, sizes, k, threads, zero_below) -> (key, entries below key, ties at key, zeros, non-finite, splits), all "
      "but the first two per tensor; splits: where a tensor's share of the ties (earliest first) ends, at or after its "
      "last tie taken and before the first left, or -1 for none; key, below, ties and splits are None when the k-th key was not pinned down (take the slow path)"},
+    {"select_groups", py_select_groups, METH_VARARGS,
+     "select_groups(ptrs, sizes, ends, ks, threads, zero_below) -> (keys, belows, ties, zeros, non-finite, splits): select for "
+     "each group of consecutive tensors (group j ends before tensor ends[j]) its ks[j]-th smallest key; keys and belows per "
+     "group, None where the group is unresolved (take the slow path for it); the rest per tensor"},
     {"fold", py_fold, METH_VARARGS, "fold(ptrs, sizes, cuts, quotas, splits, threads, zero_below) -> zeros after per tensor"},
     {NULL, NULL, 0, NULL},
 };
@@ -1033,6 +1392,8 @@ PyMODINIT_FUNC PyInit__native(void) {
 #ifdef HAVE_AVX2_PATH
     __builtin_cpu_init();
     use_avx2 = __builtin_cpu_supports("avx2") != 0;
+    use_avx512 = use_avx2 && __builtin_cpu_supports("avx512f") != 0 && __builtin_cpu_supports("popcnt") != 0;
+    simd_best = use_avx512 ? 2 : use_avx2;
     compress_lut_init();
 #endif
     PyObject *m = PyModule_Create(&module);

@@ -362,7 +362,7 @@ def _find_cuts(
     folds: list[fastprune.Fold] = []
     outcomes = []
     seeds: list[int] = []
-    pool: fastprune.Pool = {}
+    jobs: list[tuple[list[Target], list[fastprune.Piece], int]] = []  # every group's cut, found in one go
     for i, ps in enumerate(active, 1):
         step = ps.step
         if progress is not None:
@@ -384,15 +384,17 @@ def _find_cuts(
             else:
                 assert step.amount is not None
                 k = fastprune.nparams(step.amount, total)
-            cut, zeros, nonfinite = fastprune.select_counting(pieces, k, pool)
-            if zeros is not None and nonfinite is not None:
-                for t, z, bad in zip(group, zeros, nonfinite):
-                    scanned[(id(t.module), t.param)] = (z, bad)
-            if cut.quotas is not None and total <= fastprune.EXACT_TIES_UP_TO:
-                return None
-            folds.extend((t.module, t.param, piece, cut, j) for j, (t, piece) in enumerate(zip(group, pieces)))
+            jobs.append((group, pieces, k))
         note = f"no-op on {', '.join(noops)}: already at or above sparsity {step.sparsity:g}" if noops else None
         outcomes.append(StepOutcome(step.label, ps.method.name, tuple(t.qualname for t in targets), note))
+    cuts = fastprune.select_many([(pieces, k) for _, pieces, k in jobs], {})
+    for (group, pieces, _), (cut, zeros, nonfinite) in zip(jobs, cuts):
+        if zeros is not None and nonfinite is not None:
+            for t, z, bad in zip(group, zeros, nonfinite):
+                scanned[(id(t.module), t.param)] = (z, bad)
+        if cut.quotas is not None and sum(p.numel for p in pieces) <= fastprune.EXACT_TIES_UP_TO:
+            return None
+        folds.extend((t.module, t.param, piece, cut, j) for j, (t, piece) in enumerate(zip(group, pieces)))
     return outcomes, folds, seeds
 
 

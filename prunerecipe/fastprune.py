@@ -308,20 +308,54 @@ def native_scan(tensors: Sequence[torch.Tensor]) -> tuple[list[int], list[int]]:
 def select_counting(pieces: Sequence[Piece], k: int, pool: Pool | None = None) -> tuple[Threshold, list[int] | None, list[int] | None]:
     """:func:`select_smallest`, and, when the C kernels did the select, each piece's zero and
     non-finite entries, counted in the same pass (else None, None)."""
-    tensors = [p.importance.detach() for p in pieces]
-    if 0 < k <= sum(t.numel() for t in tensors) and all(p.eligible is None for p in pieces) and native_ok(tensors):
-        ptrs, sizes = _args(tensors)
+    return select_many([(pieces, k)], pool)[0]
+
+
+def select_many(
+    groups: Sequence[tuple[Sequence[Piece], int]], pool: Pool | None = None
+) -> list[tuple[Threshold, list[int] | None, list[int] | None]]:
+    """:func:`select_counting` for several independent groups of pieces (a global cut: one
+    group; per-tensor cuts: a group per tensor). The groups the C kernels take are all done in
+    one call: one sample and one read pass for all of them, instead of one per group. A group
+    whose sample's bracket missed, or that the kernels do not take, gets the torch path."""
+    out: list = [None] * len(groups)
+    native = []
+    if native_ready():
+        for j, (pieces, k) in enumerate(groups):
+            tensors = [p.importance.detach() for p in pieces]
+            if tensors and 0 < k <= sum(t.numel() for t in tensors) and all(p.eligible is None and native_takes(t) for p, t in zip(pieces, tensors)):
+                native.append((j, tensors))
+    if native:
+        ptrs: list[int] = []
+        sizes: list[int] = []
+        ends: list[int] = []
+        for _, tensors in native:
+            more_ptrs, more_sizes = _args(tensors)
+            ptrs += more_ptrs
+            sizes += more_sizes
+            ends.append(len(ptrs))
+        ks = [groups[j][1] for j, _ in native]
         try:
-            key, below, ties, zeros, nonfinite, splits = NATIVE.select(ptrs, sizes, k, torch.get_num_threads(), 1)
+            keys, belows, ties, zeros, nonfinite, splits = NATIVE.select_groups(ptrs, sizes, ends, ks, torch.get_num_threads(), 1)
         except MemoryError:  # no room for the kernels' scratch: the torch path needs less
-            return _select_torch(pieces, k, pool), None, None
-        if key is not None:
-            remaining = k - below
-            if remaining == sum(ties):  # every entry equal to the k-th is pruned: a plain cut
-                return Threshold(key + 1), zeros, nonfinite
-            return _split_ties(key, remaining, ties, tuple(splits)), zeros, nonfinite
-        return _select_torch(pieces, k, pool), zeros, nonfinite  # the sample's bracket missed: exact, slower
-    return _select_torch(pieces, k, pool), None, None
+            keys = None
+        if keys is not None:
+            first = 0
+            for (j, _), end, key, below in zip(native, ends, keys, belows):
+                part = slice(first, end)
+                first = end
+                if key is None:  # the sample's bracket missed: exact, slower
+                    out[j] = (_select_torch(groups[j][0], groups[j][1], pool), zeros[part], nonfinite[part])
+                    continue
+                remaining = groups[j][1] - below
+                if remaining == sum(ties[part]):  # every entry equal to the k-th is pruned: a plain cut
+                    out[j] = (Threshold(key + 1), zeros[part], nonfinite[part])
+                else:
+                    out[j] = (_split_ties(key, remaining, ties[part], tuple(splits[part])), zeros[part], nonfinite[part])
+    for j, (pieces, k) in enumerate(groups):
+        if out[j] is None:
+            out[j] = (_select_torch(pieces, k, pool), None, None)
+    return out
 
 
 def select_smallest(pieces: Sequence[Piece], k: int, pool: Pool | None = None) -> Threshold:
