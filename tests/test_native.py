@@ -357,3 +357,84 @@ def test_a_cut_above_every_key_prunes_everything_on_the_torch_path_too():
     cut = fp._select_torch([fp.Piece(t)], 1000)
     assert cut.key == 1 << 31 and cut.quotas is None
     assert int(fp.keep_flags(fp.Piece(t), cut, 0, torch.float32).sum()) == 0
+
+
+def _flat(groups: list[list[torch.Tensor]]) -> tuple[list[int], list[int], list[int]]:
+    ptrs, sizes, ends = [], [], []
+    for group in groups:
+        ptrs += [t.data_ptr() for t in group]
+        sizes += [t.numel() for t in group]
+        ends.append(len(ptrs))
+    return ptrs, sizes, ends
+
+
+@needs_kernels
+@pytest.mark.parametrize("level", [0, 1, 2], ids=["plain-C", "AVX2", "AVX-512"])
+def test_select_groups_gives_each_group_what_its_own_select_gives(level):
+    # One call for many cuts (a one-shot fold's per-tensor cuts): each group, whatever its
+    # size (read whole, sampled), must come out exactly as if selected alone, on each code path.
+    groups = [
+        tensors("normal", [300_000]),
+        tensors("levels", [5, 70_000, 400_000], seed=1),
+        tensors("rows", [1 << 20], seed=2),
+        tensors("zeros", [1000], seed=3),
+        tensors("sorted", [600_000, 2], seed=4),
+        tensors("equal", [262_145]),
+        tensors("subnormal", [3], seed=5),
+    ]
+    ks = [150_000, 300_000, 1 << 19, 700, 600_002, 100_000, 1]
+    was, best = fp.NATIVE.simd(level)
+    try:
+        keys, belows, ties, zeros, nonfinite, splits = fp.NATIVE.select_groups(*_flat(groups), ks, 2, 1)
+        first = 0
+        for group, k, key, below in zip(groups, ks, keys, belows):
+            n = len(group)
+            alone = fp.NATIVE.select([t.data_ptr() for t in group], [t.numel() for t in group], k, 2, 1)
+            assert (key, below) == alone[:2] and key is not None
+            assert ties[first : first + n] == alone[2] and splits[first : first + n] == alone[5]
+            assert zeros[first : first + n] == [int((t == 0).sum()) for t in group] == alone[3]
+            assert nonfinite[first : first + n] == [0] * n
+            first += n
+        many = fp.select_many([([fp.Piece(t) for t in group], k) for group, k in zip(groups, ks)])
+        assert [cut for cut, _, _ in many] == [torch_cut(group, k) for group, k in zip(groups, ks)]
+    finally:
+        fp.NATIVE.simd(was)
+    assert fp.NATIVE.simd()[0] == was and best >= min(level, best)
+
+
+@needs_kernels
+def test_select_groups_leaves_only_missed_groups_to_the_torch_path():
+    # A bracket forced on every group: the groups it misses come back unresolved (None), the
+    # others resolved, and select_many still ends every group at the torch path's cut.
+    groups = [tensors("levels", [200_000], seed=s) for s in range(4)]
+    k = 120_000
+    exact = [torch_cut(g, k) for g in groups]
+    kth = exact[0].key - 1 if exact[0].quotas is None else exact[0].key
+    levels = sorted({key_of(float(v)) for v in groups[0][0].unique()})
+    i = levels.index(kth)
+    keys, belows, ties, zeros, nonfinite, splits = fp.NATIVE.select_groups(*_flat(groups), [k] * 4, 2, 1, levels[i - 1], levels[i + 1])
+    for group, cut, key in zip(groups, exact, keys):
+        group_kth = cut.key - 1 if cut.quotas is None else cut.key
+        assert key == (group_kth if levels[i - 1] <= group_kth <= levels[i + 1] else None)
+    assert zeros == [int((g[0] == 0).sum()) for g in groups]  # counts are whole either way
+    with pytest.raises(ValueError):
+        fp.NATIVE.select_groups(*_flat(groups)[:2], [2, 1, 4, 4], [k] * 4, 2, 1)  # ends must rise
+    with pytest.raises(ValueError):
+        fp.NATIVE.select_groups(*_flat(groups)[:2], [1, 2, 3], [k] * 3, 2, 1)  # the last end is the tensor count
+    with pytest.raises(ValueError):
+        fp.NATIVE.select_groups(*_flat(groups), [k, k, k, 200_001], 2, 1)  # k past its group
+
+
+@needs_kernels
+@pytest.mark.slow
+def test_a_group_sampled_by_all_threads_together_finds_the_exact_key():
+    # Groups of 32M+ entries are sampled by every thread at once; the cut must not change.
+    g = torch.Generator().manual_seed(11)
+    big = torch.randn(34_000_000, generator=g) * torch.logspace(-2, 2, 17).repeat_interleave(2_000_000)
+    small = tensors("normal", [500_000], seed=12)
+    keys_all = big.view(torch.int32) & KEY
+    for k in (1, 17_000_000, 33_999_999):
+        key, below, ties, *_ = fp.NATIVE.select_groups(*_flat([[big], small]), [k, 250_000], 2, 1)
+        assert key[0] == int(torch.kthvalue(keys_all, k).values)
+        assert below[0] == int((keys_all < key[0]).sum()) and ties[0] == int((keys_all == key[0]).sum())
+        assert key[1] == fp.NATIVE.select([small[0].data_ptr()], [500_000], 250_000, 2, 1)[0]
