@@ -387,12 +387,13 @@ def _find_cuts(
             jobs.append((group, pieces, k))
         note = f"no-op on {', '.join(noops)}: already at or above sparsity {step.sparsity:g}" if noops else None
         outcomes.append(StepOutcome(step.label, ps.method.name, tuple(t.qualname for t in targets), note))
-    cuts = fastprune.select_many([(pieces, k) for _, pieces, k in jobs], {})
+    # Groups too big for torch's own tie order keep no candidates: their fold finishes the cut.
+    cuts = fastprune.select_many([(pieces, k) for _, pieces, k in jobs], {}, defer_above=fastprune.EXACT_TIES_UP_TO)
     for (group, pieces, _), (cut, zeros, nonfinite) in zip(jobs, cuts):
         if zeros is not None and nonfinite is not None:
             for t, z, bad in zip(group, zeros, nonfinite):
                 scanned[(id(t.module), t.param)] = (z, bad)
-        if cut.quotas is not None and sum(p.numel for p in pieces) <= fastprune.EXACT_TIES_UP_TO:
+        if isinstance(cut, fastprune.Threshold) and cut.quotas is not None and sum(p.numel for p in pieces) <= fastprune.EXACT_TIES_UP_TO:
             return None
         folds.extend((t.module, t.param, piece, cut, j) for j, (t, piece) in enumerate(zip(group, pieces)))
     return outcomes, folds, seeds

@@ -127,6 +127,27 @@ class Threshold:
     splits: tuple[int, ...] | None = field(default=None, compare=False)
 
 
+@dataclass(frozen=True, eq=False)
+class Pending:
+    """A group's cut that the C kernels narrowed to one small bin of keys without keeping
+    candidates (so no fresh memory for them): ``below`` entries of the group have keys under
+    ``lo``, ``count`` lie in ``[lo, hi]``, and the k-th smallest is among those.
+    :func:`fold_all` finds it in the same pass that masks the weights, and prunes exactly what
+    the :class:`Threshold` would (ties earliest first). Only a fold takes it; compared by
+    identity: every piece of the group shares the one object."""
+
+    k: int
+    lo: int
+    hi: int
+    below: int
+    count: int
+    pieces: tuple[Piece, ...]
+
+    def exact(self, pool: Pool | None = None) -> Threshold:
+        """The exact cut, the slow way (when the kernels cannot do the fold)."""
+        return _select_torch(list(self.pieces), self.k, pool)
+
+
 Pool = dict  # name, dtype, device -> a reusable flat buffer: lets consecutive calls share scratch
 Segment = tuple  # (piece index, start, stop)
 _ARENA = "arena"  # pool key: (bytes tensor, [next free offset]) that scratch buffers are carved from
@@ -312,12 +333,15 @@ def select_counting(pieces: Sequence[Piece], k: int, pool: Pool | None = None) -
 
 
 def select_many(
-    groups: Sequence[tuple[Sequence[Piece], int]], pool: Pool | None = None
-) -> list[tuple[Threshold, list[int] | None, list[int] | None]]:
+    groups: Sequence[tuple[Sequence[Piece], int]], pool: Pool | None = None, defer_above: int | None = None
+) -> list[tuple[Threshold | Pending, list[int] | None, list[int] | None]]:
     """:func:`select_counting` for several independent groups of pieces (a global cut: one
     group; per-tensor cuts: a group per tensor). The groups the C kernels take are all done in
     one call: one sample and one read pass for all of them, instead of one per group. A group
-    whose sample's bracket missed, or that the kernels do not take, gets the torch path."""
+    whose sample's bracket missed, or that the kernels do not take, gets the torch path.
+
+    With ``defer_above``, a group of more entries than that may come back :class:`Pending`
+    (for :func:`fold_all` only): the select then keeps no candidates for it."""
     out: list = [None] * len(groups)
     native = []
     if native_ready():
@@ -336,7 +360,8 @@ def select_many(
             ends.append(len(ptrs))
         ks = [groups[j][1] for j, _ in native]
         try:
-            keys, belows, ties, zeros, nonfinite, splits = NATIVE.select_groups(ptrs, sizes, ends, ks, torch.get_num_threads(), 1)
+            defer = -1 if defer_above is None else defer_above
+            keys, belows, ties, zeros, nonfinite, splits = NATIVE.select_groups(ptrs, sizes, ends, ks, torch.get_num_threads(), 1, -1, -1, -1, defer)
         except MemoryError:  # no room for the kernels' scratch: the torch path needs less
             keys = None
         if keys is not None:
@@ -346,6 +371,10 @@ def select_many(
                 first = end
                 if key is None:  # the sample's bracket missed: exact, slower
                     out[j] = (_select_torch(groups[j][0], groups[j][1], pool), zeros[part], nonfinite[part])
+                    continue
+                if isinstance(key, tuple):  # narrowed to a bin: the fold finishes it
+                    lo, hi, count = key
+                    out[j] = (Pending(groups[j][1], lo, hi, below, count, tuple(groups[j][0])), zeros[part], nonfinite[part])
                     continue
                 remaining = groups[j][1] - below
                 if remaining == sum(ties[part]):  # every entry equal to the k-th is pruned: a plain cut
@@ -659,29 +688,59 @@ Fold = tuple  # (module, name, piece, threshold, index in the threshold's pieces
 
 def fold_all(folds: Sequence[Fold], pool: Pool) -> dict[tuple[int, str], int]:
     """:func:`fold_in_place` for each fold, in order. The float32 CPU tensors go through the C
-    kernels in one threaded pass, which also counts their zeros after: returned, keyed by
-    ``(id(module), name)``."""
+    kernels in threaded passes, which also count their zeros after: returned, keyed by
+    ``(id(module), name)``. A :class:`Pending` cut is finished in its fold's own pass."""
     ready = native_ready()
     native: list[Fold] = []
+    pending: dict[int, list[Fold]] = {}  # id(cut) -> the folds of its group
     rest: list[Fold] = []
     for fold in folds:
-        (native if ready and native_takes(fold[0]._parameters[fold[1]]) else rest).append(fold)
+        cut = fold[3]
+        if isinstance(cut, Pending) and ready and all(native_takes(p.importance) for p in cut.pieces):
+            pending.setdefault(id(cut), []).append(fold)
+        elif ready and not isinstance(cut, Pending) and native_takes(fold[0]._parameters[fold[1]]):
+            native.append(fold)
+        else:
+            rest.append(fold)
     zeros: dict[tuple[int, str], int] = {}
+    threads = torch.get_num_threads()
     if native:
         params = [module._parameters[name] for module, name, *_ in native]
         cuts = [0 if th.nothing else th.key for *_, th, _ in native]
         quotas = [th.quotas[i] if th.quotas is not None else 0 for *_, th, i in native]
         splits = [th.splits[i] if th.splits is not None else -1 for *_, th, i in native]
         ptrs, sizes = _args(params)
-        after = NATIVE.fold(ptrs, sizes, cuts, quotas, splits, torch.get_num_threads(), 1)
-        for (module, name, *_), param, count in zip(native, params, after):
-            torch.autograd.graph.increment_version(param)  # written in place, as param.mul_ would count it
-            zeros[(id(module), name)] = count
-    for fold in rest:
-        fold_in_place(*fold, pool)
+        after = NATIVE.fold(ptrs, sizes, cuts, quotas, splits, threads, 1)
+        _record(native, params, after, zeros)
+    if pending:
+        done: list[Fold] = []
+        ends: list[int] = []
+        for group in pending.values():
+            group.sort(key=lambda fold: fold[4])
+            assert [fold[4] for fold in group] == list(range(len(group[0][3].pieces))), "a pending cut's folds must cover its group"
+            done += group
+            ends.append(len(done))
+        cuts = [group[0][3] for group in pending.values()]
+        params = [module._parameters[name] for module, name, *_ in done]
+        ptrs, sizes = _args(params)
+        after, _ = NATIVE.fold_pending(
+            ptrs, sizes, ends, [c.k for c in cuts], [c.lo for c in cuts], [c.hi for c in cuts], [c.below for c in cuts], [c.count for c in cuts], threads, 1
+        )
+        _record(done, params, after, zeros)
+    exact: dict[int, Threshold] = {}
+    for module, name, piece, cut, index in rest:
+        if isinstance(cut, Pending):  # the kernels cannot finish it here: the exact cut, the slow way
+            cut = exact.setdefault(id(cut), cut.exact(pool))
+        fold_in_place(module, name, piece, cut, index, pool)
     for module, name, *_ in folds:  # prune.remove moves each parameter to the end, in call order
         module._parameters[name] = module._parameters.pop(name)
     return zeros
+
+
+def _record(folds: Sequence[Fold], params: Sequence[torch.Tensor], after: Sequence[int], zeros: dict[tuple[int, str], int]) -> None:
+    for (module, name, *_), param, count in zip(folds, params, after):
+        torch.autograd.graph.increment_version(param)  # written in place, as param.mul_ would count it
+        zeros[(id(module), name)] = count
 
 
 @contextmanager
