@@ -57,6 +57,8 @@ def tensors(kind: str, sizes: list[int], seed: int = 0) -> list[torch.Tensor]:
             t = torch.randn(n, generator=g) * torch.logspace(-4, 4, 64).repeat_interleave(-(-n // 64))[:n]
         elif kind == "subnormal":
             t = torch.randn(n, generator=g) * 1e-39
+        elif kind == "coarse":  # bfloat16 values: each appears dozens of times, so ties sit inside any bracket
+            t = torch.randn(n, generator=g).bfloat16().float()
         else:
             raise AssertionError(kind)
         out.append(t.contiguous())
@@ -438,3 +440,73 @@ def test_a_group_sampled_by_all_threads_together_finds_the_exact_key():
         assert key[0] == int(torch.kthvalue(keys_all, k).values)
         assert below[0] == int((keys_all < key[0]).sum()) and ties[0] == int((keys_all == key[0]).sum())
         assert key[1] == fp.NATIVE.select([small[0].data_ptr()], [500_000], 250_000, 2, 1)[0]
+
+
+def _fold_models(ts: list[torch.Tensor]) -> list[nn.Module]:
+    mods = []
+    for t in ts:
+        m = nn.Module()
+        m.register_parameter("weight", nn.Parameter(t.clone()))
+        mods.append(m)
+    return mods
+
+
+@needs_kernels
+@pytest.mark.parametrize("level", [0, 1, 2], ids=["plain-C", "AVX2", "AVX-512"])
+@pytest.mark.parametrize("kind", ["normal", "levels", "zeros", "rows", "subnormal", "coarse"])
+def test_a_pending_cut_folds_to_the_exact_cuts_bits(kind, level, monkeypatch):
+    # Big groups keep no candidates: the select leaves their cut pending (one bin of keys),
+    # and the fold finishes it. The weights must come out bit for bit as a fold at the exact
+    # cut leaves them (torch's), ties pruned earliest first, -0.0 kept, zeros counted.
+    groups = [tensors(kind, [1 << 20, 300_001], seed=21), tensors(kind, [5, (1 << 20) + 7], seed=22), tensors(kind, [2000], seed=23)]
+    was, _ = fp.NATIVE.simd(level)
+    try:
+        for frac in (0.001, 0.5, 0.999):
+            ks = [max(1, int(frac * sum(t.numel() for t in g))) for g in groups]
+            cuts = [cut for cut, _, _ in fp.select_many([([fp.Piece(t) for t in g], k) for g, k in zip(groups, ks)], defer_above=1 << 20)]
+            assert not isinstance(cuts[2], fp.Pending)  # small groups are resolved exactly
+            if kind in ("normal", "rows", "subnormal", "coarse"):
+                assert isinstance(cuts[0], fp.Pending) and isinstance(cuts[1], fp.Pending), (kind, frac)
+            mods = [_fold_models(g) for g in groups]
+            folds = [(m, "weight", fp.Piece(m.weight), cut, i) for ms, cut in zip(mods, cuts) for i, m in enumerate(ms)]
+            zeros = fp.fold_all(folds, {})
+            for g, k, ms in zip(groups, ks, mods):
+                exact = torch_cut(g, k)
+                ref = _fold_models(g)
+                monkeypatch.setattr(fp, "NATIVE", None)
+                fp.fold_all([(m, "weight", fp.Piece(m.weight), exact, i) for i, m in enumerate(ref)], {})
+                monkeypatch.undo()
+                for a, b in zip(ms, ref):
+                    assert torch.equal(a.weight.view(torch.int32), b.weight.view(torch.int32)), (kind, frac)
+                    assert zeros[(id(a), "weight")] == int((b.weight == 0).sum())
+    finally:
+        fp.NATIVE.simd(was)
+
+
+@needs_kernels
+def test_pending_cuts_are_used_where_they_pay_and_finished_the_slow_way_otherwise(monkeypatch):
+    t = tensors("normal", [1 << 21], seed=5)[0]
+    (cut, zeros, _), = fp.select_many([([fp.Piece(t)], 1 << 20)], defer_above=1 << 20)
+    assert isinstance(cut, fp.Pending) and cut.lo <= cut.hi and cut.below < cut.k <= cut.below + cut.count
+    assert zeros == [0]
+    exact = torch_cut([t], 1 << 20)
+    keys = t.view(torch.int32) & KEY
+    assert cut.below == int((keys < cut.lo).sum()) and cut.count == int(((keys >= cut.lo) & (keys <= cut.hi)).sum())
+    assert cut.lo <= exact.key - 1 <= cut.hi  # the k-th key lies in the bin
+    assert fp.select_many([([fp.Piece(t)], 1 << 20)])[0][0] == exact  # no deferring unless asked
+    # Kernels off by the time of the fold (flush-to-zero turned on, say): the exact cut the slow way.
+    (m,) = _fold_models([t])
+    monkeypatch.setattr(fp, "native_ready", lambda: False)
+    assert fp.fold_all([(m, "weight", fp.Piece(m.weight), cut, 0)], {}) == {}
+    monkeypatch.undo()
+    assert torch.equal(m.weight.detach(), t * (keys >= exact.key))
+    ptrs, sizes = [t.data_ptr()], [t.numel()]
+    for bad in (
+        ([1], [5], [0], [1], [0], [1]),  # blo 0
+        ([1], [5], [9], [8], [0], [1]),  # bhi < blo
+        ([1], [5], [1], [9], [5], [1]),  # k not above below
+        ([1], [5], [1], [9], [0], [4]),  # the k-th not among the bin's entries
+        ([2], [5], [1], [9], [0], [9]),  # ends past the tensors
+    ):
+        with pytest.raises(ValueError):
+            fp.NATIVE.fold_pending(ptrs, sizes, *bad, 2, 1)
