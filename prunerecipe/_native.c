@@ -3,8 +3,9 @@
  *
  * Optional. The package builds it when a C compiler is at hand and falls back to pure
  * PyTorch (prunerecipe/fastprune.py) when it is not; both give the same masks, the same
- * tie split, the same counts. Plain C and pthreads: no torch headers, so it compiles in a
- * second, and no OpenMP runtime to clash with torch's.
+ * tie split, the same counts. Plain C (AVX2 and AVX-512 where the CPU has them) and
+ * pthreads, or torch's own OpenMP pool when the process has one: no torch headers, so it
+ * compiles in a second, and no OpenMP runtime of its own to clash with torch's.
  *
  * Keys: for a float32 w, (bits(w) & 0x7fffffff) read as an integer orders as |w| does
  * (NaN patterns above +inf, as torch.topk ranks NaN). Every function takes tensors as
@@ -12,8 +13,15 @@
  * the tensors alive. The GIL is released while the kernels run.
  *
  * scan(ptrs, sizes, threads, zero_below) -> (zeros, nonfinite)      one read pass
- * select(ptrs, sizes, k, threads, zero_below) -> (key, below, ties, zeros, nonfinite, splits): sample + one read pass
+ * select_groups(ptrs, sizes, ends, ks, threads, zero_below[, lo, hi, cap, defer_above])
+ *     -> (keys, belows, ties, zeros, nonfinite, splits): the k-th key of each group of
+ *     consecutive tensors, all groups in one sample stage and one read pass; a group bigger
+ *     than defer_above may come back pending, as the bin (blo, bhi, count) holding its key
+ * select(ptrs, sizes, k, threads, zero_below[, lo, hi, cap]): the same for one group
  * fold(ptrs, sizes, cuts, quotas, splits, threads, zero_below) -> zeros after: one read/write pass
+ * fold_pending(ptrs, sizes, ends, ks, blos, bhis, belows, inbins, threads, zero_below)
+ *     -> (zeros after, keys): the fold of pending groups, finished in the same pass
+ * simd([level]): the instruction set used (0 plain C, 1 AVX2, 2 AVX-512), for tests
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -570,11 +578,11 @@ __attribute__((target("avx512f,popcnt"))) static int64_t stretch_avx512(const in
  * caller finds its cut the slow, exact way. */
 
 #define SAMPLE_RUN 64 /* entries per sample block: 256 bytes, neighbours (mostly one page: one TLB miss) */
-#define SAMPLE_EVERY 4096 /* a sample block per this many entries of a group, within: */
-#define SAMPLE_BLOCKS_MIN 1024
-#define SAMPLE_BLOCKS_MAX 16384
+#define SAMPLE_EVERY 8192 /* a sample block per this many entries of a group, within: */
+#define SAMPLE_BLOCKS_MIN 512
+#define SAMPLE_BLOCKS_MAX 8192
 #define SAMPLE_ALL 262144 /* a group up to this size is read whole */
-#define SHARED_BLOCKS 8192 /* a group with this many sample blocks is sampled by all threads together */
+#define SHARED_BLOCKS 4096 /* a group with this many sample blocks is sampled by all threads together */
 #define SIGMAS 4.5 /* bracket half-width, in standard deviations of the sample's rank estimate */
 
 typedef struct {
