@@ -1367,6 +1367,13 @@ static void fold_work(void *arg, int tid, int64_t a, int64_t b) {
     });
 }
 
+/* A fold raises MemoryError only before it writes (the caller may then take another path);
+ * failing to build its answer after the weights were written is told apart. */
+static void written_but_lost(void) {
+    PyErr_Clear();
+    PyErr_SetString(PyExc_RuntimeError, "the weights were masked, but there was no memory left to report their zero counts");
+}
+
 static PyObject *py_fold(PyObject *self, PyObject *args) {
     PyObject *ptrs, *sizes, *cuts, *quotas, *splits;
     long threads;
@@ -1424,6 +1431,7 @@ static PyObject *py_fold(PyObject *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     result = list_of_sums(c.zeros, T, np);
+    if (!result) written_but_lost();
 done:
     Py_XDECREF(fc);
     Py_XDECREF(fq);
@@ -1616,6 +1624,7 @@ static PyObject *py_fold_pending(PyObject *self, PyObject *args) {
     if (z && keys) result = PyTuple_Pack(2, z, keys);
     Py_XDECREF(z);
     Py_XDECREF(keys);
+    if (!result) written_but_lost();
 done:
     for (int i = 0; i < 6; i++) Py_XDECREF(seq[i]);
     for (int t = 0; c.noted && t < T; t++) scratch_free(c.noted[t]);

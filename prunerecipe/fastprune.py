@@ -702,31 +702,40 @@ def fold_all(folds: Sequence[Fold], pool: Pool) -> dict[tuple[int, str], int]:
             native.append(fold)
         else:
             rest.append(fold)
+    done: list[Fold] = []  # the pending folds, group after group, each in its pieces' order
+    ends: list[int] = []
+    for group in pending.values():
+        group.sort(key=lambda fold: fold[4])
+        if [fold[4] for fold in group] != list(range(len(group[0][3].pieces))):
+            raise ValueError("a pending cut's folds must cover each of its pieces once")
+        done += group
+        ends.append(len(done))
     zeros: dict[tuple[int, str], int] = {}
     threads = torch.get_num_threads()
-    if native:
-        params = [module._parameters[name] for module, name, *_ in native]
-        cuts = [0 if th.nothing else th.key for *_, th, _ in native]
-        quotas = [th.quotas[i] if th.quotas is not None else 0 for *_, th, i in native]
-        splits = [th.splits[i] if th.splits is not None else -1 for *_, th, i in native]
-        ptrs, sizes = _args(params)
-        after = NATIVE.fold(ptrs, sizes, cuts, quotas, splits, threads, 1)
-        _record(native, params, after, zeros)
-    if pending:
-        done: list[Fold] = []
-        ends: list[int] = []
-        for group in pending.values():
-            group.sort(key=lambda fold: fold[4])
-            assert [fold[4] for fold in group] == list(range(len(group[0][3].pieces))), "a pending cut's folds must cover its group"
-            done += group
-            ends.append(len(done))
+    if done:
         cuts = [group[0][3] for group in pending.values()]
         params = [module._parameters[name] for module, name, *_ in done]
         ptrs, sizes = _args(params)
-        after, _ = NATIVE.fold_pending(
-            ptrs, sizes, ends, [c.k for c in cuts], [c.lo for c in cuts], [c.hi for c in cuts], [c.below for c in cuts], [c.count for c in cuts], threads, 1
-        )
-        _record(done, params, after, zeros)
+        try:
+            after, _ = NATIVE.fold_pending(
+                ptrs, sizes, ends, [c.k for c in cuts], [c.lo for c in cuts], [c.hi for c in cuts], [c.below for c in cuts], [c.count for c in cuts], threads, 1
+            )
+        except MemoryError:  # raised before anything is written: the exact cuts, the slow way
+            rest += done
+        else:
+            _record(done, params, after, zeros)
+    if native:
+        params = [module._parameters[name] for module, name, *_ in native]
+        cuts_ = [0 if th.nothing else th.key for *_, th, _ in native]
+        quotas = [th.quotas[i] if th.quotas is not None else 0 for *_, th, i in native]
+        splits = [th.splits[i] if th.splits is not None else -1 for *_, th, i in native]
+        ptrs, sizes = _args(params)
+        try:
+            after = NATIVE.fold(ptrs, sizes, cuts_, quotas, splits, threads, 1)
+        except MemoryError:  # raised before anything is written
+            rest += native
+        else:
+            _record(native, params, after, zeros)
     exact: dict[int, Threshold] = {}
     for module, name, piece, cut, index in rest:
         if isinstance(cut, Pending):  # the kernels cannot finish it here: the exact cut, the slow way

@@ -510,3 +510,34 @@ def test_pending_cuts_are_used_where_they_pay_and_finished_the_slow_way_otherwis
     ):
         with pytest.raises(ValueError):
             fp.NATIVE.fold_pending(ptrs, sizes, *bad, 2, 1)
+
+
+@needs_kernels
+def test_folds_the_kernels_cannot_start_take_the_slow_path_with_the_same_result(monkeypatch):
+    # The kernels' folds raise MemoryError only before writing: fold_all then finishes those
+    # folds the slow way (a pending cut made exact first), with the same bits.
+    ts = tensors("coarse", [(1 << 20) + 3, 1000], seed=9)
+    groups = [([fp.Piece(ts[0])], 600_000), ([fp.Piece(ts[1])], 500)]
+    cuts = [cut for cut, _, _ in fp.select_many(groups, defer_above=1 << 20)]
+    assert isinstance(cuts[0], fp.Pending) and isinstance(cuts[1], fp.Threshold)
+    expected = []
+    for t, cut in zip(ts, [torch_cut([ts[0]], 600_000), cuts[1]]):
+        (m,) = _fold_models([t])
+        monkeypatch.setattr(fp, "NATIVE", None)
+        fp.fold_all([(m, "weight", fp.Piece(m.weight), cut, 0)], {})
+        monkeypatch.undo()
+        expected.append(m.weight.detach())
+
+    def no_memory(*args):
+        raise MemoryError
+
+    monkeypatch.setattr(fp.NATIVE, "fold_pending", no_memory)
+    monkeypatch.setattr(fp.NATIVE, "fold", no_memory)
+    mods = _fold_models(ts)
+    assert fp.fold_all([(m, "weight", fp.Piece(m.weight), cut, 0) for m, cut in zip(mods, cuts)], {}) == {}
+    for m, want in zip(mods, expected):
+        assert torch.equal(m.weight.detach().view(torch.int32), want.view(torch.int32))
+    with pytest.raises(ValueError, match="cover each of its pieces"):  # a pending cut needs all its pieces
+        (m,) = _fold_models([ts[0]])
+        two = fp.Pending(cuts[0].k, cuts[0].lo, cuts[0].hi, cuts[0].below, cuts[0].count, (fp.Piece(ts[0]), fp.Piece(ts[1])))
+        fp.fold_all([(m, "weight", fp.Piece(m.weight), two, 0)], {})
