@@ -138,8 +138,8 @@ static void scratch_free(void *q) {
 }
 
 static int zero_below_ok(long long v) {
-    if (v >= 0 && v <= (long long)KEY_MASK + 1) return 1;
-    PyErr_SetString(PyExc_ValueError, "zero_below must be a key in [0, 2**31]");
+    if (v >= 0 && v <= (long long)KEY_MASK) return 1;
+    PyErr_SetString(PyExc_ValueError, "zero_below must be in [0, 2**31): keys below it count as zeros");
     return 0;
 }
 
@@ -1608,7 +1608,8 @@ static PyObject *py_fold_pending(PyObject *self, PyObject *args) {
             if (e->key > key[j] || (e->key == key[j] && ties-- <= 0)) continue;
             float *x = (float *)p.ptr[e->piece] + e->pos;
             *x = *x * 0.0f; /* as torch's w * mask: -0.0 for a negative entry */
-            c.zeros[e->piece] += e->key >= (uint32_t)zero_below; /* not counted as a zero before */
+            /* a zero now where zero_below > 0; counted as one before if its key was below it */
+            c.zeros[e->piece] += (int64_t)(zero_below > 0) - (int64_t)(e->key < (uint32_t)zero_below);
         }
     }
     Py_END_ALLOW_THREADS

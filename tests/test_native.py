@@ -510,6 +510,14 @@ def test_pending_cuts_are_used_where_they_pay_and_finished_the_slow_way_otherwis
     ):
         with pytest.raises(ValueError):
             fp.NATIVE.fold_pending(ptrs, sizes, *bad, 2, 1)
+    # zero_below 0: nothing counts as a zero, before or after (review finding: entries pruned
+    # inside the bin were counted anyway); 2**31 would wrap in the kernels' signed compares.
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    assert fp.NATIVE.fold_pending([w.data_ptr()], [4], [1], [2], [key_of(1.0)], [key_of(4.0)], [0], [4], 1, 0) == ([0], [key_of(2.0)])
+    assert w.tolist() == [0.0, 0.0, 3.0, 4.0]
+    for call in (lambda: fp.NATIVE.scan(ptrs, sizes, 1, 1 << 31), lambda: fp.NATIVE.select(ptrs, sizes, 1, 1, 1 << 31)):
+        with pytest.raises(ValueError, match="zero_below"):
+            call()
 
 
 @needs_kernels
