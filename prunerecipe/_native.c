@@ -33,7 +33,7 @@
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <sys/mman.h>
-#define HAVE_MMAP 1
+#define PR_HAVE_MMAP 1
 #endif
 
 #define KEY_MASK 0x7fffffffu
@@ -84,7 +84,7 @@ static int pieces_parse(PyObject *ptrs, PyObject *sizes, Pieces *out) {
         void *p = PyLong_AsVoidPtr(PySequence_Fast_GET_ITEM(fp, i));
         long long s = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fs, i));
         if (PyErr_Occurred()) goto done;
-        if (s < 0 || (s > 0 && p == NULL)) {
+        if (s < 0 || (s > 0 && p == NULL) || s > ((int64_t)1 << 62) - total) {
             PyErr_SetString(PyExc_ValueError, "bad tensor pointer or size");
             goto done;
         }
@@ -116,20 +116,20 @@ static Py_ssize_t piece_at(const Pieces *p, int64_t pos) { /* the piece holding 
  * system at once. From malloc, freed blocks can stay resident in the heap (glibc raises its
  * mmap threshold after a large free) and would sit under the masks built next. */
 static void *scratch_alloc(size_t bytes) {
-#ifdef HAVE_MMAP
+#ifdef PR_HAVE_MMAP
     size_t total = bytes + 64;
     void *p = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (p == MAP_FAILED) return NULL;
     *(size_t *)p = total;
     return (char *)p + 64;
 #else
-    return malloc(bytes);
+    return calloc(1, bytes); /* zero-filled, as fresh mapped pages are */
 #endif
 }
 
 static void scratch_free(void *q) {
     if (!q) return;
-#ifdef HAVE_MMAP
+#ifdef PR_HAVE_MMAP
     char *p = (char *)q - 64;
     munmap(p, *(size_t *)p);
 #else
@@ -753,6 +753,7 @@ typedef struct {
     /* [threads][count]: */
     int64_t *below, *eq_lo, *eq_hi, *zeros, *nonfinite;
     int64_t *seg_begin, *seg_end; /* each piece's candidates in its thread's cand_key */
+    int64_t *binned;              /* candidates binned (kept or not) */
     char *overflow;               /* candidates of the piece were dropped */
     uint32_t **cand_key; /* [threads][cap]: keys strictly inside their bracket */
     uint32_t **hist;     /* [threads][all groups' bins] */
@@ -824,6 +825,7 @@ static void count_work(void *arg, int tid, int64_t a, int64_t b) {
             int64_t got = stretch_scan(x + s, m, lo, hi, zl, &counts, out, room, &el, &eh, &over);
             for (int64_t j = 0; j < got; j++) hist[(out[j] - (uint32_t)lo) >> shift]++;
             if (keep) nc += got;
+            c->binned[row + piece] += got;
         }
         c->below[row + piece] += counts.below;
         c->zeros[row + piece] += counts.zeros;
@@ -875,11 +877,16 @@ static void resolve_group(ResolveCtx *r, Group *g, uint32_t *low) {
     const int64_t k = g->k;
     int64_t below = group_sum(r, c->below, g), eq_lo = group_sum(r, c->eq_lo, g), eq_hi = group_sum(r, c->eq_hi, g);
     int64_t ncand = 0; /* the candidates binned (for a kept group with an overflow, fewer than there were) */
-    for (int t = 0; t < T; t++)
-        for (int64_t d = 0; d < g->bins; d++) ncand += c->hist[t][g->hist_at + d];
     int overflow = 0;
-    for (int t = 0; t < T; t++)
-        for (Py_ssize_t i = g->first; i < g->last; i++) overflow |= c->overflow[(size_t)t * np + i];
+    for (int t = 0; t < T; t++) {
+        int64_t binned = 0; /* a thread's bins count in 32 bits: past that they wrapped (a deferred group) */
+        for (Py_ssize_t i = g->first; i < g->last; i++) {
+            overflow |= c->overflow[(size_t)t * np + i];
+            binned += c->binned[(size_t)t * np + i];
+        }
+        overflow |= binned > (int64_t)UINT32_MAX;
+        ncand += binned;
+    }
     int64_t *ties = r->ties;
     g->found = 0;
     if (below >= k) {
@@ -988,6 +995,7 @@ static int select_groups_core(const Pieces *p, Group *groups, Py_ssize_t G, cons
     c.nonfinite = calloc(per, sizeof(int64_t));
     c.seg_begin = calloc(per, sizeof(int64_t));
     c.seg_end = calloc(per, sizeof(int64_t));
+    c.binned = calloc(per, sizeof(int64_t));
     c.overflow = calloc(per, 1);
     c.cand_key = calloc(T, sizeof(uint32_t *));
     c.hist = calloc(T, sizeof(uint32_t *));
@@ -995,7 +1003,7 @@ static int select_groups_core(const Pieces *p, Group *groups, Py_ssize_t G, cons
     bc.scratch = calloc(TB, sizeof(uint32_t *));
     bc.top = calloc(TB, sizeof(uint32_t *));
     bc.low = calloc(TB, sizeof(uint32_t *));
-    if (!shared || !alone || !c.below || !c.eq_lo || !c.eq_hi || !c.zeros || !c.nonfinite || !c.seg_begin || !c.seg_end || !c.overflow ||
+    if (!shared || !alone || !c.below || !c.eq_lo || !c.eq_hi || !c.zeros || !c.nonfinite || !c.seg_begin || !c.seg_end || !c.binned || !c.overflow ||
         !c.cand_key || !c.hist || !bc.sample || !bc.scratch || !bc.top || !bc.low)
         goto done;
 
@@ -1107,6 +1115,7 @@ done:
     free(c.nonfinite);
     free(c.seg_begin);
     free(c.seg_end);
+    free(c.binned);
     free(c.overflow);
     scratch_free(sample);
     scratch_free(scratch);

@@ -209,6 +209,8 @@ def test_bad_arguments_are_refused_not_crashed_on():
         fp.NATIVE.fold([t.data_ptr()], [10], [(1 << 32) + 0x3F800001], [0], [-1], 1, 1)
     with pytest.raises(ValueError):
         fp.NATIVE.scan([t.data_ptr()], [10], 1, (1 << 31) + 1)
+    with pytest.raises(ValueError):  # sizes whose sum would overflow (review finding: signed overflow)
+        fp.NATIVE.scan([t.data_ptr(), t.data_ptr()], [1 << 62, 1 << 62], 1, 1)
 
 
 @needs_kernels
