@@ -759,6 +759,51 @@ typedef struct {
     uint32_t **hist;     /* [threads][all groups' bins] */
 } CountCtx;
 
+/* stretch_scan without AVX2: a loop the compiler vectorizes (SSE2, NEON) counts and marks
+ * the entries in [lo, hi] a byte each; then only words of marks with a mark set are looked
+ * at (a few percent), entry by entry. (Per-block bit masks built by scalar code had made
+ * this path 7-10x the floor.) */
+static int64_t stretch_plain(const int32_t *x, int64_t m, int32_t lo, int32_t hi, int32_t zl, Counts *counts, uint32_t *out, int64_t room, int64_t *el,
+                             int64_t *eh, int *over) {
+    uint8_t hit[STRETCH + 8];
+    int32_t below = 0, zeros = 0, bad = 0;
+    for (int64_t h = 0; h < m; h += 256) {
+        int64_t e = m - h < 256 ? m - h : 256;
+        FETCH_1K(x + h, FETCH_READ);
+        for (int64_t j = h; j < h + e; j++) {
+            int32_t key = x[j] & (int32_t)KEY_MASK;
+            below += key < lo;
+            zeros += key < zl;
+            bad += key >= (int32_t)NONFINITE;
+            hit[j] = (uint8_t)((key >= lo) & (key <= hi));
+        }
+    }
+    memset(hit + m, 0, 8);
+    int64_t w = 0;
+    for (int64_t j = 0; j < m; j += 8) {
+        uint64_t word;
+        memcpy(&word, hit + j, 8);
+        if (!word) continue;
+        for (int64_t q = j; q < j + 8 && q < m; q++) {
+            if (!hit[q]) continue;
+            int32_t key = x[q] & (int32_t)KEY_MASK;
+            int is_lo = key == lo, is_hi = (key == hi) & !is_lo, inside = !(is_lo | is_hi); /* lo may equal hi */
+            *el += is_lo;
+            *eh += is_hi;
+            if (w > room) { /* no room: dropped */
+                *over |= inside;
+                continue;
+            }
+            out[w] = (uint32_t)key;
+            w += inside;
+        }
+    }
+    counts->below += below;
+    counts->zeros += zeros;
+    counts->nonfinite += bad;
+    return w;
+}
+
 /* One stretch of the count pass: adds the counts to `counts`, el and eh, and writes the keys
  * strictly inside (lo, hi) to out, returning how many. At most room + 1 are written (out has
  * CAND_SLACK more than room); past that, *over is set and counting goes on. */
@@ -767,6 +812,10 @@ static int64_t stretch_scan(const int32_t *x, int64_t m, int32_t lo, int32_t hi,
 #ifdef HAVE_AVX512_PATH
     if (use_avx512 && lo < hi && m <= room) return stretch_avx512(x, m, lo, hi, zl, counts, out, el, eh);
 #endif
+#ifdef HAVE_AVX2_PATH
+    if (!use_avx2)
+#endif
+        return stretch_plain(x, m, lo, hi, zl, counts, out, room, el, eh, over);
     uint32_t blk[STRETCH / BLOCK], msk[STRETCH / BLOCK];
     int64_t nb, first = 0, w = 0; /* first: the recorded blocks still to look at */
 #ifdef HAVE_AVX2_PATH
