@@ -406,7 +406,7 @@ typedef struct {
     int64_t below, zeros, nonfinite;
 } Counts;
 
-static int64_t blocks_generic(const int32_t *x, int64_t n, int32_t lo, int32_t hi, int32_t zl, Counts *c, uint32_t *blk, uint32_t *msk) {
+static inline int64_t blocks_generic(const int32_t *x, int64_t n, int32_t lo, int32_t hi, int32_t zl, Counts *c, uint32_t *blk, uint32_t *msk) {
     int64_t nb = 0, below = 0, zeros = 0, bad = 0;
     for (int64_t j = 0; j < n; j += BLOCK) {
         int m = n - j < BLOCK ? (int)(n - j) : BLOCK;
@@ -813,39 +813,33 @@ static int64_t stretch_scan(const int32_t *x, int64_t m, int32_t lo, int32_t hi,
     if (use_avx512 && lo < hi && m <= room) return stretch_avx512(x, m, lo, hi, zl, counts, out, el, eh);
 #endif
 #ifdef HAVE_AVX2_PATH
-    if (!use_avx2)
-#endif
-        return stretch_plain(x, m, lo, hi, zl, counts, out, room, el, eh, over);
-    uint32_t blk[STRETCH / BLOCK], msk[STRETCH / BLOCK];
-    int64_t nb, first = 0, w = 0; /* first: the recorded blocks still to look at */
-#ifdef HAVE_AVX2_PATH
-    if (use_avx2) nb = blocks_avx2(x, m, lo, hi, zl, counts, blk, msk);
-    else
-#endif
-        nb = blocks_generic(x, m, lo, hi, zl, counts, blk, msk);
-#ifdef HAVE_AVX2_PATH
-    if (use_avx2 && lo < hi && nb * BLOCK <= room + BLOCK) { /* writes stay within the slack */
-        first = nb > 0 && blk[nb - 1] + BLOCK > m ? nb - 1 : nb; /* a partial last block: below */
-        w = extract_avx2(x, blk, first, lo, hi, out, el, eh);
-    }
-#endif
-    for (int64_t q = first; q < nb; q++) {
-        const int32_t *y = x + blk[q];
-        for (uint32_t bits = msk[q]; bits; bits &= bits - 1) { /* no branch on the key: lo, hi or between */
-            int32_t key = y[__builtin_ctz(bits)] & (int32_t)KEY_MASK;
-            int is_lo = key == lo, is_hi = (key == hi) & !is_lo; /* lo may equal hi */
-            int inside = !(is_lo | is_hi);
-            *el += is_lo;
-            *eh += is_hi;
-            if (w > room) { /* no room: dropped */
-                *over |= inside;
-                continue;
-            }
-            out[w] = (uint32_t)key;
-            w += inside;
+    if (use_avx2) { /* 16-entry blocks tested with compares and a movemask; those holding a key in [lo, hi] revisited */
+        uint32_t blk[STRETCH / BLOCK], msk[STRETCH / BLOCK];
+        int64_t nb = blocks_avx2(x, m, lo, hi, zl, counts, blk, msk), first = 0, w = 0; /* first: the blocks still to look at */
+        if (lo < hi && nb * BLOCK <= room + BLOCK) { /* writes stay within the slack */
+            first = nb > 0 && blk[nb - 1] + BLOCK > m ? nb - 1 : nb; /* a partial last block: below */
+            w = extract_avx2(x, blk, first, lo, hi, out, el, eh);
         }
+        for (int64_t q = first; q < nb; q++) {
+            const int32_t *y = x + blk[q];
+            for (uint32_t bits = msk[q]; bits; bits &= bits - 1) { /* no branch on the key: lo, hi or between */
+                int32_t key = y[__builtin_ctz(bits)] & (int32_t)KEY_MASK;
+                int is_lo = key == lo, is_hi = (key == hi) & !is_lo; /* lo may equal hi */
+                int inside = !(is_lo | is_hi);
+                *el += is_lo;
+                *eh += is_hi;
+                if (w > room) { /* no room: dropped */
+                    *over |= inside;
+                    continue;
+                }
+                out[w] = (uint32_t)key;
+                w += inside;
+            }
+        }
+        return w;
     }
-    return w;
+#endif
+    return stretch_plain(x, m, lo, hi, zl, counts, out, room, el, eh, over);
 }
 
 static void count_work(void *arg, int tid, int64_t a, int64_t b) {
