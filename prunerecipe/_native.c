@@ -1180,6 +1180,18 @@ static PyObject *int_list(const int64_t *values, Py_ssize_t count) {
     return out;
 }
 
+/* Group j of G holds tensors [first, end): ends rise and the last is the tensor count. Marks
+ * the group's tensors in group_of; else sets ValueError and returns -1. (select_groups and
+ * fold_pending take groups alike.) */
+static int take_group(long long end, Py_ssize_t first, Py_ssize_t j, Py_ssize_t G, Py_ssize_t np, Py_ssize_t *group_of) {
+    if (end <= first || end > np || (j == G - 1 && end != np)) {
+        PyErr_SetString(PyExc_ValueError, "group ends must rise, each group holding a tensor, and the last must be the tensor count");
+        return -1;
+    }
+    for (Py_ssize_t i = first; i < end; i++) group_of[i] = j;
+    return 0;
+}
+
 /* Shared by select and select_groups: parses, runs, and builds
  * (keys, belows, ties, zeros, nonfinite, splits); keys and belows per group (None where
  * unresolved), the rest per piece. */
@@ -1213,11 +1225,7 @@ static PyObject *select_common(PyObject *ptrs, PyObject *sizes, PyObject *ends, 
     Py_ssize_t first = 0;
     for (Py_ssize_t j = 0; j < G; j++) {
         long long end = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fe, j)), k = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fk, j));
-        if (PyErr_Occurred()) goto done;
-        if (end <= first || end > np || (j == G - 1 && end != np)) {
-            PyErr_SetString(PyExc_ValueError, "group ends must rise, each group holding a tensor, and the last must be the tensor count");
-            goto done;
-        }
+        if (PyErr_Occurred() || take_group(end, first, j, G, np, group_of) < 0) goto done;
         Group *g = groups + j;
         g->first = first;
         g->last = (Py_ssize_t)end;
@@ -1227,7 +1235,6 @@ static PyObject *select_common(PyObject *ptrs, PyObject *sizes, PyObject *ends, 
             PyErr_SetString(PyExc_ValueError, "k must be in [1, total entries] of its group");
             goto done;
         }
-        for (Py_ssize_t i = first; i < end; i++) group_of[i] = j;
         first = (Py_ssize_t)end;
     }
     int64_t *ties = per_piece, *zeros = per_piece + (np + 1), *bad = per_piece + 2 * (np + 1), *split = per_piece + 3 * (np + 1);
@@ -1562,7 +1569,7 @@ static PyObject *py_fold_pending(PyObject *self, PyObject *args) {
     int T = clamp_threads(threads, p.start[np]);
     Py_ssize_t G = 0;
     Py_ssize_t *group_of = malloc(sizeof(Py_ssize_t) * (size_t)(np + 1));
-    int64_t *end = NULL, *k = NULL, *below = NULL;
+    int64_t *k = NULL, *below = NULL;
     uint32_t *blo = NULL, *bhi = NULL, *key = NULL, *sorted = NULL, *hist = NULL;
     Noted *merged = NULL;
     PendingCtx c;
@@ -1583,35 +1590,33 @@ static PyObject *py_fold_pending(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "ends, ks, blos, bhis, belows and inbins must have one entry per group, and there must be a group");
         goto done;
     }
-    end = malloc(sizeof(int64_t) * (size_t)G);
     k = malloc(sizeof(int64_t) * (size_t)G);
     below = malloc(sizeof(int64_t) * (size_t)G);
     blo = malloc(sizeof(uint32_t) * (size_t)G);
     bhi = malloc(sizeof(uint32_t) * (size_t)G);
     key = malloc(sizeof(uint32_t) * (size_t)G);
-    if (!end || !k || !below || !blo || !bhi || !key) {
+    if (!k || !below || !blo || !bhi || !key) {
         PyErr_NoMemory();
         goto done;
     }
     int64_t room = 0, first = 0;
     for (Py_ssize_t j = 0; j < G; j++) {
-        end[j] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq[0], j));
+        long long end = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq[0], j));
         k[j] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq[1], j));
         long long lo = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq[2], j)), hi = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq[3], j));
         below[j] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq[4], j));
         long long inbin = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq[5], j));
-        if (PyErr_Occurred()) goto done;
-        int64_t total = end[j] > first && end[j] <= np ? p.start[end[j]] - p.start[first] : -1;
-        if (end[j] <= first || end[j] > np || (j == G - 1 && end[j] != np) || lo < 1 || hi < lo || hi > (long long)KEY_MASK || below[j] < 0 ||
-            k[j] <= below[j] || k[j] > total || inbin < k[j] - below[j] || inbin > total - below[j]) {
-            PyErr_SetString(PyExc_ValueError, "bad group: ends must rise to the tensor count, 1 <= blo <= bhi < 2**31, below < k <= below + inbin <= entries");
+        if (PyErr_Occurred() || take_group(end, (Py_ssize_t)first, j, G, np, group_of) < 0) goto done;
+        int64_t total = p.start[end] - p.start[first];
+        if (lo < 1 || hi < lo || hi > (long long)KEY_MASK || below[j] < 0 || k[j] <= below[j] || k[j] > total || inbin < k[j] - below[j] ||
+            inbin > total - below[j]) {
+            PyErr_SetString(PyExc_ValueError, "bad group: 1 <= blo <= bhi < 2**31, below < k <= below + inbin <= entries");
             goto done;
         }
-        for (Py_ssize_t i = first; i < end[j]; i++) group_of[i] = j;
         blo[j] = (uint32_t)lo;
         bhi[j] = (uint32_t)hi;
         room += inbin;
-        first = end[j];
+        first = end;
     }
     /* Room for the entries the select counted in the bins; all of it is had before the first
      * write. (Should the weights have changed since, the pass notes no more than this, and
@@ -1685,7 +1690,6 @@ done:
     free(c.nnoted);
     free(c.zeros);
     free(group_of);
-    free(end);
     free(k);
     free(below);
     free(blo);

@@ -713,12 +713,12 @@ def fold_all(folds: Sequence[Fold], pool: Pool) -> dict[tuple[int, str], int]:
     zeros: dict[tuple[int, str], int] = {}
     threads = torch.get_num_threads()
     if done:
-        cuts = [group[0][3] for group in pending.values()]
+        bins = [group[0][3] for group in pending.values()]
         params = [module._parameters[name] for module, name, *_ in done]
         ptrs, sizes = _args(params)
         try:
             after, _ = NATIVE.fold_pending(
-                ptrs, sizes, ends, [c.k for c in cuts], [c.lo for c in cuts], [c.hi for c in cuts], [c.below for c in cuts], [c.count for c in cuts], threads, 1
+                ptrs, sizes, ends, [b.k for b in bins], [b.lo for b in bins], [b.hi for b in bins], [b.below for b in bins], [b.count for b in bins], threads, 1
             )
         except MemoryError:  # raised before anything is written: the exact cuts, the slow way
             rest += done
@@ -726,12 +726,12 @@ def fold_all(folds: Sequence[Fold], pool: Pool) -> dict[tuple[int, str], int]:
             _record(done, params, after, zeros)
     if native:
         params = [module._parameters[name] for module, name, *_ in native]
-        cuts_ = [0 if th.nothing else th.key for *_, th, _ in native]
+        cuts = [0 if th.nothing else th.key for *_, th, _ in native]
         quotas = [th.quotas[i] if th.quotas is not None else 0 for *_, th, i in native]
         splits = [th.splits[i] if th.splits is not None else -1 for *_, th, i in native]
         ptrs, sizes = _args(params)
         try:
-            after = NATIVE.fold(ptrs, sizes, cuts_, quotas, splits, threads, 1)
+            after = NATIVE.fold(ptrs, sizes, cuts, quotas, splits, threads, 1)
         except MemoryError:  # raised before anything is written
             rest += native
         else:
