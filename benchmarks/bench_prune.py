@@ -105,7 +105,7 @@ def child(case: str, size: str, warm: bool = True) -> dict:
     weights = sum(m.weight.numel() for m in linears)
     recipe = None
     if case.startswith("ours_"):
-        recipe = prunerecipe.parse_recipe(textwrap.dedent(RECIPES[case[len("ours_"):]]))
+        recipe = prunerecipe.parse_recipe(textwrap.dedent(RECIPES[case[len("ours_") :]]))
     base_kb = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # reset VmHWM to the current RSS
@@ -279,7 +279,7 @@ def main() -> None:
             ("global L1 50% + finalize", "torch_global_finalize", "ours_global_finalize", "0.3x"),
             ("per-layer L1 50% + finalize", "torch_local_finalize", "ours_local_finalize", "0.3x"),
         ]
-        if ours[len("ours_"):] in wanted
+        if ours[len("ours_") :] in wanted
     ]
     floors: list[str] = []
     for size in sizes:

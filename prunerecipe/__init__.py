@@ -16,15 +16,19 @@ from ._version import __version__
 
 _EXPORTS = {
     "apply_recipe": "apply",
-    "finalize": "apply",
-    "pruned_parameters": "apply",
     "ApplyError": "errors",
     "CheckpointError": "errors",
+    "MethodError": "errors",
+    "ModelSpecError": "errors",
     "Problem": "errors",
     "RecipeError": "errors",
     "load_pruned_state_dict": "checkpoint",
     "read_state_dict": "checkpoint",
     "save_state_dict": "checkpoint",
+    "load_recipe": "load",
+    "parse_recipe": "load",
+    "recipe_from_dict": "load",
+    "recipe_schema": "load",
     "MethodSpec": "methods",
     "get_method": "methods",
     "method_names": "methods",
@@ -32,24 +36,21 @@ _EXPORTS = {
     "register_method": "methods",
     "unregister_method": "methods",
     "load_model": "modelspec",
-    "ModelSpecError": "modelspec",
     "Plan": "plan",
     "PlannedStep": "plan",
     "PlannedTarget": "plan",
     "plan_recipe": "plan",
-    "Recipe": "recipe",
-    "Schedule": "recipe",
-    "Selector": "recipe",
-    "Step": "recipe",
-    "load_recipe": "recipe",
-    "parse_recipe": "recipe",
-    "recipe_from_dict": "recipe",
-    "recipe_schema": "recipe",
     "Report": "report",
-    "Target": "selectors",
-    "Pruner": "pruner",
-    "EventResult": "pruner",
     "Event": "schedule",
+    "Target": "select",
+    "Recipe": "spec",
+    "Schedule": "spec",
+    "Selector": "spec",
+    "Step": "spec",
+    "finalize": "torchprune",
+    "pruned_parameters": "torchprune",
+    "EventResult": "training",
+    "Pruner": "training",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
@@ -68,14 +69,16 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
-    from .apply import apply_recipe, finalize, pruned_parameters
+    from .apply import apply_recipe
     from .checkpoint import load_pruned_state_dict, read_state_dict, save_state_dict
-    from .errors import ApplyError, CheckpointError, Problem, RecipeError
+    from .errors import ApplyError, CheckpointError, MethodError, ModelSpecError, Problem, RecipeError
+    from .load import load_recipe, parse_recipe, recipe_from_dict, recipe_schema
     from .methods import MethodSpec, get_method, method_names, pruning_method, register_method, unregister_method
-    from .modelspec import ModelSpecError, load_model
+    from .modelspec import load_model
     from .plan import Plan, PlannedStep, PlannedTarget, plan_recipe
-    from .recipe import Recipe, Schedule, Selector, Step, load_recipe, parse_recipe, recipe_from_dict, recipe_schema
     from .report import Report
-    from .pruner import EventResult, Pruner
     from .schedule import Event
-    from .selectors import Target
+    from .select import Target
+    from .spec import Recipe, Schedule, Selector, Step
+    from .torchprune import finalize, pruned_parameters
+    from .training import EventResult, Pruner

@@ -1,137 +1,33 @@
-"""Applying a plan to a model, atomically, with torch.nn.utils.prune itself."""
+"""Applying a plan to a model, atomically, with torch.nn.utils.prune itself.
+
+Every step runs on all its targets before the next; ``l1_unstructured`` goes through the
+exact magnitude select (:mod:`prunerecipe.magnitude`), every other method through torch's
+own ``apply``. Anything that fails puts the model back exactly as it was.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.utils.prune as prune
 from torch import nn
 
-from . import fastprune
+from . import magnitude
+from .amounts import checked_nparams, normalize_dim, sparsity_count
 from .errors import ApplyError, RecipeError
+from .load import load_recipe
 from .methods import MethodSpec
-from .plan import Plan, PlannedStep, method_default, normalize_dim, plan_recipe, pruned_entries, pruned_slices
-from .recipe import Recipe, load_recipe
+from .methods.binding import argument_default
+from .plan import Plan, PlannedStep, plan_recipe, pruned_entries, pruned_slices
 from .report import Report, StepOutcome, TargetSparsity, measure
-from .selectors import Target, is_pruned_param
+from .select import Target
+from .spec import Recipe
+from .torchprune import ModelSnapshot, finalize, make_copyable, pruned_parameters, pruning_hooks
 
-_HOOK_DICTS = (
-    "_forward_pre_hooks",
-    "_forward_pre_hooks_with_kwargs",
-    "_forward_pre_hooks_always_called",
-    "_forward_hooks",
-    "_forward_hooks_with_kwargs",
-    "_forward_hooks_always_called",
-)
-_STATE_DICTS = ("_parameters", "_buffers") + _HOOK_DICTS
-
-
-class ModelSnapshot:
-    """Everything ``torch.nn.utils.prune`` changes on a set of modules, restorable in place.
-
-    Saves references, not copies: parameters, buffers, hooks and pruning containers are
-    put back as the same objects, so identity, ``state_dict`` and hooks are as before.
-    """
-
-    def __init__(self, modules: Iterable[nn.Module]) -> None:
-        self._saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any], list[tuple[nn.Parameter, torch.Tensor]]]] = []
-        self._containers: list[tuple[prune.PruningContainer, tuple]] = []
-        seen: set[int] = set()
-        for module in modules:
-            if id(module) in seen:
-                continue
-            seen.add(id(module))
-            inner = {k: dict(getattr(module, k)) for k in _STATE_DICTS if hasattr(module, k)}
-            attrs = {k: v for k, v in module.__dict__.items() if k not in inner}
-            data = [(p, p.data) for p in module._parameters.values() if p is not None]
-            self._saved.append((module, inner, attrs, data))
-            for hook in module._forward_pre_hooks.values():
-                if isinstance(hook, prune.PruningContainer):
-                    self._containers.append((hook, hook._pruning_methods))
-        self._nonpersistent = {id(m): set(m._non_persistent_buffers_set) for m, *_ in self._saved}
-
-    def restore(self) -> None:
-        for container, methods in self._containers:
-            container._pruning_methods = methods
-        for module, inner, attrs, data in self._saved:
-            for key, saved in inner.items():
-                live = getattr(module, key)
-                live.clear()
-                live.update(saved)
-            for key in [k for k in module.__dict__ if k not in inner and k not in attrs]:
-                del module.__dict__[key]
-            module.__dict__.update(attrs)
-            module._non_persistent_buffers_set.clear()
-            module._non_persistent_buffers_set.update(self._nonpersistent[id(module)])
-            for param, tensor in data:
-                if param.data is not tensor:
-                    param.data = tensor
-
-
-class PrunedGetState:
-    """``__getstate__`` for one pruned module, installed on the instance.
-
-    ``copy.deepcopy``, ``pickle`` and ``torch.save(model)`` then store the computed
-    ``weight`` (``orig * mask``, a non-leaf tensor after a forward pass) detached, so they
-    work at any time (plain ``torch.nn.utils.prune`` modules cannot be deep-copied after a
-    forward: pytorch#37322, the reason EMA/SWA code trips on them). Nothing else changes:
-    training and autograd are untouched, and the next forward recomputes ``weight``.
-    """
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-
-    def __call__(self) -> dict[str, Any]:
-        state = self.module.__dict__.copy()
-        for hook in self.module._forward_pre_hooks.values():
-            if isinstance(hook, prune.BasePruningMethod):
-                value = state.get(hook._tensor_name)
-                if isinstance(value, torch.Tensor) and value.grad_fn is not None:
-                    state[hook._tensor_name] = value.detach()
-        return state
-
-
-def make_copyable(module: nn.Module) -> None:
-    """Let a pruned module be deep-copied and pickled at any time (see :class:`PrunedGetState`)."""
-    current = module.__dict__.get("__getstate__")
-    if not (isinstance(current, PrunedGetState) and current.module is module):
-        module.__dict__["__getstate__"] = PrunedGetState(module)
-
-
-def pruned_parameters(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """``(qualified name, module, param)`` of every parameter carrying a pruning hook."""
-    out = []
-    for mod_name, module in model.named_modules():
-        hooked = {h._tensor_name for h in module._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod)}
-        for key in module._parameters:
-            name = key[: -len("_orig")]
-            if key.endswith("_orig") and name in hooked:
-                out.append((f"{mod_name}.{name}" if mod_name else name, module, name))
-    return out
-
-
-def finalize(model: nn.Module) -> list[str]:
-    """Make all pruning permanent, in place: ``prune.remove`` on every pruned parameter.
-
-    Returns the qualified names that were finalized.
-
-    >>> finalize(model)  # doctest: +SKIP
-    ['conv1.weight', 'conv1.bias']
-    """
-    done = []
-    # Parameters are removed in the order their `*_orig` entries were registered, which is the
-    # order a hand-written loop over the pruned names would use (weight before bias, say).
-    for name, module, param in pruned_parameters(model):
-        prune.remove(module, param)
-        done.append(name)
-    for module in model.modules():  # nothing pruned is left: no special copying needed
-        if isinstance(module.__dict__.get("__getstate__"), PrunedGetState) and not any(
-            isinstance(h, prune.BasePruningMethod) for h in module._forward_pre_hooks.values()
-        ):
-            del module.__dict__["__getstate__"]
-    return done
+Key = tuple[int, str]  # (id(module), parameter name)
 
 
 def apply_recipe(
@@ -144,14 +40,27 @@ def apply_recipe(
     """Apply every unscheduled step of ``recipe`` to ``model``, in place, in file order.
 
     Steps chain through torch's ``PruningContainer`` exactly as hand-written
-    ``torch.nn.utils.prune`` calls would. If anything fails, the model is restored to
-    its exact prior state and an :class:`ApplyError` names the step and target.
-    ``recipe`` is a :class:`Recipe` or the path of a recipe file; ``progress`` is called
-    with a line of text as each step starts.
+    ``torch.nn.utils.prune`` calls would. If anything fails, the model is restored to its
+    exact prior state.
 
-    >>> report = apply_recipe(model, "recipes/lenet-global-l1.yaml")  # doctest: +SKIP
-    >>> print(report.global_after)  # doctest: +SKIP
-    0.2
+    Args:
+        model: the model to prune, in place.
+        recipe: a :class:`~prunerecipe.spec.Recipe` or the path of a recipe file.
+        plan: a plan made earlier by :func:`~prunerecipe.plan.plan_recipe` for this model and recipe.
+        progress: called with a line of text as each step starts.
+
+    Returns:
+        A :class:`~prunerecipe.report.Report`: per-target and global sparsity before and after.
+
+    Raises:
+        RecipeError: the recipe does not fit the model (nothing was changed).
+        ApplyError: a step failed; the model was restored.
+
+    Example:
+        >>> from prunerecipe.zoo import LeNet
+        >>> report = apply_recipe(LeNet(), "recipes/lenet-global-l1.yaml")  # doctest: +SKIP
+        >>> round(report.global_after, 2)  # doctest: +SKIP
+        0.2
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
@@ -173,25 +82,20 @@ def apply_recipe(
             )
         )
 
-    seen: dict[tuple[int, str], tuple[str, nn.Module, str]] = {}
+    seen: dict[Key, tuple[str, nn.Module, str]] = {}
     for ps in active:
         for pt in ps.targets:
             t = pt.target
             seen.setdefault((id(t.module), t.param), (t.qualname, t.module, t.param))
     watched = list(seen.values())
-    # Every pass before the masking only reads: the cuts of a one-shot fold (which count zero
-    # and non-finite entries on the way, where the C kernels run), the finiteness check, the
-    # zeros before. Nothing changes until all of them are through.
-    scanned: dict[tuple[int, str], tuple[int, int]] = {}
-    cuts = _find_cuts(recipe, active, progress, scanned) if _can_fold(recipe, active, model) else None
-    _check_finite(recipe, active, scanned)
-    before = measure(watched, {key: zeros for key, (zeros, _) in scanned.items()})
-
+    # Every pass before the first change only reads: the finiteness check (which counts the
+    # zeros before on the way) and, for a one-shot fold, every cut.
+    before = measure(watched, _preflight(recipe, active))
+    cuts = _find_cuts(recipe, active, progress) if _can_fold(recipe, active, model) else None
     if cuts is not None:
         outcomes, folds, seeds = cuts
         after = measure(watched, _fold(recipe, folds, seeds))
-        rows = tuple(TargetSparsity(name, before[name][0], before[name][1], before[name][2], after[name][2]) for name, _, _ in watched)
-        return Report(rows, tuple(outcomes), True, recipe.source, skipped)
+        return Report(_rows(watched, before, after), tuple(outcomes), True, recipe.source, skipped)
 
     modules = [m for _, m, _ in watched]
     if recipe.finalize:
@@ -199,7 +103,7 @@ def apply_recipe(
     snapshot = ModelSnapshot(modules)
     outcomes = []
     current: list[Any] = [None, None]
-    known: dict[tuple[int, str], int] = {}
+    known: dict[Key, int] = {}
     try:
         # Not under no_grad: hand-written prune calls leave `module.weight` with a grad_fn, and so do we.
         for i, ps in enumerate(active, 1):
@@ -216,23 +120,26 @@ def apply_recipe(
             raise
         ps, target = current
         if ps is None:
-            raise ApplyError(recipe.problem(("finalize",), f"finalize failed: {type(exc).__name__}: {exc}; the model was left unchanged")) from exc
+            raise ApplyError(
+                recipe.problem(("finalize",), f"finalize failed: {type(exc).__name__}: {exc}; the model was left unchanged", code="apply")
+            ) from exc
         on = f" on {target.qualname}" if target is not None else ""
         what = f"step {ps.step.name!r} ({ps.method.name})" if ps.step.name else ps.method.name
         raise ApplyError(
-            recipe.problem(ps.step.path, f"{what} failed{on}: {type(exc).__name__}: {exc}; the model was left unchanged")
+            recipe.problem(ps.step.path, f"{what} failed{on}: {type(exc).__name__}: {exc}; the model was left unchanged", code="apply")
         ) from exc
 
     for _, module, _ in watched:
-        if any(isinstance(h, prune.BasePruningMethod) for h in module._forward_pre_hooks.values()):
+        if pruning_hooks(module):
             make_copyable(module)
-    # Counted again unless a fast path already knows (it does so without touching the weights,
-    # which also keeps this count's scratch out of the peak); finalize keeps what it multiplied.
+    # Counted again unless a fast path already knows (it does so without touching the weights);
+    # finalize changes what was counted.
     after = measure(watched, None if recipe.finalize else known)
-    rows = tuple(
-        TargetSparsity(name, before[name][0], before[name][1], before[name][2], after[name][2]) for name, _, _ in watched
-    )
-    return Report(rows, tuple(outcomes), recipe.finalize, recipe.source, skipped)
+    return Report(_rows(watched, before, after), tuple(outcomes), recipe.finalize, recipe.source, skipped)
+
+
+def _rows(watched: list[tuple[str, nn.Module, str]], before: dict[str, Any], after: dict[str, Any]) -> tuple[TargetSparsity, ...]:
+    return tuple(TargetSparsity(name, before[name][0], before[name][1], before[name][2], after[name][2]) for name, _, _ in watched)
 
 
 def _live_amount(ps: PlannedStep, targets: list[Target]) -> int | float | None:
@@ -242,28 +149,24 @@ def _live_amount(ps: PlannedStep, targets: list[Target]) -> int | float | None:
         return step.amount
     if step.scope == "global":
         total = sum(t.original.numel() for t in targets)
-        done = sum(pruned_entries(t) for t in targets)
-        return round(step.sparsity * total) - done
+        return sparsity_count(step.sparsity, total, sum(pruned_entries(t) for t in targets))
     (t,) = targets
     if ps.method.pruning_type == "structured":
-        dim = step.args.get("dim", method_default(ps.method, "dim", -1))
+        dim = step.args.get("dim", argument_default(ps.method, "dim", -1))
         d = normalize_dim(dim, t.original.dim())
-        return round(step.sparsity * t.original.shape[d]) - pruned_slices(t, d)
-    return round(step.sparsity * t.original.numel()) - pruned_entries(t)
+        return sparsity_count(step.sparsity, t.original.shape[d], pruned_slices(t, d))
+    return sparsity_count(step.sparsity, t.original.numel(), pruned_entries(t))
 
 
-@torch.no_grad()
-def _check_finite(recipe: Recipe, active: list[PlannedStep], scanned: dict[tuple[int, str], tuple[int, int]]) -> None:
-    """Refuse, before anything changes, what pruning must not or cannot handle: NaN or inf
-    in a weight (a diverged model; torch's own l1_unstructured would rank NaN above
-    everything and carry on), and inference tensors (torch cannot re-parametrize them).
+def _preflight(recipe: Recipe, active: list[PlannedStep]) -> dict[Key, int]:
+    """Refuse, before anything changes, what pruning must not or cannot handle: NaN or inf in
+    a weight (a diverged model; torch's own l1_unstructured would rank NaN above everything
+    and carry on), inference tensors (torch cannot re-parametrize them) and meta tensors.
 
-    ``scanned`` maps ``(id(module), param)`` to ``(zeros, non-finite entries)`` for tensors
-    already counted; float32 CPU tensors not in it are counted here in one pass of the C
-    kernels (when built), and added to it when they are not pruned yet (the zeros are then
-    the parameter's own, as the report counts them)."""
+    Returns the zero entries of each target not pruned yet, counted on the way (as the report
+    counts them: the parameter's own zeros)."""
     problems = []
-    checked: set[tuple[int, str]] = set()
+    checked: set[Key] = set()
     todo: list[tuple[PlannedStep, Target]] = []
     for ps in active:
         for pt in ps.targets:
@@ -279,49 +182,38 @@ def _check_finite(recipe: Recipe, active: list[PlannedStep], scanned: dict[tuple
                         ps.step.path,
                         f"{t.qualname} is an inference tensor (made under torch.inference_mode()), which pruning cannot "
                         "re-parametrize; build or clone the model outside inference mode; nothing was changed",
+                        code="apply",
                     )
                 )
-                continue
-            if tensor.device.type == "meta":
+            elif tensor.device.type == "meta":
                 problems.append(
                     recipe.problem(
                         ps.step.path,
                         f"{t.qualname} is on the meta device (shapes only, no data): plan works on such models, "
                         "apply needs real tensors; nothing was changed",
+                        code="apply",
                     )
                 )
-                continue
-            if tensor.is_floating_point() and tensor.numel() > 0:
+            elif tensor.is_floating_point() and tensor.numel() > 0:
                 todo.append((ps, t))
-    # non-finite entries per tensor, where counted: by the fold's select, or here by the kernels
-    nonfinite = {key: bad for key, (_, bad) in scanned.items()}
-    counted = [t for _, t in todo if (id(t.module), t.param) not in nonfinite and fastprune.native_takes(t.original)]
-    if counted and fastprune.native_ready():
-        zeros, bads = fastprune.native_scan([t.original for t in counted])
-        for t, z, bad in zip(counted, zeros, bads):
-            key = (id(t.module), t.param)
-            nonfinite[key] = bad
-            if not is_pruned_param(t.module, t.param):  # the report's zeros are orig * mask's when pruned
-                scanned[key] = (z, bad)
-    for ps, t in todo:
-        known = nonfinite.get((id(t.module), t.param))
-        if known == 0:
-            continue
-        tensor = t.original
-        if known is None and bool(torch.isfinite(tensor.sum()).item()):  # one fast pass; overflow falls through to the exact count
-            continue
-        nan = int(torch.isnan(tensor).sum().item())
-        inf = int(torch.isinf(tensor).sum().item())
-        if nan or inf:
+    counts = magnitude.census([t.original.detach() for _, t in todo])
+    zeros: dict[Key, int] = {}
+    for (ps, t), (z, bad) in zip(todo, counts):
+        if bad:
+            nan = int(torch.isnan(t.original).sum().item())
             problems.append(
                 recipe.problem(
                     ps.step.path,
-                    f"{t.qualname} has {nan} NaN and {inf} infinite entries; refusing to prune a diverged model "
+                    f"{t.qualname} has {nan} NaN and {bad - nan} infinite entries; refusing to prune a diverged model "
                     "(fix or re-initialize those weights first); nothing was changed",
+                    code="nonfinite",
                 )
             )
+        elif not t.is_pruned:  # a pruned target's report zeros are orig * mask's: counted later
+            zeros[(id(t.module), t.param)] = z
     if problems:
         raise ApplyError(problems)
+    return zeros
 
 
 def _can_fold(recipe: Recipe, active: list[PlannedStep], model: nn.Module) -> bool:
@@ -330,7 +222,7 @@ def _can_fold(recipe: Recipe, active: list[PlannedStep], model: nn.Module) -> bo
     ``*_orig``/``*_mask`` ever built (the result is what prune + remove would leave)."""
     if not recipe.finalize or pruned_parameters(model):
         return False
-    seen: set[tuple[int, str]] = set()
+    seen: set[Key] = set()
     for ps in active:
         if not _fast_l1(ps.method):
             return False
@@ -340,29 +232,26 @@ def _can_fold(recipe: Recipe, active: list[PlannedStep], model: nn.Module) -> bo
             key = (id(t.module), t.param)
             tensor = t.original
             # the in-place pass must be unable to fail halfway: plain, contiguous, ordinary tensors only
-            if key in seen or not fastprune.supported(tensor) or not tensor.is_contiguous() or tensor.is_inference() or not tensor.is_leaf:
+            if key in seen or not magnitude.supported(tensor) or not tensor.is_contiguous() or tensor.is_inference() or not tensor.is_leaf:
                 return False
             seen.add(key)
-            dtypes.add(t.original.dtype)
+            dtypes.add(tensor.dtype)
         if ps.step.scope == "global" and len(dtypes) > 1:
             return False
     return True
 
 
 def _find_cuts(
-    recipe: Recipe, active: list[PlannedStep], progress: Callable[[str], None] | None, scanned: dict[tuple[int, str], tuple[int, int]]
-) -> tuple[list[StepOutcome], list[fastprune.Fold], list[int]] | None:
+    recipe: Recipe, active: list[PlannedStep], progress: Callable[[str], None] | None
+) -> tuple[list[StepOutcome], list[magnitude.Fold], list[int]] | None:
     """Every cut of a one-shot fold, found before anything changes (the steps' seeds are
-    returned, to be set when the fold happens); the tensors the C kernels read on the way get
-    their zero and non-finite counts in ``scanned``.
+    returned, to be set when the fold happens).
 
     Returns None when a small tensor or group has ties at its cut: the regular path then
-    lets torch break them, exactly as hand-written code would.
-    """
-    folds: list[fastprune.Fold] = []
+    lets torch's own ``topk`` break them, exactly as hand-written code would."""
     outcomes = []
     seeds: list[int] = []
-    jobs: list[tuple[list[Target], list[fastprune.Piece], int]] = []  # every group's cut, found in one go
+    jobs: list[tuple[list[Target], list[magnitude.Piece], int]] = []
     for i, ps in enumerate(active, 1):
         step = ps.step
         if progress is not None:
@@ -372,42 +261,39 @@ def _find_cuts(
             seeds.append(seed)
         targets = [pt.target for pt in ps.targets]
         groups = [targets] if step.scope == "global" else [[t] for t in targets]
-        noops = []
+        noops: list[str] = []
         for group in groups:
-            pieces = [fastprune.Piece(t.original) for t in group]
+            pieces = [magnitude.Piece(t.original) for t in group]
             total = sum(p.numel for p in pieces)
             if step.sparsity is not None:
-                k = round(step.sparsity * total)
+                k = sparsity_count(step.sparsity, total, 0)
                 if k <= 0:
                     noops.extend(t.qualname for t in group)
                     continue
             else:
                 assert step.amount is not None
-                k = fastprune.nparams(step.amount, total)
+                k = checked_nparams(step.amount, total)
             jobs.append((group, pieces, k))
         note = f"no-op on {', '.join(noops)}: already at or above sparsity {step.sparsity:g}" if noops else None
         outcomes.append(StepOutcome(step.label, ps.method.name, tuple(t.qualname for t in targets), note))
-    # Groups too big for torch's own tie order keep no candidates: their fold finishes the cut.
-    cuts = fastprune.select_many([(pieces, k) for _, pieces, k in jobs], {}, defer_above=fastprune.EXACT_TIES_UP_TO)
-    for (group, pieces, _), (cut, zeros, nonfinite) in zip(jobs, cuts):
-        if zeros is not None and nonfinite is not None:
-            for t, z, bad in zip(group, zeros, nonfinite):
-                scanned[(id(t.module), t.param)] = (z, bad)
-        if isinstance(cut, fastprune.Threshold) and cut.quotas is not None and sum(p.numel for p in pieces) <= fastprune.EXACT_TIES_UP_TO:
+    cuts = magnitude.select([(pieces, k) for _, pieces, k in jobs])
+    folds: list[magnitude.Fold] = []
+    for (group, pieces, _), cut in zip(jobs, cuts):
+        if cut.quotas is not None and sum(p.numel for p in pieces) <= magnitude.EXACT_TIES_UP_TO:
             return None
         folds.extend((t.module, t.param, piece, cut, j) for j, (t, piece) in enumerate(zip(group, pieces)))
     return outcomes, folds, seeds
 
 
-def _fold(recipe: Recipe, folds: list[fastprune.Fold], seeds: list[int]) -> dict[tuple[int, str], int]:
-    """Mask the weights in place, with Ctrl-C held; returns the zeros after where counted on the way."""
+def _fold(recipe: Recipe, folds: list[magnitude.Fold], seeds: list[int]) -> dict[Key, int]:
+    """Mask the weights in place, with Ctrl-C held; returns the zeros after where known."""
     for seed in seeds:
         torch.manual_seed(seed)  # as the regular path does, so the RNG state after apply is the same
-    with fastprune.deferred_interrupts():
+    with magnitude.deferred_interrupts():
         try:
-            return fastprune.fold_all(folds, {})
+            return magnitude.fold(folds)
         except Exception as exc:  # pragma: no cover - _can_fold admits only tensors this cannot fail on
-            raise ApplyError(recipe.problem((), f"masking weights in place failed: {type(exc).__name__}: {exc}")) from exc
+            raise ApplyError(recipe.problem((), f"masking weights in place failed: {type(exc).__name__}: {exc}", code="apply")) from exc
 
 
 def _fast_l1(spec: MethodSpec) -> bool:
@@ -415,7 +301,7 @@ def _fast_l1(spec: MethodSpec) -> bool:
     return spec.cls is prune.L1Unstructured
 
 
-def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any], zeros: dict[tuple[int, str], int]) -> StepOutcome:
+def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any], zeros: dict[Key, int]) -> StepOutcome:
     """Run one step. ``zeros`` holds, per ``(id(module), param)``, the zero count after the last
     step that touched it, where a fast path knew it without counting (the report uses it)."""
     step, spec = ps.step, ps.method
@@ -437,8 +323,8 @@ def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any], zeros: dict[t
         assert amount is not None
         if step.sparsity is not None and amount <= 0:
             return StepOutcome(step.label, spec.name, names, f"no-op: already at or above sparsity {step.sparsity:g}")
-        if _fast_l1(spec) and len({t.original.dtype for t in targets}) == 1 and all(fastprune.supported(t.original) for t in targets):
-            fastprune.l1_global(params, amount, zeros)
+        if _fast_l1(spec) and len({t.original.dtype for t in targets}) == 1 and all(magnitude.supported(t.original) for t in targets):
+            magnitude.l1_global(params, amount, zeros)
         else:
             prune.global_unstructured(params, pruning_method=spec.cls, amount=amount, **kwargs)
         return StepOutcome(step.label, spec.name, names)
@@ -453,12 +339,12 @@ def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any], zeros: dict[t
                 noops.append(t.qualname)
                 continue
             call["amount"] = amount
-        if _fast_l1(spec) and fastprune.supported(t.original):
-            fastprune.l1_local(t.module, t.param, call["amount"], zeros)
+        if _fast_l1(spec) and magnitude.supported(t.original):
+            magnitude.l1_local(t.module, t.param, call["amount"], zeros)
         else:
             spec.cls.apply(t.module, t.param, **call)
     note = f"no-op on {', '.join(noops)}: already at or above sparsity {step.sparsity:g}" if noops else None
     return StepOutcome(step.label, spec.name, names, note)
 
 
-__all__ = ["apply_recipe", "finalize", "pruned_parameters", "make_copyable", "ModelSnapshot", "PrunedGetState"]
+__all__ = ["apply_recipe", "finalize", "pruned_parameters"]

@@ -6,14 +6,15 @@ import os
 import pickle
 import tempfile
 import zipfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
-import torch.nn.utils.prune as prune
 from torch import nn
 
-from .apply import ModelSnapshot, make_copyable
 from .errors import CheckpointError
+from .text import listing
+from .torchprune import MASK, ORIG, ModelSnapshot, has_param, is_pruned, make_copyable, pruned_keys, pruning_hooks, refresh, restore_mask
 
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -67,7 +68,9 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
                 ) from exc
             raise CheckpointError(f"{path}: not a readable torch checkpoint, perhaps truncated or corrupted ({first})") from exc
         except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{path}: not a readable torch checkpoint, perhaps truncated or corrupted ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
+            raise CheckpointError(
+                f"{path}: not a readable torch checkpoint, perhaps truncated or corrupted ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from exc
     return _as_state_dict(data, path)
 
 
@@ -89,7 +92,7 @@ def _all_tensors(data: Mapping[Any, Any]) -> bool:
 def _check_values(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
     empty = [k for k, v in state.items() if v.device.type == "meta"]
     if empty:
-        raise CheckpointError(f"{path}: {_listing('tensors without data (meta device)', empty)}")
+        raise CheckpointError(f"{path}: {listing('tensors without data (meta device)', empty)}")
     return state
 
 
@@ -148,13 +151,8 @@ def strip_data_parallel_prefix(state_dict: Mapping[str, torch.Tensor], model: nn
     """Drop the ``module.`` prefix that DataParallel/DDP checkpoints carry, when the model lacks it."""
     keys = list(state_dict)
     if keys and all(k.startswith("module.") for k in keys) and not any(k.startswith("module.") for k in model.state_dict()):
-        return {k[len("module."):]: v for k, v in state_dict.items()}, True
+        return {k[len("module.") :]: v for k, v in state_dict.items()}, True
     return dict(state_dict), False
-
-
-def pruned_names(state_dict: Mapping[str, torch.Tensor]) -> list[str]:
-    """Qualified parameter names that carry pruning state (``X_orig`` and ``X_mask`` both present)."""
-    return [k[: -len("_orig")] for k in state_dict if k.endswith("_orig") and k[: -len("_orig")] + "_mask" in state_dict]
 
 
 def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
@@ -177,16 +175,16 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         modules[mod_name] = module
         names_of.setdefault(id(module), []).append(mod_name)
 
-    restored = pruned_names(state_dict)
+    restored = pruned_keys(state_dict)
     to_prune: dict[tuple[int, str], tuple[nn.Module, str, str]] = {}
     problems: list[str] = []
     for qual in restored:
         mod_name, _, pname = qual.rpartition(".")
         module = modules.get(mod_name)
-        if module is None or (module._parameters.get(pname) is None and module._parameters.get(pname + "_orig") is None):
-            problems.append(f"{qual}_orig: the model has no parameter {qual}")
+        if module is None or not has_param(module, pname):
+            problems.append(f"{qual}{ORIG}: the model has no parameter {qual}")
             continue
-        if module._parameters.get(pname + "_orig") is None:
+        if not is_pruned(module, pname):
             to_prune.setdefault((id(module), pname), (module, pname, qual))
 
     expected = dict(model.state_dict())
@@ -194,8 +192,8 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         for prefix in names_of[id(module)]:
             qual = f"{prefix}.{pname}" if prefix else pname
             tensor = expected.pop(qual)
-            expected[qual + "_orig"] = tensor
-            expected[qual + "_mask"] = tensor
+            expected[qual + ORIG] = tensor
+            expected[qual + MASK] = tensor
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     shapes = [
@@ -204,18 +202,21 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
     ]
     soft = [
-        k for k in state_dict
-        if k.endswith("_mask") and k[: -len("_mask")] in restored and state_dict[k].device.type != "meta"
+        k
+        for k in state_dict
+        if k.endswith(MASK)
+        and k[: -len(MASK)] in restored
+        and state_dict[k].device.type != "meta"
         and not bool(((state_dict[k] == 0) | (state_dict[k] == 1)).all())
     ]
     if soft:
-        problems.append(_listing("masks must hold only 0 and 1 (tampered or not a pruning mask)", soft))
+        problems.append(listing("masks must hold only 0 and 1 (tampered or not a pruning mask)", soft))
     if missing:
-        problems.append(_listing("missing from the checkpoint", missing))
+        problems.append(listing("missing from the checkpoint", missing))
     if unexpected:
-        problems.append(_listing("not in the model", unexpected))
+        problems.append(listing("not in the model", unexpected))
     if shapes:
-        problems.append(_listing("shape mismatch", shapes))
+        problems.append(listing("shape mismatch", shapes))
     if problems:
         raise CheckpointError("checkpoint does not fit the model: " + "; ".join(problems))
 
@@ -228,26 +229,24 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         try:
             if value.device.type == "meta":
                 raise ValueError("it is a meta tensor (no data)")
-            ready[key] = value.to(device=target.device if target.device.type != "meta" else "cpu", dtype=target.dtype if not key.endswith("_mask") else value.dtype)
+            ready[key] = value.to(
+                device=target.device if target.device.type != "meta" else "cpu", dtype=target.dtype if not key.endswith(MASK) else value.dtype
+            )
         except Exception as exc:
             bad.append(f"{key}: {exc}")
     if bad:
-        raise CheckpointError("checkpoint does not fit the model: " + _listing("unusable values", bad))
+        raise CheckpointError("checkpoint does not fit the model: " + listing("unusable values", bad))
 
     snapshot = ModelSnapshot(list({id(m): m for m in modules.values()}.values()))
     try:
         for module, pname, _ in to_prune.values():
-            param = module._parameters[pname]
-            assert param is not None
-            mask = next(ready[f"{p}.{pname}_mask" if p else f"{pname}_mask"] for p in names_of[id(module)])
-            prune.custom_from_mask(module, pname, mask.to(device=param.device))
+            mask = next(ready[f"{p}.{pname}{MASK}" if p else f"{pname}{MASK}"] for p in names_of[id(module)])
+            restore_mask(module, pname, mask)
         with torch.no_grad():
             model.load_state_dict(ready, strict=True)
         for module in modules.values():  # refresh `weight` = orig * mask from the loaded values
-            hooks = [h for h in module._forward_pre_hooks.values() if isinstance(h, prune.BasePruningMethod)]
-            for hook in hooks:
-                setattr(module, hook._tensor_name, hook.apply_mask(module))
-            if hooks:
+            refresh(module)
+            if pruning_hooks(module):
                 make_copyable(module)
     except Exception as exc:
         snapshot.restore()
@@ -255,26 +254,21 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     return restored
 
 
-def _listing(what: str, keys: list[str], limit: int = 8) -> str:
-    shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-    return f"{what}: {shown}"
-
-
 def state_dict_sparsity(state_dict: Mapping[str, torch.Tensor], names: list[str] | None = None) -> list[tuple[str, tuple[int, ...], int, bool]]:
     """``(name, shape, zero entries, masked?)`` per floating-point tensor, ``X_orig * X_mask`` folded into ``X``.
 
     ``names`` restricts (and orders) the rows, e.g. to a model's parameter names.
     """
-    masked = set(pruned_names(state_dict))
+    masked = set(pruned_keys(state_dict))
     rows: dict[str, tuple[str, tuple[int, ...], int, bool]] = {}
     for key, value in state_dict.items():
-        if key.endswith("_mask") and key[: -len("_mask")] in masked:
+        if key.endswith(MASK) and key[: -len(MASK)] in masked:
             continue
-        name, is_masked = (key[: -len("_orig")], True) if key.endswith("_orig") and key[: -len("_orig")] in masked else (key, False)
+        name, is_masked = (key[: -len(ORIG)], True) if key.endswith(ORIG) and key[: -len(ORIG)] in masked else (key, False)
         if not value.is_floating_point() and not is_masked:
             continue
         if is_masked:
-            alive = torch.count_nonzero(torch.logical_and(value != 0, state_dict[name + "_mask"] != 0)).item()
+            alive = torch.count_nonzero(torch.logical_and(value != 0, state_dict[name + MASK] != 0)).item()
         else:
             alive = torch.count_nonzero(value).item()
         rows[name] = (name, tuple(value.shape), int(value.numel() - alive), is_masked)

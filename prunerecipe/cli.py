@@ -9,7 +9,8 @@ import json
 import math
 import os
 import sys
-from typing import Any, Callable, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 import click
 
@@ -80,7 +81,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _parse_sets(values: tuple[str, ...]) -> dict[str, Any]:
     """``NAME=VALUE`` pairs; VALUE is read as plain YAML data, exactly as in a recipe file."""
     from .errors import RecipeError
-    from .safeyaml import parse_value
+    from .load import parse_value
 
     out: dict[str, Any] = {}
     for item in values:
@@ -131,8 +132,15 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-model_option = click.option("--model", "model_spec", metavar="SPEC", help="Model: 'pkg.module:attr' or 'file.py:attr' (default: the recipe's 'model:').")
-weights_option = click.option("--weights", metavar="FILE", type=click.Path(dir_okay=False), help="State dict to load first (.pt/.pth/.bin/.safetensors); pruned checkpoints keep their masks.")
+model_option = click.option(
+    "--model", "model_spec", metavar="SPEC", help="Model: 'pkg.module:attr' or 'file.py:attr' (default: the recipe's 'model:')."
+)
+weights_option = click.option(
+    "--weights",
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="State dict to load first (.pt/.pth/.bin/.safetensors); pruned checkpoints keep their masks.",
+)
 set_option = click.option("--set", "sets", metavar="NAME=VALUE", multiple=True, help="Override a recipe var (VALUE is parsed as YAML). Repeatable.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 
@@ -141,13 +149,22 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
 @model_option
 @weights_option
-@click.option("-o", "--output", required=True, metavar="FILE", type=click.Path(dir_okay=False), help="Where to write the pruned state_dict (.pt/.pth/.bin/.safetensors).")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    metavar="FILE",
+    type=click.Path(dir_okay=False),
+    help="Where to write the pruned state_dict (.pt/.pth/.bin/.safetensors).",
+)
 @set_option
 @click.option("--finalize", is_flag=True, help="Fold masks into the weights (prune.remove) after the last step.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @json_option
 @_guard
-def apply(recipe_path: str, model_spec: str | None, weights: str | None, output: str, sets: tuple[str, ...], finalize: bool, force: bool, as_json: bool) -> None:
+def apply(
+    recipe_path: str, model_spec: str | None, weights: str | None, output: str, sets: tuple[str, ...], finalize: bool, force: bool, as_json: bool
+) -> None:
     """Apply RECIPE to a model and write the pruned state_dict.
 
     \b
@@ -159,7 +176,7 @@ def apply(recipe_path: str, model_spec: str | None, weights: str | None, output:
     from .apply import apply_recipe
     from .checkpoint import _check_suffix, save_state_dict
     from .errors import CheckpointError
-    from .recipe import load_recipe
+    from .load import load_recipe
 
     overrides = _parse_sets(sets)
     _check_suffix(output)
@@ -190,8 +207,8 @@ def apply(recipe_path: str, model_spec: str | None, weights: str | None, output:
 @_guard
 def plan(recipe_path: str, model_spec: str | None, weights: str | None, sets: tuple[str, ...], as_json: bool) -> None:
     """Dry run: show every target each step resolves to and how much it prunes. Writes nothing."""
+    from .load import load_recipe
     from .plan import plan_recipe
-    from .recipe import load_recipe
 
     recipe = load_recipe(recipe_path, _parse_sets(sets))
     model = _model_for(recipe, model_spec, weights)
@@ -206,7 +223,7 @@ def plan(recipe_path: str, model_spec: str | None, weights: str | None, sets: tu
 def validate(recipe_paths: tuple[str, ...], sets: tuple[str, ...]) -> None:
     """Check recipe files without a model; print every problem as file:line:col: path: message."""
     from .errors import RecipeError
-    from .recipe import load_recipe
+    from .load import load_recipe
 
     overrides = _parse_sets(sets)
     failed = 0
@@ -233,7 +250,7 @@ def report(model_spec: str | None, weights: str, as_json: bool) -> None:
     Without --model every floating-point tensor is listed; with it, only the model's parameters.
     """
     from .checkpoint import read_state_dict, state_dict_sparsity, strip_data_parallel_prefix
-    from .report import format_table, pct
+    from .text import format_table, pct
 
     state = read_state_dict(weights)
     names = None
@@ -249,19 +266,34 @@ def report(model_spec: str | None, weights: str, as_json: bool) -> None:
     zeros = sum(z for _, _, z, _ in rows)
     masked = sum(1 for *_, m in rows if m)
     if as_json:
-        click.echo(json.dumps({
-            "weights": weights,
-            "pruned": masked > 0,
-            "tensors": [
-                {"name": n, "type": types.get(n), "shape": list(s), "numel": math.prod(s), "zeros": z, "sparsity": z / math.prod(s) if math.prod(s) else 0.0, "masked": m}
-                for n, s, z, m in rows
-            ],
-            "global": {"numel": total, "zeros": zeros, "sparsity": zeros / total if total else 0.0},
-        }, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "weights": weights,
+                    "pruned": masked > 0,
+                    "tensors": [
+                        {
+                            "name": n,
+                            "type": types.get(n),
+                            "shape": list(s),
+                            "numel": math.prod(s),
+                            "zeros": z,
+                            "sparsity": z / math.prod(s) if math.prod(s) else 0.0,
+                            "masked": m,
+                        }
+                        for n, s, z, m in rows
+                    ],
+                    "global": {"numel": total, "zeros": zeros, "sparsity": zeros / total if total else 0.0},
+                },
+                indent=2,
+            )
+        )
         return
     header = ["tensor"] + (["type"] if types else []) + ["shape", "entries", "sparsity", "masked"]
     table = [
-        [n] + ([types.get(n, "")] if types else []) + ["x".join(map(str, s)) or "scalar", str(math.prod(s)), pct(z / math.prod(s) if math.prod(s) else 0.0), "yes" if m else ""]
+        [n]
+        + ([types.get(n, "")] if types else [])
+        + ["x".join(map(str, s)) or "scalar", str(math.prod(s)), pct(z / math.prod(s) if math.prod(s) else 0.0), "yes" if m else ""]
         for n, s, z, m in rows
     ]
     for line in format_table(header, table):
@@ -275,15 +307,24 @@ def report(model_spec: str | None, weights: str, as_json: bool) -> None:
 @_guard
 def methods(as_json: bool) -> None:
     """List every registered pruning method: origin, pruning type and arguments."""
-    from .methods import describe_origin, get_method, method_names
     from .errors import RecipeError
-    from .report import format_table
+    from .methods import describe_origin, get_method, method_names
+    from .text import format_table
 
     rows = []
     for name in method_names():
         try:
             spec = get_method(name)
-            rows.append({"name": name, "origin": spec.origin, "type": spec.pruning_type, "arguments": spec.describe_arguments(), "class": f"{spec.cls.__module__}.{spec.cls.__qualname__}", "error": None})
+            rows.append(
+                {
+                    "name": name,
+                    "origin": spec.origin,
+                    "type": spec.pruning_type,
+                    "arguments": spec.describe_arguments(),
+                    "class": f"{spec.cls.__module__}.{spec.cls.__qualname__}",
+                    "error": None,
+                }
+            )
         except RecipeError as exc:
             rows.append({"name": name, "origin": describe_origin(name), "type": "?", "arguments": "", "class": "", "error": str(exc)})
     if as_json:
@@ -300,7 +341,7 @@ def methods(as_json: bool) -> None:
 @cli.command(context_settings=CONTEXT)
 def schema() -> None:
     """Print the recipe JSON Schema (draft 2020-12), e.g. for editor completion."""
-    from .recipe import recipe_schema
+    from .load import recipe_schema
 
     click.echo(json.dumps(recipe_schema(), indent=2))
 

@@ -1,11 +1,17 @@
-"""The exceptions users see. One base, :class:`RecipeError`, for every user mistake."""
+"""Every exception prunerecipe raises for a user mistake, and the :class:`Problem` they carry.
+
+One base, :class:`RecipeError`; a subclass per stage (applying, checkpoints, model specs,
+methods, selectors). Each finding is a :class:`Problem` with a location, a short ``code``
+and ``to_dict()`` for machine-readable output (``--json``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence, Union
+from typing import Any
 
-KeyPath = tuple[Union[str, int], ...]
+KeyPath = tuple[str | int, ...]
 
 
 def format_path(path: KeyPath) -> str:
@@ -21,44 +27,105 @@ def format_path(path: KeyPath) -> str:
 
 @dataclass(frozen=True)
 class Problem:
-    """One finding, printed compiler-style as ``file:line:col: key.path: message``."""
+    """One finding, printed compiler-style as ``file:line:col: key.path: message``.
+
+    ``path`` is the key path inside a recipe; ``None`` when the problem is not about a place
+    in a recipe (a checkpoint, a model spec, an output file): then only ``source`` leads.
+    ``code`` names the kind of problem (``yaml``, ``unknown-key``, ``no-targets``, ...).
+    """
 
     source: str
     line: int | None
     col: int | None
-    path: KeyPath
+    path: KeyPath | None
     message: str
+    code: str = "invalid"
 
     def __str__(self) -> str:
         where = self.source
         if self.line is not None:
             where += f":{self.line}:{self.col}"
-        return f"{where}: {format_path(self.path)}: {self.message}"
+        parts = [where] if where else []
+        if self.path is not None:
+            parts.append(format_path(self.path))
+        parts.append(self.message)
+        return ": ".join(parts)
 
-    def sort_key(self) -> tuple:
-        return (self.source, self.line or 0, self.col or 0, format_path(self.path), self.message)
+    def sort_key(self) -> tuple[Any, ...]:
+        return (self.source, self.line or 0, self.col or 0, format_path(self.path or ()), self.message)
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{file, line, col, path, code, message}``, as ``--json`` prints it."""
+        return {
+            "file": self.source or None,
+            "line": self.line,
+            "col": self.col,
+            "path": None if self.path is None else format_path(self.path),
+            "code": self.code,
+            "message": self.message,
+        }
+
+
+def problem(message: str, *, source: str = "", code: str = "invalid") -> Problem:
+    """A :class:`Problem` that is not located inside a recipe (a file, a model, a spec)."""
+    return Problem(source, None, None, None, message, code)
 
 
 class RecipeError(Exception):
-    """A user mistake in a recipe, a model, or their combination.
+    """A user mistake in a recipe, a model, a checkpoint or their combination.
 
     ``problems`` lists every finding; ``str(error)`` prints one per line.
     """
 
+    #: the ``code`` of problems made from a plain message
+    code = "invalid"
+
     def __init__(self, problems: Problem | str | Sequence[Problem]) -> None:
-        if isinstance(problems, (Problem, str)):
+        if isinstance(problems, str):
+            problems = [problem(problems, code=self.code)]
+        elif isinstance(problems, Problem):
             problems = [problems]
-        self.problems: list[Problem | str] = list(problems)
+        self.problems: list[Problem] = list(problems)
         super().__init__("\n".join(str(p) for p in self.problems))
 
     @classmethod
-    def collect(cls, problems: Iterable[Problem]) -> "RecipeError":
-        return cls(sorted(problems, key=Problem.sort_key))
+    def collect(cls, problems: Iterable[Problem]) -> RecipeError:
+        """One error listing ``problems`` in file order, each once."""
+        unique: dict[str, Problem] = {}
+        for p in sorted(problems, key=Problem.sort_key):
+            unique.setdefault(str(p), p)
+        return cls(list(unique.values()))
+
+    def to_list(self) -> list[dict[str, Any]]:
+        """Every problem as a dict (see :meth:`Problem.to_dict`)."""
+        return [p.to_dict() for p in self.problems]
 
 
 class ApplyError(RecipeError):
     """Applying a step failed; the model was restored to its state before the call."""
 
+    code = "apply"
+
 
 class CheckpointError(RecipeError):
-    """A checkpoint or model spec could not be read, or does not fit the model."""
+    """A checkpoint could not be read or written, or does not fit the model."""
+
+    code = "checkpoint"
+
+
+class ModelSpecError(RecipeError):
+    """A model spec that does not import, or does not give an ``nn.Module``."""
+
+    code = "model"
+
+
+class MethodError(RecipeError):
+    """A method name that cannot be resolved to a usable method."""
+
+    code = "method"
+
+
+class SelectorError(RecipeError):
+    """A selector that cannot be compiled, or resolves to nothing (located by the caller)."""
+
+    code = "select"

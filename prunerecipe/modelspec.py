@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.util
 import os
@@ -11,11 +10,8 @@ from typing import Any
 
 from torch import nn
 
-from .errors import RecipeError
-
-
-class ModelSpecError(RecipeError):
-    """A model spec that does not import, or does not give an ``nn.Module``."""
+from .errors import ModelSpecError
+from .text import suggest
 
 
 def _split(spec: str) -> tuple[str, str]:
@@ -67,9 +63,7 @@ def load_model(spec: str) -> nn.Module:
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            names = [n for n in dir(obj) if not n.startswith("_")]
-            close = difflib.get_close_matches(part, names, n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint = suggest(part, [n for n in dir(obj) if not n.startswith("_")])
             raise ModelSpecError(f"model spec {spec!r}: {where!r} has no attribute {part!r}{hint}")
         obj = getattr(obj, part)
     if isinstance(obj, nn.Module):

@@ -6,58 +6,35 @@ The plan also projects how much each step prunes, following torch's arithmetic
 
 from __future__ import annotations
 
-import numbers
+import functools
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
-import torch
 from torch import nn
 
-from .errors import Problem, RecipeError
-from .report import zero_entries
-from .methods import MethodError, MethodSpec, get_method
-from .recipe import Recipe, Step, load_recipe
+from .amounts import is_count, normalize_dim, nparams_to_prune
+from .errors import MethodError, Problem, RecipeError, SelectorError
+from .load import load_recipe
+from .methods import MethodSpec, get_method
+from .methods.binding import argument_default
 from .schedule import step_events
-from .selectors import SelectorError, Target, is_pruned_param, param_owners, resolve_targets
-
-
-def is_count(amount: int | float) -> bool:
-    """An int amount is a count (torch checks ``numbers.Integral``; plain int first, it is ~10x faster)."""
-    return isinstance(amount, int) or (not isinstance(amount, float) and isinstance(amount, numbers.Integral))
-
-
-def nparams_to_prune(amount: int | float, size: int) -> int:
-    """torch's ``_compute_nparams_toprune``: an int is a count, a float a fraction rounded half-to-even."""
-    if is_count(amount):
-        return int(amount)
-    return round(amount * size)
-
-
-def _is_meta(t: torch.Tensor) -> bool:
-    return t.device.type == "meta"
+from .select import Target, param_owners, resolve_targets
+from .spec import Recipe, Step
+from .text import format_table, pct, shape_text
+from .torchprune import is_pruned, masked_slices, unpruned_name, zero_entries
 
 
 def pruned_entries(target: Target) -> int:
     """Entries of ``target`` masked so far (0 when it is not pruned, or lives on ``meta``)."""
     mask = target.mask
-    if mask is None or _is_meta(mask):
-        return 0
-    return zero_entries(mask)
+    return 0 if mask is None else zero_entries(mask)
 
 
 def pruned_slices(target: Target, dim: int) -> int:
-    """Slices along ``dim`` that are entirely masked (what torch's container skips)."""
-    mask = target.mask
-    if mask is None or _is_meta(mask):
-        return 0
-    other = [d for d in range(mask.dim()) if d != dim]
-    alive = mask.sum(dim=other) != 0 if other else mask != 0
-    return int(mask.shape[dim] - torch.count_nonzero(alive).item())
-
-
-def normalize_dim(dim: int, ndim: int) -> int:
-    return dim + ndim if dim < 0 else dim
+    """Slices of ``target`` along ``dim`` that are entirely masked (what torch's container skips)."""
+    return masked_slices(target.mask, dim)
 
 
 class PlannedTarget(NamedTuple):
@@ -145,9 +122,7 @@ class Plan:
                     "scope": ps.step.scope,
                     "args": dict(ps.step.args),
                     "scheduled": ps.scheduled,
-                    "events": [
-                        {"unit": e.unit, "time": e.time, "sparsity": e.sparsity, "amount": e.amount} for e in step_events(ps.step)
-                    ],
+                    "events": [{"unit": e.unit, "time": e.time, "sparsity": e.sparsity, "amount": e.amount} for e in step_events(ps.step)],
                     "group_to_prune": ps.group_to_prune,
                     "note": ps.note,
                     "targets": [
@@ -171,9 +146,11 @@ class Plan:
         }
 
     def __str__(self) -> str:
-        from .report import format_table, pct
-
-        lines = [f"plan: {self.recipe.source}" + (f" ({self.recipe.name})" if self.recipe.name else "") + (f" on {self.model_type}" if self.model_type else "")]
+        lines = [
+            f"plan: {self.recipe.source}"
+            + (f" ({self.recipe.name})" if self.recipe.name else "")
+            + (f" on {self.model_type}" if self.model_type else "")
+        ]
         for ps in self.steps:
             step = ps.step
             head = f"{step.label}: {ps.method.name} {step.how_much} scope={step.scope}"
@@ -196,7 +173,7 @@ class Plan:
                 [
                     pt.target.qualname,
                     pt.target.module_type,
-                    "x".join(map(str, pt.target.shape)) or "scalar",
+                    shape_text(pt.target.shape),
                     f"{pt.units} {pt.unit}",
                     "?" if pt.to_prune is None else str(pt.to_prune),
                     pct(pt.sparsity_before),
@@ -212,8 +189,6 @@ class Plan:
 
 
 def _timeline_text(step: Step) -> str:
-    from .report import pct
-
     events = step_events(step)
     unit = events[0].unit if events else "epoch"
     parts = [f"{e.time} -> {pct(e.sparsity)}" if e.sparsity is not None else f"{e.time} -> amount {e.amount}" for e in events]
@@ -224,7 +199,7 @@ def _timeline_text(step: Step) -> str:
 class _TensorState:
     """What the plan knows of one tensor's mask as the steps go."""
 
-    __slots__ = ("numel", "entries", "entries_exact", "slices", "touched")
+    __slots__ = ("entries", "entries_exact", "numel", "slices", "touched")
 
     def __init__(self, numel: int, entries: float) -> None:
         self.numel = numel
@@ -288,7 +263,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
         try:
             spec = get_method(step.method)
         except MethodError as exc:  # e.g. a plugin uninstalled since the recipe was loaded
-            problems.append(recipe.problem(step.path + ("method",), str(exc)))
+            problems.append(recipe.problem(step.path + ("method",), str(exc), code="method"))
             continue
         try:
             key = (step.select, step.params)
@@ -296,17 +271,18 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
                 resolved[key] = resolve_targets(modules, step.select, step.params)
             targets = resolved[key]
         except SelectorError as exc:
-            problems.append(recipe.problem(step.path + ("select",), _named(step, str(exc))))
+            problems.append(recipe.problem(step.path + ("select",), _named(step, str(exc)), code="no-targets"))
             continue
-        saved = [t for t in targets if t.param.endswith("_orig") and is_pruned_param(t.module, t.param[: -len("_orig")])]
+        saved = [t for t in targets if unpruned_name(t.param) != t.param and is_pruned(t.module, unpruned_name(t.param))]
         if saved:
             t = saved[0]
-            base = t.param[: -len("_orig")]
+            base = unpruned_name(t.param)
             problems.append(
                 recipe.problem(
                     step.path + ("params",),
                     f"{t.qualname} is the saved original of the pruned parameter {t.module_name + '.' if t.module_name else ''}{base}; "
                     f"name the parameter itself ({base!r}) to prune it further",
+                    code="select",
                 )
             )
             continue
@@ -320,6 +296,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
                     step.path + ("select",),
                     f"parameter {qualname} is shared by {', '.join(names)} (tied weights); pruning it through one owner "
                     "would silently untie them. Exclude these modules, or untie the weights first",
+                    code="tied-weights",
                 )
             )
         if shared[key]:
@@ -328,7 +305,11 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
         try:
             ps = _plan_step(recipe, step, spec, targets, proj, scheduled)
         except _PlanProblem as exc:
-            problems.append(recipe.problem(step.path + (exc.key,), _named(step, exc.message)))
+            problems.append(
+                recipe.problem(
+                    step.path + (exc.key,), _named(step, exc.message), code="amount" if exc.key in ("amount", "sparsity") else "method-args"
+                )
+            )
             continue
         planned.append(ps)
 
@@ -353,7 +334,7 @@ class _PlanProblem(Exception):
 def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Target], proj: _Projection, scheduled: bool) -> PlannedStep:
     how = "sparsity" if step.sparsity is not None else "amount"
     if scheduled:
-        rows = []
+        rows: list[PlannedTarget] = []
         for t in targets:
             done = int(proj.entries_of(t))
             rows.append(PlannedTarget(t, t.original.numel(), "entries", done, None, done, None, t.original.numel()))
@@ -363,29 +344,30 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
         states = [proj.state(t) for t in targets]
         sizes = [t.original.numel() for t in targets]
         total = sum(sizes)
-        done = sum(st.entries for st in states)
-        rows = tuple(PlannedTarget(t, n, "entries", int(st.entries), None, int(st.entries), None, n) for t, n, st in zip(targets, sizes, states))
+        masked = sum(st.entries for st in states)
+        group = tuple(PlannedTarget(t, n, "entries", int(st.entries), None, int(st.entries), None, n) for t, n, st in zip(targets, sizes, states))
         k = None
         note = None
         if spec.takes_amount:
             exact = all(st.entries_exact for st in states)
-            k, note = _count(step, total, int(done), lambda: f"the {total - int(done)} unpruned entries of the global group", how, exact)
+            what = functools.partial("the {} unpruned entries of the global group".format, total - int(masked))
+            k, note = _count(step, total, int(masked), what, how, exact)
         # The split across tensors depends on the values: spread the group's count
         # proportionally for the totals, and treat every tensor's count as an estimate.
-        remaining = total - done
+        remaining = total - masked
         for st, n in zip(states, sizes):
             if k is not None and remaining:
                 st.entries += k * (n - st.entries) / remaining
             st.entries_exact = False
             st.slices = {}
             st.touched = True
-        return PlannedStep(step, spec, rows, False, total, k, note)
+        return PlannedStep(step, spec, group, False, total, k, note)
 
     rows = []
     notes = []
     takes_amount = spec.takes_amount
     structured = spec.pruning_type == "structured"
-    dim_arg = step.args.get("dim", method_default(spec, "dim", -1)) if structured else None
+    dim_arg = step.args.get("dim", argument_default(spec, "dim", -1)) if structured else None
     for t in targets:
         st = proj.state(t)
         numel = st.numel
@@ -401,7 +383,9 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
             units = shape[d]
             done, exact = proj.slices_of(t, d)
             if takes_amount:
-                k, note = _count(step, units, done, lambda: f"the {units - done} unpruned slices along dim {d} of {t.qualname}", how, exact)
+                k, note = _count(
+                    step, units, done, functools.partial("the {} unpruned slices along dim {} of {.qualname}".format, units - done, d, t), how, exact
+                )
                 after: float | None = entries_before + ((numel - entries_before) * k / (units - done) if units - done else 0.0)
                 st.entries = after  # type: ignore[assignment]
                 st.slices = {d: (done + k, exact)}
@@ -413,7 +397,9 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
             rows.append(PlannedTarget(t, units, f"slices (dim {d})", done, k, int(entries_before), after, numel))
         elif takes_amount:
             done = int(entries_before)
-            k, note = _count(step, numel, done, lambda: f"the {numel - done} unpruned entries of {t.qualname}", how, st.entries_exact)
+            k, note = _count(
+                step, numel, done, functools.partial("the {} unpruned entries of {.qualname}".format, numel - done, t), how, st.entries_exact
+            )
             st.entries = entries_before + k
             st.slices = {}  # whole slices may now be masked
             st.touched = True
@@ -430,11 +416,6 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
     return PlannedStep(step, spec, tuple(rows), False, note="; ".join(notes) or None)
 
 
-def method_default(spec: MethodSpec, name: str, fallback: Any) -> Any:
-    param = spec.arguments.get(name)
-    return fallback if param is None or param.default is param.empty else param.default
-
-
 def _count(step: Step, units: int, done: int, what: Callable[[], str], how: str, exact: bool) -> tuple[int, str | None]:
     """Units this step prunes out of ``units`` with ``done`` already pruned (``what`` describes
     them, for the error; it is only built when needed).
@@ -445,8 +426,7 @@ def _count(step: Step, units: int, done: int, what: Callable[[], str], how: str,
         wanted = round(step.sparsity * units)
         if wanted <= done:
             return 0, (
-                f"target sparsity {step.sparsity:g} means {wanted} of {units} masked; {done} already are: no-op"
-                + ("" if exact else " (projected)")
+                f"target sparsity {step.sparsity:g} means {wanted} of {units} masked; {done} already are: no-op" + ("" if exact else " (projected)")
             )
         return wanted - done, None
     amount = step.amount if step.amount is not None else 0

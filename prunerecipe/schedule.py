@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from .recipe import Schedule, Step
+from .spec import Schedule, Step
 
 _POWERS = {"cubic": 3, "linear": 1}
 

@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -40,11 +40,8 @@ def write_recipe(tmp_path: Path) -> Callable[[str, str], Path]:
 @pytest.fixture(autouse=True)
 def _clean_registry():
     """In-process registrations made by a test do not leak into the next."""
-    before = dict(methods._IN_PROCESS)
-    yield
-    methods._IN_PROCESS.clear()
-    methods._IN_PROCESS.update(before)
-    methods.refresh()
+    with methods.isolated():
+        yield
 
 
 class Blocks(nn.Module):

@@ -15,14 +15,16 @@ def fingerprint(model: nn.Module) -> list:
     """Everything pruning touches, by identity and by value."""
     out = []
     for name, m in model.named_modules():
-        out.append((
-            name,
-            [(k, id(v), v.detach().clone() if v is not None else None) for k, v in m._parameters.items()],
-            [(k, v.clone() if v is not None else None) for k, v in m._buffers.items()],
-            [(k, id(h), len(h) if isinstance(h, prune.PruningContainer) else -1) for k, h in m._forward_pre_hooks.items()],
-            sorted(m.__dict__),
-            [(k, v.data_ptr()) for k, v in m._parameters.items() if v is not None],
-        ))
+        out.append(
+            (
+                name,
+                [(k, id(v), v.detach().clone() if v is not None else None) for k, v in m._parameters.items()],
+                [(k, v.clone() if v is not None else None) for k, v in m._buffers.items()],
+                [(k, id(h), len(h) if isinstance(h, prune.PruningContainer) else -1) for k, h in m._forward_pre_hooks.items()],
+                sorted(m.__dict__),
+                [(k, v.data_ptr()) for k, v in m._parameters.items() if v is not None],
+            )
+        )
     return out
 
 
@@ -122,7 +124,9 @@ def test_keyboard_interrupt_also_rolls_back_and_propagates():
     register_method("interrupt", Interrupt)
     model = make_lenet()
     before = fingerprint(model)
-    recipe = parse_recipe("version: 1\nsteps:\n  - {select: {names: [conv1]}, method: l1_unstructured, amount: 0.5}\n  - {select: {names: [fc1]}, method: interrupt}\n")
+    recipe = parse_recipe(
+        "version: 1\nsteps:\n  - {select: {names: [conv1]}, method: l1_unstructured, amount: 0.5}\n  - {select: {names: [fc1]}, method: interrupt}\n"
+    )
     with pytest.raises(KeyboardInterrupt):
         apply_recipe(model, recipe)
     assert_same_fingerprint(fingerprint(model), before)
@@ -167,17 +171,21 @@ def test_report_counts_zeros_before_and_after():
 
 
 def test_only_scheduled_steps_is_a_clear_error_and_scheduled_steps_are_skipped(write_recipe):
-    only = write_recipe("""
+    only = write_recipe(
+        """
         version: 1
         steps:
           - select: {types: [Linear]}
             method: l1_unstructured
             sparsity: 0.8
             schedule: {start: 1, end: 5}
-    """, "only.yaml")
+    """,
+        "only.yaml",
+    )
     with pytest.raises(RecipeError, match="every step has a 'schedule'"):
         apply_recipe(make_lenet(), only)
-    mixed = write_recipe("""
+    mixed = write_recipe(
+        """
         version: 1
         steps:
           - {select: {names: [conv1]}, method: l1_unstructured, amount: 0.5}
@@ -185,7 +193,9 @@ def test_only_scheduled_steps_is_a_clear_error_and_scheduled_steps_are_skipped(w
             method: l1_unstructured
             sparsity: 0.8
             schedule: {start: 1, end: 5}
-    """, "mixed.yaml")
+    """,
+        "mixed.yaml",
+    )
     model = make_lenet()
     report = apply_recipe(model, mixed)
     assert report.skipped == ("steps[1]",)

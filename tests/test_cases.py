@@ -43,12 +43,12 @@ def run_case(path: Path) -> str:
 @pytest.fixture(autouse=True)
 def _builtins_only(monkeypatch):
     """Golden texts list the available methods: keep installed plugins out of them."""
-    from prunerecipe import methods
+    from prunerecipe.methods import registry
 
-    monkeypatch.setattr(methods, "entry_points", lambda: {})
-    methods.get_method.cache_clear()
+    monkeypatch.setattr(registry, "entry_points", lambda: {})
+    registry.get_method.cache_clear()
     yield
-    methods.get_method.cache_clear()
+    registry.get_method.cache_clear()
 
 
 @pytest.mark.parametrize("path", CASES, ids=[f"{p.parent.name}/{p.stem}" for p in CASES])

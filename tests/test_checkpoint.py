@@ -89,8 +89,13 @@ def test_weight_orig_as_a_param_name_is_refused_on_a_pruned_model():
 
     model = make_lenet()
     prune.l1_unstructured(model.fc1, "weight", amount=0.5)
-    with pytest.raises(RecipeError, match=r"steps\[0\].params: fc1.weight_orig is the saved original of the pruned parameter fc1.weight; name the parameter itself \('weight'\)"):
-        plan_recipe(model, parse_recipe("version: 1\nsteps:\n  - {select: {names: [fc1]}, params: [weight_orig], method: l1_unstructured, amount: 0.5}\n"))
+    with pytest.raises(
+        RecipeError,
+        match=r"steps\[0\].params: fc1.weight_orig is the saved original of the pruned parameter fc1.weight; name the parameter itself \('weight'\)",
+    ):
+        plan_recipe(
+            model, parse_recipe("version: 1\nsteps:\n  - {select: {names: [fc1]}, params: [weight_orig], method: l1_unstructured, amount: 0.5}\n")
+        )
 
 
 def test_equivalence_survives_a_checkpoint_round_trip(tmp_path):

@@ -34,13 +34,15 @@ def files(folder: Path) -> dict[str, bytes]:
 @pytest.fixture
 def half(tmp_path: Path) -> Path:
     path = tmp_path / "half.yaml"
-    path.write_text(textwrap.dedent("""
+    path.write_text(
+        textwrap.dedent("""
         version: 1
         model: prunerecipe.zoo:LeNet
         vars: {amount: 0.5}
         steps:
           - {select: {types: [Linear]}, method: l1_unstructured, amount: "${amount}"}
-    """))
+    """)
+    )
     return path
 
 
@@ -137,7 +139,9 @@ def assert_clean_failure(result, tmp_path, before, *needles):
 def test_invalid_recipe(tmp_path):
     (tmp_path / "in.txt").write_text("x")
     before = files(tmp_path)
-    result = CliRunner().invoke(cli, ["apply", str(ROOT / "tests/cases/load/amount-above-one.yaml"), "--model", "prunerecipe.zoo:LeNet", "-o", str(tmp_path / "o.pt")])
+    result = CliRunner().invoke(
+        cli, ["apply", str(ROOT / "tests/cases/load/amount-above-one.yaml"), "--model", "prunerecipe.zoo:LeNet", "-o", str(tmp_path / "o.pt")]
+    )
     assert_clean_failure(result, tmp_path, before, "amount-above-one.yaml:8:13: steps[1].amount: 1.5 is greater than the maximum of 1")
 
 
@@ -161,7 +165,10 @@ def test_bad_model_specs(tmp_path, spec, needle):
 def test_model_spec_that_is_not_a_module(tmp_path):
     (tmp_path / "notmodel.py").write_text("def build():\n    return 42\nVALUE = 3\n")
     before = files(tmp_path)
-    for spec, needle in ((f"{tmp_path}/notmodel.py:build", "build() returned a int, not an nn.Module"), (f"{tmp_path}/notmodel.py:VALUE", "is a int, not an nn.Module")):
+    for spec, needle in (
+        (f"{tmp_path}/notmodel.py:build", "build() returned a int, not an nn.Module"),
+        (f"{tmp_path}/notmodel.py:VALUE", "is a int, not an nn.Module"),
+    ):
         result = CliRunner().invoke(cli, ["apply", GLOBAL, "--model", spec, "-o", str(tmp_path / "o.pt")])
         assert_clean_failure(result, tmp_path, before, needle)
 
@@ -171,7 +178,9 @@ def test_weights_that_do_not_fit_name_the_keys(tmp_path):
     torch.save({"conv1.weight": torch.zeros(6, 1, 3, 3), "extra.weight": torch.zeros(2)}, wrong)
     before = files(tmp_path)
     result = CliRunner().invoke(cli, ["apply", GLOBAL, "--weights", str(wrong), "-o", str(tmp_path / "o.pt")])
-    assert_clean_failure(result, tmp_path, before, "checkpoint does not fit the model", "missing from the checkpoint: conv1.bias", "not in the model: extra.weight")
+    assert_clean_failure(
+        result, tmp_path, before, "checkpoint does not fit the model", "missing from the checkpoint: conv1.bias", "not in the model: extra.weight"
+    )
     shaped = tmp_path / "shape.pt"
     state = LeNet().state_dict()
     state["fc3.weight"] = torch.zeros(3, 3)
@@ -239,7 +248,9 @@ def test_existing_output_and_input_are_never_overwritten_without_force(tmp_path,
 
 def test_failed_apply_writes_no_output(tmp_path):
     recipe = tmp_path / "toomuch.yaml"
-    recipe.write_text("version: 1\nmodel: prunerecipe.zoo:LeNet\nsteps:\n  - {select: {names: [conv1]}, params: [bias], method: l1_unstructured, amount: 60}\n")
+    recipe.write_text(
+        "version: 1\nmodel: prunerecipe.zoo:LeNet\nsteps:\n  - {select: {names: [conv1]}, params: [bias], method: l1_unstructured, amount: 60}\n"
+    )
     before = files(tmp_path)
     result = CliRunner().invoke(cli, ["apply", str(recipe), "-o", str(tmp_path / "o.pt")])
     assert_clean_failure(result, tmp_path, before, "toomuch.yaml:4:81: steps[0].amount: amount 60 is more than the 6 unpruned entries of conv1.bias")
@@ -302,7 +313,8 @@ def test_console_script_end_to_end(tmp_path):
 
 def test_transformers_model_from_a_file_factory(tmp_path):
     pytest.importorskip("transformers")
-    (tmp_path / "tiny_gpt2.py").write_text(textwrap.dedent("""
+    (tmp_path / "tiny_gpt2.py").write_text(
+        textwrap.dedent("""
         import torch
         import transformers
 
@@ -310,9 +322,11 @@ def test_transformers_model_from_a_file_factory(tmp_path):
             torch.manual_seed(0)
             config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=16, bos_token_id=0, eos_token_id=0)
             return transformers.GPT2LMHeadModel(config)
-    """))
+    """)
+    )
     recipe = tmp_path / "gpt2.yaml"
-    recipe.write_text(textwrap.dedent("""
+    recipe.write_text(
+        textwrap.dedent("""
         version: 1
         model: tiny_gpt2.py:build
         steps:
@@ -320,7 +334,8 @@ def test_transformers_model_from_a_file_factory(tmp_path):
             method: l1_unstructured
             sparsity: 0.5
             scope: global
-    """))
+    """)
+    )
     exe = shutil.which("prunerecipe")
     done = subprocess.run([exe, "apply", "gpt2.yaml", "-o", "out.pt", "--json"], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -331,7 +346,9 @@ def test_transformers_model_from_a_file_factory(tmp_path):
 
 def test_set_values_are_plain_yaml_data(tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("version: 1\nmodel: prunerecipe.zoo:LeNet\nname: ${tag}\nvars: {tag: x, a: 0.1}\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: '${a}'}\n")
+    recipe.write_text(
+        "version: 1\nmodel: prunerecipe.zoo:LeNet\nname: ${tag}\nvars: {tag: x, a: 0.1}\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: '${a}'}\n"
+    )
     assert run("validate", str(recipe), "--set", "tag=2020-01-01").exit_code == 0  # dates stay strings
     result = CliRunner().invoke(cli, ["validate", str(recipe), "--set", "a=!!int x"])
     assert result.exit_code == 2 and "value of 'a': 'x' is not a valid !!int" in result.output

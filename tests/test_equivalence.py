@@ -23,8 +23,18 @@ def test_seed_module_pruning_and_iterative_chaining():
 
     assert_same_pruning(ours, theirs)
     assert list(ours.state_dict()) == [
-        "conv1.weight_orig", "conv1.bias_orig", "conv1.weight_mask", "conv1.bias_mask",
-        "conv2.weight", "conv2.bias", "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "fc3.weight", "fc3.bias",
+        "conv1.weight_orig",
+        "conv1.bias_orig",
+        "conv1.weight_mask",
+        "conv1.bias_mask",
+        "conv2.weight",
+        "conv2.bias",
+        "fc1.weight",
+        "fc1.bias",
+        "fc2.weight",
+        "fc2.bias",
+        "fc3.weight",
+        "fc3.bias",
     ]
     assert pruning_history(ours.conv1, "weight") == [prune.RandomUnstructured, prune.LnStructured]
     assert pruning_history(ours.conv1, "bias") == [prune.L1Unstructured]
@@ -277,7 +287,7 @@ def test_torchvision_style_resnet_selection_and_equivalence(write_recipe):
     total = sum(m.weight.numel() for m, _ in rest)
     prune.global_unstructured(rest, pruning_method=prune.L1Unstructured, amount=round(0.5 * total))
     torch.manual_seed(3)
-    for name, module in theirs.named_modules():
+    for module in theirs.modules():
         if isinstance(module, torch.nn.BatchNorm2d):
             prune.random_unstructured(module, "weight", amount=1)
             prune.random_unstructured(module, "bias", amount=1)

@@ -99,7 +99,9 @@ def test_known_hostile_documents_are_refused_quickly():
         "python name": "version: !!python/name:os.system 1\n",
         "deep nesting": "a: " + "[" * 5000 + "]" * 5000,
         "deep mappings": "a: " + "{b: " * 3000 + "1" + "}" * 3000,
-        "alias bomb": "\n".join(["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [f"a{i}: &a{i} [" + ", ".join([f"*a{i-1}"] * 10) + "]" for i in range(1, 12)]),
+        "alias bomb": "\n".join(
+            ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 12)]
+        ),
         "huge": "version: 1\nname: '" + "x" * 2_000_000 + "'\n",
         "tab indentation": "version: 1\nsteps:\n\t- select: {}\n",
         "nul byte": "version: 1\x00\n",
@@ -133,9 +135,7 @@ def test_truncated_and_corrupted_checkpoints(tmp_path_factory, cut, noise):
 def test_killing_apply_while_it_writes_leaves_no_partial_output(tmp_path):
     """SIGKILL the CLI mid-write: the output is either absent or the previous file, intact."""
     (tmp_path / "big.py").write_text(
-        "import torch\n"
-        "def build():\n"
-        "    return torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(24)])\n"
+        "import torch\ndef build():\n    return torch.nn.Sequential(*[torch.nn.Linear(2048, 2048) for _ in range(24)])\n"
     )
     recipe = tmp_path / "r.yaml"
     recipe.write_text("version: 1\nmodel: big.py:build\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5}\n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,8 +75,15 @@ class Capture(pl.loggers.logger.Logger):
 
 def trainer(tmp_path, epochs, callbacks, logger=False):
     return pl.Trainer(
-        max_epochs=epochs, callbacks=callbacks, logger=logger, default_root_dir=tmp_path, enable_progress_bar=False,
-        enable_model_summary=False, accelerator="cpu", devices=1, deterministic=True,
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=logger,
+        default_root_dir=tmp_path,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        deterministic=True,
     )
 
 
@@ -91,7 +100,7 @@ def test_callback_prunes_on_schedule_and_logs_sparsity(tmp_path):
     logged = [m for m in logger.metrics if "sparsity/global" in m]
     assert logged and logged[-1]["sparsity/net.fc1.weight"] > 0.5
     globals_ = [float(m["sparsity/global"]) for m in logged]
-    assert all(b >= a - 1e-6 for a, b in zip(globals_, globals_[1:]))  # sparsity only grows
+    assert all(b >= a - 1e-6 for a, b in itertools.pairwise(globals_))  # sparsity only grows
     assert globals_[-1] > globals_[0]
     assert callback.pruner is not None and not callback.pruner.pending()
 

@@ -17,7 +17,7 @@ from prunerecipe import (
     register_method,
     unregister_method,
 )
-from prunerecipe.methods import MethodError
+from prunerecipe.errors import MethodError
 
 from .conftest import make_lenet, pruning_history
 
@@ -176,7 +176,7 @@ def test_without_a_schema_simple_annotations_check_argument_types():
     class Typed(prune.BasePruningMethod):
         PRUNING_TYPE = "unstructured"
 
-        def __init__(self, amount, k: int = 1, scale: float = 1.0, mode: Literal["a", "b"] = "a", tag: Optional[str] = None, extra=None):
+        def __init__(self, amount, k: int = 1, scale: float = 1.0, mode: Literal["a", "b"] = "a", tag: Optional[str] = None, extra=None):  # noqa: UP045 - users write Optional
             self.amount, self.k = amount, k
 
         def compute_mask(self, t, default_mask):

@@ -137,8 +137,12 @@ def test_plan_on_meta_device_allocates_nothing_and_runs_fast():
 
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
-        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-        num_key_value_heads=8, vocab_size=128256,
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
     )
     start = time.perf_counter()
     with torch.device("meta"):

@@ -108,7 +108,9 @@ def test_a_broken_plugin_is_reported_and_breaks_nothing_else(install):
         "b.yaml:3:26: steps[0].method: method 'broken' (entry point 'broken = broken_plugin_mod:Method' from broken-plugin 0.3.1) "
         "failed to import: ModuleNotFoundError: No module named 'not_installed_dependency_xyz'"
     )
-    with pytest.raises(RecipeError, match=r"method 'wrong' \(entry point 'wrong = wrong_plugin_mod:thing' from wrong-plugin 2.0\) is <function thing"):
+    with pytest.raises(
+        RecipeError, match=r"method 'wrong' \(entry point 'wrong = wrong_plugin_mod:thing' from wrong-plugin 2.0\) is <function thing"
+    ):
         parse_recipe("version: 1\nsteps:\n  - {select: {}, method: wrong}\n")
 
     result = CliRunner().invoke(cli, ["methods"])

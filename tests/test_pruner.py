@@ -8,8 +8,8 @@ import torch.nn.functional as F
 import torch.nn.utils.prune as prune
 
 from prunerecipe import Pruner, RecipeError, load_pruned_state_dict, parse_recipe
-from prunerecipe.recipe import Schedule
 from prunerecipe.schedule import event_times, target_at
+from prunerecipe.spec import Schedule
 from prunerecipe.zoo import LeNet
 
 from .conftest import make_lenet, pruning_history
@@ -60,7 +60,9 @@ def test_pruner_runs_unscheduled_at_creation_then_events_on_time():
     pruner = Pruner(model, parse_recipe(GRADUAL))
     assert prune.is_pruned(model.conv1) and not prune.is_pruned(model.fc1)
     assert [(e.time, round(e.sparsity, 6)) for e, _ in pruner.timeline()] == [
-        (1, 0.1), (3, round(0.8 + (0.1 - 0.8) * 0.5 ** 3, 6)), (5, 0.8),
+        (1, 0.1),
+        (3, round(0.8 + (0.1 - 0.8) * 0.5**3, 6)),
+        (5, 0.8),
     ]
     assert pruner.step(epoch=0) == []
     ran = pruner.step(epoch=1)
@@ -197,14 +199,17 @@ def test_load_state_dict_after_a_step_is_an_error():
 
 def test_impossible_schedules_are_load_errors():
     with pytest.raises(RecipeError) as err:
-        parse_recipe("""
+        parse_recipe(
+            """
 version: 1
 steps:
   - select: {types: [Linear]}
     method: l1_unstructured
     sparsity: 0.5
     schedule: {start: 4, end: 2, every: 0, initial_sparsity: 0.7, curve: quadratic}
-""", "s.yaml")
+""",
+            "s.yaml",
+        )
     text = str(err.value)
     assert "s.yaml:7:31: steps[0].schedule.end: end (2) is before start (4)" in text
     assert "steps[0].schedule.every: 0 is less than the minimum of 1" in text
@@ -245,7 +250,9 @@ def test_a_rejected_state_changes_nothing():
 def test_long_step_schedules_cost_nothing_per_idle_call():
     import time
 
-    recipe = parse_recipe("version: 1\nsteps:\n  - {select: {names: [fc3]}, method: l1_unstructured, sparsity: 0.5, schedule: {unit: step, start: 50000, end: 200000}}\n")
+    recipe = parse_recipe(
+        "version: 1\nsteps:\n  - {select: {names: [fc3]}, method: l1_unstructured, sparsity: 0.5, schedule: {unit: step, start: 50000, end: 200000}}\n"
+    )
     pruner = Pruner(make_lenet(), recipe)
     start = time.perf_counter()
     for s in range(2000):

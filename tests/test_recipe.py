@@ -6,7 +6,7 @@ import time
 import pytest
 
 from prunerecipe import RecipeError, load_recipe, parse_recipe, recipe_from_dict, recipe_schema
-from prunerecipe.recipe import Schedule, Selector
+from prunerecipe.spec import Schedule, Selector
 
 from .conftest import ROOT
 
@@ -55,7 +55,9 @@ def test_an_override_may_supply_a_var_the_recipe_uses_but_does_not_declare():
 def test_an_override_that_matches_nothing_is_an_error():
     with pytest.raises(RecipeError) as err:
         parse_recipe(BASE, "r.yaml", overrides={"amnt": 0.5})
-    assert str(err.value) == "r.yaml:4:3: vars: override 'amnt' matches no var of this recipe (did you mean 'amt'?); its vars: amt, count, dims, prefix"
+    assert (
+        str(err.value) == "r.yaml:4:3: vars: override 'amnt' matches no var of this recipe (did you mean 'amt'?); its vars: amt, count, dims, prefix"
+    )
 
 
 def test_dollar_dollar_escapes_a_literal_placeholder():
@@ -70,7 +72,8 @@ def test_whole_string_list_var_cannot_be_interpolated_partially():
 
 
 def test_typed_recipe_fields_and_defaults():
-    r = parse_recipe("""
+    r = parse_recipe(
+        """
 version: 1
 name: n
 description: d
@@ -87,7 +90,9 @@ steps:
     method: l1_unstructured
     sparsity: 0.9
     schedule: {start: 2, end: 10, every: 2, curve: linear, initial_sparsity: 0.1}
-""", "typed.yaml")
+""",
+        "typed.yaml",
+    )
     s0, s1 = r.steps
     assert (r.name, r.description, r.model, r.seed, r.finalize, r.lottery_ticket) == ("n", "d", "prunerecipe.zoo:LeNet", 3, True, False)
     assert s0.select == Selector(("Linear",), ("re:fc[12]",), ("Conv2d",), ("fc3",))
@@ -104,13 +109,18 @@ def test_schedule_end_defaults_to_start():
 
 
 def test_yaml_merge_keys_and_anchors_work():
-    r = parse_recipe("""
+    r = parse_recipe(
+        """
 version: 1
 defaults: &d {method: l1_unstructured, amount: 0.3}
 steps: []
-""".replace("defaults: &d {method: l1_unstructured, amount: 0.3}\nsteps: []", """steps:
+""".replace(
+            "defaults: &d {method: l1_unstructured, amount: 0.3}\nsteps: []",
+            """steps:
   - &first {select: {types: [Linear]}, method: l1_unstructured, amount: 0.3}
-  - {<<: *first, amount: 0.1}"""))
+  - {<<: *first, amount: 0.1}""",
+        )
+    )
     assert [s.amount for s in r.steps] == [0.3, 0.1]
     assert r.steps[1].select == Selector(types=("Linear",))
 
@@ -146,7 +156,7 @@ def test_multiple_documents_are_refused():
 def test_alias_bomb_is_refused_quickly():
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     for i in range(1, 10):
-        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i-1}"] * 10) + "]")
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]")
     lines.append("version: 1")
     start = time.perf_counter()
     with pytest.raises(RecipeError, match="expands to more than 100000 nodes"):
@@ -189,7 +199,6 @@ def test_schema_is_shipped_in_the_package_and_identical_to_schemas_dir():
 
 def test_schema_accepts_every_example_recipe():
     import jsonschema
-
     import yaml
 
     validator = jsonschema.Draft202012Validator(recipe_schema())
@@ -229,13 +238,16 @@ steps:
 
 
 def test_merge_sources_earlier_win_and_explicit_keys_win():
-    r = parse_recipe("""
+    r = parse_recipe(
+        """
 version: 1
 a: &a {method: l1_unstructured, amount: 0.1}
-""".replace("a: &a {method: l1_unstructured, amount: 0.1}\n", "") + """steps:
+""".replace("a: &a {method: l1_unstructured, amount: 0.1}\n", "")
+        + """steps:
   - <<: [{method: l1_unstructured, amount: 0.1}, {method: identity, amount: 0.9, select: {}}]
     amount: 0.2
-""")
+"""
+    )
     assert (r.steps[0].method, r.steps[0].amount) == ("l1_unstructured", 0.2)
 
 
@@ -273,7 +285,7 @@ def test_limits_and_encoding_errors_have_locations():
     with pytest.raises(RecipeError) as err:
         parse_recipe("version: 1\nvars: {x: " + "[" * 80 + "]" * 80 + "}\n", "deep.yaml")
     assert str(err.value).startswith("deep.yaml:2:") and "nested more than 50 levels" in str(err.value)
-    from prunerecipe.safeyaml import parse_yaml
+    from prunerecipe.load.yaml import parse_yaml
 
     with pytest.raises(RecipeError) as err:
         parse_yaml(b"version: 1\nname: caf\xe9\n", "latin.yaml")

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 import torch.nn.utils.prune as prune
 
 from prunerecipe import Pruner, apply_recipe, load_recipe, plan_recipe

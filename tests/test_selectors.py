@@ -5,8 +5,9 @@ import torch.nn.utils.prune as prune
 from torch import nn
 
 from prunerecipe import RecipeError, parse_recipe, plan_recipe
-from prunerecipe.recipe import Selector
-from prunerecipe.selectors import SelectorError, param_owners, resolve_targets, resolve_type, selects
+from prunerecipe.errors import SelectorError
+from prunerecipe.select import param_owners, resolve_targets, resolve_type, selects
+from prunerecipe.spec import Selector
 
 
 def names(model, selector, params=("weight",)):

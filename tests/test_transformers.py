@@ -39,9 +39,7 @@ def test_gpt2_custom_conv1d_layers_selected_by_class(type_entry):
     ours, theirs = gpt2(), gpt2()
     recipe = parse_recipe(CONV1D_RECIPE % type_entry)
     plan = plan_recipe(ours, recipe)
-    assert [t.qualname for t in plan.steps[0].targets] == [
-        f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc")
-    ]
+    assert [t.qualname for t in plan.steps[0].targets] == [f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ("attn.c_attn", "mlp.c_fc")]
     apply_recipe(ours, recipe, plan=plan)
 
     conv1d = transformers.pytorch_utils.Conv1D

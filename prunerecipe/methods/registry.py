@@ -8,16 +8,18 @@ names them.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import inspect
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch.nn.utils.prune as prune
 
-from .errors import RecipeError
+from ..errors import MethodError
+from ..text import suggest
 
 ENTRY_POINT_GROUP = "prunerecipe.methods"
 PRUNING_TYPES = ("unstructured", "structured", "global")
@@ -44,10 +46,6 @@ _BUILTINS: dict[str, tuple[type[prune.BasePruningMethod], dict | None]] = {
 
 BUILTIN = "built-in"
 IN_PROCESS = "in-process"
-
-
-class MethodError(RecipeError):
-    """A method name that cannot be resolved to a usable method."""
 
 
 @dataclass(frozen=True)
@@ -78,11 +76,7 @@ class MethodSpec:
     @property
     def arguments(self) -> dict[str, inspect.Parameter]:
         """Keyword arguments a recipe passes through ``args`` (``amount`` excluded)."""
-        return {
-            n: p
-            for n, p in self.signature.parameters.items()
-            if n != "amount" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-        }
+        return {n: p for n, p in self.signature.parameters.items() if n != "amount" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
     def describe_arguments(self) -> str:
         parts = []
@@ -99,9 +93,7 @@ def _check_method_class(obj: Any, what: str) -> type[prune.BasePruningMethod]:
     if not (isinstance(obj, type) and issubclass(obj, prune.BasePruningMethod)):
         raise MethodError(f"{what} is {obj!r}, not a torch.nn.utils.prune.BasePruningMethod subclass")
     if getattr(obj, "PRUNING_TYPE", None) not in PRUNING_TYPES:
-        raise MethodError(
-            f"{what} has PRUNING_TYPE {getattr(obj, 'PRUNING_TYPE', None)!r}; expected one of {', '.join(PRUNING_TYPES)}"
-        )
+        raise MethodError(f"{what} has PRUNING_TYPE {getattr(obj, 'PRUNING_TYPE', None)!r}; expected one of {', '.join(PRUNING_TYPES)}")
     if inspect.isabstract(obj):
         raise MethodError(f"{what} ({obj.__name__}) is abstract: it must implement compute_mask")
     return obj
@@ -198,12 +190,7 @@ def describe_origin(name: str) -> str:
     return ", ".join(_dist_label(ep) for ep in eps) or "unknown"
 
 
-def suggest(name: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_method(name: str) -> MethodSpec:
     """Resolve a method name; raises :class:`MethodError` with a "did you mean" when unknown."""
     if name in _IN_PROCESS:
@@ -229,68 +216,26 @@ def get_method(name: str) -> MethodSpec:
     raise MethodError(f"unknown method {name!r}{suggest(name, names)}; available: {', '.join(names)}")
 
 
-# --- function form ------------------------------------------------------------------------
-
-
-def pruning_method(
-    pruning_type: str = "unstructured",
-    *,
-    args_schema: Mapping[str, Any] | None = None,
-) -> Callable[[Callable[..., Any]], type[prune.BasePruningMethod]]:
-    """Turn ``compute_mask(t, default_mask, **args)`` into a :class:`BasePruningMethod` subclass.
-
-    The function's parameters after ``t`` and ``default_mask`` become the method's keyword
-    arguments (``amount`` included, if present). The returned class replaces the function
-    under its name, so pruned models that use it still pickle::
-
-        @pruning_method("unstructured")
-        def every_other(t, default_mask):
-            mask = default_mask.clone()
-            mask.view(-1)[::2] = 0
-            return mask
-    """
-    if pruning_type not in PRUNING_TYPES:
-        raise ValueError(f"pruning_type must be one of {PRUNING_TYPES}, not {pruning_type!r}")
-
-    def decorate(fn: Callable[..., Any]) -> type[prune.BasePruningMethod]:
-        params = list(inspect.signature(fn).parameters.values())
-        if len(params) < 2 or any(p.kind not in (p.POSITIONAL_OR_KEYWORD, p.POSITIONAL_ONLY) for p in params[:2]):
-            raise TypeError(f"{fn.__qualname__} must take (t, default_mask, ...) as its first two parameters")
-        init_sig = inspect.Signature(
-            [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind is p.POSITIONAL_OR_KEYWORD else p for p in params[2:]]
-        )
-        if pruning_type == "structured" and "dim" not in init_sig.parameters:
-            raise TypeError(f"structured method {fn.__qualname__} needs a 'dim' parameter")
-
-        def __init__(self: Any, **kwargs: Any) -> None:
-            bound = init_sig.bind(**kwargs)
-            bound.apply_defaults()
-            self._kwargs = dict(bound.arguments)
-            for key, value in self._kwargs.items():
-                setattr(self, key, value)
-
-        def compute_mask(self: Any, t: Any, default_mask: Any) -> Any:
-            return fn(t, default_mask, **self._kwargs)
-
-        __init__.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-            [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), *init_sig.parameters.values()]
-        )
-        namespace = {
-            "PRUNING_TYPE": pruning_type,
-            "__init__": __init__,
-            "compute_mask": compute_mask,
-            "__doc__": fn.__doc__,
-            "__module__": fn.__module__,
-            "__qualname__": fn.__qualname__,
-            "args_schema": args_schema,
-            "compute_mask_function": staticmethod(fn),
-        }
-        return type(fn.__name__, (prune.BasePruningMethod,), namespace)
-
-    return decorate
-
-
 def refresh() -> None:
     """Forget discovered entry points and resolved methods (after installing a plugin at run time)."""
     entry_points.cache_clear()
     get_method.cache_clear()
+
+
+@contextmanager
+def isolated() -> Iterator[None]:
+    """Run a block with its own in-process registrations, dropped afterwards (for tests).
+
+    Example:
+        >>> with isolated():
+        ...     _ = register_method("tmp_method", prune.Identity)
+        >>> "tmp_method" in method_names()
+        False
+    """
+    before = dict(_IN_PROCESS)
+    try:
+        yield
+    finally:
+        _IN_PROCESS.clear()
+        _IN_PROCESS.update(before)
+        refresh()

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .errors import KeyPath, Problem, RecipeError
+from ..errors import KeyPath, Problem, RecipeError
 
 #: Recipes are small; these limits refuse hostile documents early and are documented in the README.
 MAX_BYTES = 1_000_000
@@ -54,9 +54,10 @@ class Document:
             path = path[:-1]
         return self.value_marks.get((), (None, None))
 
-    def problem(self, path: KeyPath, message: str, *, key: bool = False) -> Problem:
+    def problem(self, path: KeyPath, message: str, *, key: bool = False, code: str = "invalid") -> Problem:
+        """A :class:`Problem` at ``path``'s key (``key=True``) or value."""
         line, col = self.mark(path, key=key)
-        return Problem(self.source, line, col, path, message)
+        return Problem(self.source, line, col, path, message, code)
 
 
 class _TooBig(Exception):
@@ -85,7 +86,7 @@ _Loader.add_implicit_resolver(
 
 
 class _Constructor(yaml.constructor.SafeConstructor):
-    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:  # type: ignore[override]
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
         value = str(self.construct_scalar(node))
         if value.startswith(("0o", "0x")):
             return int(value, 0)
@@ -96,14 +97,14 @@ _Constructor.add_constructor("tag:yaml.org,2002:int", _Constructor.construct_yam
 
 
 def _tag(tag: str) -> str:
-    return "!!" + tag[len("tag:yaml.org,2002:"):] if tag.startswith("tag:yaml.org,2002:") else tag
+    return "!!" + tag[len("tag:yaml.org,2002:") :] if tag.startswith("tag:yaml.org,2002:") else tag
 
 
 def _reader_error(exc: yaml.reader.ReaderError, text: str, source: str) -> RecipeError:
     line = text.count("\n", 0, exc.position) + 1
     col = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
     char = exc.character if isinstance(exc.character, int) else ord(str(exc.character)[:1] or "?")
-    return RecipeError(Problem(source, line, col, (), f"invalid YAML: character U+{char:04X} is not allowed in YAML"))
+    return RecipeError(Problem(source, line, col, (), f"invalid YAML: character U+{char:04X} is not allowed in YAML", "yaml"))
 
 
 def _mark(node: yaml.Node) -> tuple[int, int]:
@@ -113,16 +114,17 @@ def _mark(node: yaml.Node) -> tuple[int, int]:
 def parse_yaml(text: str | bytes, source: str) -> Document:
     """Parse one YAML document into plain data with positions; raise :class:`RecipeError`."""
     if isinstance(text, bytes):
-        if len(text) > MAX_BYTES:
-            raise RecipeError(Problem(source, None, None, (), f"file is larger than {MAX_BYTES} bytes, the limit for recipes"))
+        raw = text
+        if len(raw) > MAX_BYTES:
+            raise RecipeError(Problem(source, None, None, (), f"file is larger than {MAX_BYTES} bytes, the limit for recipes", "yaml"))
         try:
-            text = text.decode("utf-8")
+            text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            line = text.count(b"\n", 0, exc.start) + 1
-            col = exc.start - (text.rfind(b"\n", 0, exc.start) + 1) + 1
-            raise RecipeError(Problem(source, line, col, (), f"not UTF-8 text (byte {exc.start} cannot be decoded)")) from None
+            line = raw.count(b"\n", 0, exc.start) + 1
+            col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+            raise RecipeError(Problem(source, line, col, (), f"not UTF-8 text (byte {exc.start} cannot be decoded)", "yaml")) from None
     if len(text) > MAX_BYTES:
-        raise RecipeError(Problem(source, None, None, (), f"file is {len(text)} characters; recipes are limited to {MAX_BYTES}"))
+        raise RecipeError(Problem(source, None, None, (), f"file is {len(text)} characters; recipes are limited to {MAX_BYTES}", "yaml"))
 
     try:
         loader = _Loader(text)
@@ -133,18 +135,18 @@ def parse_yaml(text: str | bytes, source: str) -> Document:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         message = ": ".join(str(m) for m in (exc.context, exc.problem) if m) or "invalid YAML"
-        line, col = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
-        raise RecipeError(Problem(source, line, col, (), f"invalid YAML: {message}")) from None
+        at: tuple[int | None, int | None] = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
+        raise RecipeError(Problem(source, at[0], at[1], (), f"invalid YAML: {message}", "yaml")) from None
     except yaml.reader.ReaderError as exc:
         raise _reader_error(exc, text, source) from None
     except yaml.YAMLError as exc:
-        raise RecipeError(Problem(source, None, None, (), f"invalid YAML: {exc}")) from None
+        raise RecipeError(Problem(source, None, None, (), f"invalid YAML: {exc}", "yaml")) from None
     except RecursionError:
-        raise RecipeError(Problem(source, None, None, (), f"invalid YAML: nesting is too deep (limit {MAX_DEPTH})")) from None
+        raise RecipeError(Problem(source, None, None, (), f"invalid YAML: nesting is too deep (limit {MAX_DEPTH})", "yaml")) from None
     finally:
         loader.dispose()
     if node is None:
-        raise RecipeError(Problem(source, 1, 1, (), "the file is empty; a recipe is a mapping with 'version' and 'steps'"))
+        raise RecipeError(Problem(source, 1, 1, (), "the file is empty; a recipe is a mapping with 'version' and 'steps'", "yaml"))
 
     doc = Document(source, None)
     builder = _Builder(doc, _Constructor())
@@ -152,7 +154,7 @@ def parse_yaml(text: str | bytes, source: str) -> Document:
         doc.data = builder.build(node, (), 0)
     except _TooBig as exc:
         line, col = _mark(exc.node)
-        raise RecipeError(Problem(source, line, col, (), str(exc))) from None
+        raise RecipeError(Problem(source, line, col, (), str(exc), "yaml")) from None
     # Node-level problems (a bad tag, a duplicate key) do not stop validation of the rest
     # of the file: the caller reports them together with everything else.
     doc.problems = builder.problems
@@ -176,7 +178,7 @@ class _Builder:
 
     def _problem(self, node: yaml.Node, path: KeyPath, message: str) -> None:
         line, col = _mark(node)
-        self.problems.append(Problem(self.doc.source, line, col, path, message))
+        self.problems.append(Problem(self.doc.source, line, col, path, message, "yaml"))
 
     def _count(self, node: yaml.Node) -> None:
         self.count += 1
@@ -254,7 +256,8 @@ class _Builder:
                 continue  # already reported
             if not isinstance(key, str):
                 self._problem(
-                    key_node, path,
+                    key_node,
+                    path,
                     f"mapping key {key_node.value!r} reads as {type(key).__name__} {key!r}; keys must be strings (quote it)",
                 )
                 continue

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import torch
-import torch.nn.utils.prune as prune
 from torch import nn
 
-from .apply import ModelSnapshot, apply_recipe, finalize
-from .errors import RecipeError
-from .plan import plan_recipe
-from .recipe import Recipe, load_recipe
-from .report import Report
-from .schedule import Event, step_events
-from .selectors import Target
+from ..apply import apply_recipe
+from ..errors import RecipeError
+from ..load import load_recipe
+from ..plan import plan_recipe
+from ..report import Report
+from ..schedule import Event, step_events
+from ..select import Target
+from ..spec import Recipe
+from ..torchprune import ModelSnapshot, finalize, refresh
 
 STATE_VERSION = 1
 
@@ -54,9 +56,7 @@ class Pruner:
         self.model = model
         self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
         self.plan = plan_recipe(model, self.recipe)  # validates every step, scheduled or not, now
-        self.events: list[Event] = sorted(
-            (e for step in self.recipe.steps for e in step_events(step)), key=lambda e: (e.time, e.step)
-        )
+        self.events: list[Event] = sorted((e for step in self.recipe.steps for e in step_events(step)), key=lambda e: (e.time, e.step))
         # Events of each unit in the order they run; `_next[unit]` counts those done (a prefix),
         # so a step() with nothing due costs O(1) however long the schedule.
         self._by_unit: dict[str, list[Event]] = {"epoch": [], "step": []}
@@ -78,7 +78,7 @@ class Pruner:
         if unscheduled:
             self._creation_snapshot = ModelSnapshot([t.module for t in self.plan.targets])
             apply_recipe(model, dataclasses.replace(self.recipe, steps=tuple(unscheduled), finalize=False))
-            self._creation_state = self._structure()
+            self._creation_state = self._creation_snapshot.structure()
         self._unscheduled_done = True
         if not self.events and self.recipe.finalize:
             finalize(model)
@@ -130,9 +130,7 @@ class Pruner:
             if saved is None:
                 continue
             t.original.copy_(saved)
-            for hook in t.module._forward_pre_hooks.values():
-                if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == t.param:
-                    setattr(t.module, t.param, hook.apply_mask(t.module))
+            refresh(t.module, t.param)
 
     def finalize(self) -> list[str]:
         """Make the pruning permanent now (``prune.remove`` on every pruned parameter)."""
@@ -147,23 +145,10 @@ class Pruner:
 
     def pending(self) -> list[Event]:
         """Events not run yet, in the order they will run."""
-        return sorted(
-            (e for unit, events in self._by_unit.items() for e in events[self._next[unit] :]), key=lambda e: (e.time, e.step)
-        )
+        return sorted((e for unit, events in self._by_unit.items() for e in events[self._next[unit] :]), key=lambda e: (e.time, e.step))
 
     def _done(self) -> list[tuple[int, int]]:
         return sorted((e.step, e.time) for unit, events in self._by_unit.items() for e in events[: self._next[unit]])
-
-    def _structure(self) -> list:
-        """Identity of what pruning changes on the target modules (to tell whether anyone touched them)."""
-        out = []
-        for module in {id(t.module): t.module for t in self.plan.targets}.values():
-            out.append((
-                tuple((k, id(v)) for k, v in module._parameters.items()),
-                tuple((k, id(v)) for k, v in module._buffers.items()),
-                tuple((k, id(v), len(v) if isinstance(v, prune.PruningContainer) else -1) for k, v in module._forward_pre_hooks.items()),
-            ))
-        return out
 
     @property
     def targets(self) -> list[Target]:
@@ -195,7 +180,7 @@ class Pruner:
         if self._stepped:
             raise RuntimeError("load_state_dict() must come before the first step(); or pass state= to Pruner()")
         adopted = self._validated(state)  # check everything before changing anything
-        if self._creation_snapshot is not None and adopted["unscheduled_done"] and self._structure() == self._creation_state:
+        if self._creation_snapshot is not None and adopted["unscheduled_done"] and self._creation_snapshot.structure() == self._creation_state:
             self._creation_snapshot.restore()
         self._creation_snapshot = None
         self._adopt(state)
@@ -206,8 +191,18 @@ class Pruner:
         import json
 
         parts = [
-            [s.index, s.name, s.method, s.select.describe(), list(s.params), s.scope, s.amount, s.sparsity, dict(s.args),
-             None if s.schedule is None else dataclasses.astuple(s.schedule)]
+            [
+                s.index,
+                s.name,
+                s.method,
+                s.select.describe(),
+                list(s.params),
+                s.scope,
+                s.amount,
+                s.sparsity,
+                dict(s.args),
+                None if s.schedule is None else dataclasses.astuple(s.schedule),
+            ]
             for s in self.recipe.steps
         ]
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()[:16]
@@ -226,9 +221,7 @@ class Pruner:
             raise RecipeError("the saved Pruner state's 'done' list is malformed") from None
         unknown = done - {(e.step, e.time) for e in self.events}
         if unknown:
-            raise RecipeError(
-                f"the saved Pruner state has events this recipe does not: {sorted(unknown)}; was it saved with another recipe?"
-            )
+            raise RecipeError(f"the saved Pruner state has events this recipe does not: {sorted(unknown)}; was it saved with another recipe?")
         nexts = {}
         for unit, events in self._by_unit.items():
             n = sum(1 for e in events if (e.step, e.time) in done)

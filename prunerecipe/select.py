@@ -7,25 +7,23 @@ matches (either a type or a name: exclusion is an "any of" test).
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import functools
 import importlib
 import re
-from typing import TYPE_CHECKING, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from .recipe import Selector
+from .errors import SelectorError
+from .spec import Selector
+from .text import short, suggest
+from .torchprune import has_param, is_pruned, original, own_parameters, owned_mask, unpruned_name
 
 
-class SelectorError(ValueError):
-    """A selector that cannot be compiled or resolves to nothing (turned into a located Problem)."""
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def resolve_type(path: str) -> type:
     """Import a dotted class path such as ``torch.nn.Conv2d`` or ``transformers.pytorch_utils.Conv1D``."""
     parts = path.split(".")
@@ -54,7 +52,7 @@ def resolve_type(path: str) -> type:
     raise SelectorError(f"cannot import {path!r}: {last_error}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def check_name_pattern(entry: str) -> Callable[[str], bool]:
     """Compile a ``names`` entry: a case-sensitive glob (``*`` spans dots) or ``re:<regex>`` (full match)."""
     if entry.startswith("re:"):
@@ -67,24 +65,24 @@ def check_name_pattern(entry: str) -> Callable[[str], bool]:
     return lambda name: regex.fullmatch(name) is not None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mro_names(cls: type) -> frozenset[str]:
     return frozenset(c.__name__ for c in cls.__mro__)
 
 
-def _type_matches(entry: str, cls: type) -> bool:
+def _type_matches(entry: str, cls: Any) -> bool:
     if "." in entry:
         return resolve_type(entry) in cls.__mro__
     return entry in _mro_names(cls)
 
 
-@functools.lru_cache(maxsize=None)
-def _types_match(entries: tuple[str, ...], cls: type) -> bool:
+@functools.cache
+def _types_match(entries: tuple[str, ...], cls: Any) -> bool:
     """Whether any entry matches ``cls`` (cached: a model has few classes and many modules)."""
     return any(_type_matches(e, cls) for e in entries)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _names_matcher(entries: tuple[str, ...]) -> Callable[[str], bool]:
     """One test for a whole ``names`` list: the globs as a single alternation (they have no
     groups or flags), each ``re:`` regex compiled and matched on its own."""
@@ -100,18 +98,16 @@ def _names_matcher(entries: tuple[str, ...]) -> Callable[[str], bool]:
     return matches
 
 
-def selects(selector: "Selector", name: str, module: nn.Module) -> bool:
+def selects(selector: Selector, name: str, module: nn.Module) -> bool:
     """Whether ``selector`` selects ``module``, registered under the qualified ``name``."""
-    cls = type(module)
+    cls: Any = type(module)
     if selector.types is not None and not _types_match(selector.types, cls):
         return False
     if selector.names is not None and not _names_matcher(selector.names)(name):
         return False
     if selector.exclude_types and _types_match(selector.exclude_types, cls):
         return False
-    if selector.exclude_names and _names_matcher(selector.exclude_names)(name):
-        return False
-    return True
+    return not (selector.exclude_names and _names_matcher(selector.exclude_names)(name))
 
 
 class Target(NamedTuple):
@@ -137,45 +133,36 @@ class Target(NamedTuple):
 
     @property
     def is_pruned(self) -> bool:
-        return is_pruned_param(self.module, self.param)
+        return is_pruned(self.module, self.param)
 
     @property
     def original(self) -> torch.Tensor:
         """The unmasked tensor: ``<param>_orig`` when pruned, else the parameter itself."""
-        params = self.module._parameters
-        tensor = params.get(self.param + "_orig")
-        return tensor if tensor is not None else params[self.param]  # type: ignore[return-value]
+        return original(self.module, self.param)
 
     @property
     def mask(self) -> torch.Tensor | None:
-        return self.module._buffers.get(self.param + "_mask") if self.is_pruned else None
+        return owned_mask(self.module, self.param)
 
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.original.shape)
 
 
-def is_pruned_param(module: nn.Module, param: str) -> bool:
-    return module._parameters.get(param + "_orig") is not None
-
-
-def resolve_targets(
-    modules: Sequence[tuple[str, nn.Module]], selector: "Selector", params: Sequence[str]
-) -> list[Target]:
+def resolve_targets(modules: Sequence[tuple[str, nn.Module]], selector: Selector, params: Sequence[str]) -> list[Target]:
     """Targets in ``named_modules()`` order, then ``params`` order; raises on zero targets."""
     matched = _select(modules, selector)
     targets = []
     for n, m in matched:
-        own = m._parameters
         for p in params:
-            if own.get(p) is not None or own.get(p + "_orig") is not None:
+            if has_param(m, p):
                 targets.append(Target(n, p, m))
     if not targets:
         raise SelectorError(_explain_empty(modules, matched, selector, params))
     return targets
 
 
-def _select(modules: Sequence[tuple[str, nn.Module]], selector: "Selector") -> list[tuple[str, nn.Module]]:
+def _select(modules: Sequence[tuple[str, nn.Module]], selector: Selector) -> list[tuple[str, nn.Module]]:
     """``selects`` over many modules: class tests once per class, one regex per name test."""
     by_class: dict[type, bool] = {}
     names = _names_matcher(selector.names) if selector.names is not None else None
@@ -185,7 +172,7 @@ def _select(modules: Sequence[tuple[str, nn.Module]], selector: "Selector") -> l
     for n, m in modules:
         if id(m) in seen:
             continue
-        cls = type(m)
+        cls: Any = type(m)
         ok = by_class.get(cls)
         if ok is None:
             ok = by_class[cls] = (selector.types is None or _types_match(selector.types, cls)) and not (
@@ -201,29 +188,26 @@ def _select(modules: Sequence[tuple[str, nn.Module]], selector: "Selector") -> l
 def _explain_empty(
     modules: Sequence[tuple[str, nn.Module]],
     matched: Sequence[tuple[str, nn.Module]],
-    selector: "Selector",
+    selector: Selector,
     params: Sequence[str],
 ) -> str:
     wanted = ", ".join(repr(p) for p in params)
     head = f"selector {selector.describe()} resolves to no parameter"
     if matched:
         shown = ", ".join(n or "(root)" for n, _ in matched[:8]) + (", ..." if len(matched) > 8 else "")
-        have = sorted({p.removesuffix("_orig") for _, m in matched for p, v in m._parameters.items() if v is not None})
+        have = sorted({unpruned_name(p) for _, m in matched for p, _ in own_parameters(m)})
         return (
-            f"{head}: it matched {len(matched)} module(s) ({shown}) but none has parameter {wanted}; "
-            f"their parameters: {', '.join(have) or '(none)'}"
+            f"{head}: it matched {len(matched)} module(s) ({shown}) but none has parameter {wanted}; their parameters: {', '.join(have) or '(none)'}"
         )
     hints = []
     all_types = sorted({c.__name__ for _, m in modules for c in type(m).__mro__ if c not in (nn.Module, object)})
     for entry in selector.types or ():
         if not any(_type_matches(entry, type(m)) for _, m in modules):
-            close = difflib.get_close_matches(entry.rsplit(".", 1)[-1], all_types, n=1, cutoff=0.6)
-            hints.append(f"no module is a {entry!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            hints.append(f"no module is a {short(entry)}" + suggest(entry.rsplit(".", 1)[-1], all_types))
     names = [n for n, _ in modules if n]
     for entry in selector.names or ():
         if not any(check_name_pattern(entry)(n) for n in names):
-            close = difflib.get_close_matches(entry, names, n=1, cutoff=0.6)
-            hints.append(f"no module name matches {entry!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            hints.append(f"no module name matches {short(entry)}" + suggest(entry, names))
     detail = "; ".join(hints) if hints else "every match was excluded" if selector.exclude_names or selector.exclude_types else ""
     return f"{head}: it matched 0 of {len(modules)} modules" + (f" ({detail})" if detail else "")
 
@@ -236,10 +220,10 @@ def param_owners(model: nn.Module) -> dict[int, list[str]]:
     owners: dict[int, list[str]] = {}
     seen: set[tuple[int, str]] = set()
     for mod_name, module in model.named_modules(remove_duplicate=False):
-        for p_name, p in module._parameters.items():
-            if p is None or (id(module), p_name) in seen:
+        for p_name, p in own_parameters(module):
+            if (id(module), p_name) in seen:
                 continue
             seen.add((id(module), p_name))
-            shown = p_name.removesuffix("_orig") if p_name.endswith("_orig") else p_name
+            shown = unpruned_name(p_name)
             owners.setdefault(id(p), []).append(f"{mod_name}.{shown}" if mod_name else shown)
     return owners

@@ -1,4 +1,5 @@
-"""The fast L1 paths give torch's own masks: many shapes and dtypes, ties, chains, empty tensors."""
+"""The magnitude select gives torch's own masks: many shapes and dtypes, ties, chains, empty tensors,
+big groups (sampled bracket, exact fallback), small tensors packed together, worker threads."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 from prunerecipe import apply_recipe, parse_recipe
-from prunerecipe import fastprune as fp
+from prunerecipe import magnitude as fp
+from prunerecipe.magnitude import cuts as sel
+from prunerecipe.magnitude import masks, workers
+from prunerecipe.torchprune import kept_entries
 
 from .conftest import assert_same_pruning, make_lenet
 
@@ -87,11 +91,11 @@ def test_ties_in_small_tensors_are_broken_by_torch_itself():
     fp.l1_local(ours, "weight", 4)
     prune.l1_unstructured(theirs, "weight", amount=4)
     assert torch.equal(ours.weight_mask, theirs.weight_mask)
-    assert type(list(ours._forward_pre_hooks.values())[0]) is prune.L1Unstructured
+    assert type(next(iter(ours._forward_pre_hooks.values()))) is prune.L1Unstructured
 
 
 def test_ties_in_large_tensors_prune_exactly_the_requested_count_earliest_first(monkeypatch):
-    monkeypatch.setattr(fp, "EXACT_TIES_UP_TO", 0)  # as if the tensor were large
+    monkeypatch.setattr(masks, "EXACT_TIES_UP_TO", 0)  # as if the tensor were large
     t = torch.tensor([0.5, -0.5, 0.5, 0.1, 0.5, 0.5, -0.5, 0.9])
     m = holder(t)
     fp.l1_local(m, "weight", 4)  # 0.1 and then three of the six 0.5s
@@ -187,7 +191,10 @@ steps:
     if dtype in (torch.float32, torch.float64):
         for key, value in ours.state_dict().items():
             # bit for bit: masked negatives are -0.0 in both
-            assert torch.equal(value.view(torch.int32 if dtype == torch.float32 else torch.int64), theirs.state_dict()[key].view(value.view(torch.int32 if dtype == torch.float32 else torch.int64).dtype)), key
+            assert torch.equal(
+                value.view(torch.int32 if dtype == torch.float32 else torch.int64),
+                theirs.state_dict()[key].view(value.view(torch.int32 if dtype == torch.float32 else torch.int64).dtype),
+            ), key
     else:  # half precision has many ties: a global cut may split them differently, never count them differently
         zeros = lambda sd: sum(int((v == 0).sum()) for v in sd.values())  # noqa: E731
         assert zeros(ours.state_dict()) == zeros(theirs.state_dict())
@@ -200,7 +207,9 @@ def test_folded_path_is_not_used_when_it_would_differ():
     from prunerecipe.apply import _can_fold
     from prunerecipe.plan import plan_recipe
 
-    twice = parse_recipe("version: 1\nfinalize: true\nsteps:\n  - {select: {names: [fc1]}, method: l1_unstructured, amount: 0.5}\n  - {select: {names: [fc1]}, method: l1_unstructured, amount: 0.5}\n")
+    twice = parse_recipe(
+        "version: 1\nfinalize: true\nsteps:\n  - {select: {names: [fc1]}, method: l1_unstructured, amount: 0.5}\n  - {select: {names: [fc1]}, method: l1_unstructured, amount: 0.5}\n"
+    )
     model = make_lenet()
     assert not _can_fold(twice, list(plan_recipe(model, twice).steps), model)
     ours, theirs = make_lenet(), make_lenet()
@@ -253,7 +262,9 @@ def test_a_schedule_with_too_many_events_is_a_load_error():
     from prunerecipe import RecipeError, parse_recipe
 
     with pytest.raises(RecipeError, match="this schedule has 1000000001 pruning events; the limit is 1000000"):
-        parse_recipe("version: 1\nsteps:\n  - {select: {}, method: l1_unstructured, sparsity: 0.5, schedule: {unit: step, start: 0, end: 1000000000}}\n")
+        parse_recipe(
+            "version: 1\nsteps:\n  - {select: {}, method: l1_unstructured, sparsity: 0.5, schedule: {unit: step, start: 0, end: 1000000000}}\n"
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
@@ -283,38 +294,130 @@ def test_report_counts_known_without_counting_equal_a_real_count(dtype, scope, a
         assert row.zeros_after == int((module.weight == 0).sum()), row.name
     if dtype == torch.float32 and amount == 0.5:
         # Counted again: the chained layer, and (local) the all-zero one, whose ties torch broke.
-        # (The three counts before come from the C kernels' scan when they are built.)
-        before = 0 if fp.NATIVE is not None else 3
-        assert counted[before:] == ([model[1], model[2]] if scope == "local" else [model[1]])
+        # (The counts before come from the preflight scan.)
+        assert counted == ([model[1], model[2]] if scope == "local" else [model[1]])
 
 
 def test_kept_entries_is_exact_beyond_float32_integer_range():
     mask = torch.ones((1 << 24) + 5)
     mask[::3] = 0
-    assert fp.kept_entries(mask) == int(torch.count_nonzero(mask))
+    assert kept_entries(mask) == int(torch.count_nonzero(mask))
     half = torch.ones(70_000, dtype=torch.float16)  # half precision cannot even hold the count
     half[:3] = 0
-    assert fp.kept_entries(half) == 69_997
+    assert kept_entries(half) == 69_997
 
 
-def test_select_inside_a_lent_buffer_gives_the_same_cut_and_masks():
-    torch.manual_seed(4)
-    pieces = [fp.Piece(torch.randn(700, 900)), fp.Piece(torch.randn(50)), fp.Piece(torch.randn(300_000))]
-    k = sum(p.numel for p in pieces) // 3
-    plain = fp._select_torch(pieces, k)
-    room = torch.empty(4_000_000)
-    pool: dict = {}
-    fp.lend(pool, room)
-    assert fp._select_torch(pieces, k, pool) == plain
-    assert pool["arena"][1][0] > 0  # the scratch really came from the lent buffer
-    tiny: dict = {}
-    fp.lend(tiny, torch.empty(3))  # too small to carve from: ordinary buffers instead
-    assert fp._select_torch(pieces, k, tiny) == plain
+# --- the select itself, against a sort --------------------------------------------------------
 
 
-def test_releasing_free_memory_is_harmless():
-    fp.release_free_memory()
-    fp.release_free_memory()
+def sorted_cut(pieces: list[fp.Piece], k: int) -> int:
+    """The k-th smallest eligible key, by sorting (the reference)."""
+    keys = []
+    for p in pieces:
+        int_dtype, clear = sel.KEY_DTYPES[p.values.dtype]
+        key = torch.bitwise_and(p.values.reshape(-1).view(int_dtype), clear).to(torch.int64)
+        if p.eligible is not None:
+            key = key[p.eligible.reshape(-1) == 1]
+        keys.append(key)
+    return int(torch.sort(torch.cat(keys)).values[k - 1])
+
+
+def check_cut(pieces: list[fp.Piece], k: int, cut: fp.Threshold) -> None:
+    t = sorted_cut(pieces, k)
+    assert sum(cut.pruned) == k
+    assert cut.key in (t, t + 1)  # t + 1: every tie of t pruned (a plain cut)
+    if cut.quotas is not None:
+        assert cut.key == t
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fraction", [0.001, 0.3, 0.5, 0.97])
+def test_big_groups_cut_exactly_where_a_sort_does(dtype, fraction):
+    torch.manual_seed(7)
+    rows = torch.rand(700, 1) * 10  # rows of very different scales: a hard case for a sample
+    pieces = [fp.Piece((torch.randn(700, 600) * rows).to(dtype)), fp.Piece(torch.randn(90_000).to(dtype)), fp.Piece(torch.randn(33).to(dtype))]
+    k = round(fraction * sum(p.numel for p in pieces))
+    (cut,) = fp.select([(pieces, k)])
+    check_cut(pieces, k, cut)
+
+
+def test_a_bracket_that_misses_falls_back_to_the_exact_histogram(monkeypatch):
+    torch.manual_seed(1)
+    pieces = [fp.Piece(torch.randn(400_000)), fp.Piece(torch.randn(500, 700))]
+    k = 300_000
+    for wrong in [(-1, 0), (0x7F000000, 0x7F000001), (0x3F000000, 0x3F000000 + 1)]:  # below, above, around nothing
+        monkeypatch.setattr(sel, "_sampled_bracket", lambda pieces, k, wrong=wrong: wrong)
+        (cut,) = fp.select([(pieces, k)])
+        check_cut(pieces, k, cut)
+
+
+def test_eligible_entries_only_and_ties_split_earliest_first():
+    torch.manual_seed(2)
+    values = torch.randn(600_000).bfloat16()  # bf16: many ties at any cut
+    eligible = torch.rand(600_000) < 0.7
+    pieces = [fp.Piece(values, eligible.float()), fp.Piece(torch.randn(300_000).bfloat16())]
+    k = 400_000
+    (cut,) = fp.select([(pieces, k)])
+    check_cut(pieces, k, cut)
+    assert cut.quotas is not None  # ties at the cut: some pruned, earliest first
+    keep = torch.empty(600_000, dtype=torch.bfloat16)
+    masks.write_keep(pieces[0], cut, 0, keep)
+    pruned = (keep == 0) & eligible
+    assert not bool(((keep == 0) & ~eligible).any())  # ineligible entries are never newly pruned
+    ties = torch.bitwise_and(values.view(torch.int16), 0x7FFF) == cut.key
+    pruned_ties = torch.nonzero(pruned & ties).view(-1)
+    kept_ties = torch.nonzero(~pruned & ties & eligible).view(-1)
+    if pruned_ties.numel() and kept_ties.numel():
+        assert int(pruned_ties.max()) < int(kept_ties.min())  # earliest first
+
+
+def test_thousands_of_small_tensors_are_packed_into_chunks():
+    torch.manual_seed(5)
+    tensors = [torch.randn(int(torch.randint(1, 300, ()))) for _ in range(3000)]
+    pieces = [fp.Piece(t) for t in tensors]
+    jobs = sel.jobs_for(pieces)
+    assert len(jobs) < 10 and sorted(i for job in jobs for i, _, _ in job) == list(range(3000))
+    total = sum(p.numel for p in pieces)
+    monkeypatch_free = sel.DIRECT_UP_TO
+    try:
+        sel.DIRECT_UP_TO = 1000  # force the sampled path on this small group
+        (cut,) = fp.select([(pieces, total // 2)])
+    finally:
+        sel.DIRECT_UP_TO = monkeypatch_free
+    check_cut(pieces, total // 2, cut)
+
+
+def test_census_counts_zeros_and_non_finite_entries():
+    a = torch.tensor([0.0, -0.0, 1.0, float("nan"), float("inf"), 2.0])
+    b = torch.zeros(300_000)
+    b[::3] = 1
+    c = torch.tensor([0.0, 5.0], dtype=torch.float16)
+    assert fp.census([a, b, c]) == [(2, 2), (200_000, 0), (1, 0)]
+
+
+def test_byte_positions_and_histogram_pick():
+    flags = torch.zeros(1003, dtype=torch.uint8)
+    at = [0, 7, 8, 500, 1001, 1002]
+    flags[at] = 1
+    assert sel.positions(flags).tolist() == at
+    keys = torch.randint(0, 1 << 30, (700_000,), dtype=torch.int64)
+    for r in (1, 12345, 700_000):
+        assert sel.kth(keys, r) == int(torch.sort(keys).values[r - 1])
+
+
+def test_workers_share_the_items_restore_the_thread_count_and_pass_errors_on():
+    before = torch.get_num_threads()
+    seen = []
+    workers.run(lambda i, state: seen.append(i), 50, "cpu", lambda index: None)
+    assert sorted(seen) == list(range(50)) and torch.get_num_threads() == before
+
+    def boom(i, state):
+        if i == 3:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        workers.run(boom, 20, "cpu")
+    assert torch.get_num_threads() == before
 
 
 def test_report_counts_stay_true_when_subnormals_flush_to_zero():

@@ -1,0 +1,24 @@
+"""Magnitude pruning without ``topk``: an exact select over the float bits of ``|w|``, run in
+cache-sized chunks on worker threads (:mod:`.workers`), and the masks and in-place folds built
+from its cuts (:mod:`.masks`). Equal to torch's ``l1_unstructured``/``global_unstructured``."""
+
+from __future__ import annotations
+
+from .cuts import Piece, Threshold, census, flushes_subnormals, select, supported
+from .masks import EXACT_TIES_UP_TO, Fold, deferred_interrupts, fold, l1_global, l1_local, piece_for
+
+__all__ = [
+    "EXACT_TIES_UP_TO",
+    "Fold",
+    "Piece",
+    "Threshold",
+    "census",
+    "deferred_interrupts",
+    "flushes_subnormals",
+    "fold",
+    "l1_global",
+    "l1_local",
+    "piece_for",
+    "select",
+    "supported",
+]

@@ -1,0 +1,211 @@
+"""Masks from cuts: torch's ``l1_unstructured`` and ``global_unstructured`` (L1) without
+``topk``, and the in-place fold that one-shot ``finalize`` uses.
+
+The re-parametrization stays torch's own (:func:`prunerecipe.torchprune.attach` with real
+``L1Unstructured``/``CustomFromMask`` objects in the history). Masks equal torch's wherever
+``|w|`` has no ties at the cut. With ties in a tensor (or global group) of up to
+:data:`EXACT_TIES_UP_TO` entries, torch itself computes the mask, so even its tie order is
+kept; beyond that, exactly the requested count is pruned, earliest entries first.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.utils.prune as prune
+from torch import nn
+
+from ..amounts import checked_nparams
+from ..torchprune import attach, move_to_end, original, owned_mask
+from . import workers
+from .cuts import KEY_DTYPES, SMALLEST_NORMAL_KEY, Piece, Threshold, buffer, eligible_part, flushes_subnormals, select
+
+#: Up to this many entries (a tensor, or a global group), a tie at the cut is broken by
+#: torch's own ``topk``, so masks equal hand-written code even then (zero-initialized biases
+#: are all ties). Beyond it, ties go to the earliest entries: same count, maybe other entries.
+EXACT_TIES_UP_TO = 1 << 20
+
+
+def piece_for(module: nn.Module, name: str) -> Piece:
+    """What torch ranks for ``module.<name>`` (``getattr(module, name)``: the weight as the last
+    forward pre-hook computed it), and what it may prune (the entries whose mask is 1)."""
+    return Piece(getattr(module, name), owned_mask(module, name))
+
+
+def _keep_flags(values: torch.Tensor, below: int, out: torch.Tensor, fast: bool) -> torch.Tensor:
+    """``out = 1`` where the key of ``values`` is at least ``below``, else 0. ``fast``: the values
+    are finite and subnormals are not flushed, so float ops rank them as their keys do."""
+    clear = KEY_DTYPES[values.dtype][1]
+    if below <= 0:
+        return out.fill_(1)
+    if below > clear:
+        return out.zero_()
+    int_dtype = KEY_DTYPES[values.dtype][0]
+    floor = torch.tensor([below - 1], dtype=int_dtype).view(values.dtype).item()
+    if fast or (below - 1 >= SMALLEST_NORMAL_KEY[values.dtype] and torch.isfinite(values).all()):
+        # keys >= below are exactly the |x| > floor; such x are never 0, so sign() is 1 there
+        return torch.hardshrink(values, floor, out=out).sign_().abs_()
+    keys = torch.bitwise_and(values.view(int_dtype), clear)  # NaN, or a subnormal cut with flush-to-zero: compare keys
+    return out.copy_(keys >= below)
+
+
+def _split_ties(values: torch.Tensor, key: int, quota: int, keep: torch.Tensor, eligible: torch.Tensor | None) -> int:
+    """Prune (set ``keep`` to 0 at) the first ``quota`` eligible entries whose key is ``key``;
+    returns how many of the quota are left for later chunks."""
+    if quota <= 0:
+        return 0
+    int_dtype, clear = KEY_DTYPES[values.dtype]
+    ties = torch.bitwise_and(values.view(int_dtype), clear) == key
+    if eligible is not None:
+        ties &= eligible != 0
+    at = torch.nonzero(ties).view(-1)[:quota]
+    keep.index_fill_(0, at, 0)
+    return quota - at.numel()
+
+
+def write_keep(piece: Piece, threshold: Threshold, index: int, out: torch.Tensor, multiply: bool = False) -> None:
+    """Write 1 (kept) / 0 (pruned) for every entry of ``piece`` into the flat ``out`` (or, with
+    ``multiply``, multiply ``out`` by those flags in place: the fold). Entries that are not
+    eligible count as kept. Chunks run in parallel, except in a piece whose tie quota is split."""
+    below, quota = threshold.rule(index)
+    flat = piece.flat()
+    spans = workers.chunks(flat.numel())
+    fast = threshold.finite and not flushes_subnormals()
+
+    def one(a: int, b: int, scratch: dict[Any, torch.Tensor], left: int = 0) -> int:
+        values = flat[a:b]
+        keep = buffer(scratch, "keep", b - a, out.dtype, out.device) if multiply else out[a:b]
+        _keep_flags(values, below, keep, fast)
+        eligible = eligible_part(piece, a, b, keep.dtype)
+        left = _split_ties(values, below, left, keep, eligible)
+        if eligible is not None:  # entries torch could not prune keep their old mask value
+            keep.mul_(eligible).add_(eligible.neg().add_(1))
+        if multiply:
+            out[a:b].mul_(keep)
+        return left
+
+    if quota:  # one piece, its chunks in order: the earliest ties go first
+        scratch: dict[Any, torch.Tensor] = {}
+        for a, b in spans:
+            quota = one(a, b, scratch, quota)
+        return
+    workers.run_each([functools.partial(one, a, b) for a, b in spans], out.device, lambda _: {})
+
+
+def blank_mask(t: torch.Tensor) -> torch.Tensor:
+    """A mask to be written: contiguous, as torch's are, and not yet touched (so not yet resident)."""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
+def new_mask(piece: Piece, default: torch.Tensor | None, threshold: Threshold, index: int) -> torch.Tensor:
+    """The mask torch registers: the old one (or ones) in the parameter's dtype, newly pruned entries zeroed."""
+    mask = blank_mask(piece.values)
+    write_keep(piece, threshold, index, mask.view(-1))
+    if default is not None:  # pruned entries stay pruned; other old values are kept
+        mask.mul_(default.detach().to(dtype=mask.dtype))
+    return mask
+
+
+def zeros_after(piece: Piece, threshold: Threshold, index: int) -> int | None:
+    """Zero entries of ``orig * mask`` after a first cut, known without a pass over the weights:
+    every surviving entry has ``|w|`` at or above a cut that is a normal number, so it is not
+    zero. None when that does not hold (a cut among subnormals, or earlier pruning)."""
+    if piece.eligible is not None or threshold.nothing or threshold.pruned is None:
+        return None
+    if threshold.key <= SMALLEST_NORMAL_KEY[piece.values.dtype]:
+        return None
+    return threshold.pruned[index]
+
+
+def l1_local(module: nn.Module, name: str, amount: int | float, zeros: dict[tuple[int, str], int] | None = None) -> None:
+    """``prune.l1_unstructured(module, name, amount)``: the same result, without ``topk``.
+
+    Args:
+        module, name, amount: as for torch's function (``amount`` counts eligible entries).
+        zeros: receives ``(id(module), name) -> zero entries after``, when known for free.
+    """
+    piece = piece_for(module, name)
+    (threshold,) = select([([piece], checked_nparams(amount, piece.eligible_count()))])
+    if threshold.quotas is not None and piece.numel <= EXACT_TIES_UP_TO:
+        prune.L1Unstructured.apply(module, name, amount=amount)  # ties: let torch pick, as by hand
+        return
+    mask = new_mask(piece, owned_mask(module, name), threshold, 0)
+    _note(zeros, module, name, zeros_after(piece, threshold, 0))
+    attach(module, name, prune.L1Unstructured(amount), mask)
+
+
+def l1_global(params: Sequence[tuple[nn.Module, str]], amount: int | float, zeros: dict[tuple[int, str], int] | None = None) -> None:
+    """``prune.global_unstructured(params, L1Unstructured, amount=amount)``: the same masks and
+    ``CustomFromMask`` histories, without concatenating the parameters. ``zeros`` as for
+    :func:`l1_local`."""
+    pieces = [piece_for(m, n) for m, n in params]
+    (threshold,) = select([(pieces, checked_nparams(amount, sum(p.eligible_count() for p in pieces)))])
+    if threshold.quotas is not None and sum(p.numel for p in pieces) <= EXACT_TIES_UP_TO:
+        prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)  # ties: torch picks
+        return
+    for i, ((module, name), piece) in enumerate(zip(params, pieces)):
+        default = owned_mask(module, name)
+        mask = new_mask(piece, default, threshold, i)
+        if default is not None:
+            # torch multiplies the old mask in twice (once building the global mask, once more in
+            # CustomFromMask): a no-op for 0/1 masks, the square for any other value
+            mask = mask * default.detach().to(dtype=mask.dtype)
+        _note(zeros, module, name, zeros_after(piece, threshold, i))
+        attach(module, name, prune.CustomFromMask(mask), mask)
+
+
+def _note(zeros: dict[tuple[int, str], int] | None, module: nn.Module, name: str, count: int | None) -> None:
+    if zeros is not None and count is not None:
+        zeros[(id(module), name)] = count
+
+
+Fold = tuple[nn.Module, str, Piece, Threshold, int]  # (module, name, piece, cut, index in the cut's pieces)
+
+
+def fold(folds: Sequence[Fold]) -> dict[tuple[int, str], int]:
+    """The data side of ``prune`` then ``prune.remove``, without the re-parametrization in
+    between: ``weight *= mask`` in place (the same arithmetic, so -0.0 comes out as torch
+    makes it), then each parameter moved to the end of its module's parameters, in order, as
+    ``remove`` moves it. Returns the zero entries after, where known without counting."""
+    known: dict[tuple[int, str], int] = {}
+    with torch.no_grad():
+        for module, name, piece, threshold, index in folds:
+            param = original(module, name)
+            target = param.view(-1) if param.is_contiguous() else None
+            if target is not None:
+                write_keep(piece, threshold, index, target, multiply=True)
+            else:  # unusual strides: one whole-tensor mask
+                keep = torch.empty(piece.numel, dtype=param.dtype, device=param.device)
+                write_keep(piece, threshold, index, keep)
+                param.mul_(keep.view(piece.values.shape))
+            _note(known, module, name, zeros_after(piece, threshold, index))
+    for module, name, *_ in folds:
+        move_to_end(module, name)
+    return known
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends, so an in-place pass is never left half done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[tuple[Any, ...]] = []
+    previous = signal.getsignal(signal.SIGINT)
+
+    def hold(signum: int, frame: Any) -> None:
+        received.append((signum, frame))
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(*received[0])
