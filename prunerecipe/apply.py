@@ -88,14 +88,19 @@ def apply_recipe(
             t = pt.target
             seen.setdefault((id(t.module), t.param), (t.qualname, t.module, t.param))
     watched = list(seen.values())
-    # Every pass before the first change only reads: the finiteness check (which counts the
-    # zeros before on the way) and, for a one-shot fold, every cut.
-    before = measure(watched, _preflight(recipe, active))
+    # Every pass before the first change only reads: for a one-shot fold, every cut (whose
+    # scan also counts the zeros before and spots NaN or inf); otherwise the finiteness check,
+    # which counts the zeros before on the way.
+    usable = _usable(recipe, active)
     cuts = _find_cuts(recipe, active, progress) if _can_fold(recipe, active, model) else None
     if cuts is not None:
-        outcomes, folds, seeds = cuts
+        outcomes, folds, seeds, counted, suspect = cuts
+        if suspect:  # a cut took the exact path: NaN or inf there, perhaps
+            _finite_zeros(recipe, [(ps, t) for ps, t in usable if (id(t.module), t.param) in suspect])
+        before = measure(watched, counted)
         after = measure(watched, _fold(recipe, folds, seeds))
         return Report(_rows(watched, before, after), tuple(outcomes), True, recipe.source, skipped)
+    before = measure(watched, _finite_zeros(recipe, usable))
 
     modules = [m for _, m, _ in watched]
     if recipe.finalize:
@@ -158,16 +163,16 @@ def _live_amount(ps: PlannedStep, targets: list[Target]) -> int | float | None:
     return sparsity_count(step.sparsity, t.original.numel(), pruned_entries(t))
 
 
-def _preflight(recipe: Recipe, active: list[PlannedStep]) -> dict[Key, int]:
-    """Refuse, before anything changes, what pruning must not or cannot handle: NaN or inf in
-    a weight (a diverged model; torch's own l1_unstructured would rank NaN above everything
-    and carry on), inference tensors (torch cannot re-parametrize them) and meta tensors.
+Checked = list[tuple[PlannedStep, Target]]
 
-    Returns the zero entries of each target not pruned yet, counted on the way (as the report
-    counts them: the parameter's own zeros)."""
+
+def _usable(recipe: Recipe, active: list[PlannedStep]) -> Checked:
+    """Refuse, before anything changes, tensors pruning cannot handle: inference tensors
+    (torch cannot re-parametrize them) and meta tensors. Returns the floating-point targets,
+    each once, with the first step that names it."""
     problems = []
     checked: set[Key] = set()
-    todo: list[tuple[PlannedStep, Target]] = []
+    todo: Checked = []
     for ps in active:
         for pt in ps.targets:
             t = pt.target
@@ -196,9 +201,18 @@ def _preflight(recipe: Recipe, active: list[PlannedStep]) -> dict[Key, int]:
                 )
             elif tensor.is_floating_point() and tensor.numel() > 0:
                 todo.append((ps, t))
-    counts = magnitude.census([t.original.detach() for _, t in todo])
+    if problems:
+        raise ApplyError(problems)
+    return todo
+
+
+def _finite_zeros(recipe: Recipe, todo: Checked) -> dict[Key, int]:
+    """Refuse NaN or inf in a weight (a diverged model; torch's own l1_unstructured would rank
+    NaN above everything and carry on). Returns the zero entries of each target not pruned
+    yet, counted on the way (as the report counts them: the parameter's own zeros)."""
+    problems = []
     zeros: dict[Key, int] = {}
-    for (ps, t), (z, bad) in zip(todo, counts):
+    for (ps, t), (z, bad) in zip(todo, magnitude.census([t.original.detach() for _, t in todo])):
         if bad:
             nan = int(torch.isnan(t.original).sum().item())
             problems.append(
@@ -243,9 +257,10 @@ def _can_fold(recipe: Recipe, active: list[PlannedStep], model: nn.Module) -> bo
 
 def _find_cuts(
     recipe: Recipe, active: list[PlannedStep], progress: Callable[[str], None] | None
-) -> tuple[list[StepOutcome], list[magnitude.Fold], list[int]] | None:
-    """Every cut of a one-shot fold, found before anything changes (the steps' seeds are
-    returned, to be set when the fold happens).
+) -> tuple[list[StepOutcome], list[magnitude.Fold], list[int], dict[Key, int], set[Key]] | None:
+    """Every cut of a one-shot fold, found before anything changes: the outcomes, the folds,
+    the steps' seeds (set when the fold happens), the zeros before counted by the scans, and
+    the targets whose cut took the exact path (they may hold NaN or inf).
 
     Returns None when a small tensor or group has ties at its cut: the regular path then
     lets torch's own ``topk`` break them, exactly as hand-written code would."""
@@ -276,13 +291,21 @@ def _find_cuts(
             jobs.append((group, pieces, k))
         note = f"no-op on {', '.join(noops)}: already at or above sparsity {step.sparsity:g}" if noops else None
         outcomes.append(StepOutcome(step.label, ps.method.name, tuple(t.qualname for t in targets), note))
-    cuts = magnitude.select([(pieces, k) for _, pieces, k in jobs])
+    cuts = magnitude.select([(pieces, k) for _, pieces, k in jobs], count_zeros=True)
     folds: list[magnitude.Fold] = []
+    zeros: dict[Key, int] = {}
+    suspect: set[Key] = set()
     for (group, pieces, _), cut in zip(jobs, cuts):
         if cut.quotas is not None and sum(p.numel for p in pieces) <= magnitude.EXACT_TIES_UP_TO:
             return None
-        folds.extend((t.module, t.param, piece, cut, j) for j, (t, piece) in enumerate(zip(group, pieces)))
-    return outcomes, folds, seeds
+        for j, (t, piece) in enumerate(zip(group, pieces)):
+            folds.append((t.module, t.param, piece, cut, j))
+            count = cut.zeros[j] if cut.zeros is not None else None
+            if count is not None:
+                zeros[(id(t.module), t.param)] = count
+            if not cut.finite:
+                suspect.add((id(t.module), t.param))
+    return outcomes, folds, seeds, zeros, suspect
 
 
 def _fold(recipe: Recipe, folds: list[magnitude.Fold], seeds: list[int]) -> dict[Key, int]:
@@ -324,12 +347,13 @@ def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any], zeros: dict[K
         if step.sparsity is not None and amount <= 0:
             return StepOutcome(step.label, spec.name, names, f"no-op: already at or above sparsity {step.sparsity:g}")
         if _fast_l1(spec) and len({t.original.dtype for t in targets}) == 1 and all(magnitude.supported(t.original) for t in targets):
-            magnitude.l1_global(params, amount, zeros)
+            magnitude.l1_global(params, amount, zeros, finite=True)  # the preflight checked
         else:
             prune.global_unstructured(params, pruning_method=spec.cls, amount=amount, **kwargs)
         return StepOutcome(step.label, spec.name, names)
 
     noops: list[str] = []
+    fast: list[tuple[nn.Module, str, int | float]] = []  # L1 targets: every cut found in one scan
     for t in targets:
         current[1] = t
         call = dict(kwargs)
@@ -340,9 +364,12 @@ def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any], zeros: dict[K
                 continue
             call["amount"] = amount
         if _fast_l1(spec) and magnitude.supported(t.original):
-            magnitude.l1_local(t.module, t.param, call["amount"], zeros)
+            fast.append((t.module, t.param, call["amount"]))
         else:
             spec.cls.apply(t.module, t.param, **call)
+    if fast:
+        current[1] = None
+        magnitude.l1_local_many(fast, zeros, finite=True)  # the preflight checked
     note = f"no-op on {', '.join(noops)}: already at or above sparsity {step.sparsity:g}" if noops else None
     return StepOutcome(step.label, spec.name, names, note)
 

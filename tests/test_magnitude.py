@@ -437,3 +437,33 @@ def test_report_counts_stay_true_when_subnormals_flush_to_zero():
     finally:
         torch.set_flush_denormal(False)
     assert actual == 5020 and report.targets[0].zeros_after == actual
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_big_tensors_fold_and_mask_on_worker_threads_like_torch(scope):
+    # several chunks per tensor: the worker threads write, under the caller's no_grad
+    torch.manual_seed(11)
+    big = nn.Sequential(nn.Linear(700, 900), nn.Linear(900, 400))
+    theirs = copy.deepcopy(big)
+    recipe = parse_recipe(
+        f"version: 1\nfinalize: true\nsteps:\n  - {{select: {{types: [Linear]}}, method: l1_unstructured, amount: 0.4, scope: {scope}}}\n"
+    )
+    assert workers.worker_count("cpu", 4) == min(torch.get_num_threads(), 4)
+    report = apply_recipe(big, recipe)
+    params = [(m, "weight") for m in theirs]
+    if scope == "global":
+        prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=0.4)
+    else:
+        for m, n in params:
+            prune.l1_unstructured(m, n, amount=0.4)
+    for m, n in params:
+        prune.remove(m, n)
+    for a, b in zip(big, theirs):
+        assert torch.equal(a.weight.view(torch.int32), b.weight.view(torch.int32))  # bit for bit, -0.0 included
+        assert a.weight.requires_grad and a.weight.grad_fn is None
+    assert report.targets[0].zeros_after == int((big[0].weight == 0).sum())
+    masked = nn.Sequential(nn.Linear(700, 900))
+    ref = copy.deepcopy(masked)
+    fp.l1_local(masked[0], "weight", 0.3)
+    prune.l1_unstructured(ref[0], "weight", amount=0.3)
+    assert torch.equal(masked[0].weight_mask, ref[0].weight_mask) and masked[0].weight.grad_fn is not None

@@ -5,7 +5,7 @@ from its cuts (:mod:`.masks`). Equal to torch's ``l1_unstructured``/``global_uns
 from __future__ import annotations
 
 from .cuts import Piece, Threshold, census, flushes_subnormals, select, supported
-from .masks import EXACT_TIES_UP_TO, Fold, deferred_interrupts, fold, l1_global, l1_local, piece_for
+from .masks import EXACT_TIES_UP_TO, Fold, deferred_interrupts, fold, l1_global, l1_local, l1_local_many, piece_for
 
 __all__ = [
     "EXACT_TIES_UP_TO",
@@ -18,6 +18,7 @@ __all__ = [
     "fold",
     "l1_global",
     "l1_local",
+    "l1_local_many",
     "piece_for",
     "select",
     "supported",

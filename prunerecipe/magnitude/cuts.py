@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from . import workers
+from .workers import buffer
 
 # float dtype -> (integer view dtype, mask that clears the sign bit)
 KEY_DTYPES = {
@@ -42,9 +43,8 @@ SMALLEST_NORMAL_KEY = {torch.float16: 0x0400, torch.bfloat16: 0x0080, torch.floa
 
 #: Groups up to this many entries are selected directly (one ``kthvalue`` over their keys).
 DIRECT_UP_TO = workers.CHUNK
-_RUN = 64  # entries per sample run
-_SAMPLE = 1 << 17  # sampled entries per group (at most)
-_Z = 6.0  # half-width of the bracket, in standard deviations of the sampled rank
+_RUN = 16  # entries per sample run (a cache line of float32)
+_Z = 5.0  # half-width of the bracket, in standard deviations of the sampled rank
 _DIGIT = 16
 
 
@@ -116,13 +116,19 @@ class Threshold:
         return self.key, quota
 
 
-def select(groups: Sequence[tuple[Sequence[Piece], int]], count_zeros: bool = False) -> list[Threshold]:
+def select(
+    groups: Sequence[tuple[Sequence[Piece], int]], count_zeros: bool = False, finite: bool = False, arena: torch.Tensor | None = None
+) -> list[Threshold]:
     """The cut that prunes exactly the ``k`` smallest-magnitude eligible entries, per group.
 
     Args:
         groups: ``(pieces, k)`` pairs; all pieces of a group share a dtype and a device.
             ``k`` counts eligible entries (``0 <= k <= eligible entries``).
         count_zeros: also count each fully eligible piece's zero entries (``Threshold.zeros``).
+        finite: the caller has checked that every value is finite (else it is checked here,
+            and non-finite data is ranked on the exact path, as ``topk`` ranks it).
+        arena: a tensor not written yet (a mask to be built) whose memory the scans may use
+            as scratch until this returns.
 
     Returns:
         One :class:`Threshold` per group, with ``pruned`` counts per piece.
@@ -140,8 +146,8 @@ def select(groups: Sequence[tuple[Sequence[Piece], int]], count_zeros: bool = Fa
         elif sum(p.numel for p in pieces) <= DIRECT_UP_TO:
             out[j] = _direct(pieces, k)
         else:
-            scans.append(_Scan(j, pieces, k, *_sampled_bracket(pieces, k), count_zeros=count_zeros))
-    _scan_all(scans)
+            scans.append(_Scan(j, pieces, k, *_sampled_bracket(pieces, k), count_zeros=count_zeros, verify=not finite))
+    _scan_all(scans, arena)
     retry = []
     for s in scans:
         cut = s.finish()
@@ -151,7 +157,7 @@ def select(groups: Sequence[tuple[Sequence[Piece], int]], count_zeros: bool = Fa
             out[s.index] = cut
     if retry:
         exact = [_Scan(s.index, s.pieces, s.k, *_histogram_bracket(s.pieces, s.k), robust=True, count_zeros=count_zeros) for s in retry]
-        _scan_all(exact)
+        _scan_all(exact, arena)
         for s in exact:
             cut = s.finish()
             assert cut is not None, "an exact bracket cannot miss"
@@ -207,12 +213,15 @@ def _float_of(key: int, dtype: torch.dtype) -> float:
 def _sampled_bracket(pieces: list[Piece], k: int) -> tuple[int, int]:
     """Keys ``(lo, hi)`` such that the k-th smallest eligible key lies in ``(lo, hi]``, most likely."""
     total = sum(p.numel for p in pieces)
+    # A bigger sample narrows the bracket (fewer candidates to collect and rank) but costs
+    # more to draw and rank itself; the two balance near (5 N) ** (2/3) entries.
+    wanted = min(1 << 20, max(1 << 12, round((5 * total) ** (2 / 3))))
     gen = torch.Generator(device=pieces[0].values.device).manual_seed(0x5EED)
     samples = []
     for p in pieces:
         flat = p.flat()
         runs = flat.numel() // _RUN
-        take = min(runs, max(1, round(_SAMPLE / _RUN * p.numel / total)))
+        take = min(runs, max(1, round(wanted / _RUN * p.numel / total)))
         if runs == 0:
             continue
         rows = torch.randint(runs, (take,), generator=gen, device=flat.device)
@@ -227,7 +236,7 @@ def _sampled_bracket(pieces: list[Piece], k: int) -> tuple[int, int]:
     m = sample.numel()
     eligible = sum(p.eligible_count() for p in pieces)
     q = k / eligible
-    spread = _Z * math.sqrt(max(m * q * (1 - q), 1.0)) * 2  # runs of neighbours are not independent
+    spread = _Z * math.sqrt(max(m * q * (1 - q), 1.0))
     top = _key_of(torch.finfo(pieces[0].values.dtype).max, pieces[0].values.dtype) - 1  # below the largest float
     lo_rank, hi_rank = math.floor(q * m - spread), math.ceil(q * m + spread)
     lo = int(torch.kthvalue(sample, lo_rank).values.item()) if 1 <= lo_rank <= m else -1
@@ -326,9 +335,13 @@ class _Scan:
     finite data and no flushed subnormals; the robust one compares integer keys.
     """
 
-    def __init__(self, index: int, pieces: list[Piece], k: int, lo: int, hi: int, robust: bool = False, count_zeros: bool = False) -> None:
+    def __init__(
+        self, index: int, pieces: list[Piece], k: int, lo: int, hi: int, robust: bool = False, count_zeros: bool = False, verify: bool = False
+    ) -> None:
         self.index, self.pieces, self.k, self.lo, self.hi = index, pieces, k, lo, hi
         self.count_zeros = count_zeros
+        self.verify = verify  # check each chunk for NaN/inf (the fast flavour cannot rank them)
+        self.nonfinite = False
         self.dtype = pieces[0].values.dtype
         self.robust = robust or flushes_subnormals()
         self.lo_value = _float_of(lo, self.dtype) if lo >= 0 else -1.0
@@ -337,40 +350,52 @@ class _Scan:
         n = len(self.jobs)
         self.le_lo: list[list[int]] = [[] for _ in range(n)]  # per segment
         self.zeros: list[list[int]] = [[] for _ in range(n)]
-        self.finite = [True] * n
-        self.found: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n  # (keys, piece index)
+        # per job: (candidate keys, their piece: an index tensor, or one index for the whole job)
+        self.found: list[tuple[torch.Tensor, torch.Tensor | int] | None] = [None] * n
 
     def run(self, j: int, scratch: dict[Any, torch.Tensor]) -> None:
         job = self.jobs[j]
         values, eligible = gather(self.pieces, job, scratch)
         if self.robust:
             self._robust(j, values, eligible)
-        elif not bool(torch.isfinite(values.sum()).item()):
-            self.finite[j] = False
         else:
             self._fast(j, values, eligible, scratch)
 
     def _fast(self, j: int, values: torch.Tensor, eligible: torch.Tensor | None, scratch: dict[Any, torch.Tensor]) -> None:
+        # Few, chunk-sized ops: the Python between them holds the GIL, the ops do not.
         n = values.numel()
+        size = torch.abs(values, out=buffer(scratch, "size", n, values.dtype, values.device))
+        if self.verify and not torch.isfinite(size.sum(dtype=torch.float32 if size.element_size() < 4 else None)).item():
+            self.nonfinite = True  # (or huge values whose sum overflowed): the exact path takes the group
+            return
         if eligible is not None:  # ineligible entries become the largest float: above the bracket
-            x = buffer(scratch, "x", n, values.dtype, values.device)
-            torch.mul(values, eligible, out=x)
-            x.add_(eligible.neg().add_(1), alpha=torch.finfo(values.dtype).max)
-            values = x
+            size.mul_(eligible).add_(eligible.neg().add_(1), alpha=torch.finfo(values.dtype).max)
         over_lo = buffer(scratch, "over_lo", n, values.dtype, values.device)
         over_hi = buffer(scratch, "over_hi", n, values.dtype, values.device)
         if self.count_zeros:
-            torch.hardshrink(values, 0.0, out=over_lo).sign_().abs_()
-            self.zeros[j] = self._per_segment(j, over_lo, complement=True)
-        torch.hardshrink(values, self.lo_value, out=over_lo).sign_().abs_()
+            self.zeros[j] = self._per_segment(j, torch.sign(size, out=over_lo), complement=True)
+        # sizes are >= 0: hardshrink keeps those > lambda, and sign() makes them 1
+        if self.lo_value < 0:
+            over_lo.fill_(1)
+        else:
+            torch.hardshrink(size, self.lo_value, out=over_lo).sign_()
+        torch.hardshrink(size, self.hi_value, out=over_hi).sign_()
         self.le_lo[j] = self._per_segment(j, over_lo, complement=True)
-        torch.hardshrink(values, self.hi_value, out=over_hi).sign_().abs_()
         over_lo.sub_(over_hi)  # 1 inside (lo, hi]
-        if bool(over_lo.any().item()):
-            flags = buffer(scratch, "flags", n, torch.uint8, values.device)
-            flags.copy_(over_lo)
-            at = positions(flags)
-            self.found[j] = (_keys(values.index_select(0, at)).to(torch.int64), self._piece_of(j, at))
+        if not over_lo.sum(dtype=torch.float32).item():
+            return
+        flags = buffer(scratch, "flags", n, torch.bool, values.device).copy_(over_lo)
+        int_dtype = KEY_DTYPES[values.dtype][0]
+        job = self.jobs[j]
+        if len(job) > 1 or n % 8:  # packed pieces, or a ragged tail: positions tell the pieces apart
+            at = positions(flags.view(torch.uint8))
+            self.found[j] = (_stored(size.index_select(0, at).view(int_dtype)), self._piece_of(j, at))
+            return
+        # eight flags at a time as one int64: only the groups of eight with a candidate are read
+        hit = torch.nonzero(flags.view(torch.uint8).view(torch.int64)).view(-1)
+        groups = size.view(-1, 8).index_select(0, hit)
+        chosen = torch.masked_select(groups, flags.view(-1, 8).index_select(0, hit))
+        self.found[j] = (_stored(chosen.view(int_dtype)), job[0][0])
 
     def _robust(self, j: int, values: torch.Tensor, eligible: torch.Tensor | None) -> None:
         keys = _keys(values)
@@ -382,21 +407,21 @@ class _Scan:
             low &= ok
             inside &= ok
             zero &= ok
-        self.le_lo[j] = self._per_segment(j, low.to(torch.float64))
+        self.le_lo[j] = self._per_segment(j, low.to(torch.float32))
         if self.count_zeros:
-            self.zeros[j] = self._per_segment(j, zero.to(torch.float64))
+            self.zeros[j] = self._per_segment(j, zero.to(torch.float32))
         at = torch.nonzero(inside).view(-1)
         if at.numel():
-            self.found[j] = (keys.index_select(0, at).to(torch.int64), self._piece_of(j, at))
+            self.found[j] = (_stored(keys.index_select(0, at)), self._piece_of(j, at))
 
     def _per_segment(self, j: int, flags: torch.Tensor, complement: bool = False) -> list[int]:
         """Sums of 0/1 ``flags`` over each segment of job ``j`` (or of ``1 - flags``)."""
         job = self.jobs[j]
-        if len(job) == 1:
-            total = int(flags.sum(dtype=torch.float64).item())
+        if len(job) == 1:  # float32 sums of 0/1 are exact up to 2**24, far above a chunk
+            total = int(flags.sum(dtype=torch.float32).item())
             return [flags.numel() - total if complement else total]
         ends = torch.tensor([0] + [b - a for _, a, b in job], device=flags.device).cumsum(0)
-        sums = torch.cat([flags.new_zeros(1, dtype=torch.float64), flags.cumsum(0, dtype=torch.float64)]).index_select(0, ends)
+        sums = torch.cat([flags.new_zeros(1, dtype=torch.float32), flags.cumsum(0, dtype=torch.float32)]).index_select(0, ends)
         out = (sums[1:] - sums[:-1]).to(torch.int64).tolist()
         return [(b - a) - s for (_, a, b), s in zip(job, out)] if complement else out
 
@@ -409,8 +434,8 @@ class _Scan:
         return torch.tensor([i for i, _, _ in job], device=at.device).index_select(0, which)
 
     def finish(self) -> Threshold | None:
-        """The cut, or None when the bracket missed (or the fast scan met non-finite data)."""
-        if not all(self.finite):
+        """The cut, or None when the bracket missed or a chunk was not finite."""
+        if self.nonfinite:
             return None
         count = len(self.pieces)
         le_lo = [0] * count
@@ -426,20 +451,16 @@ class _Scan:
         if not sum(le_lo) < self.k <= sum(le_lo) + inside:
             return None
         keys = torch.cat([f[0] for f in found])
-        owner = torch.cat([f[1] for f in found])
+        owner = torch.cat([f[1] if isinstance(f[1], torch.Tensor) else torch.full_like(f[0], f[1]) for f in found])
         t = kth(keys, self.k - sum(le_lo))
         below = torch.bincount(owner[keys < t], minlength=count).tolist()
         ties = torch.bincount(owner[keys == t], minlength=count).tolist()
         return _cut(t, self.k, [a + b for a, b in zip(le_lo, below)], ties, tuple(zeros), not self.robust)
 
 
-def buffer(scratch: dict[Any, torch.Tensor], name: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A flat scratch tensor of ``n`` entries kept in ``scratch`` for reuse (one chunk at least)."""
-    key = (name, dtype)
-    buf = scratch.get(key)
-    if buf is None or buf.numel() < n:
-        buf = scratch[key] = torch.empty(max(n, workers.CHUNK), dtype=dtype, device=device)
-    return buf[:n]
+def _stored(keys: torch.Tensor) -> torch.Tensor:
+    """Candidate keys as kept until the pick: int32 (int64 for float64 keys)."""
+    return keys if keys.dtype == torch.int64 else keys.to(torch.int32)
 
 
 def positions(flags: torch.Tensor) -> torch.Tensor:
@@ -461,7 +482,7 @@ def positions(flags: torch.Tensor) -> torch.Tensor:
 
 
 def kth(keys: torch.Tensor, r: int) -> int:
-    """The ``r``-th smallest (1-based) of int64 ``keys``: narrowed by 16-bit histograms while big."""
+    """The ``r``-th smallest (1-based) of integer ``keys`` (>= 0): narrowed by 16-bit histograms while big."""
     while keys.numel() > DIRECT_UP_TO:
         lo = int(keys.min().item())
         span = int(keys.max().item()) - lo
@@ -476,13 +497,14 @@ def kth(keys: torch.Tensor, r: int) -> int:
     return int(torch.kthvalue(keys, r).values.item())
 
 
-def _scan_all(scans: list[_Scan]) -> None:
+def _scan_all(scans: list[_Scan], arena: torch.Tensor | None = None) -> None:
     """Every group's scan, one parallel run per device (one pass over all their chunks)."""
     by_device: dict[torch.device, list[tuple[_Scan, int]]] = {}
     for s in scans:
         by_device.setdefault(s.pieces[0].values.device, []).extend((s, j) for j in range(len(s.jobs)))
     for device, jobs in by_device.items():
-        workers.run_each([functools.partial(scan.run, j) for scan, j in jobs], device, lambda _: {})
+        lent = workers.Arena(arena if arena is not None and arena.device == device else None, workers.worker_count(device, len(jobs)))
+        workers.run_each([functools.partial(scan.run, j) for scan, j in jobs], device, lent.scratch)
 
 
 def census(tensors: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
@@ -502,9 +524,8 @@ def census(tensors: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
         def count(j: int, scratch: dict[Any, torch.Tensor], group: list[Piece] = group, jobs: list = jobs, members: list[int] = members) -> None:
             values, _ = gather(group, jobs[j], scratch)
             seg = [(members[i], off, off + b - a) for (i, a, b), off in zip(jobs[j], _offsets(jobs[j]))]
-            if bool(torch.isfinite(values.sum()).item()):
-                nonzero = torch.hardshrink(values, 0.0, out=buffer(scratch, "nz", values.numel(), values.dtype, values.device)).sign_().abs_()
-                found = [(i, (b - a) - int(nonzero[a:b].sum(dtype=torch.float64).item()), 0) for i, a, b in seg]
+            if bool(torch.isfinite(values.sum()).item()):  # (no scratch: census runs before any mask exists)
+                found = [(i, (b - a) - int(torch.count_nonzero(values[a:b]).item()), 0) for i, a, b in seg]
             else:
                 found = [
                     (i, int(torch.count_nonzero(values[a:b] == 0).item()), int(torch.count_nonzero(~torch.isfinite(values[a:b])).item()))

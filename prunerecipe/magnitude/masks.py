@@ -47,12 +47,17 @@ def _keep_flags(values: torch.Tensor, below: int, out: torch.Tensor, fast: bool)
     if below > clear:
         return out.zero_()
     int_dtype = KEY_DTYPES[values.dtype][0]
-    floor = torch.tensor([below - 1], dtype=int_dtype).view(values.dtype).item()
+    floor = _floor(below, values.dtype)
     if fast or (below - 1 >= SMALLEST_NORMAL_KEY[values.dtype] and torch.isfinite(values).all()):
         # keys >= below are exactly the |x| > floor; such x are never 0, so sign() is 1 there
         return torch.hardshrink(values, floor, out=out).sign_().abs_()
     keys = torch.bitwise_and(values.view(int_dtype), clear)  # NaN, or a subnormal cut with flush-to-zero: compare keys
     return out.copy_(keys >= below)
+
+
+def _floor(below: int, dtype: torch.dtype) -> float:
+    """The largest magnitude that a cut at key ``below`` prunes (the float of key ``below - 1``)."""
+    return float(torch.tensor([below - 1], dtype=KEY_DTYPES[dtype][0]).view(dtype).item())
 
 
 def _split_ties(values: torch.Tensor, key: int, quota: int, keep: torch.Tensor, eligible: torch.Tensor | None) -> int:
@@ -80,6 +85,12 @@ def write_keep(piece: Piece, threshold: Threshold, index: int, out: torch.Tensor
 
     def one(a: int, b: int, scratch: dict[Any, torch.Tensor], left: int = 0) -> int:
         values = flat[a:b]
+        if multiply and fast and not left and piece.eligible is None and 0 < below <= KEY_DTYPES[values.dtype][1]:
+            # w * keep in two ops: hardshrink keeps |w| > floor and zeroes the rest; copysign
+            # then gives those zeros w's sign, exactly as w * 0.0 does
+            kept = torch.hardshrink(values, _floor(below, values.dtype), out=buffer(scratch, "keep", b - a, out.dtype, out.device))
+            torch.copysign(kept, values, out=out[a:b])
+            return 0
         keep = buffer(scratch, "keep", b - a, out.dtype, out.device) if multiply else out[a:b]
         _keep_flags(values, below, keep, fast)
         eligible = eligible_part(piece, a, b, keep.dtype)
@@ -103,9 +114,10 @@ def blank_mask(t: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(t, memory_format=torch.contiguous_format)
 
 
-def new_mask(piece: Piece, default: torch.Tensor | None, threshold: Threshold, index: int) -> torch.Tensor:
-    """The mask torch registers: the old one (or ones) in the parameter's dtype, newly pruned entries zeroed."""
-    mask = blank_mask(piece.values)
+def new_mask(piece: Piece, default: torch.Tensor | None, threshold: Threshold, index: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The mask torch registers: the old one (or ones) in the parameter's dtype, newly pruned
+    entries zeroed; written into ``out`` (a :func:`blank_mask`) when given."""
+    mask = blank_mask(piece.values) if out is None else out
     write_keep(piece, threshold, index, mask.view(-1))
     if default is not None:  # pruned entries stay pruned; other old values are kept
         mask.mul_(default.detach().to(dtype=mask.dtype))
@@ -123,35 +135,52 @@ def zeros_after(piece: Piece, threshold: Threshold, index: int) -> int | None:
     return threshold.pruned[index]
 
 
-def l1_local(module: nn.Module, name: str, amount: int | float, zeros: dict[tuple[int, str], int] | None = None) -> None:
+def l1_local(module: nn.Module, name: str, amount: int | float, zeros: dict[tuple[int, str], int] | None = None, finite: bool = False) -> None:
     """``prune.l1_unstructured(module, name, amount)``: the same result, without ``topk``.
 
     Args:
         module, name, amount: as for torch's function (``amount`` counts eligible entries).
         zeros: receives ``(id(module), name) -> zero entries after``, when known for free.
+        finite: the caller checked that the weights are finite (saves a pass).
     """
-    piece = piece_for(module, name)
-    (threshold,) = select([([piece], checked_nparams(amount, piece.eligible_count()))])
-    if threshold.quotas is not None and piece.numel <= EXACT_TIES_UP_TO:
-        prune.L1Unstructured.apply(module, name, amount=amount)  # ties: let torch pick, as by hand
-        return
-    mask = new_mask(piece, owned_mask(module, name), threshold, 0)
-    _note(zeros, module, name, zeros_after(piece, threshold, 0))
-    attach(module, name, prune.L1Unstructured(amount), mask)
+    l1_local_many([(module, name, amount)], zeros, finite)
 
 
-def l1_global(params: Sequence[tuple[nn.Module, str]], amount: int | float, zeros: dict[tuple[int, str], int] | None = None) -> None:
+def l1_local_many(items: Sequence[tuple[nn.Module, str, int | float]], zeros: dict[tuple[int, str], int] | None = None, finite: bool = False) -> None:
+    """:func:`l1_local` for each ``(module, name, amount)``, in order, with every cut found in
+    one scan over all of them. The parameters must be distinct."""
+    pieces = [piece_for(m, n) for m, n, _ in items]
+    masks = [blank_mask(p.values) for p in pieces]  # the select's scratch lives in the largest until they are written
+    lent = max(masks, key=lambda m: m.numel() * m.element_size()) if masks else None
+    groups = [([p], checked_nparams(amount, p.eligible_count())) for p, (_, _, amount) in zip(pieces, items)]
+    cuts = select(groups, finite=finite, arena=lent)
+    del lent
+    for (module, name, amount), piece, mask, threshold in zip(items, pieces, masks, cuts):
+        if threshold.quotas is not None and piece.numel <= EXACT_TIES_UP_TO:
+            prune.L1Unstructured.apply(module, name, amount=amount)  # ties: let torch pick, as by hand
+            continue
+        new_mask(piece, owned_mask(module, name), threshold, 0, out=mask)
+        _note(zeros, module, name, zeros_after(piece, threshold, 0))
+        attach(module, name, prune.L1Unstructured(amount), mask)
+
+
+def l1_global(
+    params: Sequence[tuple[nn.Module, str]], amount: int | float, zeros: dict[tuple[int, str], int] | None = None, finite: bool = False
+) -> None:
     """``prune.global_unstructured(params, L1Unstructured, amount=amount)``: the same masks and
-    ``CustomFromMask`` histories, without concatenating the parameters. ``zeros`` as for
-    :func:`l1_local`."""
+    ``CustomFromMask`` histories, without concatenating the parameters. ``zeros`` and
+    ``finite`` as for :func:`l1_local`."""
     pieces = [piece_for(m, n) for m, n in params]
-    (threshold,) = select([(pieces, checked_nparams(amount, sum(p.eligible_count() for p in pieces)))])
+    masks = [blank_mask(p.values) for p in pieces]  # the select's scratch lives in the largest until it is written
+    lent = max(masks, key=lambda m: m.numel() * m.element_size())
+    (threshold,) = select([(pieces, checked_nparams(amount, sum(p.eligible_count() for p in pieces)))], finite=finite, arena=lent)
     if threshold.quotas is not None and sum(p.numel for p in pieces) <= EXACT_TIES_UP_TO:
+        del masks, lent
         prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)  # ties: torch picks
         return
-    for i, ((module, name), piece) in enumerate(zip(params, pieces)):
+    for i, ((module, name), piece, blank) in enumerate(zip(params, pieces, masks)):
         default = owned_mask(module, name)
-        mask = new_mask(piece, default, threshold, i)
+        mask = new_mask(piece, default, threshold, i, out=blank)
         if default is not None:
             # torch multiplies the old mask in twice (once building the global mask, once more in
             # CustomFromMask): a no-op for 0/1 masks, the square for any other value

@@ -41,6 +41,47 @@ def chunks(numel: int, size: int = CHUNK) -> list[tuple[int, int]]:
     return [(a, min(a + size, numel)) for a in range(0, numel, size)]
 
 
+class Arena:
+    """Scratch memory carved from a tensor that is allocated for later use and not written yet
+    (a mask about to be built, say): work done before that tensor is written then needs no
+    memory of its own, so peak memory stays what the result itself takes. Split into one
+    region per worker thread; a region that runs out falls back to ordinary allocations."""
+
+    def __init__(self, storage: torch.Tensor | None, parts: int) -> None:
+        self.regions: list[tuple[torch.Tensor, list[int]]] = []
+        if storage is None or not storage.is_contiguous() or storage.numel() == 0:
+            return
+        raw = storage.view(-1).view(torch.uint8)
+        size = raw.numel() // max(parts, 1) // 64 * 64
+        self.regions = [(raw[i * size : (i + 1) * size], [0]) for i in range(parts)] if size else []
+
+    def scratch(self, index: int) -> dict[Any, Any]:
+        """A fresh scratch dict for worker ``index``, lending it that worker's region."""
+        return {"arena": self.regions[index]} if index < len(self.regions) else {}
+
+
+def buffer(scratch: dict[Any, Any], name: str, n: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """A flat scratch tensor of ``n`` entries kept in ``scratch`` for reuse (one chunk at least),
+    carved from the lent arena region when there is room."""
+    key = (name, dtype)
+    buf = scratch.get(key)
+    if buf is None or buf.numel() < n:
+        entries = max(n, CHUNK)
+        buf = None
+        region = scratch.get("arena")
+        if region is not None and region[0].device == torch.device(device):
+            room, used = region
+            start = -(-used[0] // 64) * 64  # aligned for every dtype
+            stop = start + entries * torch.empty((), dtype=dtype).element_size()
+            if stop <= room.numel():
+                buf = room[start:stop].view(dtype)
+                used[0] = stop
+        if buf is None:
+            buf = torch.empty(entries, dtype=dtype, device=device)
+        scratch[key] = buf
+    return buf[:n]
+
+
 def run(fn: Callable[[int, Any], object], items: int, device: torch.device | str, scratch: Callable[[int], Any] | None = None) -> None:
     """Call ``fn(i, state)`` for each ``i`` in ``range(items)``, on several threads when it pays.
 
@@ -53,6 +94,8 @@ def run(fn: Callable[[int, Any], object], items: int, device: torch.device | str
 
     Raises:
         Whatever ``fn`` raised first; the other threads stop taking new items.
+
+    The worker threads run with the caller's grad mode (``torch.no_grad()`` is per thread).
     """
     workers = worker_count(device, items)
     make = scratch or (lambda index: None)
@@ -62,6 +105,7 @@ def run(fn: Callable[[int, Any], object], items: int, device: torch.device | str
             fn(i, state)
         return
     threads_before = torch.get_num_threads()
+    grad = torch.is_grad_enabled()  # thread-local: each worker takes the caller's
     lock = threading.Lock()
     counter = iter(range(items))
     failed: list[BaseException] = []
@@ -73,6 +117,7 @@ def run(fn: Callable[[int, Any], object], items: int, device: torch.device | str
             # for this thread now, before the caller restores the global one.
             torch.set_num_threads(1)
             torch.zeros(2).add_(1)
+            torch.set_grad_enabled(grad)
             state = make(index)
         except BaseException as exc:  # pragma: no cover - allocation failure, say
             failed.append(exc)
@@ -102,8 +147,14 @@ def run(fn: Callable[[int, Any], object], items: int, device: torch.device | str
         pass
     finally:
         torch.set_num_threads(threads_before)
-    for t in pool:
-        t.join()
+    try:
+        for t in pool:
+            t.join()
+    except BaseException as exc:  # Ctrl-C while waiting: stop handing out items, let the threads finish theirs
+        failed.append(exc)
+        for t in pool:
+            t.join()
+        raise
     if failed:
         raise failed[0]
 
