@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from . import workers
-from .workers import buffer
+from .workers import buffer, stash
 
 # float dtype -> (integer view dtype, mask that clears the sign bit)
 KEY_DTYPES = {
@@ -134,7 +134,7 @@ def select(
         One :class:`Threshold` per group, with ``pruned`` counts per piece.
     """
     out: list[Threshold | None] = [None] * len(groups)
-    scans: list[_Scan] = []
+    sampled: list[tuple[int, list[Piece], int]] = []
     for j, (pieces, k) in enumerate(groups):
         pieces = list(pieces)
         eligible = sum(p.eligible_count() for p in pieces)
@@ -146,7 +146,15 @@ def select(
         elif sum(p.numel for p in pieces) <= DIRECT_UP_TO:
             out[j] = _direct(pieces, k)
         else:
-            scans.append(_Scan(j, pieces, k, *_sampled_bracket(pieces, k), count_zeros=count_zeros, verify=not finite))
+            sampled.append((j, pieces, k))
+    brackets: list[tuple[int, int]] = [(0, 0)] * len(sampled)
+
+    def bracket(i: int, _scratch: Any) -> None:
+        brackets[i] = _sampled_bracket(sampled[i][1], sampled[i][2])
+
+    if sampled:  # each group's sample drawn and ranked on the worker threads too
+        workers.run(bracket, len(sampled), sampled[0][1][0].values.device)
+    scans = [_Scan(j, pieces, k, *b, count_zeros=count_zeros, verify=not finite) for (j, pieces, k), b in zip(sampled, brackets)]
     _scan_all(scans, arena)
     retry = []
     for s in scans:
@@ -228,11 +236,11 @@ def _sampled_bracket(pieces: list[Piece], k: int) -> tuple[int, int]:
         keys = _keys(flat[: runs * _RUN].view(runs, _RUN).index_select(0, rows).reshape(-1))
         if p.eligible is not None:
             el = p.eligible.detach().reshape(-1)[: runs * _RUN].view(runs, _RUN).index_select(0, rows).reshape(-1)
-            keys = keys[el != 0]
-        samples.append(keys)
+            keys = keys[el if el.dtype == torch.bool else el == 1]
+        samples.append(_stored(keys))
     if not samples:
         return _histogram_bracket(pieces, k)
-    sample = torch.cat(samples).to(torch.int64)
+    sample = torch.cat(samples)
     m = sample.numel()
     eligible = sum(p.eligible_count() for p in pieces)
     q = k / eligible
@@ -341,7 +349,6 @@ class _Scan:
         self.index, self.pieces, self.k, self.lo, self.hi = index, pieces, k, lo, hi
         self.count_zeros = count_zeros
         self.verify = verify  # check each chunk for NaN/inf (the fast flavour cannot rank them)
-        self.nonfinite = False
         self.dtype = pieces[0].values.dtype
         self.robust = robust or flushes_subnormals()
         self.lo_value = _float_of(lo, self.dtype) if lo >= 0 else -1.0
@@ -349,6 +356,7 @@ class _Scan:
         self.jobs = jobs_for(pieces)
         n = len(self.jobs)
         self.le_lo: list[list[int]] = [[] for _ in range(n)]  # per segment
+        self.sums: list[torch.Tensor | None] = [None] * n
         self.zeros: list[list[int]] = [[] for _ in range(n)]
         # per job: (candidate keys, their piece: an index tensor, or one index for the whole job)
         self.found: list[tuple[torch.Tensor, torch.Tensor | int] | None] = [None] * n
@@ -365,9 +373,8 @@ class _Scan:
         # Few, chunk-sized ops: the Python between them holds the GIL, the ops do not.
         n = values.numel()
         size = torch.abs(values, out=buffer(scratch, "size", n, values.dtype, values.device))
-        if self.verify and not torch.isfinite(size.sum(dtype=torch.float32 if size.element_size() < 4 else None)).item():
-            self.nonfinite = True  # (or huge values whose sum overflowed): the exact path takes the group
-            return
+        if self.verify:  # read in finish(): NaN/inf (or huge values whose sum overflowed) send the group to the exact path
+            self.sums[j] = size.sum(dtype=torch.float32 if size.element_size() < 4 else None)
         if eligible is not None:  # ineligible entries become the largest float: above the bracket
             size.mul_(eligible).add_(eligible.neg().add_(1), alpha=torch.finfo(values.dtype).max)
         over_lo = buffer(scratch, "over_lo", n, values.dtype, values.device)
@@ -382,20 +389,18 @@ class _Scan:
         torch.hardshrink(size, self.hi_value, out=over_hi).sign_()
         self.le_lo[j] = self._per_segment(j, over_lo, complement=True)
         over_lo.sub_(over_hi)  # 1 inside (lo, hi]
-        if not over_lo.sum(dtype=torch.float32).item():
-            return
         flags = buffer(scratch, "flags", n, torch.bool, values.device).copy_(over_lo)
         int_dtype = KEY_DTYPES[values.dtype][0]
         job = self.jobs[j]
         if len(job) > 1 or n % 8:  # packed pieces, or a ragged tail: positions tell the pieces apart
             at = positions(flags.view(torch.uint8))
-            self.found[j] = (_stored(size.index_select(0, at).view(int_dtype)), self._piece_of(j, at))
+            self.found[j] = (stash(scratch, _stored(size.index_select(0, at).view(int_dtype))), stash(scratch, self._piece_of(j, at)))
             return
         # eight flags at a time as one int64: only the groups of eight with a candidate are read
         hit = torch.nonzero(flags.view(torch.uint8).view(torch.int64)).view(-1)
         groups = size.view(-1, 8).index_select(0, hit)
         chosen = torch.masked_select(groups, flags.view(-1, 8).index_select(0, hit))
-        self.found[j] = (_stored(chosen.view(int_dtype)), job[0][0])
+        self.found[j] = (stash(scratch, _stored(chosen.view(int_dtype))), job[0][0])
 
     def _robust(self, j: int, values: torch.Tensor, eligible: torch.Tensor | None) -> None:
         keys = _keys(values)
@@ -435,7 +440,8 @@ class _Scan:
 
     def finish(self) -> Threshold | None:
         """The cut, or None when the bracket missed or a chunk was not finite."""
-        if self.nonfinite:
+        sums = [t for t in self.sums if t is not None]
+        if sums and not bool(torch.isfinite(torch.stack(sums)).all().item()):
             return None
         count = len(self.pieces)
         le_lo = [0] * count

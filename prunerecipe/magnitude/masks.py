@@ -74,39 +74,61 @@ def _split_ties(values: torch.Tensor, key: int, quota: int, keep: torch.Tensor, 
     return quota - at.numel()
 
 
+Write = tuple[Piece, Threshold, int, torch.Tensor, bool]  # (piece, cut, index in the cut, flat out, multiply)
+
+
 def write_keep(piece: Piece, threshold: Threshold, index: int, out: torch.Tensor, multiply: bool = False) -> None:
     """Write 1 (kept) / 0 (pruned) for every entry of ``piece`` into the flat ``out`` (or, with
     ``multiply``, multiply ``out`` by those flags in place: the fold). Entries that are not
-    eligible count as kept. Chunks run in parallel, except in a piece whose tie quota is split."""
-    below, quota = threshold.rule(index)
-    flat = piece.flat()
-    spans = workers.chunks(flat.numel())
-    fast = threshold.finite and not flushes_subnormals()
+    eligible count as kept."""
+    write_all([(piece, threshold, index, out, multiply)])
 
-    def one(a: int, b: int, scratch: dict[Any, torch.Tensor], left: int = 0) -> int:
-        values = flat[a:b]
-        if multiply and fast and not left and piece.eligible is None and 0 < below <= KEY_DTYPES[values.dtype][1]:
-            # w * keep in two ops: hardshrink keeps |w| > floor and zeroes the rest; copysign
-            # then gives those zeros w's sign, exactly as w * 0.0 does
-            kept = torch.hardshrink(values, _floor(below, values.dtype), out=buffer(scratch, "keep", b - a, out.dtype, out.device))
-            torch.copysign(kept, values, out=out[a:b])
-            return 0
-        keep = buffer(scratch, "keep", b - a, out.dtype, out.device) if multiply else out[a:b]
-        _keep_flags(values, below, keep, fast)
-        eligible = eligible_part(piece, a, b, keep.dtype)
-        left = _split_ties(values, below, left, keep, eligible)
-        if eligible is not None:  # entries torch could not prune keep their old mask value
-            keep.mul_(eligible).add_(eligible.neg().add_(1))
-        if multiply:
-            out[a:b].mul_(keep)
-        return left
 
-    if quota:  # one piece, its chunks in order: the earliest ties go first
-        scratch: dict[Any, torch.Tensor] = {}
-        for a, b in spans:
-            quota = one(a, b, scratch, quota)
-        return
-    workers.run_each([functools.partial(one, a, b) for a, b in spans], out.device, lambda _: {})
+def write_all(writes: Sequence[Write]) -> None:
+    """:func:`write_keep` for many pieces, in one parallel run over all their chunks (a piece
+    whose tie quota is split goes through its chunks in order, in one thread)."""
+    flush = flushes_subnormals()
+    by_device: dict[torch.device, list[Callable[[Any], object]]] = {}
+    for piece, threshold, index, out, multiply in writes:
+        below, quota = threshold.rule(index)
+        fast = threshold.finite and not flush
+        spans = workers.chunks(piece.numel)
+        jobs = by_device.setdefault(out.device, [])
+        if quota:  # the earliest ties go first
+            jobs.append(functools.partial(_write_in_order, piece, below, quota, out, multiply, fast, spans))
+        else:
+            jobs.extend(functools.partial(_write_chunk, piece, below, out, multiply, fast, a, b) for a, b in spans)
+    for device, jobs in by_device.items():
+        workers.run_each(jobs, device, lambda _: {})
+
+
+def _write_in_order(
+    piece: Piece, below: int, quota: int, out: torch.Tensor, multiply: bool, fast: bool, spans: list[tuple[int, int]], scratch: dict[Any, Any]
+) -> None:
+    for a, b in spans:
+        quota = _write_chunk(piece, below, out, multiply, fast, a, b, scratch, quota)
+
+
+def _write_chunk(
+    piece: Piece, below: int, out: torch.Tensor, multiply: bool, fast: bool, a: int, b: int, scratch: dict[Any, Any], quota: int = 0
+) -> int:
+    """Entries ``a:b``; returns what is left of the tie quota."""
+    values = piece.flat()[a:b]
+    if multiply and fast and not quota and piece.eligible is None and 0 < below <= KEY_DTYPES[values.dtype][1]:
+        # w * keep in two ops: hardshrink keeps |w| > floor and zeroes the rest; copysign then
+        # gives those zeros w's sign, exactly as w * 0.0 does
+        kept = torch.hardshrink(values, _floor(below, values.dtype), out=buffer(scratch, "keep", b - a, out.dtype, out.device))
+        torch.copysign(kept, values, out=out[a:b])
+        return 0
+    keep = buffer(scratch, "keep", b - a, out.dtype, out.device) if multiply else out[a:b]
+    _keep_flags(values, below, keep, fast)
+    eligible = eligible_part(piece, a, b, keep.dtype)
+    quota = _split_ties(values, below, quota, keep, eligible)
+    if eligible is not None:  # entries torch could not prune keep their old mask value
+        keep.mul_(eligible).add_(eligible.neg().add_(1))
+    if multiply:
+        out[a:b].mul_(keep)
+    return quota
 
 
 def blank_mask(t: torch.Tensor) -> torch.Tensor:
@@ -119,7 +141,12 @@ def new_mask(piece: Piece, default: torch.Tensor | None, threshold: Threshold, i
     entries zeroed; written into ``out`` (a :func:`blank_mask`) when given."""
     mask = blank_mask(piece.values) if out is None else out
     write_keep(piece, threshold, index, mask.view(-1))
-    if default is not None:  # pruned entries stay pruned; other old values are kept
+    return _keep_old(mask, default)
+
+
+def _keep_old(mask: torch.Tensor, default: torch.Tensor | None) -> torch.Tensor:
+    """Fold the old mask in: pruned entries stay pruned, other old values are kept."""
+    if default is not None:
         mask.mul_(default.detach().to(dtype=mask.dtype))
     return mask
 
@@ -155,11 +182,14 @@ def l1_local_many(items: Sequence[tuple[nn.Module, str, int | float]], zeros: di
     groups = [([p], checked_nparams(amount, p.eligible_count())) for p, (_, _, amount) in zip(pieces, items)]
     cuts = select(groups, finite=finite, arena=lent)
     del lent
-    for (module, name, amount), piece, mask, threshold in zip(items, pieces, masks, cuts):
-        if threshold.quotas is not None and piece.numel <= EXACT_TIES_UP_TO:
-            prune.L1Unstructured.apply(module, name, amount=amount)  # ties: let torch pick, as by hand
+    _release(pieces)
+    torch_picks = [c.quotas is not None and p.numel <= EXACT_TIES_UP_TO for p, c in zip(pieces, cuts)]
+    write_all([(p, c, 0, m.view(-1), False) for p, c, m, theirs in zip(pieces, cuts, masks, torch_picks) if not theirs])
+    for (module, name, amount), piece, mask, threshold, theirs in zip(items, pieces, masks, cuts, torch_picks):
+        if theirs:  # ties in a small tensor: let torch pick, as by hand
+            prune.L1Unstructured.apply(module, name, amount=amount)
             continue
-        new_mask(piece, owned_mask(module, name), threshold, 0, out=mask)
+        _keep_old(mask, owned_mask(module, name))
         _note(zeros, module, name, zeros_after(piece, threshold, 0))
         attach(module, name, prune.L1Unstructured(amount), mask)
 
@@ -174,19 +204,28 @@ def l1_global(
     masks = [blank_mask(p.values) for p in pieces]  # the select's scratch lives in the largest until it is written
     lent = max(masks, key=lambda m: m.numel() * m.element_size())
     (threshold,) = select([(pieces, checked_nparams(amount, sum(p.eligible_count() for p in pieces)))], finite=finite, arena=lent)
+    _release(pieces)
     if threshold.quotas is not None and sum(p.numel for p in pieces) <= EXACT_TIES_UP_TO:
         del masks, lent
         prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)  # ties: torch picks
         return
-    for i, ((module, name), piece, blank) in enumerate(zip(params, pieces, masks)):
+    write_all([(p, threshold, i, m.view(-1), False) for i, (p, m) in enumerate(zip(pieces, masks))])
+    for i, ((module, name), piece, mask) in enumerate(zip(params, pieces, masks)):
         default = owned_mask(module, name)
-        mask = new_mask(piece, default, threshold, i, out=blank)
+        _keep_old(mask, default)
         if default is not None:
             # torch multiplies the old mask in twice (once building the global mask, once more in
             # CustomFromMask): a no-op for 0/1 masks, the square for any other value
             mask = mask * default.detach().to(dtype=mask.dtype)
         _note(zeros, module, name, zeros_after(piece, threshold, i))
         attach(module, name, prune.CustomFromMask(mask), mask)
+
+
+def _release(pieces: Sequence[Piece]) -> None:
+    """After a big select on the host: its freed scratch goes back to the system before the
+    masks are written, so peak memory stays what torch's own re-parametrization holds."""
+    if sum(p.numel for p in pieces) >= workers.CHUNK and pieces[0].values.device.type == "cpu":
+        workers.trim_heap()
 
 
 def _note(zeros: dict[tuple[int, str], int] | None, module: nn.Module, name: str, count: int | None) -> None:
@@ -204,16 +243,20 @@ def fold(folds: Sequence[Fold]) -> dict[tuple[int, str], int]:
     ``remove`` moves it. Returns the zero entries after, where known without counting."""
     known: dict[tuple[int, str], int] = {}
     with torch.no_grad():
+        strided = []
+        writes: list[Write] = []
         for module, name, piece, threshold, index in folds:
             param = original(module, name)
-            target = param.view(-1) if param.is_contiguous() else None
-            if target is not None:
-                write_keep(piece, threshold, index, target, multiply=True)
-            else:  # unusual strides: one whole-tensor mask
-                keep = torch.empty(piece.numel, dtype=param.dtype, device=param.device)
-                write_keep(piece, threshold, index, keep)
-                param.mul_(keep.view(piece.values.shape))
+            if param.is_contiguous():
+                writes.append((piece, threshold, index, param.view(-1), True))
+            else:
+                strided.append((param, piece, threshold, index))
             _note(known, module, name, zeros_after(piece, threshold, index))
+        write_all(writes)
+        for param, piece, threshold, index in strided:  # unusual strides: one whole-tensor mask
+            keep = torch.empty(piece.numel, dtype=param.dtype, device=param.device)
+            write_keep(piece, threshold, index, keep)
+            param.mul_(keep.view(piece.values.shape))
     for module, name, *_ in folds:
         move_to_end(module, name)
     return known

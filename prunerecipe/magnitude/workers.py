@@ -13,7 +13,10 @@ one thread) the work runs in the calling thread, op by op, as torch would run it
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import os
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,6 +44,27 @@ def chunks(numel: int, size: int = CHUNK) -> list[tuple[int, int]]:
     return [(a, min(a + size, numel)) for a in range(0, numel, size)]
 
 
+_malloc_trim: Any = None  # None: not looked up yet; False: unavailable; else the C function
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``, every arena):
+    the small tensors a scan frees (in each worker thread's own arena) then do not stay
+    resident under the masks and weights built next. A no-op elsewhere."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        _malloc_trim = False
+        if sys.platform.startswith("linux"):
+            try:  # the process's own symbols: no library search, no subprocess
+                trim = ctypes.CDLL(None).malloc_trim
+                trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+                _malloc_trim = trim
+            except (OSError, AttributeError):  # musl and friends have no malloc_trim
+                pass
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
 class Arena:
     """Scratch memory carved from a tensor that is allocated for later use and not written yet
     (a mask about to be built, say): work done before that tensor is written then needs no
@@ -60,6 +84,27 @@ class Arena:
         return {"arena": self.regions[index]} if index < len(self.regions) else {}
 
 
+def _carve(scratch: dict[Any, Any], nbytes: int, device: torch.device | str) -> torch.Tensor | None:
+    """``nbytes`` of the lent arena region (64-byte aligned), or None when it has no room."""
+    region = scratch.get("arena")
+    if region is None or region[0].device != torch.device(device):
+        return None
+    room, used = region
+    start = -(-used[0] // 64) * 64  # aligned for every dtype
+    if start + nbytes > room.numel():
+        return None
+    used[0] = start + nbytes
+    return room[start : start + nbytes]
+
+
+def stash(scratch: dict[Any, Any], t: torch.Tensor) -> torch.Tensor:
+    """``t`` copied into the lent arena region when there is room (else ``t`` itself): results
+    kept past the scan then leave no small tensors behind in the thread's heap, which could
+    not be handed back to the system around them."""
+    room = _carve(scratch, t.numel() * t.element_size(), t.device)
+    return t if room is None else room.view(t.dtype).copy_(t.reshape(-1)).view(t.shape)
+
+
 def buffer(scratch: dict[Any, Any], name: str, n: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
     """A flat scratch tensor of ``n`` entries kept in ``scratch`` for reuse (one chunk at least),
     carved from the lent arena region when there is room."""
@@ -67,19 +112,88 @@ def buffer(scratch: dict[Any, Any], name: str, n: int, dtype: torch.dtype, devic
     buf = scratch.get(key)
     if buf is None or buf.numel() < n:
         entries = max(n, CHUNK)
-        buf = None
-        region = scratch.get("arena")
-        if region is not None and region[0].device == torch.device(device):
-            room, used = region
-            start = -(-used[0] // 64) * 64  # aligned for every dtype
-            stop = start + entries * torch.empty((), dtype=dtype).element_size()
-            if stop <= room.numel():
-                buf = room[start:stop].view(dtype)
-                used[0] = stop
-        if buf is None:
-            buf = torch.empty(entries, dtype=dtype, device=device)
-        scratch[key] = buf
+        room = _carve(scratch, entries * torch.empty((), dtype=dtype).element_size(), device)
+        buf = scratch[key] = torch.empty(entries, dtype=dtype, device=device) if room is None else room.view(dtype)
     return buf[:n]
+
+
+class _Job:
+    """One call of :func:`run`, shared by the threads that work on it."""
+
+    def __init__(self, fn: Callable[[int, Any], object], items: int, make: Callable[[int], Any], threads: int, grad: bool) -> None:
+        self.fn, self.make, self.grad = fn, make, grad
+        self.counter = iter(range(items))
+        self.lock = threading.Lock()
+        self.failed: list[BaseException] = []
+        self.left = threads  # threads still working on it
+        self.done = threading.Condition(self.lock)
+
+    def work(self, index: int) -> None:
+        try:
+            torch.set_grad_enabled(self.grad)  # thread-local: each worker takes the caller's
+            state = self.make(index)
+            while not self.failed:
+                with self.lock:
+                    i = next(self.counter, None)
+                if i is None:
+                    break
+                self.fn(i, state)
+        except BaseException as exc:
+            self.failed.append(exc)
+        finally:
+            with self.lock:
+                self.left -= 1
+                self.done.notify_all()
+
+
+class _Pool:
+    """Worker threads kept for the life of the process (as torch keeps its OpenMP threads):
+    started once, each with single-threaded torch ops, then given jobs. Re-made after a fork."""
+
+    def __init__(self, size: int) -> None:
+        self.pid = os.getpid()
+        self.size = size
+        self.jobs: list[list[_Job]] = [[] for _ in range(size)]
+        self.wake = threading.Condition()
+        started = threading.Barrier(size + 1)
+        threads_before = torch.get_num_threads()
+        for index in range(size):
+            threading.Thread(target=self._loop, args=(index, started), name=f"prunerecipe-{index}", daemon=True).start()
+        try:
+            started.wait()
+        finally:
+            torch.set_num_threads(threads_before)
+
+    def _loop(self, index: int, started: threading.Barrier) -> None:
+        # Single-threaded ops in this thread; the tiny op makes torch adopt the setting for
+        # this thread now, before the caller restores the global one.
+        torch.set_num_threads(1)
+        torch.zeros(2).add_(1)
+        started.wait()
+        while True:
+            with self.wake:
+                while not self.jobs[index]:
+                    self.wake.wait()
+                job = self.jobs[index].pop(0)
+            job.work(index)
+
+    def submit(self, job: _Job, threads: int) -> None:
+        with self.wake:
+            for index in range(threads):
+                self.jobs[index].append(job)
+            self.wake.notify_all()
+
+
+_pool: _Pool | None = None
+_pool_lock = threading.Lock()
+
+
+def _get_pool(size: int) -> _Pool:
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool.pid != os.getpid() or _pool.size < size:
+            _pool = _Pool(size)
+        return _pool
 
 
 def run(fn: Callable[[int, Any], object], items: int, device: torch.device | str, scratch: Callable[[int], Any] | None = None) -> None:
@@ -90,73 +204,31 @@ def run(fn: Callable[[int, Any], object], items: int, device: torch.device | str
             It must only write what belongs to item ``i``.
         items: how many items.
         device: where the tensors live (only CPU work is spread over threads).
-        scratch: builds one thread's private state (buffers), once per thread.
+        scratch: builds one thread's private state (buffers), once per thread and call.
 
     Raises:
         Whatever ``fn`` raised first; the other threads stop taking new items.
 
     The worker threads run with the caller's grad mode (``torch.no_grad()`` is per thread).
+    Calls from several threads at once are safe; each waits for its own items.
     """
-    workers = worker_count(device, items)
+    threads = worker_count(device, items)
     make = scratch or (lambda index: None)
-    if workers <= 1:
+    if threads <= 1 or threading.current_thread().name.startswith("prunerecipe-"):
         state = make(0)
         for i in range(items):
             fn(i, state)
         return
-    threads_before = torch.get_num_threads()
-    grad = torch.is_grad_enabled()  # thread-local: each worker takes the caller's
-    lock = threading.Lock()
-    counter = iter(range(items))
-    failed: list[BaseException] = []
-    ready = threading.Barrier(workers + 1)
-
-    def worker(index: int) -> None:
-        try:
-            # Single-threaded ops in this thread; the tiny op makes torch adopt the setting
-            # for this thread now, before the caller restores the global one.
-            torch.set_num_threads(1)
-            torch.zeros(2).add_(1)
-            torch.set_grad_enabled(grad)
-            state = make(index)
-        except BaseException as exc:  # pragma: no cover - allocation failure, say
-            failed.append(exc)
-            ready.abort()
-            return
-        try:
-            ready.wait()
-        except threading.BrokenBarrierError:  # pragma: no cover - another thread failed to start
-            return
-        while not failed:
-            with lock:
-                i = next(counter, None)
-            if i is None:
-                return
+    job = _Job(fn, items, make, threads, torch.is_grad_enabled())
+    _get_pool(threads).submit(job, threads)
+    with job.lock:
+        while job.left:
             try:
-                fn(i, state)
-            except BaseException as exc:
-                failed.append(exc)
-                return
-
-    pool = [threading.Thread(target=worker, args=(w,), name=f"prunerecipe-{w}", daemon=True) for w in range(workers)]
-    for t in pool:
-        t.start()
-    try:
-        ready.wait()
-    except threading.BrokenBarrierError:
-        pass
-    finally:
-        torch.set_num_threads(threads_before)
-    try:
-        for t in pool:
-            t.join()
-    except BaseException as exc:  # Ctrl-C while waiting: stop handing out items, let the threads finish theirs
-        failed.append(exc)
-        for t in pool:
-            t.join()
-        raise
-    if failed:
-        raise failed[0]
+                job.done.wait()
+            except BaseException as exc:  # Ctrl-C while waiting: no new items; let the threads finish theirs
+                job.failed.append(exc)
+    if job.failed:
+        raise job.failed[0]
 
 
 def run_each(fns: Sequence[Callable[[Any], object]], device: torch.device | str, scratch: Callable[[int], Any] | None = None) -> None:
