@@ -16,7 +16,8 @@ from torch import nn
 from prunerecipe import apply_recipe, parse_recipe
 from prunerecipe import magnitude as fp
 from prunerecipe.magnitude import cuts as sel
-from prunerecipe.magnitude import masks, workers
+from prunerecipe.magnitude import masks, scan, workers
+from prunerecipe.magnitude import pieces as pcs
 from prunerecipe.torchprune import kept_entries
 
 from .conftest import assert_same_pruning, make_lenet
@@ -314,7 +315,7 @@ def sorted_cut(pieces: list[fp.Piece], k: int) -> int:
     """The k-th smallest eligible key, by sorting (the reference)."""
     keys = []
     for p in pieces:
-        int_dtype, clear = sel.KEY_DTYPES[p.values.dtype]
+        int_dtype, clear = pcs.KEY_DTYPES[p.values.dtype]
         key = torch.bitwise_and(p.values.reshape(-1).view(int_dtype), clear).to(torch.int64)
         if p.eligible is not None:
             key = key[p.eligible.reshape(-1) == 1]
@@ -375,7 +376,7 @@ def test_thousands_of_small_tensors_are_packed_into_chunks():
     torch.manual_seed(5)
     tensors = [torch.randn(int(torch.randint(1, 300, ()))) for _ in range(3000)]
     pieces = [fp.Piece(t) for t in tensors]
-    jobs = sel.jobs_for(pieces)
+    jobs = pcs.jobs_for(pieces)
     assert len(jobs) < 10 and sorted(i for job in jobs for i, _, _ in job) == list(range(3000))
     total = sum(p.numel for p in pieces)
     monkeypatch_free = sel.DIRECT_UP_TO
@@ -399,10 +400,10 @@ def test_byte_positions_and_histogram_pick():
     flags = torch.zeros(1003, dtype=torch.uint8)
     at = [0, 7, 8, 500, 1001, 1002]
     flags[at] = 1
-    assert sel.positions(flags).tolist() == at
+    assert pcs.positions(flags).tolist() == at
     keys = torch.randint(0, 1 << 30, (700_000,), dtype=torch.int64)
     for r in (1, 12345, 700_000):
-        assert sel.kth(keys, r) == int(torch.sort(keys).values[r - 1])
+        assert scan.kth(keys, r) == int(torch.sort(keys).values[r - 1])
 
 
 def test_workers_share_the_items_restore_the_thread_count_and_pass_errors_on():

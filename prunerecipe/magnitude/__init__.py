@@ -4,8 +4,9 @@ from its cuts (:mod:`.masks`). Equal to torch's ``l1_unstructured``/``global_uns
 
 from __future__ import annotations
 
-from .cuts import Piece, Threshold, census, flushes_subnormals, select, supported
+from .cuts import select
 from .masks import EXACT_TIES_UP_TO, Fold, deferred_interrupts, fold, l1_global, l1_local, l1_local_many, piece_for
+from .pieces import Piece, Threshold, census, flushes_subnormals, supported
 
 __all__ = [
     "EXACT_TIES_UP_TO",

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -24,7 +24,9 @@ from torch import nn
 from ..amounts import checked_nparams
 from ..torchprune import attach, move_to_end, original, owned_mask
 from . import workers
-from .cuts import KEY_DTYPES, SMALLEST_NORMAL_KEY, Piece, Threshold, buffer, eligible_part, flushes_subnormals, select
+from .cuts import select
+from .pieces import KEY_DTYPES, SMALLEST_NORMAL_KEY, Piece, Threshold, eligible_part, flushes_subnormals
+from .workers import buffer
 
 #: Up to this many entries (a tensor, or a global group), a tie at the cut is broken by
 #: torch's own ``topk``, so masks equal hand-written code even then (zero-initialized biases
