@@ -34,6 +34,18 @@ def _check_suffix(path: str) -> str:
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Load a state_dict from ``.pt/.pth/.bin`` (``torch.load(weights_only=True)`` only) or ``.safetensors``.
 
+    Args:
+        path: the checkpoint file.
+
+    Returns:
+        ``{name: tensor}`` on the CPU.
+
+    Raises:
+        CheckpointError: missing, truncated, tampered or code-carrying files, or no state_dict inside.
+
+    Example:
+        >>> state = read_state_dict("lenet-pruned.pt")  # doctest: +SKIP
+
     A ``{"state_dict": {...}}`` wrapper (as Lightning writes) is unwrapped. Raises
     :class:`CheckpointError` for missing, truncated, tampered or code-carrying files.
     """
@@ -97,7 +109,23 @@ def _check_values(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.
 
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, force: bool = False) -> None:
-    """Write atomically: a temp file beside ``path``, then a rename. Never overwrites unless ``force``."""
+    """Write a state_dict atomically: a temp file beside ``path``, then a rename.
+
+    Args:
+        state_dict: what to write (tensors are detached; tied tensors are stored once each).
+        path: ``.pt``/``.pth``/``.bin`` (``torch.save``) or ``.safetensors``.
+        force: replace an existing file; without it an existing file is an error.
+
+    Returns:
+        None.
+
+    Raises:
+        CheckpointError: the file exists (without ``force``), the folder is missing, or the
+            suffix is unknown. A failed write leaves no partial file.
+
+    Example:
+        >>> save_state_dict(model.state_dict(), "pruned.pt", force=True)  # doctest: +SKIP
+    """
     path = os.fspath(path)
     suffix = _check_suffix(path)
     if os.path.exists(path) and not force:
@@ -162,10 +190,21 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     hook holding the saved mask), so pruning can go on: a recipe applied next chains
     onto it. A ``module.`` (DataParallel/DDP) prefix is dropped. Keys, shapes and values
     are checked and converted before anything changes; on any mismatch the model is left
-    as it was and :class:`CheckpointError` lists the offending keys. Returns the restored names.
+    as it was.
 
-    >>> load_pruned_state_dict(LeNet(), torch.load("pruned.pt", weights_only=True))  # doctest: +SKIP
-    ['conv1.weight', 'conv1.bias']
+    Args:
+        model: the model to load into, in place.
+        state_dict: a plain or pruned (``*_orig``/``*_mask``) state_dict.
+
+    Returns:
+        The qualified names whose pruning was restored.
+
+    Raises:
+        CheckpointError: listing missing, unexpected and mis-shaped keys, or masks that are not 0/1.
+
+    Example:
+        >>> load_pruned_state_dict(LeNet(), read_state_dict("pruned.pt"))  # doctest: +SKIP
+        ['conv1.weight', 'conv1.bias']
     """
     state_dict, _ = strip_data_parallel_prefix(state_dict, model)
     # Every name a module is registered under: state_dict() lists a shared module under each.

@@ -55,8 +55,21 @@ def _import_module(name: str, spec: str) -> Any:
 def load_model(spec: str) -> nn.Module:
     """Build the model a spec names: an ``nn.Module`` subclass or a no-argument factory is called.
 
-    >>> load_model("prunerecipe.zoo:LeNet")  # doctest: +ELLIPSIS
-    LeNet(...)
+    Importing the module or file a spec names runs its code, as Python's own import does.
+
+    Args:
+        spec: ``pkg.module:attr`` or ``path/to/file.py:attr`` (the file's folder is importable
+            while it loads).
+
+    Returns:
+        The model.
+
+    Raises:
+        ModelSpecError: the spec is malformed, does not import, or gives no ``nn.Module``.
+
+    Example:
+        >>> load_model("prunerecipe.zoo:LeNet")  # doctest: +ELLIPSIS
+        LeNet(...)
     """
     where, attr = _split(spec)
     module = _import_file(where, spec) if where.endswith(".py") else _import_module(where, spec)

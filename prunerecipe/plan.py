@@ -240,11 +240,21 @@ class _Projection:
 def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Plan:
     """Resolve every step of ``recipe`` against ``model`` without changing it.
 
-    Raises :class:`RecipeError` listing every step that resolves to no target, names a
-    tied parameter, or asks for more than a tensor has.
+    Args:
+        model: the model (real tensors, or on the ``meta`` device: shapes are enough).
+        recipe: a :class:`~prunerecipe.spec.Recipe` or the path of a recipe file.
 
-    >>> plan = plan_recipe(LeNet(), "recipes/lenet-global-l1.yaml")  # doctest: +SKIP
-    >>> print(plan)  # doctest: +SKIP
+    Returns:
+        The :class:`Plan`; ``str(plan)`` is the dry-run table the CLI prints.
+
+    Raises:
+        RecipeError: listing every step that resolves to no target, names a tied parameter,
+            or asks for more than a tensor has.
+
+    Example:
+        >>> from prunerecipe.zoo import LeNet
+        >>> plan = plan_recipe(LeNet(), "recipes/lenet-global-l1.yaml")  # doctest: +SKIP
+        >>> print(plan)  # doctest: +SKIP
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"plan_recipe needs an nn.Module, got {type(model).__name__}")

@@ -166,8 +166,22 @@ def restore_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
 
 
 def pruned_parameters(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
-    """``(qualified name, module, param)`` of every parameter carrying a pruning hook, in the
-    order their ``*_orig`` entries were registered within each module."""
+    """Every parameter carrying a pruning hook.
+
+    Args:
+        model: the model to look through.
+
+    Returns:
+        ``(qualified name, module, param)`` per pruned parameter, modules in ``named_modules()``
+        order, parameters in the order their ``*_orig`` entries were registered.
+
+    Example:
+        >>> from prunerecipe.zoo import LeNet
+        >>> model = LeNet()
+        >>> _ = prune.random_unstructured(model.fc1, "weight", amount=0.5)
+        >>> [name for name, _, _ in pruned_parameters(model)]
+        ['fc1.weight']
+    """
     out = []
     for mod_name, module in model.named_modules():
         hooked = {h._tensor_name for h in pruning_hooks(module)}

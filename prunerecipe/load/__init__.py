@@ -55,7 +55,18 @@ def load_recipe(path: str | os.PathLike[str], overrides: Mapping[str, Any] | Non
 
 
 def parse_recipe(text: str, source: str = "<string>", overrides: Mapping[str, Any] | None = None) -> Recipe:
-    """Like :func:`load_recipe`, from YAML text; ``source`` names it in error messages.
+    """Like :func:`load_recipe`, from YAML text.
+
+    Args:
+        text: the recipe's YAML.
+        source: how error messages name it.
+        overrides: values that replace (or supply) ``vars``.
+
+    Returns:
+        The frozen :class:`~prunerecipe.spec.Recipe`.
+
+    Raises:
+        RecipeError: listing every problem, located by line and column.
 
     Example:
         >>> parse_recipe("version: 1\\nsteps: [{select: {}, method: identity}]").steps[0].method
@@ -66,6 +77,17 @@ def parse_recipe(text: str, source: str = "<string>", overrides: Mapping[str, An
 
 def recipe_from_dict(data: Mapping[str, Any], source: str = "<dict>", overrides: Mapping[str, Any] | None = None) -> Recipe:
     """Like :func:`load_recipe`, from already-parsed data (errors carry key paths, no positions).
+
+    Args:
+        data: the recipe as plain data (dicts with string keys, lists, str, int, float, bool, None).
+        source: how error messages name it.
+        overrides: values that replace (or supply) ``vars``.
+
+    Returns:
+        The frozen :class:`~prunerecipe.spec.Recipe`.
+
+    Raises:
+        RecipeError: listing every problem, by key path.
 
     Example:
         >>> recipe_from_dict({"version": 1, "steps": [{"select": {}, "method": "identity"}]}).version

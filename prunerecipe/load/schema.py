@@ -20,6 +20,9 @@ from .yaml import Document
 def recipe_schema() -> dict[str, Any]:
     """The recipe JSON Schema (draft 2020-12), as shipped inside the package.
 
+    Args:
+        (none)
+
     Returns:
         The schema as a fresh-looking dict (cached: do not modify it).
 

@@ -113,10 +113,23 @@ def register_method(
 ) -> MethodSpec:
     """Make ``cls`` usable as ``method: <name>`` in recipes of this process.
 
-    ``args_schema`` (a JSON Schema for the step's ``args``) defaults to ``cls.args_schema``.
-    Registering a name that is already taken is an error unless ``replace=True``.
+    Args:
+        name: the method name recipes use (an identifier).
+        cls: a :class:`torch.nn.utils.prune.BasePruningMethod` subclass with a ``PRUNING_TYPE``.
+        args_schema: a JSON Schema for the step's ``args``; defaults to ``cls.args_schema``.
+        replace: allow taking a name that is already registered.
 
-    >>> register_method("foobar", FooBarPruningMethod)  # doctest: +SKIP
+    Returns:
+        The :class:`MethodSpec` now registered.
+
+    Raises:
+        MethodError: a bad name or class, or a name already taken (without ``replace``).
+
+    Example:
+        >>> spec = register_method("keep_all", prune.Identity)
+        >>> spec.origin
+        'in-process'
+        >>> unregister_method("keep_all")
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise MethodError(f"method name {name!r} must be an identifier such as 'my_method'")
@@ -130,7 +143,17 @@ def register_method(
 
 
 def unregister_method(name: str) -> None:
-    """Remove an in-process registration (built-ins and plugins cannot be removed)."""
+    """Remove an in-process registration (built-ins and plugins cannot be removed).
+
+    Args:
+        name: a name given to :func:`register_method`; an unknown name is ignored.
+
+    Returns:
+        None.
+
+    Example:
+        >>> unregister_method("never_registered")
+    """
     _IN_PROCESS.pop(name, None)
     get_method.cache_clear()
 
@@ -177,7 +200,18 @@ def _load_entry_point(name: str, ep: metadata.EntryPoint) -> MethodSpec:
 
 
 def method_names() -> list[str]:
-    """Every name a recipe may use (plugins are listed, not imported)."""
+    """Every name a recipe may use (plugins are listed, not imported).
+
+    Args:
+        (none)
+
+    Returns:
+        The sorted method names: built-ins, in-process registrations and plugins.
+
+    Example:
+        >>> "l1_unstructured" in method_names()
+        True
+    """
     return sorted(set(_BUILTINS) | set(_IN_PROCESS) | set(entry_points()))
 
 
@@ -192,7 +226,21 @@ def describe_origin(name: str) -> str:
 
 @functools.cache
 def get_method(name: str) -> MethodSpec:
-    """Resolve a method name; raises :class:`MethodError` with a "did you mean" when unknown."""
+    """Resolve a method name: an in-process registration, a built-in, or a plugin (imported now).
+
+    Args:
+        name: the name a recipe uses.
+
+    Returns:
+        Its :class:`MethodSpec` (cached).
+
+    Raises:
+        MethodError: unknown (with a "did you mean"), registered twice, or a plugin that fails to import.
+
+    Example:
+        >>> get_method("ln_structured").describe_arguments()
+        'amount|sparsity, n, dim=-1'
+    """
     if name in _IN_PROCESS:
         return _IN_PROCESS[name]
     eps = entry_points().get(name, ())
