@@ -140,7 +140,7 @@ def apply_recipe(
     # Counted again unless a fast path already knows (it does so without touching the weights);
     # finalize changes what was counted.
     after = measure(watched, None if recipe.finalize else known)
-    return Report(_rows(watched, before, after), tuple(outcomes), recipe.finalize, recipe.source, skipped)
+    return Report(_rows(watched, before, after), tuple(outcomes), bool(recipe.finalize), recipe.source, skipped)
 
 
 def _rows(watched: list[tuple[str, nn.Module, str]], before: dict[str, Any], after: dict[str, Any]) -> tuple[TargetSparsity, ...]:

@@ -269,6 +269,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
     problems: list[Problem] = []
     planned: list[PlannedStep] = []
 
+    problems.extend(_unsupported(recipe))
     for step in recipe.steps:
         try:
             spec = get_method(step.method)
@@ -327,6 +328,24 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
         raise RecipeError.collect(problems)
     final_entries = {key: (st.numel, st.entries) for key, st in proj.states.items()}
     return Plan(recipe, tuple(planned), type(model).__name__, final_entries)
+
+
+def _unsupported(recipe: Recipe) -> list[Problem]:
+    """Keys of the format that this version reads but cannot carry out yet: a clear error at
+    plan time rather than a silently different result."""
+    out = []
+    if recipe.compacts:
+        out.append(recipe.problem(("finalize",), "finalize: compact (physical compaction) is not available in this version", code="unsupported"))
+    for step in recipe.steps:
+        if step.scope == "group":
+            out.append(
+                recipe.problem(step.path + ("scope",), "scope: group (dependency groups) is not available in this version", code="unsupported")
+            )
+        if step.importance not in (None, "magnitude"):
+            out.append(
+                recipe.problem(step.path + ("importance",), f"importance {step.importance!r} is not available in this version", code="unsupported")
+            )
+    return out
 
 
 def _named(step: Step, message: str) -> str:

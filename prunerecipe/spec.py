@@ -87,6 +87,7 @@ class Step:
     args: Mapping[str, Any] = key("args", default_factory=dict)
     seed: int | None = key("seed", None)
     schedule: Schedule | None = key("schedule", None)
+    importance: str | None = key("importance", None)
 
     def __post_init__(self) -> None:
         if self.sparsity is not None:
@@ -111,6 +112,29 @@ class Step:
         return "-"
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """One example input for tracing: a shape (batch first) and a dtype name."""
+
+    shape: tuple[int, ...] = key("shape")
+    dtype: str = key("dtype", "float32")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """How much calibration data the steps that need it draw."""
+
+    samples: int = key("samples", 128)
+    batch_size: int = key("batch_size", 8)
+
+
+@dataclass(frozen=True)
+class Sequential:
+    """The blocks calibration-based steps process one at a time (a names pattern)."""
+
+    blocks: str = key("blocks")
+
+
 class Locator(Protocol):
     """Something that knows where a key path of a recipe sits in its file."""
 
@@ -130,8 +154,11 @@ class Recipe:
     model: str | None = key("model", None)
     vars: Mapping[str, Any] = key("vars", default_factory=dict)
     seed: int | None = key("seed", None)
-    finalize: bool = key("finalize", False)
+    finalize: bool | str = key("finalize", False)  # True, False or "compact"
     lottery_ticket: bool = key("lottery_ticket", False)
+    inputs: tuple[InputSpec, ...] | None = key("inputs", None)
+    calibration: Calibration | None = key("calibration", None)
+    sequential: Sequential | None = key("sequential", None)
     source: str = field(default="<recipe>", compare=False)
     document: Locator | None = field(default=None, compare=False, repr=False)
 
@@ -140,6 +167,11 @@ class Recipe:
         if self.document is not None:
             return self.document.problem(path, message, code=code)
         return Problem(self.source, None, None, path, message, code)
+
+    @property
+    def compacts(self) -> bool:
+        """``finalize: compact``: channels masked across their whole group are removed."""
+        return self.finalize == "compact"
 
     def step_seed(self, step: Step) -> int | None:
         return step.seed if step.seed is not None else self.seed
@@ -175,8 +207,11 @@ def _convert(hint: Any, value: Any) -> Any:
     for option in candidates:
         if isinstance(option, type) and dataclasses.is_dataclass(option) and isinstance(value, Mapping):
             return from_data(option, value)
-    if typing.get_origin(hint) is tuple and typing.get_args(hint)[:1] == (Step,):
-        return tuple(from_data(Step, item, index=i) for i, item in enumerate(value))
+    for option in candidates:
+        if typing.get_origin(option) is tuple and typing.get_args(option)[:1] == (Step,):
+            return tuple(from_data(Step, item, index=i) for i, item in enumerate(value))
+        if typing.get_origin(option) is tuple and typing.get_args(option)[:1] == (InputSpec,):
+            return tuple(from_data(InputSpec, item) for item in value)
     if isinstance(value, list):
         return tuple(value)
     if isinstance(value, Mapping):

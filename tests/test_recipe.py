@@ -297,5 +297,5 @@ def test_limits_and_encoding_errors_have_locations():
 def test_yaml_1_2_core_scalars():
     r = parse_recipe("version: 1\nseed: 010\nsteps:\n  - {select: {}, method: l1_unstructured, amount: 5e-1}\n")
     assert r.seed == 10 and r.steps[0].amount == 0.5
-    with pytest.raises(RecipeError, match="'yes' is not of type 'boolean'"):
+    with pytest.raises(RecipeError, match="'yes': finalize is true, false or compact"):
         parse_recipe("version: 1\nfinalize: yes\nsteps:\n  - {select: {}, method: identity}\n")

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from prunerecipe import recipe_schema
-from prunerecipe.spec import Recipe, Schedule, Selector, Step, from_data, recipe_keys
+from prunerecipe.spec import Calibration, InputSpec, Recipe, Schedule, Selector, Sequential, Step, from_data, recipe_keys
 
 from .conftest import ROOT
 
@@ -28,7 +28,15 @@ def schema_keys(node: dict[str, Any], defs: dict[str, Any], prefix: str = "") ->
 
 @pytest.mark.parametrize(
     ("cls", "where"),
-    [(Recipe, None), (Step, "step"), (Selector, "selector"), (Schedule, "schedule")],
+    [
+        (Recipe, None),
+        (Step, "step"),
+        (Selector, "selector"),
+        (Schedule, "schedule"),
+        (InputSpec, "input"),
+        (Calibration, "calibration"),
+        (Sequential, "sequential"),
+    ],
     ids=lambda v: getattr(v, "__name__", str(v)),
 )
 def test_schema_and_data_types_list_the_same_keys(cls, where):
@@ -65,6 +73,6 @@ def test_typed_values_are_built_from_the_keys_alone():
 
 def test_the_format_docs_list_every_key():
     text = (ROOT / "docs" / "format.md").read_text(encoding="utf-8")
-    for cls in (Recipe, Step, Selector, Schedule):
+    for cls in (Recipe, Step, Selector, Schedule, InputSpec, Calibration, Sequential):
         for key in recipe_keys(cls):
             assert f"`{key.split('.')[-1]}`" in text, (cls.__name__, key)

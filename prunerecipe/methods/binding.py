@@ -37,6 +37,8 @@ def argument_findings(spec: MethodSpec, step: Mapping[str, Any]) -> list[Finding
         out.append(((which,), f"method {name!r} takes no amount; remove {which!r}", True))
     if step.get("scope") == "global" and spec.pruning_type != "unstructured":
         out.append((("scope",), f"scope 'global' needs an unstructured method; {name!r} is {spec.pruning_type}", False))
+    if step.get("scope") == "group" and spec.pruning_type != "structured":
+        out.append((("scope",), f"scope 'group' needs a structured method (channels per dependency group); {name!r} is {spec.pruning_type}", False))
 
     args = step.get("args", {})
     if not isinstance(args, Mapping):
