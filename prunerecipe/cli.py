@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 bad input (recipe, model, checkpoint, files), 2 usage e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -29,8 +30,8 @@ Examples:
   prunerecipe plan recipes/lenet-global-l1.yaml
   prunerecipe apply recipes/lenet-global-l1.yaml -o lenet-pruned.pt
   prunerecipe apply recipes/lenet-layerwise-l1.yaml --set linear_amount=0.6 \\
-      --weights lenet.pt --finalize -o lenet-pruned.safetensors
-  prunerecipe report --weights lenet-pruned.pt
+      --weights lenet-pruned.pt --finalize --format dense -o lenet-final.safetensors
+  prunerecipe report --weights lenet-pruned.pt --model prunerecipe.zoo:LeNet
 """
 
 
@@ -72,10 +73,21 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             raise
         except KeyboardInterrupt:
             raise
+        except BrokenPipeError:
+            _closed_stdout()
         except Exception as exc:
             _fail(exc)
 
     return wrapper
+
+
+def _closed_stdout() -> NoReturn:
+    """The reader of our output went away (``| head``): stop quietly with exit 0, as Unix
+    tools do; stdout goes to /dev/null so the interpreter's final flush cannot fail again."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    raise SystemExit(EXIT_OK)
 
 
 def _parse_sets(values: tuple[str, ...]) -> dict[str, Any]:
@@ -102,21 +114,34 @@ def _progress() -> Callable[[str], None] | None:
     return lambda line: click.echo(line, err=True)
 
 
-def _model_for(recipe: Any, model_spec: str | None, weights: str | None) -> Any:
-    from .checkpoint import load_pruned_state_dict, read_state_dict, strip_data_parallel_prefix
-    from .modelspec import load_model
+def _model_spec(recipe: Any, model_spec: str | None) -> tuple[str, str | None]:
+    """The model spec and the folder its relative paths resolve against: ``--model`` against
+    the current folder, a recipe's ``model:`` against the recipe file's own folder."""
+    if model_spec:
+        return model_spec, None
+    if recipe is not None and recipe.model:
+        source = recipe.source
+        return recipe.model, os.path.dirname(os.path.abspath(source)) if os.path.exists(source) else None
+    raise click.UsageError("no model: pass --model SPEC or set 'model:' in the recipe")
 
-    spec = model_spec or (recipe.model if recipe is not None else None)
-    if not spec:
-        raise click.UsageError("no model: pass --model SPEC or set 'model:' in the recipe")
-    model = load_model(spec)
+
+def _model_for(
+    recipe: Any, model_spec: str | None, weights: str | None, strip_prefix: str | None = None, meta_ok: bool = False
+) -> tuple[Any, str | None]:
+    """The model, its weights loaded; and the Hugging Face folder it came from (or None)."""
+    from .checkpoint import fit_prefix, load_pruned_state_dict, read_state_dict
+    from .modelspec import is_folder_spec, load_model, resolve
+
+    spec, base = _model_spec(recipe, model_spec)
+    folder = resolve(spec, base) if is_folder_spec(spec, base) else None
+    model = load_model(spec, base=base, weights=not weights, meta=meta_ok and folder is not None and not weights)
     if weights:
         state = read_state_dict(weights)
-        state, stripped = strip_data_parallel_prefix(state, model)
-        if stripped:
-            click.echo(f"note: {weights}: dropped the 'module.' prefix (a DataParallel/DDP checkpoint)", err=True)
+        state, removed = fit_prefix(state, model, strip_prefix)
+        if removed and not strip_prefix:
+            click.echo(f"note: {weights}: removed the key prefix {removed!r}, which every key had and the model has not", err=True)
         load_pruned_state_dict(model, state)
-    return model
+    return model, folder
 
 
 @click.group(context_settings=CONTEXT, epilog=EXAMPLES)
@@ -133,13 +158,18 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 model_option = click.option(
-    "--model", "model_spec", metavar="SPEC", help="Model: 'pkg.module:attr' or 'file.py:attr' (default: the recipe's 'model:')."
+    "--model",
+    "model_spec",
+    metavar="SPEC",
+    help="Model: 'pkg.module:attr', 'file.py:attr' or a Hugging Face model folder (default: the recipe's 'model:').",
 )
 weights_option = click.option(
     "--weights",
-    metavar="FILE",
-    type=click.Path(dir_okay=False),
-    help="State dict to load first (.pt/.pth/.bin/.safetensors); pruned checkpoints keep their masks.",
+    metavar="PATH",
+    help="Weights to load first: .pt/.pth/.bin/.ckpt/.safetensors, a shard index or a model folder; pruned checkpoints keep their masks.",
+)
+prefix_option = click.option(
+    "--strip-prefix", metavar="PREFIX", help="Remove PREFIX from every checkpoint key (found by itself when no key fits otherwise)."
 )
 set_option = click.option("--set", "sets", metavar="NAME=VALUE", multiple=True, help="Override a recipe var (VALUE is parsed as YAML). Repeatable.")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -150,52 +180,86 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 @model_option
 @weights_option
 @click.option(
-    "-o",
-    "--output",
-    required=True,
-    metavar="FILE",
-    type=click.Path(dir_okay=False),
-    help="Where to write the pruned state_dict (.pt/.pth/.bin/.safetensors).",
+    "-o", "--output", required=True, metavar="PATH", help="Where to write: a file (.pt/.pth/.bin/.safetensors), or a folder with --format hf."
 )
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["torch", "dense", "hf"]),
+    help="torch: *_orig/*_mask, resumable; dense: masks folded into plain weights; hf: a Hugging Face folder. "
+    "Default: hf for a model from a Hugging Face folder, else torch.",
+)
+@click.option("--max-shard-size", default="5GB", show_default=True, metavar="SIZE", help="Largest safetensors shard of --format hf (e.g. 500MB).")
 @set_option
 @click.option("--finalize", is_flag=True, help="Fold masks into the weights (prune.remove) after the last step.")
-@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists (keeping its permissions).")
+@prefix_option
 @json_option
 @_guard
 def apply(
-    recipe_path: str, model_spec: str | None, weights: str | None, output: str, sets: tuple[str, ...], finalize: bool, force: bool, as_json: bool
+    recipe_path: str,
+    model_spec: str | None,
+    weights: str | None,
+    output: str,
+    fmt: str | None,
+    max_shard_size: str,
+    sets: tuple[str, ...],
+    finalize: bool,
+    force: bool,
+    strip_prefix: str | None,
+    as_json: bool,
 ) -> None:
-    """Apply RECIPE to a model and write the pruned state_dict.
+    """Apply RECIPE to a model and write the result.
 
     \b
     prunerecipe apply recipes/lenet-global-l1.yaml -o pruned.pt
-    prunerecipe apply my.yaml --model mypkg.models:build --weights dense.pt -o pruned.pt
+    prunerecipe apply my.yaml --model mypkg.models:build --weights dense.pt --format dense -o pruned.safetensors
+    prunerecipe apply my.yaml --model ./gpt2-folder -o ./gpt2-pruned        (a Hugging Face folder in, one out)
     """
     import dataclasses
 
     from .apply import apply_recipe
-    from .checkpoint import _check_suffix, save_state_dict
-    from .errors import CheckpointError
+    from .checkpoint import check_output, parse_size, write_output
+    from .checkpoint.write import output_suffix
     from .load import load_recipe
+    from .modelspec import is_folder_spec, resolve
 
     overrides = _parse_sets(sets)
-    _check_suffix(output)
-    if not force:
-        if os.path.exists(output):
-            raise CheckpointError(f"{output}: already exists; refusing to overwrite it (use --force)")
-        if weights and os.path.abspath(output) == os.path.abspath(weights):
-            raise CheckpointError(f"{output}: is the input checkpoint; refusing to overwrite it (use --force)")
     recipe = load_recipe(recipe_path, overrides)
     if finalize:
         recipe = dataclasses.replace(recipe, finalize=True)
-    model = _model_for(recipe, model_spec, weights)
+    # Everything about the output is checked before the model is built or pruned.
+    spec, base = _model_spec(recipe, model_spec)
+    from_folder = is_folder_spec(spec, base)
+    fmt = fmt or ("hf" if from_folder else "torch")
+    output_suffix(output, fmt)
+    parse_size(max_shard_size)
+    inputs = tuple(p for p in (weights, resolve(spec, base) if from_folder else None, recipe_path) if p)
+    check_output(output, force=force, folder=fmt == "hf", inputs=inputs)
+
+    model, folder = _model_for(recipe, model_spec, weights, strip_prefix)
+    if fmt == "hf" and not hasattr(getattr(model, "config", None), "to_json_file"):
+        raise Fail(
+            f"{output}: --format hf needs a Hugging Face model (one with a transformers config); {type(model).__name__} has none. Use --format dense or torch"
+        )
     report = apply_recipe(model, recipe, progress=_progress())
-    save_state_dict(model.state_dict(), output, force=force)
+    text = getattr(recipe.document, "text", None)
+    line = write_output(
+        model,
+        output,
+        fmt=fmt,
+        force=force,
+        source=folder,
+        recipe_text=text,
+        recipe_source=recipe.source,
+        targets=[t.name for t in report.targets],
+        max_shard_size=max_shard_size,
+    )
     if as_json:
-        click.echo(json.dumps({**report.to_dict(), "output": output}, indent=2))
+        click.echo(json.dumps({**report.to_dict(), "output": output, "format": fmt, "wrote": line}, indent=2))
     else:
         click.echo(str(report))
-        click.echo(f"wrote {output}")
+        click.echo(line)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -203,15 +267,19 @@ def apply(
 @model_option
 @weights_option
 @set_option
+@prefix_option
 @json_option
 @_guard
-def plan(recipe_path: str, model_spec: str | None, weights: str | None, sets: tuple[str, ...], as_json: bool) -> None:
-    """Dry run: show every target each step resolves to and how much it prunes. Writes nothing."""
+def plan(recipe_path: str, model_spec: str | None, weights: str | None, sets: tuple[str, ...], strip_prefix: str | None, as_json: bool) -> None:
+    """Dry run: show every target each step resolves to and how much it prunes. Writes nothing.
+
+    A Hugging Face model folder is planned on the meta device (shapes only) unless --weights is given.
+    """
     from .load import load_recipe
     from .plan import plan_recipe
 
     recipe = load_recipe(recipe_path, _parse_sets(sets))
-    model = _model_for(recipe, model_spec, weights)
+    model, _ = _model_for(recipe, model_spec, weights, strip_prefix, meta_ok=True)
     result = plan_recipe(model, recipe)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else str(result))
 
@@ -240,24 +308,40 @@ def validate(recipe_paths: tuple[str, ...], sets: tuple[str, ...]) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
-@model_option
-@click.option("--weights", required=True, metavar="FILE", type=click.Path(dir_okay=False), help="The checkpoint to inspect.")
+@click.option(
+    "--model",
+    "model_spec",
+    metavar="SPEC",
+    help="Model: 'pkg.module:attr', 'file.py:attr' or a Hugging Face model folder (checks the weights fit it; rows get its module types).",
+)
+@click.option(
+    "--weights",
+    required=True,
+    metavar="PATH",
+    help="The checkpoint to inspect: .pt/.pth/.bin/.ckpt/.safetensors, a shard index or a model folder.",
+)
+@prefix_option
 @json_option
 @_guard
-def report(model_spec: str | None, weights: str, as_json: bool) -> None:
+def report(model_spec: str | None, weights: str, strip_prefix: str | None, as_json: bool) -> None:
     """Per-layer and global sparsity of a checkpoint, pruned (masks) or finalized.
 
-    Without --model every floating-point tensor is listed; with it, only the model's parameters.
+    Without --model every floating-point tensor is listed (a model folder is its own model);
+    with it, only the model's parameters. A tensor tied to another is counted once.
     """
-    from .checkpoint import read_state_dict, state_dict_sparsity, strip_data_parallel_prefix
+    from .checkpoint import fit_prefix, is_hf_folder, read_state_dict, state_dict_sparsity
+    from .modelspec import load_model
     from .text import format_table, pct
 
     state = read_state_dict(weights)
     names = None
     types: dict[str, str] = {}
-    if model_spec:
-        model = _model_for(None, model_spec, weights)
-        state, _ = strip_data_parallel_prefix(state, model)
+    if model_spec or is_hf_folder(weights):
+        if model_spec:
+            model, _ = _model_for(None, model_spec, weights, strip_prefix)
+        else:
+            model = load_model(weights, weights=False, meta=True)
+        state, _ = fit_prefix(state, model, strip_prefix)
         modules = dict(model.named_modules())
         names = [n[: -len("_orig")] if n.endswith("_orig") else n for n, _ in model.named_parameters()]
         types = {n: type(modules[n.rpartition(".")[0]]).__name__ for n in names}
@@ -347,4 +431,8 @@ def schema() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cli.main(args=argv, prog_name="prunerecipe")
+    """The ``prunerecipe`` command."""
+    try:
+        cli.main(args=argv, prog_name="prunerecipe")
+    except BrokenPipeError:
+        _closed_stdout()

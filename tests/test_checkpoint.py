@@ -80,7 +80,7 @@ def test_save_never_overwrites_without_force_and_leaves_no_temp_files(tmp_path):
     save_state_dict(LeNet().state_dict(), path, force=True)
     assert path.read_bytes() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]
-    with pytest.raises(CheckpointError, match="unsupported checkpoint type '.txt'"):
+    with pytest.raises(CheckpointError, match="unsupported output type '.txt'"):
         save_state_dict({}, tmp_path / "x.txt")
 
 
@@ -129,3 +129,37 @@ def test_apply_on_a_meta_model_says_so():
         model = LeNet()
     with pytest.raises(ApplyError, match="fc1.weight is on the meta device"):
         apply_recipe(model, parse_recipe("version: 1\nsteps:\n  - {select: {names: [fc1]}, method: l1_unstructured, amount: 0.5}\n"))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+@pytest.mark.parametrize("zipped", [True, False])
+def test_code_carrying_pickles_of_every_protocol_are_refused_not_called_corrupted(tmp_path, protocol, zipped):
+    import io
+    import os
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    path = tmp_path / "evil.pt"
+    if zipped:
+        torch.save({"w": Evil()}, path, pickle_protocol=protocol)
+    else:
+        buf = io.BytesIO()
+        pickle.dump({"w": Evil()}, buf, protocol=protocol)
+        path.write_bytes(buf.getvalue())
+    with pytest.raises(CheckpointError, match=r"refused to load: the file references code \((posix|nt)\.system\).*Nothing in it was run"):
+        read_state_dict(path)
+
+
+def test_an_explicit_key_prefix_is_removed_and_a_wrong_one_is_named(tmp_path):
+    from prunerecipe.checkpoint import fit_prefix
+
+    model = LeNet()
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    fitted, removed = fit_prefix(state, model, "model.")
+    assert removed == "model." and set(fitted) == set(model.state_dict())
+    assert load_pruned_state_dict(LeNet(), state, strip_prefix="model.") == []
+    with pytest.raises(CheckpointError, match=r"no key of the checkpoint starts with 'net\.'.*start with 'model\.'"):
+        fit_prefix(state, model, "net.")

@@ -285,7 +285,7 @@ def test_safetensors_and_data_parallel_checkpoints(tmp_path, half):
     out = tmp_path / "pruned.safetensors"
     result = CliRunner().invoke(cli, ["apply", str(half), "--weights", str(dense), "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert "dropped the 'module.' prefix" in result.stderr
+    assert "removed the key prefix 'module.'" in result.stderr
     from safetensors.torch import load_file
 
     state = load_file(out)

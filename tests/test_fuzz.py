@@ -132,6 +132,13 @@ def test_truncated_and_corrupted_checkpoints(tmp_path_factory, cut, noise):
             assert all(isinstance(v, torch.Tensor) for v in state.values())
 
 
+def _size(path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # renamed or removed meanwhile
+        return 0
+
+
 def test_killing_apply_while_it_writes_leaves_no_partial_output(tmp_path):
     """SIGKILL the CLI mid-write: the output is either absent or the previous file, intact."""
     (tmp_path / "big.py").write_text(
@@ -148,7 +155,7 @@ def test_killing_apply_while_it_writes_leaves_no_partial_output(tmp_path):
         proc = subprocess.Popen(exe, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
-            if any(p.name.startswith(".out.pt.") for p in tmp_path.iterdir()):
+            if any(p.name.startswith(".prunerecipe-") and _size(p) > 0 for p in tmp_path.iterdir()):  # the output's temp file, being written
                 time.sleep(0.05 * attempt)
                 proc.kill()
                 killed_during_write = True

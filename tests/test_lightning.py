@@ -154,3 +154,35 @@ def test_validate_best_checkpoint_after_fit_and_copy_after_resume(tmp_path):
     t2.fit(resumed, loader(), loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     resumed.net(torch.zeros(1, 1, 8, 8))
     copy.deepcopy(resumed)  # restored masks are copyable too
+
+
+def test_a_callback_checkpoint_is_read_by_report_and_apply(tmp_path):
+    from click.testing import CliRunner
+
+    from prunerecipe.cli import cli
+
+    module = Module()
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer(tmp_path, 2, [RecipePruning(parse_recipe(RECIPE)), checkpoint]).fit(module, loader())
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+    runner = CliRunner()
+    done = runner.invoke(cli, ["report", "--weights", last, "--json"])
+    assert done.exit_code == 0, done.output
+    import json
+
+    rows = {t["name"]: t for t in json.loads(done.output)["tensors"]}
+    assert rows["net.conv1.weight"]["masked"] and rows["net.conv1.weight"]["zeros"] == int((module.net.conv1.weight_mask == 0).sum())
+    # into a plain DigitsNet: the Lightning module's 'net.' prefix is removed, with a note, and the masks come back
+    recipe = tmp_path / "more.yaml"
+    recipe.write_text("version: 1\nsteps:\n  - {select: {names: [conv1]}, method: l1_unstructured, amount: 0.5}\n")
+    out = tmp_path / "more.pt"
+    done = runner.invoke(cli, ["apply", str(recipe), "--model", "prunerecipe.zoo:DigitsNet", "--weights", last, "-o", str(out)])
+    assert done.exit_code == 0, done.output
+    assert "removed the key prefix 'net.'" in done.stderr
+    state = torch.load(out, weights_only=True)
+    before = int((module.net.conv1.weight_mask == 0).sum())
+    assert int((state["conv1.weight_mask"] == 0).sum()) == before + round(0.5 * (module.net.conv1.weight.numel() - before))
+    # nothing fits without the prefix, and the error says which prefix the keys have
+    (tmp_path / "other.py").write_text("import torch\ndef build():\n    return torch.nn.Sequential(torch.nn.Linear(4, 4))\n")
+    done = runner.invoke(cli, ["apply", str(recipe), "--model", f"{tmp_path / 'other.py'}:build", "--weights", last, "-o", str(tmp_path / "x.pt")])
+    assert done.exit_code == 1 and "every key starts with 'net.'" in done.output and "see --strip-prefix" in done.output

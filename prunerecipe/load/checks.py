@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,8 +13,11 @@ from ..errors import KeyPath, MethodError, Problem, SelectorError
 from ..methods import MethodSpec, get_method
 from ..methods.binding import accepts, argument_findings, construction_problem
 from ..select import check_name_pattern, resolve_type
+from ..text import short
 from .schema import schema_problems
 from .yaml import Document
+
+_SPEC = re.compile(r"[^:]+:[A-Za-z_][A-Za-z0-9_.]*")
 
 #: A schedule with more events than this is almost certainly a mistake (and would be slow to list).
 MAX_EVENTS = 1_000_000
@@ -25,6 +29,11 @@ def semantic_problems(doc: Document) -> list[Problem]:
     problems: list[Problem] = []
     if isinstance(data.get("version"), float):
         problems.append(doc.problem(("version",), f"{data['version']!r} is not of type 'integer'", code="version"))
+    model = data.get("model")
+    if isinstance(model, str) and ":" in model and not _SPEC.fullmatch(model):
+        problems.append(
+            doc.problem(("model",), f"{short(model)} is not a model spec; write 'pkg.module:attr', 'path/to/file.py:attr' or a model folder")
+        )
     steps = data.get("steps")
     if not isinstance(steps, list):
         return problems

@@ -43,6 +43,7 @@ class Document:
     value_marks: dict[KeyPath, tuple[int, int]] = field(default_factory=dict)
     key_marks: dict[KeyPath, tuple[int, int]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    text: str | None = field(default=None, repr=False)  # the YAML as read, kept for records of the run
 
     def mark(self, path: KeyPath, *, key: bool = False) -> tuple[int | None, int | None]:
         """Position of ``path``'s key (``key=True``) or value; falls back to the nearest parent."""
@@ -148,7 +149,7 @@ def parse_yaml(text: str | bytes, source: str) -> Document:
     if node is None:
         raise RecipeError(Problem(source, 1, 1, (), "the file is empty; a recipe is a mapping with 'version' and 'steps'", "yaml"))
 
-    doc = Document(source, None)
+    doc = Document(source, None, text=text)
     builder = _Builder(doc, _Constructor())
     try:
         doc.data = builder.build(node, (), 0)

@@ -1,0 +1,218 @@
+"""Loading a checkpoint into a model: masks restored as torch's re-parametrization, ties and
+key prefixes understood, everything checked before anything changes."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from ..text import listing
+from ..torchprune import (
+    MASK,
+    ORIG,
+    ModelSnapshot,
+    has_param,
+    is_pruned,
+    make_copyable,
+    pruned_keys,
+    pruning_hooks,
+    refresh,
+    restore_mask,
+    unpruned_name,
+)
+
+
+def _base(key: str) -> str:
+    return key[: -len(MASK)] if key.endswith(MASK) else unpruned_name(key)
+
+
+def _fits(keys: list[str], model_keys: set[str]) -> int:
+    return sum(1 for k in keys if _base(k) in model_keys)
+
+
+def common_prefix(keys: list[str]) -> str:
+    """The longest dotted prefix (``"model."``) every key starts with, or ``""``."""
+    if not keys:
+        return ""
+    parts = keys[0].split(".")[:-1]
+    for key in keys[1:]:
+        other = key.split(".")[:-1]
+        n = 0
+        while n < min(len(parts), len(other)) and parts[n] == other[n]:
+            n += 1
+        parts = parts[:n]
+    return ".".join(parts) + "." if parts else ""
+
+
+def fit_prefix(state_dict: Mapping[str, torch.Tensor], model: nn.Module, strip: str | None = None) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Remove a key prefix the model does not have: ``strip`` when given, else the common
+    prefix of all keys when no key fits as it is and all fit without it.
+
+    Returns:
+        The state_dict (keys renamed) and the prefix removed (None when none was).
+
+    Raises:
+        CheckpointError: ``strip`` is given but no key starts with it.
+    """
+    keys = list(state_dict)
+    if strip:
+        if not any(k.startswith(strip) for k in keys):
+            raise CheckpointError(
+                f"no key of the checkpoint starts with {strip!r} (--strip-prefix); its keys start with {common_prefix(keys) or '(no common prefix)'!r}"
+            )
+        return {(k[len(strip) :] if k.startswith(strip) else k): v for k, v in state_dict.items()}, strip
+    model_keys = {_base(k) for k in model.state_dict()}
+    prefix = common_prefix(keys)
+    if keys and prefix and _fits(keys, model_keys) == 0:
+        stripped = [k[len(prefix) :] for k in keys]
+        while prefix and _fits(stripped, model_keys) < len(stripped):  # the whole common prefix may be too much
+            prefix = ".".join(prefix.split(".")[:-2]) + "." if prefix.count(".") > 1 else ""
+            stripped = [k[len(prefix) :] for k in keys]
+        if prefix and _fits(stripped, model_keys) == len(stripped):
+            return dict(zip(stripped, state_dict.values())), prefix
+    return dict(state_dict), None
+
+
+def _prefix_hint(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str:
+    keys, model_keys = list(state_dict), {_base(k) for k in expected}
+    if keys and _fits(keys, model_keys) == 0:
+        prefix = common_prefix(keys)
+        model_prefix = common_prefix(list(model_keys))
+        seen = f"every key starts with {prefix!r}" if prefix else "no key shares a name with the model"
+        return f" ({seen}; the model's keys start with {model_prefix or '(no common prefix)'!r}; see --strip-prefix)"
+    return ""
+
+
+def tied_aliases(model: nn.Module, expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Keys the checkpoint lacks whose tensor the model shares with a key it has: ``{missing: present}``."""
+    by_tensor: dict[int, list[str]] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        by_tensor.setdefault(id(value), []).append(key)
+    out = {}
+    for names in by_tensor.values():
+        present = [n for n in names if n in state_dict]
+        if present:
+            for name in names:
+                if name not in state_dict and name in expected:
+                    out[name] = present[0]
+    return out
+
+
+def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strip_prefix: str | None = None) -> list[str]:
+    """Load a checkpoint into ``model`` in place, restoring pruning where it carries ``*_orig``/``*_mask``.
+
+    Each pruned parameter gets torch's re-parametrization back (a ``CustomFromMask``
+    hook holding the saved mask), so pruning can go on: a recipe applied next chains
+    onto it. When no key fits the model but all do once one common prefix is removed
+    (``module.`` from DataParallel/DDP, ``model.``/``net.`` from Lightning), it is removed.
+    A key the checkpoint lacks is accepted when the model ties that tensor to one the
+    checkpoint has (as Hugging Face leaves ``lm_head.weight`` out). Keys, shapes and values
+    are checked and converted before anything changes; on any mismatch the model is left
+    as it was.
+
+    Args:
+        model: the model to load into, in place.
+        state_dict: a plain or pruned (``*_orig``/``*_mask``) state_dict.
+        strip_prefix: a prefix to remove from every key (instead of finding one).
+
+    Returns:
+        The qualified names whose pruning was restored.
+
+    Raises:
+        CheckpointError: listing missing, unexpected and mis-shaped keys, or masks that are not 0/1.
+
+    Example:
+        >>> load_pruned_state_dict(LeNet(), read_state_dict("pruned.pt"))  # doctest: +SKIP
+        ['conv1.weight', 'conv1.bias']
+    """
+    state_dict, _ = fit_prefix(state_dict, model, strip_prefix)
+    # Every name a module is registered under: state_dict() lists a shared module under each.
+    names_of: dict[int, list[str]] = {}
+    modules: dict[str, nn.Module] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        modules[mod_name] = module
+        names_of.setdefault(id(module), []).append(mod_name)
+
+    restored = pruned_keys(state_dict)
+    to_prune: dict[tuple[int, str], tuple[nn.Module, str, str]] = {}
+    problems: list[str] = []
+    for qual in restored:
+        mod_name, _, pname = qual.rpartition(".")
+        module = modules.get(mod_name)
+        if module is None or not has_param(module, pname):
+            problems.append(f"{qual}{ORIG}: the model has no parameter {qual}")
+            continue
+        if not is_pruned(module, pname):
+            to_prune.setdefault((id(module), pname), (module, pname, qual))
+
+    expected = dict(model.state_dict())
+    for module, pname, _ in to_prune.values():
+        for prefix in names_of[id(module)]:
+            qual = f"{prefix}.{pname}" if prefix else pname
+            tensor = expected.pop(qual)
+            expected[qual + ORIG] = tensor
+            expected[qual + MASK] = tensor
+    state_dict = dict(state_dict)
+    for alias, source in tied_aliases(model, expected, state_dict).items():
+        state_dict[alias] = state_dict[source]  # the model's own tie: the same tensor under both names
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    soft = [
+        k
+        for k in state_dict
+        if k.endswith(MASK)
+        and k[: -len(MASK)] in restored
+        and state_dict[k].device.type != "meta"
+        and not bool(((state_dict[k] == 0) | (state_dict[k] == 1)).all())
+    ]
+    if soft:
+        problems.append(listing("masks must hold only 0 and 1 (tampered or not a pruning mask)", soft))
+    if missing:
+        problems.append(listing("missing from the checkpoint", missing))
+    if unexpected:
+        problems.append(listing("not in the model", unexpected))
+    if shapes:
+        problems.append(listing("shape mismatch", shapes))
+    if problems:
+        raise CheckpointError("checkpoint does not fit the model: " + "; ".join(problems) + _prefix_hint(state_dict, expected))
+
+    # Convert every value to what it will land in before touching the model, so that the
+    # in-place copies below cannot fail halfway (meta tensors, impossible dtypes...).
+    ready: dict[str, torch.Tensor] = {}
+    bad = []
+    for key, value in state_dict.items():
+        target = expected[key]
+        try:
+            if value.device.type == "meta":
+                raise ValueError("it is a meta tensor (no data)")
+            ready[key] = value.to(
+                device=target.device if target.device.type != "meta" else "cpu", dtype=target.dtype if not key.endswith(MASK) else value.dtype
+            )
+        except Exception as exc:
+            bad.append(f"{key}: {exc}")
+    if bad:
+        raise CheckpointError("checkpoint does not fit the model: " + listing("unusable values", bad))
+
+    snapshot = ModelSnapshot(list({id(m): m for m in modules.values()}.values()))
+    try:
+        for module, pname, _ in to_prune.values():
+            mask = next(ready[f"{p}.{pname}{MASK}" if p else f"{pname}{MASK}"] for p in names_of[id(module)])
+            restore_mask(module, pname, mask)
+        with torch.no_grad():
+            model.load_state_dict(ready, strict=True)
+        for module in modules.values():  # refresh `weight` = orig * mask from the loaded values
+            refresh(module)
+            if pruning_hooks(module):
+                make_copyable(module)
+    except Exception as exc:
+        snapshot.restore()
+        raise CheckpointError(f"checkpoint does not fit the model: {type(exc).__name__}: {exc}") from exc
+    return restored
