@@ -76,6 +76,11 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         except BrokenPipeError:
             _closed_stdout()
         except Exception as exc:
+            from .errors import RecipeError
+
+            if kwargs.get("as_json") and isinstance(exc, RecipeError) and not _debug():
+                click.echo(json.dumps({"errors": exc.to_list()}, indent=2))
+                raise SystemExit(EXIT_INPUT) from None
             _fail(exc)
 
     return wrapper
@@ -106,6 +111,24 @@ def _parse_sets(values: tuple[str, ...]) -> dict[str, Any]:
             message = "; ".join(p.message if hasattr(p, "message") else str(p) for p in exc.problems)
             raise click.BadParameter(f"value of {name.strip()!r}: {message}", param_hint="'--set'") from None
     return out
+
+
+def _load(path: str, overrides: dict[str, Any]) -> Any:
+    """Load a recipe; its warnings go to stderr as ``warning: ...`` lines."""
+    import warnings
+
+    from .errors import RecipeWarning
+    from .load import load_recipe
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RecipeWarning)
+        recipe = load_recipe(path, overrides)
+    for w in caught:
+        if issubclass(w.category, RecipeWarning):
+            click.echo(f"warning: {w.message}", err=True)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    return recipe
 
 
 def _progress() -> Callable[[str], None] | None:
@@ -221,11 +244,10 @@ def apply(
     from .apply import apply_recipe
     from .checkpoint import check_output, parse_size, write_output
     from .checkpoint.write import output_suffix
-    from .load import load_recipe
     from .modelspec import is_folder_spec, resolve
 
     overrides = _parse_sets(sets)
-    recipe = load_recipe(recipe_path, overrides)
+    recipe = _load(recipe_path, overrides)
     if finalize:
         recipe = dataclasses.replace(recipe, finalize=True)
     # Everything about the output is checked before the model is built or pruned.
@@ -275,34 +297,46 @@ def plan(recipe_path: str, model_spec: str | None, weights: str | None, sets: tu
 
     A Hugging Face model folder is planned on the meta device (shapes only) unless --weights is given.
     """
-    from .load import load_recipe
     from .plan import plan_recipe
 
-    recipe = load_recipe(recipe_path, _parse_sets(sets))
+    recipe = _load(recipe_path, _parse_sets(sets))
     model, _ = _model_for(recipe, model_spec, weights, strip_prefix, meta_ok=True)
     result = plan_recipe(model, recipe)
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else str(result))
 
 
 @cli.command(context_settings=CONTEXT)
-@click.argument("recipe_paths", metavar="RECIPE...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.argument("recipe_paths", metavar="RECIPE...", nargs=-1, required=True)
 @set_option
+@json_option
 @_guard
-def validate(recipe_paths: tuple[str, ...], sets: tuple[str, ...]) -> None:
-    """Check recipe files without a model; print every problem as file:line:col: path: message."""
+def validate(recipe_paths: tuple[str, ...], sets: tuple[str, ...], as_json: bool) -> None:
+    """Check recipe files without a model; print every problem as file:line:col: path: message.
+
+    Nothing a recipe names is imported or run: dotted types are checked for their form only
+    (plan resolves them), and the model spec is not touched. '-' reads a recipe from stdin.
+    """
     from .errors import RecipeError
-    from .load import load_recipe
 
     overrides = _parse_sets(sets)
     failed = 0
+    errors: list[dict[str, Any]] = []
     for path in recipe_paths:
         try:
-            load_recipe(path, overrides)
+            _load(path, overrides)
         except RecipeError as exc:
             failed += 1
-            click.echo(str(exc), err=True)
+            errors += exc.to_list()
+            if not as_json:
+                click.echo(str(exc), err=True)
         else:
-            click.echo(f"{path}: ok")
+            if not as_json:
+                click.echo(f"{'<stdin>' if path == '-' else path}: ok")
+    if as_json:
+        click.echo(json.dumps({"errors": errors}, indent=2))
+        if failed:
+            raise SystemExit(EXIT_INPUT)
+        return
     if failed:
         raise Fail(f"{failed} of {len(recipe_paths)} recipe(s) invalid")
 

@@ -101,6 +101,10 @@ class RecipeError(Exception):
         return [p.to_dict() for p in self.problems]
 
 
+class RecipeWarning(UserWarning):
+    """Something in a recipe that works, but likely not as meant (the CLI prints these)."""
+
+
 class ApplyError(RecipeError):
     """Applying a step failed; the model was restored to its state before the call."""
 

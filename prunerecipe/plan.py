@@ -22,7 +22,7 @@ from .methods.binding import argument_default
 from .schedule import step_events
 from .select import Target, param_owners, resolve_targets
 from .spec import Recipe, Step
-from .text import format_table, pct, shape_text
+from .text import format_table, pct, shape_text, short
 from .torchprune import is_pruned, masked_slices, unpruned_name, zero_entries
 
 
@@ -300,13 +300,14 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
         if owners is None:
             owners = param_owners(model)
         if key not in shared:  # once per selector: the owners do not change while planning
-            shared[key] = [(t.qualname, names) for t in targets if len(names := owners.get(id(t.original), [])) > 1]
-        for qualname, names in shared[key]:
+            shared[key] = _tied(targets, owners)
+        for qualname, names, selected in shared[key]:
+            paste = "exclude: {names: [" + ", ".join(selected) + "]}"
             problems.append(
                 recipe.problem(
                     step.path + ("select",),
-                    f"parameter {qualname} is shared by {', '.join(names)} (tied weights); pruning it through one owner "
-                    "would silently untie them. Exclude these modules, or untie the weights first",
+                    f"{_named(step, '')}parameter {qualname} is tied: one tensor shared by {', '.join(names)}; pruning it through "
+                    f"one owner would silently untie them. Leave it out with `{paste}` in this step's select, or untie the weights first",
                     code="tied-weights",
                 )
             )
@@ -350,7 +351,18 @@ def _unsupported(recipe: Recipe) -> list[Problem]:
 
 def _named(step: Step, message: str) -> str:
     """Plan-time messages say which step by name too, when it has one."""
-    return f"step {step.name!r}: {message}" if step.name else message
+    return f"step {short(step.name)}: {message}" if step.name else message
+
+
+def _tied(targets: list[Target], owners: dict[int, list[str]]) -> list[tuple[str, list[str], list[str]]]:
+    """Each tied tensor the targets include, once: the first target naming it, its owners,
+    and the modules the step selected."""
+    out: dict[int, tuple[str, list[str], list[str]]] = {}
+    for t in targets:
+        names = owners.get(id(t.original), [])
+        if len(names) > 1:
+            out.setdefault(id(t.original), (t.qualname, names, []))[2].append(t.module_name or "(root)")
+    return list(out.values())
 
 
 class _PlanProblem(Exception):

@@ -19,7 +19,7 @@ from torch import nn
 
 from .errors import SelectorError
 from .spec import Selector
-from .text import short, suggest
+from .text import clip, short, suggest
 from .torchprune import has_param, is_pruned, original, own_parameters, owned_mask, unpruned_name
 
 
@@ -191,8 +191,8 @@ def _explain_empty(
     selector: Selector,
     params: Sequence[str],
 ) -> str:
-    wanted = ", ".join(repr(p) for p in params)
-    head = f"selector {selector.describe()} resolves to no parameter"
+    wanted = ", ".join(short(p) for p in params)
+    head = f"selector {clip(selector.describe(), 160)} resolves to no parameter"
     if matched:
         shown = ", ".join(n or "(root)" for n, _ in matched[:8]) + (", ..." if len(matched) > 8 else "")
         have = sorted({unpruned_name(p) for _, m in matched for p, _ in own_parameters(m)})
@@ -208,7 +208,13 @@ def _explain_empty(
     for entry in selector.names or ():
         if not any(check_name_pattern(entry)(n) for n in names):
             hints.append(f"no module name matches {short(entry)}" + suggest(entry, names))
-    detail = "; ".join(hints) if hints else "every match was excluded" if selector.exclude_names or selector.exclude_types else ""
+    if not hints and selector.types is not None and selector.names is not None:
+        by_type = sum(1 for _, m in modules if _types_match(selector.types, type(m)))
+        by_name = sum(1 for n, _ in modules if _names_matcher(selector.names)(n))
+        hints.append(f"types alone match {by_type} module(s), names alone {by_name}, both together none")
+    elif not hints and (selector.exclude_names or selector.exclude_types):
+        hints.append("every match was excluded")
+    detail = "; ".join(hints)
     return f"{head}: it matched 0 of {len(modules)} modules" + (f" ({detail})" if detail else "")
 
 

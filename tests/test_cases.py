@@ -65,9 +65,9 @@ def test_every_case_has_an_expected_file_and_fails() -> None:
 
 
 if __name__ == "__main__" and "--regen" in sys.argv:
-    from prunerecipe import methods
+    from prunerecipe.methods import registry
 
-    methods.entry_points = lambda: {}  # type: ignore[assignment]
+    registry.entry_points = lambda: {}  # type: ignore[assignment]
     for case in CASES:
         case.with_suffix(".expected").write_text(run_case(case))
         print(case.with_suffix(".expected").read_text(), end="")

@@ -101,8 +101,9 @@ def test_tied_parameters_are_an_error_naming_every_owner():
     with pytest.raises(RecipeError) as err:
         plan_recipe(model, recipe)
     assert str(err.value) == (
-        "tied.yaml:3:14: steps[0].select: parameter out.weight is shared by embed.weight, out.weight (tied weights); "
-        "pruning it through one owner would silently untie them. Exclude these modules, or untie the weights first"
+        "tied.yaml:3:14: steps[0].select: parameter out.weight is tied: one tensor shared by embed.weight, out.weight; "
+        "pruning it through one owner would silently untie them. Leave it out with `exclude: {names: [out]}` in this step's select, "
+        "or untie the weights first"
     )
     # excluding the tied owner makes it plannable
     ok = parse_recipe("version: 1\nsteps:\n  - {select: {types: [Linear], exclude: {names: [out]}}, method: l1_unstructured, amount: 0.5}\n")

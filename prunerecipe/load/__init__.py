@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -27,7 +28,7 @@ def load_recipe(path: str | os.PathLike[str], overrides: Mapping[str, Any] | Non
     """Read, substitute, validate and type a recipe file.
 
     Args:
-        path: the recipe file.
+        path: the recipe file; ``"-"`` reads standard input (messages then say ``<stdin>``).
         overrides: values that replace (or supply) ``vars``, as the CLI's ``--set`` does.
 
     Returns:
@@ -42,6 +43,8 @@ def load_recipe(path: str | os.PathLike[str], overrides: Mapping[str, Any] | Non
         'global'
     """
     source = os.fspath(path)
+    if source == "-":  # the recipe on standard input
+        return _build(parse_yaml(sys.stdin.buffer.read(MAX_BYTES + 1), "<stdin>"), overrides)
     try:
         with open(source, "rb") as fh:
             raw = fh.read(MAX_BYTES + 1)  # never more: /dev/zero is a "file" too

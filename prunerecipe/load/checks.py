@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import KeyPath, MethodError, Problem, SelectorError
 from ..methods import MethodSpec, get_method
 from ..methods.binding import accepts, argument_findings, construction_problem
-from ..select import check_name_pattern, resolve_type
+from ..select import check_name_pattern
 from ..text import short
 from .schema import schema_problems
 from .yaml import Document
@@ -29,6 +29,7 @@ def semantic_problems(doc: Document) -> list[Problem]:
     problems: list[Problem] = []
     if isinstance(data.get("version"), float):
         problems.append(doc.problem(("version",), f"{data['version']!r} is not of type 'integer'", code="version"))
+    problems.extend(_nan_problems(doc, {k: v for k, v in data.items() if k != "vars"}, ()))
     model = data.get("model")
     if isinstance(model, str) and ":" in model and not _SPEC.fullmatch(model):
         problems.append(
@@ -54,12 +55,24 @@ def semantic_problems(doc: Document) -> list[Problem]:
     return problems
 
 
+def _nan_problems(doc: Document, value: Any, path: KeyPath) -> list[Problem]:
+    """NaN is never a usable number (infinities are caught where they are not: amount,
+    sparsity; a method's ``args`` may take them, as ``ln_structured``'s ``n: .inf`` does)."""
+    if isinstance(value, float) and math.isnan(value):
+        return [doc.problem(path, "NaN is not a number prunerecipe can use here", code="invalid")]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _nan_problems(doc, v, path + (k,))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _nan_problems(doc, v, path + (i,))]
+    return []
+
+
 def _amount_problems(doc: Document, path: KeyPath, step: dict[str, Any]) -> list[Problem]:
     problems = []
     amount = step.get("amount")
     for which in ("amount", "sparsity"):
         value = step.get(which)
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(value, float) and math.isinf(value):
             problems.append(doc.problem(path + (which,), f"{value} is not a finite number", code="amount"))
     if isinstance(amount, float) and math.isfinite(amount) and amount > 1:
         problems.append(doc.problem(path + ("amount",), f"{amount} is greater than the maximum of 1", code="amount"))
@@ -77,11 +90,9 @@ def _selector_problems(doc: Document, path: KeyPath, select: Any) -> list[Proble
             continue
         types, names = group.get("types"), group.get("names")
         for j, entry in enumerate(types if isinstance(types, list) else []):
-            if isinstance(entry, str) and "." in entry:
-                try:
-                    resolve_type(entry)
-                except SelectorError as exc:
-                    problems.append(doc.problem(prefix + ("types", j), str(exc), code="select"))
+            if isinstance(entry, str) and not all(part.isidentifier() for part in entry.split(".")):
+                # the form only: importing a dotted type would run code; plan resolves it
+                problems.append(doc.problem(prefix + ("types", j), f"{short(entry)} is not a class name or a dotted import path", code="select"))
         for j, entry in enumerate(names if isinstance(names, list) else []):
             if isinstance(entry, str):
                 try:

@@ -80,7 +80,11 @@ def _explain(doc: Document, path: KeyPath, err: Any) -> list[Problem]:
     if kind == "required" and isinstance(err.instance, dict):
         return [doc.problem(path, f"missing required key {key!r}", code="missing-key") for key in err.validator_value if key not in err.instance]
     if kind == "const" and path == ("version",):
-        return [doc.problem(path, f"unsupported recipe version {short(err.instance)}; this prunerecipe reads version 1", code="version")]
+        if isinstance(err.instance, str) and err.instance.strip() in ("1", "1.0"):
+            return [doc.problem(path, f"version is the number 1, not the string {short(err.instance)}: remove the quotes", code="version")]
+        if isinstance(err.instance, (int, float)) and not isinstance(err.instance, bool):
+            return [doc.problem(path, f"unsupported recipe version {short(err.instance)}; this prunerecipe reads version 1", code="version")]
+        return [doc.problem(path, f"{short(err.instance)} is not a recipe version; write version: 1", code="version")]
     if kind == "anyOf" and err.context and "x-message" not in err.schema:
         return [doc.problem(path, _any_of_message(err))]
     if kind == "propertyNames":

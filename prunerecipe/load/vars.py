@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from ..errors import KeyPath, Problem
+from ..errors import KeyPath, Problem, RecipeWarning
 from ..text import short, suggest
 from .yaml import Document
 
@@ -64,6 +65,17 @@ def substitute(doc: Document, overrides: Mapping[str, Any], problems: list[Probl
 
         _set_at(data, path, _PLACEHOLDER.sub(replace, text))
 
+    for name, value in overrides.items():
+        old = declared.get(name) if isinstance(declared, dict) else None
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            where = doc.problem(("vars", name), "")
+            warnings.warn(
+                RecipeWarning(
+                    f"{str(where).rstrip(': ')}: the override {name}={value} is an int where the recipe's var is a float ({old}); "
+                    f"an int amount is a count of entries, not a fraction: write {value}.0 for a fraction"
+                ),
+                stacklevel=2,
+            )
     for name in overrides:
         if name not in used and not (isinstance(declared, dict) and name in declared):
             known = sorted(declared) if isinstance(declared, dict) else []
