@@ -131,6 +131,15 @@ def _load(path: str, overrides: dict[str, Any]) -> Any:
     return recipe
 
 
+def _plot_target(path: str) -> None:
+    """Check a --plot file before any work: a suffix matplotlib writes, a place to write it."""
+    from .checkpoint import check_output
+
+    if os.path.splitext(path)[1].lower() not in (".png", ".svg"):
+        raise click.BadParameter(f"{path!r}: the picture is .png or .svg", param_hint="'--plot'")
+    check_output(path, force=True)
+
+
 def _progress() -> Callable[[str], None] | None:
     if not sys.stderr.isatty():
         return None
@@ -290,9 +299,12 @@ def apply(
 @weights_option
 @set_option
 @prefix_option
+@click.option("--plot", metavar="FILE", help="Also draw per-tensor sparsity before and after as a bar chart (.png or .svg; needs prunerecipe[plot]).")
 @json_option
 @_guard
-def plan(recipe_path: str, model_spec: str | None, weights: str | None, sets: tuple[str, ...], strip_prefix: str | None, as_json: bool) -> None:
+def plan(
+    recipe_path: str, model_spec: str | None, weights: str | None, sets: tuple[str, ...], strip_prefix: str | None, plot: str | None, as_json: bool
+) -> None:
     """Dry run: show every target each step resolves to and how much it prunes. Writes nothing.
 
     A Hugging Face model folder is planned on the meta device (shapes only) unless --weights is given.
@@ -302,7 +314,29 @@ def plan(recipe_path: str, model_spec: str | None, weights: str | None, sets: tu
     recipe = _load(recipe_path, _parse_sets(sets))
     model, _ = _model_for(recipe, model_spec, weights, strip_prefix, meta_ok=True)
     result = plan_recipe(model, recipe)
+    if not any(t.original.device.type == "meta" for t in result.targets):
+        from .preview import preview
+
+        result = preview(model, result)  # with real weights: the figures are computed, not projected
+    if plot:
+        from .plots import sparsity_chart
+
+        rows = {pt.qualname: pt for ps in result.steps for pt in ps.targets}  # each target's last step
+        firsts: dict[str, Any] = {}
+        for ps in result.steps:
+            for pt in ps.targets:
+                firsts.setdefault(pt.qualname, pt)
+        _, after = result.projected_sparsity()
+        where = "?" if after is None else f"{after:.2%}"
+        sparsity_chart(
+            plot,
+            [(name, pt.known_after) for name, pt in rows.items()],
+            before=[firsts[name].known_before for name in rows],
+            title=f"{recipe.source}: targeted entries masked after the recipe: {where}",
+        )
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else str(result))
+    if plot and not as_json:
+        click.echo(f"wrote {plot}")
 
 
 @cli.command(context_settings=CONTEXT)
@@ -355,9 +389,10 @@ def validate(recipe_paths: tuple[str, ...], sets: tuple[str, ...], as_json: bool
     help="The checkpoint to inspect: .pt/.pth/.bin/.ckpt/.safetensors, a shard index or a model folder.",
 )
 @prefix_option
+@click.option("--plot", metavar="FILE", help="Also draw per-tensor sparsity as a bar chart (.png or .svg; needs prunerecipe[plot]).")
 @json_option
 @_guard
-def report(model_spec: str | None, weights: str, strip_prefix: str | None, as_json: bool) -> None:
+def report(model_spec: str | None, weights: str, strip_prefix: str | None, plot: str | None, as_json: bool) -> None:
     """Per-layer and global sparsity of a checkpoint, pruned (masks) or finalized.
 
     Without --model every floating-point tensor is listed (a model folder is its own model);
@@ -365,8 +400,10 @@ def report(model_spec: str | None, weights: str, strip_prefix: str | None, as_js
     """
     from .checkpoint import fit_prefix, is_hf_folder, read_state_dict, state_dict_sparsity
     from .modelspec import load_model
-    from .text import format_table, pct
+    from .text import format_table, pct, shape_text
 
+    if plot:
+        _plot_target(plot)
     state = read_state_dict(weights)
     names = None
     types: dict[str, str] = {}
@@ -380,9 +417,21 @@ def report(model_spec: str | None, weights: str, strip_prefix: str | None, as_js
         names = [n[: -len("_orig")] if n.endswith("_orig") else n for n, _ in model.named_parameters()]
         types = {n: type(modules[n.rpartition(".")[0]]).__name__ for n in names}
     rows = state_dict_sparsity(state, names)
-    total = sum(math.prod(shape) for _, shape, _, _ in rows)
-    zeros = sum(z for _, _, z, _ in rows)
+    # The global figure counts the weights of the kinds pruning works on (tensors with masks, and
+    # matrices and kernels: two or more dimensions); biases and norm parameters are listed, not summed.
+    counted = [r for r in rows if r[3] or len(r[1]) >= 2]
+    others = [r for r in rows if r not in counted]
+    total = sum(math.prod(shape) for _, shape, _, _ in counted)
+    zeros = sum(z for _, _, z, _ in counted)
     masked = sum(1 for *_, m in rows if m)
+    if plot:
+        from .plots import sparsity_chart
+
+        sparsity_chart(
+            plot,
+            [(n, z / math.prod(s) if math.prod(s) else 0.0) for n, s, z, m in counted],
+            title=f"{weights}: {pct(zeros / total if total else 0.0)} of {total} weights are 0",
+        )
     if as_json:
         click.echo(
             json.dumps(
@@ -398,10 +447,16 @@ def report(model_spec: str | None, weights: str, strip_prefix: str | None, as_js
                             "zeros": z,
                             "sparsity": z / math.prod(s) if math.prod(s) else 0.0,
                             "masked": m,
+                            "counted": (n, s, z, m) in counted,
                         }
                         for n, s, z, m in rows
                     ],
-                    "global": {"numel": total, "zeros": zeros, "sparsity": zeros / total if total else 0.0},
+                    "global": {
+                        "numel": total,
+                        "zeros": zeros,
+                        "sparsity": zeros / total if total else 0.0,
+                        "over": "tensors with masks or two or more dimensions",
+                    },
                 },
                 indent=2,
             )
@@ -411,13 +466,75 @@ def report(model_spec: str | None, weights: str, strip_prefix: str | None, as_js
     table = [
         [n]
         + ([types.get(n, "")] if types else [])
-        + ["x".join(map(str, s)) or "scalar", str(math.prod(s)), pct(z / math.prod(s) if math.prod(s) else 0.0), "yes" if m else ""]
+        + [shape_text(s), str(math.prod(s)), pct(z / math.prod(s) if math.prod(s) else 0.0), "yes" if m else ""]
         for n, s, z, m in rows
     ]
     for line in format_table(header, table):
         click.echo(line)
     state_kind = f"pruned: {masked} tensor(s) carry masks" if masked else "no masks (dense or finalized)"
-    click.echo(f"global: {total} entries, sparsity {pct(zeros / total if total else 0.0)}; {state_kind}")
+    click.echo(f"global: {total} weights in {len(counted)} tensor(s), sparsity {pct(zeros / total if total else 0.0)}; {state_kind}")
+    if others:
+        n_other = sum(math.prod(shape) for _, shape, _, _ in others)
+        click.echo(
+            f"not counted: {len(others)} one-dimensional tensor(s) (biases, norm parameters): {n_other} entries, {sum(z for _, _, z, _ in others)} zeros"
+        )
+    if plot:
+        click.echo(f"wrote {plot}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("recipe_path", metavar="[RECIPE]", required=False)
+@click.option(
+    "--model",
+    "model_spec",
+    metavar="SPEC",
+    help="Model: 'pkg.module:attr', 'file.py:attr' or a Hugging Face model folder (default: the recipe's 'model:').",
+)
+@click.option("--weights", metavar="PATH", help="Weights to load first (checks they fit); a model folder alone is its own model.")
+@click.option("--select", "selector", metavar="YAML", help="A selector to try, e.g. '{types: [Linear], names: [\"fc*\"]}'.")
+@click.option("--params", default="weight", show_default=True, metavar="NAMES", help="Comma-separated parameter names for --select.")
+@set_option
+@prefix_option
+@json_option
+@_guard
+def inspect(
+    recipe_path: str | None,
+    model_spec: str | None,
+    weights: str | None,
+    selector: str | None,
+    params: str,
+    sets: tuple[str, ...],
+    strip_prefix: str | None,
+    as_json: bool,
+) -> None:
+    """Show a model's modules (qualified names, types, parameters, ties) and what selectors select.
+
+    \b
+    prunerecipe inspect --model prunerecipe.zoo:LeNet
+    prunerecipe inspect recipes/lenet-layerwise-l1.yaml          (the recipe's model, and what each step selects)
+    prunerecipe inspect --model ./gpt2-folder --select '{types: [Conv1D]}'
+    """
+    from .checkpoint import is_hf_folder
+    from .inspection import as_dict, as_text, model_rows, selections
+    from .load import parse_value, recipe_from_dict
+
+    recipe = _load(recipe_path, _parse_sets(sets)) if recipe_path else None
+    if model_spec is None and recipe is None and weights and is_hf_folder(weights):
+        model_spec, weights = weights, None
+    model, _ = _model_for(recipe, model_spec, weights, strip_prefix, meta_ok=True)
+    steps = selections(model, recipe) if recipe is not None else []
+    if selector:
+        try:
+            select = parse_value(selector)
+        except Exception as exc:
+            raise click.BadParameter(str(exc), param_hint="'--select'") from None
+        names = [p.strip() for p in params.split(",") if p.strip()]
+        trial = recipe_from_dict(
+            {"version": 1, "steps": [{"name": "--select", "select": select, "params": names, "method": "identity"}]}, source="--select"
+        )
+        steps += selections(model, trial)
+    rows = model_rows(model)
+    click.echo(json.dumps(as_dict(rows, steps), indent=2) if as_json else as_text(rows, steps))
 
 
 @cli.command(context_settings=CONTEXT)

@@ -38,7 +38,11 @@ def pruned_slices(target: Target, dim: int) -> int:
 
 
 class PlannedTarget(NamedTuple):
-    """A target of a step with torch-arithmetic projections (``None`` where they depend on values)."""
+    """A target of a step with torch-arithmetic projections (``None`` where they depend on values).
+
+    ``exact_before``/``exact_after``: whether those figures are facts (read from masks, or
+    computed by torch's arithmetic from facts) rather than depending on weights not looked at.
+    """
 
     target: Target
     units: int
@@ -48,6 +52,8 @@ class PlannedTarget(NamedTuple):
     entries_before: int
     entries_after: float | None
     numel: int
+    exact_before: bool = True
+    exact_after: bool = True
 
     @property
     def qualname(self) -> str:
@@ -62,6 +68,16 @@ class PlannedTarget(NamedTuple):
         if self.entries_after is None:
             return None
         return self.entries_after / self.numel if self.numel else 0.0
+
+    @property
+    def known_before(self) -> float | None:
+        """The sparsity before, when it is a fact (else None)."""
+        return self.sparsity_before if self.exact_before else None
+
+    @property
+    def known_after(self) -> float | None:
+        """The sparsity after, when it is a fact (else None)."""
+        return self.sparsity_after if self.exact_after else None
 
 
 @dataclass(frozen=True)
@@ -87,6 +103,9 @@ class Plan:
     steps: tuple[PlannedStep, ...]
     model_type: str = ""
     _final_entries: Mapping[tuple[int, str], tuple[int, float]] = field(default_factory=dict, repr=False)
+    _final_exact: bool = field(default=True, repr=False)
+    #: figures computed from the weights (``prunerecipe.preview``), not projected
+    computed: bool = False
 
     @property
     def targets(self) -> list[Target]:
@@ -97,15 +116,18 @@ class Plan:
                 seen.setdefault((id(pt.target.module), pt.target.param), pt.target)
         return list(seen.values())
 
-    def projected_sparsity(self) -> tuple[float, float]:
-        """Masked fraction over all targeted entries: (before, projected after)."""
-        first: dict[str, int] = {}
+    def projected_sparsity(self) -> tuple[float | None, float | None]:
+        """Masked fraction over all targeted entries: (before, after); None where it depends on
+        weights the plan did not look at."""
+        first: dict[str, PlannedTarget] = {}
         for ps in self.steps:
             for pt in ps.targets:
-                first.setdefault(pt.target.qualname, pt.entries_before)
+                first.setdefault(pt.target.qualname, pt)
         total = sum(n for n, _ in self._final_entries.values())
         after = sum(e for _, e in self._final_entries.values())
-        return (sum(first.values()) / total if total else 0.0, after / total if total else 0.0)
+        before = sum(pt.entries_before for pt in first.values()) / total if total else 0.0
+        known = all(pt.exact_before for pt in first.values())
+        return (before if known else None, (after / total if total else 0.0) if self._final_exact else None)
 
     def to_dict(self) -> dict[str, Any]:
         before, after = self.projected_sparsity()
@@ -133,8 +155,8 @@ class Plan:
                             "units": pt.units,
                             "unit": pt.unit,
                             "to_prune": pt.to_prune,
-                            "sparsity_before": pt.sparsity_before,
-                            "sparsity_after": pt.sparsity_after,
+                            "sparsity_before": pt.known_before,
+                            "sparsity_after": pt.known_after,
                         }
                         for pt in ps.targets
                     ],
@@ -143,6 +165,7 @@ class Plan:
             ],
             "sparsity_before": before,
             "sparsity_after": after,
+            "computed": self.computed,
         }
 
     def __str__(self) -> str:
@@ -175,16 +198,19 @@ class Plan:
                     pt.target.module_type,
                     shape_text(pt.target.shape),
                     f"{pt.units} {pt.unit}",
-                    "?" if pt.to_prune is None else str(pt.to_prune),
-                    pct(pt.sparsity_before),
-                    "?" if pt.sparsity_after is None else pct(pt.sparsity_after),
+                    "?" if pt.to_prune is None or not pt.exact_before else str(pt.to_prune),
+                    "?" if pt.known_before is None else pct(pt.known_before),
+                    "?" if pt.known_after is None else pct(pt.known_after),
                 ]
                 for pt in ps.targets
             ]
             lines.extend("  " + r for r in format_table(["target", "type", "shape", "of", "prunes", "before", "after"], rows))
         before, after = self.projected_sparsity()
         lines.append("")
-        lines.append(f"targeted entries masked: {pct(before)} -> {pct(after)} (projected; global steps are counted by group)")
+        how = "computed from the weights" if self.computed else "projected"
+        lines.append(f"targeted entries masked: {'?' if before is None else pct(before)} -> {'?' if after is None else pct(after)} ({how})")
+        if not self.computed and (before is None or after is None or any(pt.known_after is None for ps in self.steps for pt in ps.targets)):
+            lines.append("?: depends on the weights (global steps, structured methods, methods without an amount); plan with real weights shows them")
         return "\n".join(lines)
 
 
@@ -264,7 +290,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
     modules = list(model.named_modules(remove_duplicate=False))
     owners: dict[int, list[str]] | None = None
     resolved: dict[tuple, list[Target]] = {}
-    shared: dict[tuple, list[tuple[str, list[str]]]] = {}  # selector -> its tied targets and their owners
+    shared: dict[tuple[Any, ...], list[tuple[str, list[str], list[str]]]] = {}  # selector -> its tied targets and their owners
     proj = _Projection()
     problems: list[Problem] = []
     planned: list[PlannedStep] = []
@@ -328,7 +354,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
     if problems:
         raise RecipeError.collect(problems)
     final_entries = {key: (st.numel, st.entries) for key, st in proj.states.items()}
-    return Plan(recipe, tuple(planned), type(model).__name__, final_entries)
+    return Plan(recipe, tuple(planned), type(model).__name__, final_entries, all(st.entries_exact for st in proj.states.values()))
 
 
 def _unsupported(recipe: Recipe) -> list[Problem]:
@@ -378,7 +404,8 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
         rows: list[PlannedTarget] = []
         for t in targets:
             done = int(proj.entries_of(t))
-            rows.append(PlannedTarget(t, t.original.numel(), "entries", done, None, done, None, t.original.numel()))
+            exact = proj.state(t).entries_exact
+            rows.append(PlannedTarget(t, t.original.numel(), "entries", done, None, done, None, t.original.numel(), exact, False))
         return PlannedStep(step, spec, tuple(rows), True)
 
     if step.scope == "global":
@@ -386,7 +413,10 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
         sizes = [t.original.numel() for t in targets]
         total = sum(sizes)
         masked = sum(st.entries for st in states)
-        group = tuple(PlannedTarget(t, n, "entries", int(st.entries), None, int(st.entries), None, n) for t, n, st in zip(targets, sizes, states))
+        group = tuple(
+            PlannedTarget(t, n, "entries", int(st.entries), None, int(st.entries), None, n, st.entries_exact, False)
+            for t, n, st in zip(targets, sizes, states)
+        )
         k = None
         note = None
         if spec.takes_amount:
@@ -413,6 +443,7 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
         st = proj.state(t)
         numel = st.numel
         entries_before = st.entries
+        before_exact = st.entries_exact
         note = None
         if structured:
             shape = tuple(t.original.shape)
@@ -435,7 +466,7 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
                 st.slices = {}
             st.entries_exact = False
             st.touched = True
-            rows.append(PlannedTarget(t, units, f"slices (dim {d})", done, k, int(entries_before), after, numel))
+            rows.append(PlannedTarget(t, units, f"slices (dim {d})", done, k, int(entries_before), after, numel, exact and before_exact, False))
         elif takes_amount:
             done = int(entries_before)
             k, note = _count(
@@ -444,14 +475,16 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
             st.entries = entries_before + k
             st.slices = {}  # whole slices may now be masked
             st.touched = True
-            rows.append(PlannedTarget(t, numel, "entries", done, k, done, entries_before + k, numel))
+            rows.append(PlannedTarget(t, numel, "entries", done, k, done, entries_before + k, numel, before_exact, before_exact))
         elif spec.name == "identity":
-            rows.append(PlannedTarget(t, numel, "entries", int(entries_before), 0, int(entries_before), entries_before, numel))
+            rows.append(
+                PlannedTarget(t, numel, "entries", int(entries_before), 0, int(entries_before), entries_before, numel, before_exact, before_exact)
+            )
         else:  # no amount (custom methods): the mask is whatever the method computes
             st.entries_exact = False
             st.slices = {}
             st.touched = True
-            rows.append(PlannedTarget(t, numel, "entries", int(entries_before), None, int(entries_before), None, numel))
+            rows.append(PlannedTarget(t, numel, "entries", int(entries_before), None, int(entries_before), None, numel, before_exact, False))
         if note:
             notes.append(f"{t.qualname}: {note}")
     return PlannedStep(step, spec, tuple(rows), False, note="; ".join(notes) or None)

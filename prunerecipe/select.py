@@ -12,7 +12,7 @@ import functools
 import importlib
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import nn
@@ -209,7 +209,7 @@ def _explain_empty(
         if not any(check_name_pattern(entry)(n) for n in names):
             hints.append(f"no module name matches {short(entry)}" + suggest(entry, names))
     if not hints and selector.types is not None and selector.names is not None:
-        by_type = sum(1 for _, m in modules if _types_match(selector.types, type(m)))
+        by_type = sum(1 for _, m in modules if _types_match(selector.types, cast(Any, type(m))))
         by_name = sum(1 for n, _ in modules if _names_matcher(selector.names)(n))
         hints.append(f"types alone match {by_type} module(s), names alone {by_name}, both together none")
     elif not hints and (selector.exclude_names or selector.exclude_types):

@@ -61,7 +61,10 @@ def test_gpt2_tied_lm_head_is_refused_naming_both_owners():
     model = gpt2()
     assert model.lm_head.weight is model.transformer.wte.weight
     recipe = parse_recipe("version: 1\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5}\n", "tied.yaml")
-    with pytest.raises(RecipeError, match=r"parameter lm_head.weight is tied: one tensor shared by transformer.wte.weight, lm_head.weight; .*`exclude: \{names: \[lm_head\]\}`"):
+    with pytest.raises(
+        RecipeError,
+        match=r"parameter lm_head.weight is tied: one tensor shared by transformer.wte.weight, lm_head.weight; .*`exclude: \{names: \[lm_head\]\}`",
+    ):
         plan_recipe(model, recipe)
 
 
