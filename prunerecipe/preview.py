@@ -20,7 +20,7 @@ from torch import nn
 from . import magnitude
 from .amounts import checked_nparams, normalize_dim, sparsity_count
 from .methods.binding import argument_default
-from .plan import Plan, PlannedStep
+from .plan import Plan, PlannedStep, PlannedTarget
 from .select import Target
 from .torchprune import masked_slices, zero_entries
 
