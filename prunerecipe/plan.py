@@ -38,7 +38,11 @@ def pruned_slices(target: Target, dim: int) -> int:
 
 
 class PlannedTarget(NamedTuple):
-    """A target of a step with torch-arithmetic projections (``None`` where they depend on values)."""
+    """A target of a step with torch-arithmetic projections (``None`` where they depend on values).
+
+    ``exact``: ``pruned_before`` (and so ``to_prune``) is known without looking at values; after
+    a global step, or a structured one followed by another kind, counts depend on the values.
+    """
 
     target: Target
     units: int
@@ -48,6 +52,7 @@ class PlannedTarget(NamedTuple):
     entries_before: int
     entries_after: float | None
     numel: int
+    exact: bool = True
 
     @property
     def qualname(self) -> str:
@@ -237,12 +242,15 @@ class _Projection:
         return st.slices[dim]
 
 
-def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Plan:
+def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, spread: bool = False) -> Plan:
     """Resolve every step of ``recipe`` against ``model`` without changing it.
 
     Args:
         model: the model (real tensors, or on the ``meta`` device: shapes are enough).
         recipe: a :class:`~prunerecipe.spec.Recipe` or the path of a recipe file.
+        spread: the model is one of several processes' parts (:mod:`prunerecipe.distributed`):
+            a step may have no target here, and a global step's count is checked over the
+            union of every process's targets when it runs.
 
     Returns:
         The :class:`Plan`; ``str(plan)`` is the dry-run table the CLI prints.
@@ -279,7 +287,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
         try:
             key = (step.select, step.params)
             if key not in resolved:  # recipes often repeat a selector
-                resolved[key] = resolve_targets(modules, step.select, step.params)
+                resolved[key] = resolve_targets(modules, step.select, step.params, allow_empty=spread)
             targets = resolved[key]
         except SelectorError as exc:
             problems.append(recipe.problem(step.path + ("select",), _named(step, str(exc)), code="no-targets"))
@@ -296,6 +304,9 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
                     code="select",
                 )
             )
+            continue
+        if not targets:  # spread: another process holds this step's targets
+            planned.append(PlannedStep(step, spec, (), step.schedule is not None, note="no target in this process"))
             continue
         if owners is None:
             owners = param_owners(model)
@@ -314,7 +325,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
             continue
         scheduled = step.schedule is not None
         try:
-            ps = _plan_step(recipe, step, spec, targets, proj, scheduled)
+            ps = _plan_step(recipe, step, spec, targets, proj, scheduled, spread)
         except _PlanProblem as exc:
             problems.append(
                 recipe.problem(
@@ -360,7 +371,9 @@ class _PlanProblem(Exception):
         self.message = message
 
 
-def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Target], proj: _Projection, scheduled: bool) -> PlannedStep:
+def _plan_step(
+    recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Target], proj: _Projection, scheduled: bool, spread: bool = False
+) -> PlannedStep:
     how = "sparsity" if step.sparsity is not None else "amount"
     if scheduled:
         rows: list[PlannedTarget] = []
@@ -374,11 +387,14 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
         sizes = [t.original.numel() for t in targets]
         total = sum(sizes)
         masked = sum(st.entries for st in states)
-        group = tuple(PlannedTarget(t, n, "entries", int(st.entries), None, int(st.entries), None, n) for t, n, st in zip(targets, sizes, states))
+        group = tuple(
+            PlannedTarget(t, n, "entries", int(st.entries), None, int(st.entries), None, n, st.entries_exact)
+            for t, n, st in zip(targets, sizes, states)
+        )
         k = None
         note = None
         if spec.takes_amount:
-            exact = all(st.entries_exact for st in states)
+            exact = all(st.entries_exact for st in states) and not spread  # spread: the union decides
             what = functools.partial("the {} unpruned entries of the global group".format, total - int(masked))
             k, note = _count(step, total, int(masked), what, how, exact)
         # The split across tensors depends on the values: spread the group's count
@@ -423,23 +439,22 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
                 st.slices = {}
             st.entries_exact = False
             st.touched = True
-            rows.append(PlannedTarget(t, units, f"slices (dim {d})", done, k, int(entries_before), after, numel))
+            rows.append(PlannedTarget(t, units, f"slices (dim {d})", done, k, int(entries_before), after, numel, exact))
         elif takes_amount:
             done = int(entries_before)
-            k, note = _count(
-                step, numel, done, functools.partial("the {} unpruned entries of {.qualname}".format, numel - done, t), how, st.entries_exact
-            )
+            exact = st.entries_exact
+            k, note = _count(step, numel, done, functools.partial("the {} unpruned entries of {.qualname}".format, numel - done, t), how, exact)
             st.entries = entries_before + k
             st.slices = {}  # whole slices may now be masked
             st.touched = True
-            rows.append(PlannedTarget(t, numel, "entries", done, k, done, entries_before + k, numel))
+            rows.append(PlannedTarget(t, numel, "entries", done, k, done, entries_before + k, numel, exact))
         elif spec.name == "identity":
-            rows.append(PlannedTarget(t, numel, "entries", int(entries_before), 0, int(entries_before), entries_before, numel))
+            rows.append(PlannedTarget(t, numel, "entries", int(entries_before), 0, int(entries_before), entries_before, numel, st.entries_exact))
         else:  # no amount (custom methods): the mask is whatever the method computes
+            rows.append(PlannedTarget(t, numel, "entries", int(entries_before), None, int(entries_before), None, numel, st.entries_exact))
             st.entries_exact = False
             st.slices = {}
             st.touched = True
-            rows.append(PlannedTarget(t, numel, "entries", int(entries_before), None, int(entries_before), None, numel))
         if note:
             notes.append(f"{t.qualname}: {note}")
     return PlannedStep(step, spec, tuple(rows), False, note="; ".join(notes) or None)

@@ -5,14 +5,17 @@ from its cuts (:mod:`.masks`). Equal to torch's ``l1_unstructured``/``global_uns
 from __future__ import annotations
 
 from .cuts import select
-from .masks import EXACT_TIES_UP_TO, Fold, deferred_interrupts, fold, l1_global, l1_local, l1_local_many, piece_for
+from .histogram import DigitCut
+from .masks import EXACT_TIES_UP_TO, Fold, apply_global_cut, deferred_interrupts, fold, l1_global, l1_local, l1_local_many, piece_for, write_keep
 from .pieces import Piece, Threshold, census, flushes_subnormals, supported
 
 __all__ = [
     "EXACT_TIES_UP_TO",
+    "DigitCut",
     "Fold",
     "Piece",
     "Threshold",
+    "apply_global_cut",
     "census",
     "deferred_interrupts",
     "flushes_subnormals",
@@ -23,4 +26,5 @@ __all__ = [
     "piece_for",
     "select",
     "supported",
+    "write_keep",
 ]

@@ -211,6 +211,22 @@ def l1_global(
         del masks, lent
         prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)  # ties: torch picks
         return
+    apply_global_cut(params, threshold, zeros, pieces, masks)
+
+
+def apply_global_cut(
+    params: Sequence[tuple[nn.Module, str]],
+    threshold: Threshold,
+    zeros: dict[tuple[int, str], int] | None = None,
+    pieces: Sequence[Piece] | None = None,
+    masks: Sequence[torch.Tensor] | None = None,
+) -> None:
+    """The re-parametrization ``global_unstructured`` leaves, for a group's cut found
+    elsewhere (over a stream of tensors, or over the processes of a distributed job):
+    ``params[i]`` is piece ``i`` of ``threshold``. ``pieces`` and blank ``masks`` may be
+    passed when already made."""
+    pieces = [piece_for(m, n) for m, n in params] if pieces is None else pieces
+    masks = [blank_mask(p.values) for p in pieces] if masks is None else masks
     write_all([(p, threshold, i, m.view(-1), False) for i, (p, m) in enumerate(zip(pieces, masks))])
     for i, ((module, name), piece, mask) in enumerate(zip(params, pieces, masks)):
         default = owned_mask(module, name)
