@@ -89,7 +89,7 @@ def apply_recipe(
             before = measure(watched, counted)
             after = measure(watched, _fold(recipe, folds, seeds))
             return Report(_rows(watched, before, after), tuple(outcomes), True, recipe.source, skipped)
-    before = measure(watched, _together(group, lambda: _finite_zeros(recipe, usable)))
+    before = measure(watched, _together(group, lambda: finite_zeros(recipe, usable)))
 
     modules = [m for _, m, _ in watched]
     if recipe.finalize:
@@ -182,7 +182,7 @@ def _checked_cuts(
     cuts = _find_cuts(recipe, active, progress)
     if cuts is not None and cuts[4]:  # a cut took the exact path: NaN or inf there, perhaps
         suspect = cuts[4]
-        _finite_zeros(recipe, [(ps, t) for ps, t in usable if (id(t.module), t.param) in suspect])
+        finite_zeros(recipe, [(ps, t) for ps, t in usable if (id(t.module), t.param) in suspect])
     return cuts
 
 
@@ -249,7 +249,7 @@ def _usable(recipe: Recipe, active: list[PlannedStep]) -> Checked:
     return todo
 
 
-def _finite_zeros(recipe: Recipe, todo: Checked) -> dict[Key, int]:
+def finite_zeros(recipe: Recipe, todo: Checked) -> dict[Key, int]:
     """Refuse NaN or inf in a weight (a diverged model; torch's own l1_unstructured would rank
     NaN above everything and carry on). Returns the zero entries of each target not pruned
     yet, counted on the way (as the report counts them: the parameter's own zeros)."""

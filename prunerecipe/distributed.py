@@ -35,7 +35,7 @@ import torch.nn.utils.prune as prune
 
 from .amounts import checked_nparams, sparsity_count
 from .errors import ApplyError, Problem, problem
-from .magnitude import DigitCut, Threshold, apply_global_cut, piece_for
+from .magnitude import DigitCut, apply_global_cut, piece_for
 from .rng import skip
 from .select import Target
 from .spec import Recipe, Step
@@ -298,7 +298,7 @@ class Coordinator:
             counts[1, first : first + len(pieces)] = torch.tensor(cut.ties, dtype=torch.int64)
             counts = all_sum(self.group, counts)
             union = cut.threshold(counts[0].tolist(), counts[1].tolist())
-            threshold = _local(union, first, len(pieces))
+            threshold = union.part(first, len(pieces))
         apply_global_cut([(t.module, t.param) for t in targets], threshold, zeros, pieces)
         return None
 
@@ -318,15 +318,6 @@ def _one_hot(rank: int, world: int, value: int) -> torch.Tensor:
     out = torch.zeros(world, dtype=torch.int64)
     out[rank] = value
     return out
-
-
-def _local(union: Threshold, first: int, count: int) -> Threshold:
-    """The union's cut as it reads for this rank's pieces ``first .. first + count``."""
-
-    def part(values: tuple[int, ...] | None) -> tuple[int, ...] | None:
-        return None if values is None else tuple(values[first : first + count])
-
-    return Threshold(union.key, part(union.quotas), union.nothing, part(union.pruned), None, part(union.ties), union.finite)
 
 
 __all__ = ["Coordinator", "PeerFailure", "agree", "agreed", "all_sum", "gather_bytes", "resolve_group", "tensor_digest"]

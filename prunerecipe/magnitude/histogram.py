@@ -31,15 +31,19 @@ class DigitCut:
     Args:
         dtype: the pieces' dtype (all pieces share it).
         pieces: how many pieces this process adds (their indices are ``range(pieces)``).
-        k: entries to prune (counted over every process's pieces when ``reduce`` sums them).
+        k: entries to prune (counted over every process's pieces when ``reduce`` sums them), or
+            a function of the group's eligible entries (known after the first pass) that gives it.
         reduce: sums a histogram over processes (``None``: the pieces added here are all).
     """
 
-    def __init__(self, dtype: torch.dtype, pieces: int, k: int, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+    def __init__(
+        self, dtype: torch.dtype, pieces: int, k: int | Callable[[int], int], reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> None:
         clear = KEY_DTYPES[dtype][1]
         bits = clear.bit_length()  # 15, 31 or 63 bits below the sign
         self.dtype = dtype
-        self.k = k
+        self._k_of = k if callable(k) else None
+        self.k = k if isinstance(k, int) else 0
         self.reduce = reduce
         self.shifts = list(range(((bits - 1) // DIGIT) * DIGIT, -1, -DIGIT))
         self.level = 0
@@ -99,6 +103,8 @@ class DigitCut:
         shift = self.shifts[self.level]
         if self.level == 0:
             self.total_eligible = int(total.sum().item())
+            if self._k_of is not None:
+                self.k = self._k_of(self.total_eligible)
             inf = key_of(float("inf"), self.dtype)
             self.nonfinite = int(total[inf >> shift :].sum().item())
             if self.k <= 0:
