@@ -1,12 +1,26 @@
 """Magnitude pruning without ``topk``: an exact select over the float bits of ``|w|``, run in
 cache-sized chunks on worker threads (:mod:`.workers`), and the masks and in-place folds built
-from its cuts (:mod:`.masks`). Equal to torch's ``l1_unstructured``/``global_unstructured``."""
+from its cuts (:mod:`.masks`). Equal to torch's ``l1_unstructured``/``global_unstructured``.
+The same cut is found from histograms (:mod:`.histogram`) where the tensors are never all at
+hand: streamed one at a time, or held by several processes."""
 
 from __future__ import annotations
 
 from .cuts import select
 from .histogram import DigitCut
-from .masks import EXACT_TIES_UP_TO, Fold, apply_global_cut, deferred_interrupts, fold, l1_global, l1_local, l1_local_many, piece_for, write_keep
+from .masks import (
+    EXACT_TIES_UP_TO,
+    Fold,
+    apply_global_cut,
+    deferred_interrupts,
+    fold,
+    fold_into,
+    l1_global,
+    l1_local,
+    l1_local_many,
+    piece_for,
+    write_keep,
+)
 from .pieces import Piece, Threshold, census, flushes_subnormals, supported
 
 __all__ = [
@@ -20,6 +34,7 @@ __all__ = [
     "deferred_interrupts",
     "flushes_subnormals",
     "fold",
+    "fold_into",
     "l1_global",
     "l1_local",
     "l1_local_many",

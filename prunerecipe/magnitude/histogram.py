@@ -16,11 +16,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from . import workers
 from .pieces import KEY_DTYPES, Piece, Threshold, eligible_part, key_of, keys_of, make_cut
 
 DIGIT = 16
 _BINS = 1 << DIGIT
-_SPAN = 1 << 22  # entries keyed at a time: bounded scratch, whatever the tensor's size
+_SPAN = 1 << 20  # entries keyed at a time: bounded scratch, whatever the tensor's size
 
 
 class DigitCut:
@@ -52,6 +53,7 @@ class DigitCut:
         self.below = [0] * pieces  # the same, per piece added here
         self.ties = [0] * pieces  # per piece: keys equal to the cut (once done)
         self.eligible: list[int] = [0] * pieces  # per piece: eligible entries (from the first pass)
+        self.zeros: list[int] = [0] * pieces  # per piece: eligible entries that are zero (from the first pass)
         self.total_eligible: int | None = None
         self.nonfinite = 0  # NaN and inf among the eligible entries (all processes)
         self.key: int | None = None
@@ -77,13 +79,20 @@ class DigitCut:
             raise TypeError(f"piece {index} is {piece.values.dtype}, the cut ranks {self.dtype}")
         shift = self.shifts[self.level]
         flat = piece.flat()
-        hist = torch.zeros(_BINS, dtype=torch.int64)
-        for a in range(0, flat.numel(), _SPAN):
-            b = min(a + _SPAN, flat.numel())
+        spans = workers.chunks(flat.numel(), _SPAN)
+        hists: list[torch.Tensor] = []
+
+        wide = shift > 0  # the first digit is not the whole key: zeros are counted apart
+        zeros: list[int] = []
+
+        def count(j: int, hist: torch.Tensor) -> None:
+            a, b = spans[j]
             keys = keys_of(flat[a:b])
             ok = eligible_part(piece, a, b, torch.bool)
             if ok is not None:
                 keys = keys[ok]
+            if self.level == 0 and wide:
+                zeros.append(keys.numel() - int(torch.count_nonzero(keys).item()))
             if self.level:
                 keys = keys[(keys >> (shift + DIGIT)) == self.prefix]
                 digits = (keys >> shift) & (_BINS - 1) if shift else keys & (_BINS - 1)
@@ -91,11 +100,20 @@ class DigitCut:
                 digits = keys >> shift if shift else keys
             if digits.numel():
                 hist += torch.bincount(digits, minlength=_BINS)
+
+        def make(_index: int) -> torch.Tensor:
+            hist = torch.zeros(_BINS, dtype=torch.int64)
+            hists.append(hist)
+            return hist
+
+        workers.run(count, len(spans), flat.device, make)  # chunks on the worker threads, a histogram each
+        hist = torch.stack(hists).sum(0) if hists else torch.zeros(_BINS, dtype=torch.int64)
         self._hist += hist
         at = torch.nonzero(hist).view(-1)
         self._parts[index] = (at, hist.index_select(0, at))
         if self.level == 0:
             self.eligible[index] = int(hist.sum().item())
+            self.zeros[index] = sum(zeros) if wide else int(hist[0].item())
 
     def end_pass(self) -> None:
         """Sum this pass's histograms and choose the digit that holds the k-th smallest key."""

@@ -104,7 +104,10 @@ class Source:
         elif suffix_of(path) == SAFETENSORS_SUFFIX:
             self._open(path, prefer=None)
         else:
-            raise _fail(path, f"{suffix_of(path) or '(no suffix)'!r} files cannot be streamed; --stream reads .safetensors files, shard indexes and model folders")
+            raise _fail(
+                path,
+                f"{suffix_of(path) or '(no suffix)'!r} files cannot be streamed; --stream reads .safetensors files, shard indexes and model folders",
+            )
 
     def _open(self, path: str, prefer: Mapping[str, str] | None) -> None:
         try:
@@ -201,8 +204,20 @@ class Writer:
         fh.write(_header(self.entries, room).ljust(self._room, b" "))
         self.data_start = 8 + self._room
 
+    @property
+    def pending(self) -> str | None:
+        """The name of the next tensor to write (None: all were written)."""
+        return self.entries[self._next][0] if self._next < len(self.entries) else None
+
+    @property
+    def written(self) -> int:
+        """How many tensors were written."""
+        return self._next
+
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append ``tensor``'s bytes: it must be the next entry, with that dtype and shape."""
+        if self._next >= len(self.entries):
+            raise ValueError(f"expected no more tensors, got {name}")
         want, dtype, shape = self.entries[self._next]
         if name != want or tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"expected {want} {dtype} {tuple(shape)} next, got {name} {tensor.dtype} {tuple(tensor.shape)}")

@@ -43,7 +43,7 @@ from .format import DTYPES, Source, nbytes
 STREAMABLE = (prune.L1Unstructured, prune.RandomUnstructured, prune.LnStructured, prune.RandomStructured, prune.Identity)
 #: a global group of at most this many entries is pruned whole, in memory (torch breaks its ties)
 RESIDENT_UP_TO = EXACT_TIES_UP_TO
-#: the memory bound: this many times the largest tensor, plus SLACK
+#: the memory bound: this many times the largest tensor, plus SLACK (256 MiB)
 TIMES_LARGEST = 4
 SLACK = 256 * 2**20
 
@@ -149,16 +149,16 @@ class StreamPlan:
             ps = self.steps[cut.position]
             size = sum(self.entries[m].read_bytes for m in cut.members)
             entries = sum(math.prod(self.entries[m].shape) for m in cut.members)
-            how = "one exact select over the memory-mapped tensors" if cut.raw else f"{cut.passes()} histogram pass(es), 16 bits of |w| each"
-            for _ in range(cut.passes()):
-                lines.append(
-                    f"  pass {n}/{self.passes}: read {len(cut.members)} tensors ({_bytes(size)}) for the exact cut of {ps.step.label} "
-                    f"(global group of {entries} entries; {how})"
-                )
-                n += 1
+            how = "one exact select over the memory-mapped tensors" if cut.raw else "a histogram of 16 bits of |w| per pass, earlier steps rerun"
+            which = f"pass {n}" if cut.passes() == 1 else f"passes {n}-{n + cut.passes() - 1}"
+            lines.append(
+                f"  {which} of {self.passes}: read {len(cut.members)} tensors ({_bytes(size)} each pass) for the exact cut of {ps.step.label} "
+                f"(global group of {entries} entries; {how})"
+            )
+            n += cut.passes()
         pruned = len(self.members)
         lines.append(
-            f"  pass {n}/{self.passes}: read {len(self.entries)} tensors ({_bytes(read)}), prune {pruned}, write {len(self.entries)} ({_bytes(total)})"
+            f"  pass {n} of {self.passes}: read {len(self.entries)} tensors ({_bytes(read)}), prune {pruned}, write {len(self.entries)} ({_bytes(total)})"
         )
         together = [u for u in self.units if len(u) > 1]
         if together:
@@ -198,7 +198,7 @@ class StreamPlan:
 
 
 def _bytes(n: int) -> str:
-    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n} bytes"
@@ -242,11 +242,19 @@ def stream_plan(
         )
     if fmt == "dense" and out is not None and suffix_of(out) != SAFETENSORS_SUFFIX:
         raise CheckpointError(
-            problem(f"--stream writes safetensors: use a .safetensors output (not {suffix_of(out) or 'no suffix'}), or --format hf", source=out, code="stream")
+            problem(
+                f"--stream writes safetensors: use a .safetensors output (not {suffix_of(out) or 'no suffix'}), or --format hf",
+                source=out,
+                code="stream",
+            )
         )
     if fmt == "hf" and not hasattr(getattr(model, "config", None), "to_json_file"):
         raise CheckpointError(
-            problem(f"--format hf needs a Hugging Face model (one with a transformers config); {type(model).__name__} has none", source=out or "", code="output")
+            problem(
+                f"--format hf needs a Hugging Face model (one with a transformers config); {type(model).__name__} has none",
+                source=out or "",
+                code="output",
+            )
         )
     plan = plan_recipe(model, recipe)
     steps = tuple(ps for ps in plan.steps if not ps.scheduled)
@@ -278,9 +286,7 @@ def stream_plan(
             value = fit.state_dict[name]
             keys[name] = by_id[id(value)]
             stored[name] = value.dtype
-    entries = {
-        name: Entry(name, t.dtype, tuple(t.shape), keys[name], stored[name]) for name, t in state.items() if name not in aliases
-    }
+    entries = {name: Entry(name, t.dtype, tuple(t.shape), keys[name], stored[name]) for name, t in state.items() if name not in aliases}
     unknown = [f"{e.name} ({e.dtype})" for e in entries.values() if e.dtype not in DTYPES]
     if unknown:
         problems.append(problem(f"safetensors cannot store {', '.join(unknown[:4])}", source=out or "", code="stream"))

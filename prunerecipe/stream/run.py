@@ -28,7 +28,9 @@ from ..checkpoint import hf as hf_files
 from ..checkpoint.files import failures_named
 from ..checkpoint.write import dense_metadata, summary_of
 from ..errors import ApplyError, RecipeError
-from ..magnitude import EXACT_TIES_UP_TO, DigitCut, Piece, Threshold, apply_global_cut, piece_for, select, supported, write_keep
+from ..magnitude import EXACT_TIES_UP_TO, DigitCut, Piece, Threshold, apply_global_cut, fold_into, piece_for, select, supported
+from ..magnitude.masks import zeros_after
+from ..magnitude.workers import trim_heap
 from ..plan import PlannedStep
 from ..report import Report, StepOutcome, TargetSparsity
 from ..rng import is_random, skip
@@ -57,9 +59,11 @@ class _Pipe:
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.writing: torch.Tensor | None = None
 
     def put(self, writer: Writer, name: str, tensor: torch.Tensor) -> None:
         self.wait()
+        self.writing = tensor
 
         def work() -> None:
             try:
@@ -74,6 +78,7 @@ class _Pipe:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        self.writing = None
         if self._error is not None:
             error, self._error = self._error, None
             raise error
@@ -82,15 +87,19 @@ class _Pipe:
 class _Buffers:
     """Two reused buffers for folded tensors: one is written while the other is filled."""
 
-    def __init__(self) -> None:
+    def __init__(self, pipe: _Pipe) -> None:
         self._bufs: list[torch.Tensor] = []
         self._turn = 0
+        self._pipe = pipe
 
     def take(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         self._turn = 1 - self._turn
         while len(self._bufs) <= self._turn:
             self._bufs.append(torch.empty(0, dtype=torch.uint8))
+        writing = self._pipe.writing
+        if writing is not None and writing.untyped_storage().data_ptr() == self._bufs[self._turn].untyped_storage().data_ptr():
+            self._pipe.wait()  # that buffer is still being written
         if self._bufs[self._turn].numel() < size:
             self._bufs[self._turn] = torch.empty(0, dtype=torch.uint8)  # the old one goes first
             self._bufs[self._turn] = torch.empty(size, dtype=torch.uint8)
@@ -122,7 +131,7 @@ class Run:
         self.rows: list[tuple[str, tuple[int, ...], int]] = []
         self._ready: dict[str, torch.Tensor] = {}
         self._pipe = _Pipe()
-        self._buffers = _Buffers()
+        self._buffers = _Buffers(self._pipe)
         self._pass = 0
         self._final_state = torch.get_rng_state()
 
@@ -233,26 +242,13 @@ class Run:
             raise self._fail(ps, f"the global group of {len(self.sp.names[self.sp.steps.index(ps)])} tensors", exc) from exc
 
     def _cut(self, cut: Cut) -> Threshold | None:
+        """The exact cut of a big global group, from histograms of 16 bits of |w| per pass: memory
+        bounded by the histograms, whatever the group's size (``select`` keeps a share of the
+        group as candidates). Members seen as stored are read straight from the map."""
         ps = self.sp.steps[cut.position]
         numel = sum(math.prod(self.sp.entries[n].shape) for n in cut.members)
         size = sum(self.sp.entries[n].read_bytes for n in cut.members)
         label = f"exact cut of {ps.step.label}"
-        if cut.raw:  # the group as stored: one select over the memory-mapped tensors, as in memory
-            self._pass += 1
-            k = self._k(ps, numel, numel)
-            if k is None:
-                self.notes[cut.position] = f"no-op: already at or above sparsity {ps.step.sparsity:g}"
-                return None
-            pieces = [Piece(self.raw(n)) for n in cut.members]
-            (threshold,) = select([(pieces, k)], count_zeros=True)
-            if not threshold.finite:  # the exact path ran: NaN or inf, perhaps
-                for n in cut.members:
-                    self._checked(n, self._alone(n))
-            for n, z in zip(cut.members, threshold.zeros or ()):
-                if z is not None:
-                    self.zeros_before.setdefault(n, z)
-            self._report(label, len(cut.members), len(cut.members), size, size)
-            return threshold
         found: list[int | None] = [None]
 
         def k_of(eligible: int) -> int:
@@ -265,11 +261,22 @@ class Run:
             self._pass += 1
             done = 0
             for i, n in enumerate(cut.members):
-                t = self.pruned(self.sp.unit_of(n), cut.position)[n]
-                digits.add(i, piece_for(t.module, t.param))
+                if cut.raw:
+                    digits.add(i, Piece(self.raw(n)))
+                else:
+                    t = self.pruned(self.sp.unit_of(n), cut.position)[n]
+                    digits.add(i, piece_for(t.module, t.param))
+                    del t
+                    trim_heap()  # what the steps freed goes back to the system, tensor by tensor
                 done += self.sp.entries[n].read_bytes
                 self._report(label, i + 1, len(cut.members), done, size)
             digits.end_pass()
+        if cut.raw:
+            if digits.nonfinite:  # refused as in memory, naming the tensors
+                for n in cut.members:
+                    self._checked(n, self._alone(n))
+            for n, z in zip(cut.members, digits.zeros):
+                self.zeros_before.setdefault(n, z)
         if found[0] is None:
             self.notes[cut.position] = f"no-op: already at or above sparsity {ps.step.sparsity:g}"
             return None
@@ -307,6 +314,8 @@ class Run:
             value = getattr(t.module, t.param).detach()
             self.zeros_after[n] = self._count(n, value)
             self._ready[n] = value
+        del targets, t
+        trim_heap()
         return self._ready.pop(name)
 
     def _fold(self, name: str) -> torch.Tensor | None:
@@ -343,8 +352,8 @@ class Run:
                     k = checked_nparams(ps.step.amount, numel)
                 except ValueError as exc:
                     raise self._fail(ps, member.qualname, exc) from exc
-            piece = Piece(raw)
-            (threshold,) = select([([piece], k)], count_zeros=True)
+            out = self._buffers.take(entry.dtype, entry.shape)  # the other buffer may still be being written
+            (threshold,) = select([([Piece(raw)], k)], count_zeros=True, arena=out)  # its scratch lives in the buffer until the fold
             if threshold.quotas is not None and numel <= EXACT_TIES_UP_TO:
                 return None  # ties in a small tensor: torch's own topk picks them, on the regular path
             if not threshold.finite:
@@ -354,30 +363,46 @@ class Run:
             index = 0
         if name not in self.zeros_before:
             self._checked(name, self._alone(name))
-        out = self._buffers.take(entry.dtype, entry.shape)  # the other buffer may still be being written
-        out.copy_(raw)
-        write_keep(Piece(raw), threshold, index, out.view(-1), multiply=True)
-        self.zeros_after[name] = self._count(name, out)
+        if ps.step.scope == "global":
+            out = self._buffers.take(entry.dtype, entry.shape)  # the other buffer may still be being written
+        piece = Piece(raw)
+        fold_into(piece, threshold, index, out)
+        known = zeros_after(piece, threshold, index)
+        self.zeros_after[name] = self._count(name, out, known)
         return out
 
-    def _count(self, name: str, t: torch.Tensor) -> int:
-        zeros = zero_entries(t) if t.is_floating_point() else 0
+    def _count(self, name: str, t: torch.Tensor, known: int | None = None) -> int:
+        """Zero entries of a tensor written (``known`` when the cut tells), kept for the summary."""
+        zeros = known if known is not None else zero_entries(t) if t.is_floating_point() else 0
         if t.is_floating_point():
             self.rows.append((name, tuple(t.shape), zeros))
         return zeros
 
-    def write(self, fh: BinaryIO, names: list[str], room: dict[str, str] | None, done: list[int], total: int) -> Writer:
-        """One output file: every tensor of ``names``, wider dtypes first."""
+    def writer(self, fh: BinaryIO, names: list[str], room: dict[str, str] | None) -> Writer:
+        """An output file's writer: wider dtypes first, and within a dtype the tensors no step
+        touches first (they are written while the cut passes run)."""
         sp = self.sp
         order = entries_in_file_order([(n, sp.entries[n].dtype, sp.entries[n].shape) for n in names])
-        writer = Writer(fh, order, room)
-        for name, _, _ in order:
-            self._pipe.put(writer, name, self.final(name))
-            done[0] += 1
-            done[1] += sp.entries[name].nbytes
-            self._report("prune and write", done[0], len(sp.entries), done[1], total)
-        self._pipe.wait()
-        return writer
+        order.sort(key=lambda e: (-torch.empty((), dtype=e[1]).element_size(), e[0] in sp.members))
+        return Writer(fh, order, room)
+
+    def write_untouched(self, writers: list[Writer]) -> None:
+        """Each file's leading tensors that no step touches (no cut needed)."""
+        for writer in writers:
+            while writer.pending is not None and writer.pending not in self.sp.members:
+                name = writer.pending
+                writer.write(name, self.final(name))
+
+    def write(self, writers: list[Writer], done: list[int], total: int) -> None:
+        """Everything not written yet, file by file; the next tensor is pruned while one is written."""
+        sp = self.sp
+        for writer in writers:
+            for name, _, _ in writer.entries[writer.written :]:  # (the writer counts them as its thread writes)
+                self._pipe.put(writer, name, self.final(name))
+                done[0] += 1
+                done[1] += sp.entries[name].nbytes
+                self._report("prune and write", done[0], len(sp.entries), done[1], total)
+            self._pipe.wait()
 
     def sorted_rows(self) -> list[tuple[str, tuple[int, ...], int]]:
         """The zero counts of every floating-point tensor written, in the model's order."""
@@ -433,45 +458,66 @@ def execute(
     """Run ``sp`` and write ``out`` atomically; returns the report and the files written."""
     run = Run(sp, recipe, progress)
     run.replay()
-    run.find_cuts()
-    run._pass += 1
     targets = [m.qualname for m in _first_seen(sp)]
     floating = [(n, e.shape, math.prod(e.shape)) for n, e in sp.entries.items() if e.dtype.is_floating_point]
-    widest = _widest(summary_of([(n, s, z) for n, s, z in floating], fmt=sp.fmt, recipe_text=_text(recipe), recipe_source=recipe.source, targets=targets))
+    widest = _widest(summary_of(floating, fmt=sp.fmt, recipe_text=_text(recipe), recipe_source=recipe.source, targets=targets))
     total = sum(e.nbytes for e in sp.entries.values())
-    done = [0, 0]
     if sp.fmt == "dense":
-        room = dense_metadata(widest, sp.aliases)
-        with atomic_file(out, force=force) as tmp, open(tmp, "wb") as fh:
-            writer = run.write(fh, list(sp.entries), room, done, total)
-            info = summary_of(run.sorted_rows(), fmt=sp.fmt, recipe_text=_text(recipe), recipe_source=recipe.source, targets=targets)
-            writer.finish(dense_metadata(info, sp.aliases))
-        files = 1
+        parts, files, room = [list(sp.entries)], [""], dense_metadata(widest, sp.aliases)
     else:
         parts = hf_files.shard({n: e.nbytes for n, e in sp.entries.items()}, parse_size(max_shard_size))
-        names = hf_files.shard_files(len(parts))
-        room = hf_files.shard_metadata(widest)
-        with atomic_folder(out, force=force) as tmp:
-            hf_files.write_folder_files(tmp, sp.model, source_folder)
-            handles = []
+        files, room = hf_files.shard_files(len(parts)), hf_files.shard_metadata(widest)
+    context = atomic_file(out, force=force) if sp.fmt == "dense" else atomic_folder(out, force=force)
+    with context as tmp:
+        handles: list[BinaryIO] = []
+        try:
+            writers = []
+            for file, part in zip(files, parts):
+                handles.append(open(os.path.join(tmp, file) if file else tmp, "wb"))  # noqa: SIM115 - closed below, once the headers are final
+                writers.append(run.writer(handles[-1], part, room))
+            # the tensors no step touches are written while the cut passes read the group
+            early = _Background(lambda: run.write_untouched(writers))
             try:
-                writers = []
-                for file, part in zip(names, parts):
-                    fh = open(os.path.join(tmp, file), "wb")  # noqa: SIM115 - closed below, after the headers are final
-                    handles.append(fh)
-                    writers.append(run.write(fh, part, room, done, total))
-                info = summary_of(run.sorted_rows(), fmt=sp.fmt, recipe_text=_text(recipe), recipe_source=recipe.source, targets=targets)
-                for writer in writers:
-                    writer.finish(hf_files.shard_metadata(info))
+                run.find_cuts()
             finally:
-                for fh in handles:
-                    with failures_named(out):
-                        fh.close()
-            hf_files.write_index(tmp, names, parts, total)
+                early.join()
+            run._pass += 1
+            done = [sum(w.written for w in writers), sum(sp.entries[e[0]].nbytes for w in writers for e in w.entries[: w.written])]
+            run.write(writers, done, total)
+            info = summary_of(run.sorted_rows(), fmt=sp.fmt, recipe_text=_text(recipe), recipe_source=recipe.source, targets=targets)
+            for writer in writers:
+                writer.finish(dense_metadata(info, sp.aliases) if sp.fmt == "dense" else hf_files.shard_metadata(info))
+        finally:
+            for fh in handles:
+                with failures_named(out):
+                    fh.close()
+        if sp.fmt == "hf":
+            hf_files.write_folder_files(tmp, sp.model, source_folder)
+            hf_files.write_index(tmp, files, parts, total)
             hf_files.write_summary(tmp, info)
-        files = len(parts)
     run.finish_rng()
-    return run.report(), files
+    return run.report(), len(parts)
+
+
+class _Background:
+    """``fn()`` in a thread; :meth:`join` waits and raises what it raised."""
+
+    def __init__(self, fn: Callable[[], None]) -> None:
+        self._error: BaseException | None = None
+
+        def work() -> None:
+            try:
+                fn()
+            except BaseException as exc:
+                self._error = exc
+
+        self._thread = threading.Thread(target=work, name="prunerecipe-early-writer", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
 def _text(recipe: Recipe) -> str | None:
