@@ -2,8 +2,9 @@
 (``prunerecipe apply --stream``), with the in-memory run's result, bit for bit.
 
 :func:`apply_recipe_streaming` plans the run from the model's shapes (:mod:`.plan`: built on
-the ``meta`` device) and the checkpoint's header, then runs it (:mod:`.run`) over
-``safetensors.safe_open``'s memory map, writing safetensors tensor by tensor (:mod:`.format`).
+the ``meta`` device) and the checkpoint's header, then runs it (:mod:`.run` makes each tensor,
+:mod:`.output` writes them) over ``safetensors.safe_open``'s memory map, writing safetensors
+tensor by tensor (:mod:`.format`).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from ..load import load_recipe
 from ..modelspec import is_folder_spec, load_model, resolve
 from ..report import Report
 from ..spec import Recipe
+from .output import execute
 from .plan import StreamPlan, stream_plan
-from .run import Progress, execute
+from .run import Progress
 
 
 def meta_model(spec: str | nn.Module, base: str | None = None) -> tuple[nn.Module, str | None]:

@@ -1,6 +1,7 @@
 """safetensors files tensor by tensor: a reader over ``safetensors.safe_open`` (one file, a shard
 index or a Hugging Face model folder) and a writer that puts the header first and then each
-tensor's bytes in order, so no more than one tensor need be in memory at a time.
+tensor's bytes in order, so no more than one tensor need be in memory at a time; a thread that
+writes while the next tensor is made, and two reused buffers to make them in.
 
 The format: an 8-byte little-endian header length, a JSON header (``dtype``, ``shape`` and
 ``data_offsets`` per tensor, and an optional ``__metadata__`` of strings) padded with spaces to a
@@ -12,8 +13,10 @@ copied, and is never written to here.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any, BinaryIO, NamedTuple
 
@@ -246,3 +249,58 @@ def entries_in_file_order(entries: Sequence[tuple[str, torch.dtype, tuple[int, .
     """Wider dtypes first (as ``safetensors.save_file`` lays them out), else in the given order: every
     tensor's data then starts at a multiple of its element size."""
     return sorted(entries, key=lambda e: -torch.empty((), dtype=e[1]).element_size())
+
+
+class Pipe:
+    """Writes one tensor at a time in a thread (the next is made meanwhile); :meth:`wait` raises
+    what the write raised. ``writing`` is the tensor being written."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self.writing: torch.Tensor | None = None
+
+    def put(self, writer: Writer, name: str, tensor: torch.Tensor) -> None:
+        self.wait()
+        self.writing = tensor
+
+        def work() -> None:
+            try:
+                writer.write(name, tensor)
+            except BaseException as exc:  # handed to the main thread by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=work, name="prunerecipe-writer", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.writing = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+class Buffers:
+    """Two reused buffers for folded tensors: one is written while the other is filled."""
+
+    def __init__(self, pipe: Pipe) -> None:
+        self._bufs: list[torch.Tensor] = []
+        self._turn = 0
+        self._pipe = pipe
+
+    def take(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        """A tensor of that dtype and shape in the next buffer (grown when too small)."""
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        self._turn = 1 - self._turn
+        while len(self._bufs) <= self._turn:
+            self._bufs.append(torch.empty(0, dtype=torch.uint8))
+        writing = self._pipe.writing
+        if writing is not None and writing.untyped_storage().data_ptr() == self._bufs[self._turn].untyped_storage().data_ptr():
+            self._pipe.wait()  # that buffer is still being written
+        if self._bufs[self._turn].numel() < size:
+            self._bufs[self._turn] = torch.empty(0, dtype=torch.uint8)  # the old one goes first
+            self._bufs[self._turn] = torch.empty(size, dtype=torch.uint8)
+        return self._bufs[self._turn][:size].view(dtype).view(shape)

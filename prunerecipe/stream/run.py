@@ -1,4 +1,5 @@
-"""A streaming run: the passes :mod:`.plan` decided, one tensor at a time.
+"""A streaming run's tensors: the passes :mod:`.plan` decided, one tensor at a time
+(:mod:`.output` writes what this makes).
 
 Each tensor is read from the memory map (a view: page cache, not the process's memory), its
 steps run through the same code as the in-memory run, on a module holding that tensor alone
@@ -12,10 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import threading
 from collections.abc import Callable
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.utils.prune as prune
@@ -23,10 +22,6 @@ from torch import nn
 
 from ..amounts import checked_nparams, sparsity_count
 from ..apply import finite_zeros, run_step
-from ..checkpoint import atomic_file, atomic_folder, parse_size
-from ..checkpoint import hf as hf_files
-from ..checkpoint.files import failures_named
-from ..checkpoint.write import dense_metadata, summary_of
 from ..errors import ApplyError, RecipeError
 from ..magnitude import EXACT_TIES_UP_TO, DigitCut, Piece, Threshold, apply_global_cut, fold_into, piece_for, select, supported
 from ..magnitude.masks import zeros_after
@@ -37,7 +32,7 @@ from ..rng import is_random, skip
 from ..select import Target
 from ..spec import Recipe
 from ..torchprune import zero_entries
-from .format import Writer, entries_in_file_order
+from .format import Buffers, Pipe
 from .plan import Cut, StreamPlan
 
 
@@ -51,59 +46,6 @@ class Progress(NamedTuple):
     tensors_total: int
     bytes: int  # read (cut passes) or written (the last pass) in this pass
     bytes_total: int
-
-
-class _Pipe:
-    """Writes one tensor at a time in a thread, so the next is pruned meanwhile."""
-
-    def __init__(self) -> None:
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self.writing: torch.Tensor | None = None
-
-    def put(self, writer: Writer, name: str, tensor: torch.Tensor) -> None:
-        self.wait()
-        self.writing = tensor
-
-        def work() -> None:
-            try:
-                writer.write(name, tensor)
-            except BaseException as exc:  # handed to the main thread by wait()
-                self._error = exc
-
-        self._thread = threading.Thread(target=work, name="prunerecipe-writer", daemon=True)
-        self._thread.start()
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        self.writing = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
-
-
-class _Buffers:
-    """Two reused buffers for folded tensors: one is written while the other is filled."""
-
-    def __init__(self, pipe: _Pipe) -> None:
-        self._bufs: list[torch.Tensor] = []
-        self._turn = 0
-        self._pipe = pipe
-
-    def take(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        self._turn = 1 - self._turn
-        while len(self._bufs) <= self._turn:
-            self._bufs.append(torch.empty(0, dtype=torch.uint8))
-        writing = self._pipe.writing
-        if writing is not None and writing.untyped_storage().data_ptr() == self._bufs[self._turn].untyped_storage().data_ptr():
-            self._pipe.wait()  # that buffer is still being written
-        if self._bufs[self._turn].numel() < size:
-            self._bufs[self._turn] = torch.empty(0, dtype=torch.uint8)  # the old one goes first
-            self._bufs[self._turn] = torch.empty(size, dtype=torch.uint8)
-        return self._bufs[self._turn][:size].view(dtype).view(shape)
 
 
 class Run:
@@ -130,9 +72,9 @@ class Run:
         self.zeros_after: dict[str, int] = {}
         self.rows: list[tuple[str, tuple[int, ...], int]] = []
         self._ready: dict[str, torch.Tensor] = {}
-        self._pipe = _Pipe()
-        self._buffers = _Buffers(self._pipe)
-        self._pass = 0
+        self.pipe = Pipe()
+        self._buffers = Buffers(self.pipe)
+        self.passes_done = 0
         self._final_state = torch.get_rng_state()
 
     # --- the generator ------------------------------------------------------------------
@@ -258,7 +200,7 @@ class Run:
 
         digits = DigitCut(cut.dtype, len(cut.members), k_of)
         while not digits.done:
-            self._pass += 1
+            self.passes_done += 1
             done = 0
             for i, n in enumerate(cut.members):
                 if cut.raw:
@@ -269,7 +211,7 @@ class Run:
                     del t
                     trim_heap()  # what the steps freed goes back to the system, tensor by tensor
                 done += self.sp.entries[n].read_bytes
-                self._report(label, i + 1, len(cut.members), done, size)
+                self.report_progress(label, i + 1, len(cut.members), done, size)
             digits.end_pass()
         if cut.raw:
             if digits.nonfinite:  # refused as in memory, naming the tensors
@@ -288,9 +230,9 @@ class Run:
         holder.register_parameter(m.param, nn.Parameter(self.raw(name), requires_grad=False))
         return Target(m.module_name, m.param, holder)
 
-    def _report(self, label: str, tensors: int, total: int, done: int, size: int) -> None:
+    def report_progress(self, label: str, tensors: int, total: int, done: int, size: int) -> None:
         if self.progress is not None:
-            self.progress(Progress(label, self._pass, self.sp.passes, tensors, total, done, size))
+            self.progress(Progress(label, self.passes_done, self.sp.passes, tensors, total, done, size))
 
     # --- the write pass -----------------------------------------------------------------
 
@@ -306,7 +248,7 @@ class Run:
         folded = self._fold(name)
         if folded is not None:
             return folded
-        self._pipe.wait()  # nothing in flight while a tensor is re-parametrized: its memory is the bound's
+        self.pipe.wait()  # nothing in flight while a tensor is re-parametrized: its memory is the bound's
         unit = sp.unit_of(name)
         targets = self.pruned(unit)
         for n in unit:
@@ -378,32 +320,6 @@ class Run:
             self.rows.append((name, tuple(t.shape), zeros))
         return zeros
 
-    def writer(self, fh: BinaryIO, names: list[str], room: dict[str, str] | None) -> Writer:
-        """An output file's writer: wider dtypes first, and within a dtype the tensors no step
-        touches first (they are written while the cut passes run)."""
-        sp = self.sp
-        order = entries_in_file_order([(n, sp.entries[n].dtype, sp.entries[n].shape) for n in names])
-        order.sort(key=lambda e: (-torch.empty((), dtype=e[1]).element_size(), e[0] in sp.members))
-        return Writer(fh, order, room)
-
-    def write_untouched(self, writers: list[Writer]) -> None:
-        """Each file's leading tensors that no step touches (no cut needed)."""
-        for writer in writers:
-            while writer.pending is not None and writer.pending not in self.sp.members:
-                name = writer.pending
-                writer.write(name, self.final(name))
-
-    def write(self, writers: list[Writer], done: list[int], total: int) -> None:
-        """Everything not written yet, file by file; the next tensor is pruned while one is written."""
-        sp = self.sp
-        for writer in writers:
-            for name, _, _ in writer.entries[writer.written :]:  # (the writer counts them as its thread writes)
-                self._pipe.put(writer, name, self.final(name))
-                done[0] += 1
-                done[1] += sp.entries[name].nbytes
-                self._report("prune and write", done[0], len(sp.entries), done[1], total)
-            self._pipe.wait()
-
     def sorted_rows(self) -> list[tuple[str, tuple[int, ...], int]]:
         """The zero counts of every floating-point tensor written, in the model's order."""
         order = {n: i for i, n in enumerate(self.sp.entries)}
@@ -416,7 +332,7 @@ class Run:
         for name, m in sp.members.items():
             entry = sp.entries[name]
             rows.append(TargetSparsity(m.qualname, m.module_type, entry.shape, self.zeros_before.get(name, 0), self.zeros_after.get(name, 0)))
-        order = {m.qualname: i for i, m in enumerate(_first_seen(sp))}
+        order = {m.qualname: i for i, m in enumerate(first_seen(sp))}
         rows.sort(key=lambda r: order[r.name])
         outcomes = tuple(
             StepOutcome(ps.step.label, ps.method.name, tuple(pt.target.qualname for pt in ps.targets), self.notes.get(p, ps.note))
@@ -425,100 +341,10 @@ class Run:
         return Report(tuple(rows), outcomes, bool(self.recipe.finalize), self.recipe.source, ())
 
 
-def _first_seen(sp: StreamPlan) -> list[Any]:
+def first_seen(sp: StreamPlan) -> list[Any]:
     """Every target once, in the order the steps first name them (the report's order)."""
     seen: dict[str, Any] = {}
     for names in sp.names:
         for n in names:
             seen.setdefault(n, sp.members[n])
     return list(seen.values())
-
-
-def _widest(value: Any) -> Any:
-    """A summary with every float at its longest ``repr`` (room for the final header)."""
-    if isinstance(value, float):
-        return -1.2345678901234567e-300
-    if isinstance(value, dict):
-        return {k: _widest(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_widest(v) for v in value]
-    return value
-
-
-def execute(
-    sp: StreamPlan,
-    recipe: Recipe,
-    out: str,
-    *,
-    force: bool,
-    max_shard_size: str | int,
-    source_folder: str | None,
-    progress: Callable[[Progress], None] | None,
-) -> tuple[Report, int]:
-    """Run ``sp`` and write ``out`` atomically; returns the report and the files written."""
-    run = Run(sp, recipe, progress)
-    run.replay()
-    targets = [m.qualname for m in _first_seen(sp)]
-    floating = [(n, e.shape, math.prod(e.shape)) for n, e in sp.entries.items() if e.dtype.is_floating_point]
-    widest = _widest(summary_of(floating, fmt=sp.fmt, recipe_text=_text(recipe), recipe_source=recipe.source, targets=targets))
-    total = sum(e.nbytes for e in sp.entries.values())
-    if sp.fmt == "dense":
-        parts, files, room = [list(sp.entries)], [""], dense_metadata(widest, sp.aliases)
-    else:
-        parts = hf_files.shard({n: e.nbytes for n, e in sp.entries.items()}, parse_size(max_shard_size))
-        files, room = hf_files.shard_files(len(parts)), hf_files.shard_metadata(widest)
-    context = atomic_file(out, force=force) if sp.fmt == "dense" else atomic_folder(out, force=force)
-    with context as tmp:
-        handles: list[BinaryIO] = []
-        try:
-            writers = []
-            for file, part in zip(files, parts):
-                handles.append(open(os.path.join(tmp, file) if file else tmp, "wb"))  # noqa: SIM115 - closed below, once the headers are final
-                writers.append(run.writer(handles[-1], part, room))
-            # the tensors no step touches are written while the cut passes read the group
-            early = _Background(lambda: run.write_untouched(writers))
-            try:
-                run.find_cuts()
-            finally:
-                early.join()
-            run._pass += 1
-            done = [sum(w.written for w in writers), sum(sp.entries[e[0]].nbytes for w in writers for e in w.entries[: w.written])]
-            run.write(writers, done, total)
-            info = summary_of(run.sorted_rows(), fmt=sp.fmt, recipe_text=_text(recipe), recipe_source=recipe.source, targets=targets)
-            for writer in writers:
-                writer.finish(dense_metadata(info, sp.aliases) if sp.fmt == "dense" else hf_files.shard_metadata(info))
-        finally:
-            for fh in handles:
-                with failures_named(out):
-                    fh.close()
-        if sp.fmt == "hf":
-            hf_files.write_folder_files(tmp, sp.model, source_folder)
-            hf_files.write_index(tmp, files, parts, total)
-            hf_files.write_summary(tmp, info)
-    run.finish_rng()
-    return run.report(), len(parts)
-
-
-class _Background:
-    """``fn()`` in a thread; :meth:`join` waits and raises what it raised."""
-
-    def __init__(self, fn: Callable[[], None]) -> None:
-        self._error: BaseException | None = None
-
-        def work() -> None:
-            try:
-                fn()
-            except BaseException as exc:
-                self._error = exc
-
-        self._thread = threading.Thread(target=work, name="prunerecipe-early-writer", daemon=True)
-        self._thread.start()
-
-    def join(self) -> None:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-
-def _text(recipe: Recipe) -> str | None:
-    return getattr(recipe.document, "text", None)
