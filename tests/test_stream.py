@@ -32,9 +32,9 @@ import torch
 from torch import nn
 from prunerecipe.zoo import LeNet
 
-def big():  # 1.36M weights: global groups above 2**20 entries take the cut passes
+def big():  # 2.6M weights: global groups above 2**20 entries take the cut passes; 4.weight alone is above it
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 1024), nn.Linear(1024, 300))
+    return nn.Sequential(nn.Linear(1024, 512), nn.ReLU(), nn.Linear(512, 1024), nn.Linear(1024, 300), nn.Linear(300, 4096))
 
 def lenet():
     torch.manual_seed(0)
@@ -52,6 +52,11 @@ RECIPES = {
         "  - {select: {types: [Linear]}, method: l1_unstructured, amount: 100000, scope: global}\n"
         "  - {select: {types: [Linear]}, params: [bias], method: l1_unstructured, amount: 0.5}\n"
     ),
+    # local L1 cuts folded straight into the output, or (ties in a tensor of up to 2**20 entries) left to torch
+    "local": (
+        "  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.3}\n"
+        "  - {select: {types: [Linear]}, params: [bias], method: l1_unstructured, sparsity: 0.5}\n"
+    ),
     # small global groups (pruned whole: torch breaks ties), random steps replayed, structured steps
     "random": (
         "  - {select: {names: [conv1]}, method: random_unstructured, amount: 0.3}\n"
@@ -63,7 +68,7 @@ RECIPES = {
         "  - {select: {types: [Linear]}, params: [bias], method: random_unstructured, amount: 0.5, scope: global}\n"
     ),
 }
-MODEL_OF = {"global": "big", "chain": "big", "random": "lenet"}
+MODEL_OF = {"global": "big", "chain": "big", "local": "big", "random": "lenet"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -195,16 +200,17 @@ def test_written_files_read_back_with_safe_open_and_load_file(tmp_path, dtype):
     assert torch.equal(source.tensor("w"), tensors["w"])
 
 
-def test_a_failure_midway_leaves_no_output(setup, tmp_path):
-    spec, weights, path = setup("big", "fp32", "chain")
+@pytest.mark.parametrize("recipe", ["chain", "global", "local"])
+def test_a_failure_midway_leaves_no_output(setup, tmp_path, recipe):
+    spec, weights, path = setup("big", "fp32", recipe)
     state = load_file(weights)
-    state["2.weight"][3, 3] = float("nan")  # a tensor pruned late in the write pass
+    state["3.weight"][3, 3] = float("nan")  # a tensor pruned late in the write pass
     save_file(state, weights)
     for fmt, out in (("dense", tmp_path / "o.safetensors"), ("hf", tmp_path / "o")):
         done = CliRunner().invoke(cli, ["apply", path, "--model", spec, "--weights", weights, "--stream", "--format", fmt, "-o", str(out)])
         assert done.exit_code == 1, done.output
         if fmt == "dense":
-            assert "2.weight has 1 NaN and 0 infinite entries; refusing to prune a diverged model" in done.output, done.output
+            assert "3.weight has 1 NaN and 0 infinite entries; refusing to prune a diverged model" in done.output, done.output
             assert "Traceback" not in done.output
         assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prunerecipe-")]
@@ -282,20 +288,22 @@ def test_a_plugin_method_is_refused_at_plan_time(setup, tmp_path, write_recipe):
 def test_plan_stream_shows_the_passes_and_the_memory_bound(setup):
     spec, weights, path = setup("big", "fp32", "chain")
     text = run("plan", path, "--model", spec, "--weights", weights, "--stream")
-    assert "passes 1-2 of 5: read 3 tensors" in text and "exact cut of steps[1]" in text
-    assert "pass 5 of 5: read 6 tensors" in text
-    assert "memory bound: 4 x 2.0 MiB (largest tensor: 0.weight) + 256.0 MiB" in text
+    assert "passes 1-2 of 5: read 4 tensors (9.9 MiB each pass) for the exact cut of steps[1]" in text and "earlier steps rerun" in text
+    assert "pass 5 of 5: read 8 tensors (9.9 MiB), prune 8, write 8 (9.9 MiB)" in text
+    assert "memory bound: 4 x 4.7 MiB (largest tensor: 4.weight) + 256.0 MiB" in text
     data = json.loads(run("plan", path, "--model", spec, "--weights", weights, "--stream", "--json"))
-    assert data["stream"]["passes"] == 5 and data["stream"]["memory_bound"] == 4 * 1024 * 512 * 4 + 256 * 2**20
-    spec, weights, path = setup("big", "fp32", "global")
-    assert "pass 1 of 2: read 3 tensors (5.2 MiB each pass) for the exact cut of steps[0]" in run("plan", path, "--model", spec, "--stream")
+    assert data["stream"]["passes"] == 5 and data["stream"]["memory_bound"] == 4 * 300 * 4096 * 4 + 256 * 2**20
+    spec, weights, path = setup("big", "bf16", "global")
+    assert "pass 1 of 2: read 4 tensors (4.9 MiB each pass) for the exact cut of steps[0] (global group of 2584576 entries; a histogram" in run(
+        "plan", path, "--model", spec, "--weights", weights, "--stream"
+    )
 
 
 def test_the_library_call_reports_progress_and_returns_the_report(setup, tmp_path):
     spec, weights, path = setup("big", "bf16", "chain")
     seen = []
     report = apply_recipe_streaming(spec, path, weights, tmp_path / "o.safetensors", progress=seen.append)
-    assert {p.number for p in seen} == {1, 2, 3} and seen[-1].tensors == seen[-1].tensors_total == 6  # bf16: one pass per cut
+    assert {p.number for p in seen} == {1, 2, 3} and seen[-1].tensors == seen[-1].tensors_total == 8  # bf16: one pass per cut
     assert seen[-1].bytes == seen[-1].bytes_total == sum(t.numel() * t.element_size() for t in load_file(weights).values())
     assert report["0.weight"].after > 0.25 and report.numel == sum(t.numel() for t in load_file(weights).values())
 
@@ -356,3 +364,27 @@ def test_peak_memory_stays_under_the_bound(tmp_path):
         peak = int(done.stdout.split()[-1])
         print(f"peak {peak / 2**20:.0f} MiB")
         assert peak < bound, f"peak {peak / 2**20:.0f} MiB over the interpreter's, bound {bound / 2**20:.0f} MiB"
+
+
+def test_progress_is_shown_on_a_terminal_only(setup, tmp_path, monkeypatch):
+    from prunerecipe import cli as cli_module
+    from prunerecipe.stream.run import Progress
+
+    assert cli_module._stream_progress() is None  # not a terminal here
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    shown = []
+    monkeypatch.setattr(cli_module.click, "echo", lambda text="", err=False, nl=True: shown.append((text, err, nl)))
+    show = cli_module._stream_progress()
+    assert show is not None
+    show(Progress("prune and write", 2, 2, 1, 4, 10**9, 4 * 10**9))
+    show(Progress("prune and write", 2, 2, 4, 4, 4 * 10**9, 4 * 10**9))
+    last, err, nl = shown[-1]
+    assert err and nl and "pass 2/2 prune and write: 4/4 tensors, 4.00/4.00 GB" in last and "MB/s" in last
+
+
+def test_plan_stream_without_weights_and_apply_stream_without_any(setup, tmp_path):
+    spec, _, path = setup("big", "bf16", "global")
+    text = run("plan", path, "--model", spec, "--stream")
+    assert "streaming: (the checkpoint given at apply) -> --format dense" in text and "memory bound: 4 x 2.3 MiB (largest tensor: 4.weight)" in text
+    done = CliRunner().invoke(cli, ["apply", path, "--model", spec, "--stream", "-o", str(tmp_path / "o.safetensors")])
+    assert done.exit_code == 2 and "--stream needs --weights" in done.output

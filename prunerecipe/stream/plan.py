@@ -9,9 +9,11 @@ same code as :func:`~prunerecipe.apply.apply_recipe`), written. Three things rea
 tensor, and each is settled ahead:
 
 - a ``scope: global`` L1 step over more than :data:`RESIDENT_UP_TO` entries needs its group's
-  exact cut before any member is written: a pass reads the group first (one ``select`` over the
-  memory-mapped tensors when the step sees them as stored, else 16 bits of the key per pass, see
-  :class:`~prunerecipe.magnitude.DigitCut`); ties at the cut go earliest first, as in memory;
+  exact cut before any member is written: passes read the group first, a histogram of 16 bits
+  of ``|w|``'s key per pass (:class:`~prunerecipe.magnitude.DigitCut`: one pass for 16-bit
+  floats, two for float32), its memory bounded by the histograms; members the step sees as
+  stored are read straight from the map, others have their earlier steps run again; ties at
+  the cut go earliest first, as in memory;
 - a smaller global group is pruned whole, in memory, so that torch's ``topk`` breaks its ties as
   in the in-memory run (``global_unstructured`` itself runs on it);
 - a random step draws from the global generator in the plan's order: the number each target
@@ -91,11 +93,9 @@ class Cut:
     position: int  # in StreamPlan.steps
     members: tuple[str, ...]  # entries, in the step's target order
     dtype: torch.dtype
-    raw: bool  # every member is seen as stored (no earlier step, no dtype change): one select over the map
+    raw: bool  # every member is seen as stored (no earlier step, no dtype change): read straight from the map
 
     def passes(self) -> int:
-        if self.raw:
-            return 1
         bits = {torch.float16: 15, torch.bfloat16: 15, torch.float32: 31, torch.float64: 63}[self.dtype]
         return (bits - 1) // 16 + 1
 
@@ -149,7 +149,7 @@ class StreamPlan:
             ps = self.steps[cut.position]
             size = sum(self.entries[m].read_bytes for m in cut.members)
             entries = sum(math.prod(self.entries[m].shape) for m in cut.members)
-            how = "one exact select over the memory-mapped tensors" if cut.raw else "a histogram of 16 bits of |w| per pass, earlier steps rerun"
+            how = "a histogram of 16 bits of |w| per pass" + (", as stored" if cut.raw else ", earlier steps rerun")
             which = f"pass {n}" if cut.passes() == 1 else f"passes {n}-{n + cut.passes() - 1}"
             lines.append(
                 f"  {which} of {self.passes}: read {len(cut.members)} tensors ({_bytes(size)} each pass) for the exact cut of {ps.step.label} "
