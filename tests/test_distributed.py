@@ -13,7 +13,6 @@ import torch.multiprocessing as mp
 
 from . import dist_cases
 
-pytestmark = pytest.mark.slow
 
 TIMEOUT = 240  # seconds for a whole run; a hang fails the test instead of the suite
 
@@ -36,6 +35,15 @@ def launch(tmp_path, world: int, names: list[str]) -> list[dict]:
     return results
 
 
+def test_a_process_group_without_torch_distributed_is_a_clear_error():
+    from prunerecipe import ApplyError, apply_recipe
+    from prunerecipe.distributed import resolve_group
+
+    assert resolve_group(None) is None  # not initialized: one process, as always
+    with pytest.raises(ApplyError, match="process_group was passed, but torch.distributed is not initialized"):
+        apply_recipe(dist_cases.make_model(), dist_cases.recipe(dist_cases.GLOBAL_50), process_group=object())
+
+
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
     return launch(tmp_path_factory.mktemp("two"), 2, list(dist_cases.CASES))
@@ -46,12 +54,14 @@ def three(tmp_path_factory):
     return launch(tmp_path_factory.mktemp("three"), 3, ["split_equals_torch", "split_bf16_ties", "replicas", "split_random"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", ["two", "three"])
 def test_layer_split_ranks_get_the_whole_models_masks_bit_for_bit(world, request):
     for r in request.getfixturevalue(world)["split_equals_torch"]:
         assert r == {"global": True, "chain": True}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", ["two", "three"])
 def test_bf16_ties_exact_count_ordered_and_pruned_rank_first(world, request):
     for r in request.getfixturevalue(world)["split_bf16_ties"]:
@@ -59,18 +69,21 @@ def test_bf16_ties_exact_count_ordered_and_pruned_rank_first(world, request):
         assert r["count"] and r["ordered"] and r["ties_rank_first"] and r["deterministic"], r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", ["two", "three"])
 def test_replicas_get_identical_masks_equal_to_one_process(world, request):
     for r in request.getfixturevalue(world)["replicas"]:
         assert r == {"identical": True, "equals_single": True}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", ["two", "three"])
 def test_layer_split_random_steps_draw_as_one_process(world, request):
     for r in request.getfixturevalue(world)["split_random"]:
         assert r == {"equals_single": True, "rng_alike": True}
 
 
+@pytest.mark.slow
 def test_errors_are_raised_on_every_rank_and_change_nothing(two):
     for rank, r in enumerate(two["errors"]):
         assert "data-parallel replicas disagree" in r["diverged"] and "2.weight" in r["diverged"], (rank, r["diverged"])
@@ -81,6 +94,7 @@ def test_errors_are_raised_on_every_rank_and_change_nothing(two):
         assert r["after"]
 
 
+@pytest.mark.slow
 def test_pruner_schedules_across_layer_split_ranks(two):
     for r in two["pruner"]:
         assert r == {"epoch0": True, "epoch1": True, "epoch2": True}

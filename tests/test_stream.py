@@ -310,8 +310,9 @@ def test_the_library_call_reports_progress_and_returns_the_report(setup, tmp_pat
 
 @pytest.mark.slow
 def test_peak_memory_stays_under_the_bound(tmp_path):
-    """24 tensors of 16 MiB (384 MiB): the bound is 4 x 16 MiB + 256 MiB = 320 MiB; pruning in
-    memory needs the weights and their masks (768 MiB and more)."""
+    """24 tensors of 16 MiB (384 MiB): the bound is 4 x 16 MiB + 256 MiB = 320 MiB (more where
+    torch's random_unstructured ranks a tensor); pruning in memory needs the weights and their
+    masks (768 MiB and more)."""
     script = textwrap.dedent(
         f"""
         import sys, threading, time, torch
@@ -333,7 +334,9 @@ def test_peak_memory_stays_under_the_bound(tmp_path):
             save_file({{f'{{i}}.weight': torch.randn(4096, 1024, generator=g) for i in range(24)}}, {str(tmp_path / "w.safetensors")!r})
             sys.exit(0)
         from prunerecipe import apply_recipe_streaming, parse_recipe
+        from prunerecipe.stream import stream_plan
         recipe = parse_recipe(sys.argv[2])
+        bound = stream_plan(meta, recipe, {str(tmp_path / "w.safetensors")!r}).bound
         peak, base, stop = [0], anon(), []
         def watch():
             while not stop:
@@ -342,16 +345,20 @@ def test_peak_memory_stays_under_the_bound(tmp_path):
         t = threading.Thread(target=watch); t.start()
         apply_recipe_streaming(meta, recipe, {str(tmp_path / "w.safetensors")!r}, sys.argv[3], force=True)
         stop.append(1); t.join()
-        print(peak[0] - base)
+        print(peak[0] - base, bound)
         """
     )
     (tmp_path / "m.py").write_text(script)
     assert subprocess.run([sys.executable, str(tmp_path / "m.py"), "make"], timeout=300).returncode == 0
-    bound = 4 * 16 * 2**20 + 256 * 2**20
-    for steps in (
-        "  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5, scope: global}\n",
-        "  - {select: {names: ['0', '1']}, method: ln_structured, amount: 0.25, args: {n: 1, dim: 0}}\n"
-        "  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5, scope: global}\n",
+    for steps, expected in (
+        ("  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5, scope: global}\n", 4 * 16 + 256),
+        (
+            "  - {select: {names: ['0', '1']}, method: ln_structured, amount: 0.25, args: {n: 1, dim: 0}}\n"
+            "  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5, scope: global}\n",
+            4 * 16 + 256,
+        ),
+        # torch's random_unstructured ranks a whole tensor: 32 bytes an entry
+        ("  - {select: {names: ['0', '5']}, method: random_unstructured, amount: 0.3, seed: 1}\n", 32 * 4 + 256),
     ):
         done = subprocess.run(
             [sys.executable, str(tmp_path / "m.py"), "run", "version: 1\nsteps:\n" + steps, str(tmp_path / "o.safetensors")],
@@ -361,8 +368,8 @@ def test_peak_memory_stays_under_the_bound(tmp_path):
             cwd=ROOT,
         )
         assert done.returncode == 0, done.stderr[-3000:]
-        peak = int(done.stdout.split()[-1])
-        print(f"peak {peak / 2**20:.0f} MiB")
+        peak, bound = map(int, done.stdout.split()[-2:])
+        assert bound == expected * 2**20
         assert peak < bound, f"peak {peak / 2**20:.0f} MiB over the interpreter's, bound {bound / 2**20:.0f} MiB"
 
 
@@ -388,3 +395,29 @@ def test_plan_stream_without_weights_and_apply_stream_without_any(setup, tmp_pat
     assert "streaming: (the checkpoint given at apply) -> --format dense" in text and "memory bound: 4 x 2.3 MiB (largest tensor: 4.weight)" in text
     done = CliRunner().invoke(cli, ["apply", path, "--model", spec, "--stream", "-o", str(tmp_path / "o.safetensors")])
     assert done.exit_code == 2 and "--stream needs --weights" in done.output
+
+
+def test_the_bound_covers_torchs_random_ranking():
+    """random_unstructured ranks its whole tensor with torch's topk: the bound says so."""
+    from torch import nn
+
+    from prunerecipe.stream.plan import RANDOM_BYTES_PER_ENTRY, SLACK
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(1024, 4096, bias=False), nn.Linear(512, 512, bias=False))
+    plain = stream_plan(model, parse_recipe("version: 1\nsteps:\n  - {select: {names: ['1']}, method: random_unstructured, amount: 0.5}\n"), None)
+    assert plain.bound == 4 * 1024 * 4096 * 4 + SLACK
+    drawn = stream_plan(model, parse_recipe("version: 1\nsteps:\n  - {select: {names: ['0']}, method: random_unstructured, amount: 0.5}\n"), None)
+    assert drawn.bound == RANDOM_BYTES_PER_ENTRY * 1024 * 4096 + SLACK and "torch's random_unstructured ranks them whole" in str(drawn)
+
+
+def test_a_key_prefix_is_removed_as_in_memory(setup, tmp_path):
+    spec, weights, path = setup("lenet", "fp32", "random")
+    save_file({f"net.{k}": v for k, v in load_file(weights).items()}, tmp_path / "prefixed.safetensors")
+    args = [path, "--model", spec, "--weights", str(tmp_path / "prefixed.safetensors")]
+    memory = CliRunner().invoke(cli, ["apply", *args, "--format", "dense", "-o", str(tmp_path / "m.safetensors")])
+    streamed = CliRunner().invoke(cli, ["apply", *args, "--stream", "-o", str(tmp_path / "s.safetensors")])
+    assert memory.exit_code == streamed.exit_code == 0, streamed.output
+    assert "removed the key prefix 'net.'" in memory.stderr and "removed the key prefix 'net.'" in streamed.stderr
+    a, b = load_file(tmp_path / "m.safetensors"), load_file(tmp_path / "s.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a) and "conv1.weight" in a
