@@ -13,7 +13,6 @@ import torch.multiprocessing as mp
 
 from . import dist_cases
 
-
 TIMEOUT = 240  # seconds for a whole run; a hang fails the test instead of the suite
 
 
