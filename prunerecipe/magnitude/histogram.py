@@ -83,6 +83,7 @@ class DigitCut:
         hists: list[torch.Tensor] = []
 
         wide = shift > 0  # the first digit is not the whole key: zeros are counted apart
+        bins = _BINS >> 1 if self.level == 0 else _BINS  # the first digit holds the 15 bits under the sign
         zeros: list[int] = []
 
         def count(j: int, hist: torch.Tensor) -> None:
@@ -99,7 +100,7 @@ class DigitCut:
             else:
                 digits = keys >> shift if shift else keys
             if digits.numel():
-                hist += torch.bincount(digits, minlength=_BINS)
+                hist[:bins] += torch.bincount(digits, minlength=bins)
 
         def make(_index: int) -> torch.Tensor:
             hist = torch.zeros(_BINS, dtype=torch.int64)
