@@ -99,7 +99,7 @@ CHILD = textwrap.dedent(
 )
 
 
-def build(folder: Path, gb: float, dtype: str) -> tuple[int, int]:
+def build(folder: Path, gb: float, dtype: str, hidden: int = 2048, inter: int = 8192, vocab: int = 32000) -> tuple[int, int]:
     """A Llama-like folder of about ``gb`` GB, written tensor by tensor; returns (bytes, largest tensor bytes)."""
     import torch
     import transformers
@@ -108,15 +108,14 @@ def build(folder: Path, gb: float, dtype: str) -> tuple[int, int]:
     from prunerecipe.stream.format import Writer, entries_in_file_order
 
     width = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    hidden, inter, vocab = 2048, 8192, 32000
     per_layer = (4 * hidden * hidden + 3 * hidden * inter + 2 * hidden) * width
     layers = max(1, round((gb * 1e9 - 2 * vocab * hidden * width) / per_layer))
     cfg = transformers.LlamaConfig(
         hidden_size=hidden,
         intermediate_size=inter,
         num_hidden_layers=layers,
-        num_attention_heads=16,
-        num_key_value_heads=16,
+        num_attention_heads=max(1, hidden // 128),
+        num_key_value_heads=max(1, hidden // 128),
         vocab_size=vocab,
         max_position_embeddings=2048,
         tie_word_embeddings=False,
@@ -193,6 +192,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="floor/stream pairs, alternated")
     ap.add_argument("--dir", default=None, help="where the temporary folder goes (default: the system's)")
     ap.add_argument("--skip-memory", action="store_true", help="skip the in-memory run (and the comparison)")
+    ap.add_argument("--hidden", type=int, default=2048, help="the model's hidden size (intermediate: 4x; a smaller model for a quick check)")
     args = ap.parse_args()
 
     import torch
@@ -200,7 +200,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-stream-", dir=args.dir))
     try:
         t0 = time.perf_counter()
-        size, largest = build(tmp / "model", args.gb, args.dtype)
+        size, largest = build(tmp / "model", args.gb, args.dtype, args.hidden, 4 * args.hidden, 16 * args.hidden if args.hidden < 2048 else 32000)
         print(f"built {size / 1e9:.2f} GB ({args.dtype}) in {time.perf_counter() - t0:.0f} s; largest tensor {largest / 2**20:.0f} MiB", flush=True)
         bound = 4 * largest + 256 * 2**20
         floors, streams, peaks, ratios = [], [], [], []
