@@ -205,11 +205,16 @@ def main() -> None:
         bound = 4 * largest + 256 * 2**20
         floors, streams, peaks, ratios = [], [], [], []
         for i in range(args.repeats):
-            f, _ = child("floor", tmp / "model", tmp / "floor.safetensors")
+            # the two cases alternate which goes first: this VM's I/O speed drifts between runs
+            order = ("floor", "stream") if i % 2 == 0 else ("stream", "floor")
+            took = {}
+            for case in order:
+                out = tmp / f"{case}.safetensors"
+                if out.exists():
+                    out.unlink()  # no old file to replace inside the timing
+                took[case] = child(case, tmp / "model", out)
             (tmp / "floor.safetensors").unlink()
-            if (tmp / "stream.safetensors").exists():
-                (tmp / "stream.safetensors").unlink()  # as the floor's: no old file to replace inside the timing
-            s, peak = child("stream", tmp / "model", tmp / "stream.safetensors")
+            f, (s, peak) = took["floor"][0], took["stream"]
             floors.append(f)
             streams.append(s)
             peaks.append(peak)
