@@ -56,7 +56,8 @@ def apply_recipe(
         plan: a plan made earlier by :func:`~prunerecipe.plan.plan_recipe` for this model and recipe.
         progress: called with a line of text as each step starts.
         process_group: the ``torch.distributed`` group to prune together with (default: the
-            default group when ``torch.distributed`` is initialized).
+            default group when ``torch.distributed`` is initialized; ``False``: this process
+            alone, e.g. one rank pruning a copy for export, which the others do not join).
 
     Returns:
         A :class:`~prunerecipe.report.Report`: per-target and global sparsity before and after.

@@ -54,14 +54,17 @@ def resolve_group(process_group: Any = None) -> Any | None:
 
     Args:
         process_group: a ``torch.distributed`` group; None: the default group when
-            ``torch.distributed`` is initialized.
+            ``torch.distributed`` is initialized; False: none (this process prunes alone, e.g.
+            rank 0 exporting a model, which would otherwise wait for the other ranks).
 
     Returns:
-        The group, or None (not initialized, or a single rank).
+        The group, or None (alone, not initialized, or a single rank).
 
     Raises:
         ApplyError: a group was passed but ``torch.distributed`` is not initialized.
     """
+    if process_group is False:
+        return None
     initialized = dist.is_available() and dist.is_initialized()
     if process_group is None:
         if not initialized:

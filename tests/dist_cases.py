@@ -221,6 +221,12 @@ def case_errors(rank: int, world: int) -> dict[str, Any]:
     fine = split(make_model(6), rank, world)
     apply_recipe(fine, recipe(GLOBAL_50))
     out["after"] = bool(masks(fine))
+    # one rank alone (process_group=False) prunes its own layers by themselves, waiting for nobody
+    if rank == 0:
+        alone = split(make_model(6), rank, world)
+        apply_recipe(alone, recipe(GLOBAL_50), process_group=False)
+        out["alone"] = not same(masks(alone), masks(fine))  # its own cut, not the union's
+    dist.barrier()
     return out
 
 

@@ -90,7 +90,8 @@ def test_errors_are_raised_on_every_rank_and_change_nothing(two):
         assert "share some targets of this step but not all" in r["half_shared"] and "1.weight on ranks 0, 1" in r["half_shared"], r["half_shared"]
         assert "NaN" in r["nan"] and ("rank 1 failed" in r["nan"]) == (rank != 1), r["nan"]
         assert "the ranks run different recipes" in r["recipes"]
-        assert r["after"]
+        assert r["after"] and r.get("alone", True)
+    assert two["errors"][0]["alone"]
 
 
 @pytest.mark.slow
