@@ -266,8 +266,13 @@ def apply(
         targets=[t.name for t in report.targets],
         max_shard_size=max_shard_size,
     )
+    _applied(report, output, fmt, line, as_json)
+
+
+def _applied(report: Any, output: str, fmt: str, line: str, as_json: bool, **extra: Any) -> None:
+    """What ``apply`` prints: the report and the line saying what was written (or both as JSON)."""
     if as_json:
-        click.echo(json.dumps({**report.to_dict(), "output": output, "format": fmt, "wrote": line}, indent=2))
+        click.echo(json.dumps({**report.to_dict(), "output": output, "format": fmt, **extra, "wrote": line}, indent=2))
     else:
         click.echo(str(report))
         click.echo(line)
@@ -306,12 +311,7 @@ def _apply_streaming(
         model, recipe, source, output, fmt=fmt, force=force, max_shard_size=max_shard_size, folder=folder, plan=sp, progress=_stream_progress()
     )
     files = 1 if fmt == "dense" else sum(1 for f in os.listdir(output) if f.endswith(".safetensors"))
-    line = wrote_line(output, fmt, model, report.global_after, files)
-    if as_json:
-        click.echo(json.dumps({**report.to_dict(), "output": output, "format": fmt, "stream": True, "wrote": line}, indent=2))
-    else:
-        click.echo(str(report))
-        click.echo(line)
+    _applied(report, output, fmt, wrote_line(output, fmt, model, report.global_after, files), as_json, stream=True)
 
 
 def _stream_progress() -> Callable[[Any], None] | None:
