@@ -16,6 +16,7 @@ from ._version import __version__
 
 _EXPORTS = {
     "apply_recipe": "apply",
+    "apply_recipe_streaming": "stream",
     "ApplyError": "errors",
     "CheckpointError": "errors",
     "MethodError": "errors",
@@ -80,5 +81,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .schedule import Event
     from .select import Target
     from .spec import Recipe, Schedule, Selector, Step
+    from .stream import apply_recipe_streaming
     from .torchprune import finalize, pruned_parameters
     from .training import EventResult, Pruner

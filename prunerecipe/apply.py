@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.utils.prune as prune
 from torch import nn
 
-from . import magnitude
+from . import magnitude, rng
 from .amounts import checked_nparams, normalize_dim, sparsity_count
+from .distributed import Coordinator, PeerFailure, agreed, resolve_group
 from .errors import ApplyError, RecipeError
 from .load import load_recipe
 from .methods import MethodSpec
@@ -25,7 +26,7 @@ from .plan import Plan, PlannedStep, plan_recipe, pruned_entries, pruned_slices
 from .report import Report, StepOutcome, TargetSparsity, measure
 from .select import Target
 from .spec import Recipe
-from .torchprune import ModelSnapshot, finalize, make_copyable, pruned_parameters, pruning_hooks
+from .torchprune import ModelSnapshot, finalize, kept_entries, make_copyable, pruned_parameters, pruning_hooks
 
 Key = tuple[int, str]  # (id(module), parameter name)
 
@@ -36,6 +37,7 @@ def apply_recipe(
     *,
     plan: Plan | None = None,
     progress: Callable[[str], None] | None = None,
+    process_group: Any = None,
 ) -> Report:
     """Apply every unscheduled step of ``recipe`` to ``model``, in place, in file order.
 
@@ -43,11 +45,19 @@ def apply_recipe(
     ``torch.nn.utils.prune`` calls would. If anything fails, the model is restored to its
     exact prior state.
 
+    In a ``torch.distributed`` job (initialized, with more than one rank; or ``process_group``
+    given) every rank calls this together: ``scope: global`` steps rank the union of the
+    ranks' targets, data-parallel replicas are checked to agree, random steps draw alike
+    (:mod:`prunerecipe.distributed`), and a failure on any rank is raised on every rank.
+
     Args:
         model: the model to prune, in place.
         recipe: a :class:`~prunerecipe.spec.Recipe` or the path of a recipe file.
         plan: a plan made earlier by :func:`~prunerecipe.plan.plan_recipe` for this model and recipe.
         progress: called with a line of text as each step starts.
+        process_group: the ``torch.distributed`` group to prune together with (default: the
+            default group when ``torch.distributed`` is initialized; ``False``: this process
+            alone, e.g. one rank pruning a copy for export, which the others do not join).
 
     Returns:
         A :class:`~prunerecipe.report.Report`: per-target and global sparsity before and after.
@@ -64,43 +74,23 @@ def apply_recipe(
     """
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
-    if plan is None:
-        plan = plan_recipe(model, recipe)
-    elif plan.recipe is not recipe and plan.recipe != recipe:
-        raise RecipeError(recipe.problem((), "the plan passed to apply_recipe was made from another recipe"))
-    else:
-        mine = {id(m) for m in model.modules()}
-        if any(id(t.module) not in mine for t in plan.targets):
-            raise RecipeError(recipe.problem((), "the plan passed to apply_recipe was made for another model"))
-    active = [ps for ps in plan.steps if not ps.scheduled]
-    skipped = tuple(ps.step.label for ps in plan.steps if ps.scheduled)
-    if not active:
-        raise RecipeError(
-            recipe.problem(
-                ("steps",),
-                "every step has a 'schedule': scheduled steps run during training (prunerecipe.Pruner), not in a one-shot apply",
-            )
-        )
-
-    seen: dict[Key, tuple[str, nn.Module, str]] = {}
-    for ps in active:
-        for pt in ps.targets:
-            t = pt.target
-            seen.setdefault((id(t.module), t.param), (t.qualname, t.module, t.param))
-    watched = list(seen.values())
-    # Every pass before the first change only reads: for a one-shot fold, every cut (whose
-    # scan also counts the zeros before and spots NaN or inf); otherwise the finiteness check,
-    # which counts the zeros before on the way.
-    usable = _usable(recipe, active)
-    cuts = _find_cuts(recipe, active, progress) if _can_fold(recipe, active, model) else None
-    if cuts is not None:
-        outcomes, folds, seeds, counted, suspect = cuts
-        if suspect:  # a cut took the exact path: NaN or inf there, perhaps
-            _finite_zeros(recipe, [(ps, t) for ps, t in usable if (id(t.module), t.param) in suspect])
-        before = measure(watched, counted)
-        after = measure(watched, _fold(recipe, folds, seeds))
-        return Report(_rows(watched, before, after), tuple(outcomes), True, recipe.source, skipped)
-    before = measure(watched, _finite_zeros(recipe, usable))
+    group = resolve_group(process_group)
+    # Every pass before the first change only reads: the plan, the checks, and for a one-shot
+    # fold every cut (whose scan also counts the zeros before and spots NaN or inf); otherwise
+    # the finiteness check, which counts the zeros before on the way. Across ranks each is
+    # agreed: a failure on one rank is raised on all.
+    plan, active, skipped, watched, usable = _together(group, lambda: _prepare(model, recipe, plan, spread=group is not None))
+    coord = None
+    if group is not None:
+        coord = Coordinator(group, recipe, [(ps.step, ps.method.cls, [pt.target for pt in ps.targets]) for ps in active])
+    if _can_fold(recipe, active, model) and (coord is None or not coord.split):
+        cuts = _together(group, lambda: _checked_cuts(recipe, active, usable, progress))
+        if cuts is not None:
+            outcomes, folds, seeds, counted, _ = cuts
+            before = measure(watched, counted)
+            after = measure(watched, _fold(recipe, folds, seeds))
+            return Report(_rows(watched, before, after), tuple(outcomes), True, recipe.source, skipped)
+    before = measure(watched, _together(group, lambda: finite_zeros(recipe, usable)))
 
     modules = [m for _, m, _ in watched]
     if recipe.finalize:
@@ -115,7 +105,9 @@ def apply_recipe(
             current[:] = [ps, None]
             if progress is not None:
                 progress(f"[{i}/{len(active)}] {ps.step.label}: {ps.method.name} {ps.step.how_much} on {len(ps.targets)} tensor(s)")
-            outcomes.append(_run_step(recipe, ps, current, known))
+            outcomes.append(_run_step(recipe, ps, current, known, coord))
+            if coord is not None:
+                coord.agree(None)  # raises PeerFailure here when another rank failed this step
         current[:] = [None, None]
         if recipe.finalize:
             finalize(model)
@@ -123,6 +115,10 @@ def apply_recipe(
         snapshot.restore()
         if not isinstance(exc, Exception):
             raise
+        if isinstance(exc, PeerFailure):
+            raise
+        if coord is not None:
+            coord.agree(exc)
         ps, target = current
         if ps is None:
             raise ApplyError(
@@ -141,6 +137,54 @@ def apply_recipe(
     # finalize changes what was counted.
     after = measure(watched, None if recipe.finalize else known)
     return Report(_rows(watched, before, after), tuple(outcomes), bool(recipe.finalize), recipe.source, skipped)
+
+
+T = TypeVar("T")
+
+
+def _together(group: Any, fn: Callable[[], T]) -> T:
+    """``fn()``; across ranks, agreed (a failure on any rank is raised on every rank)."""
+    return fn() if group is None else agreed(group, fn)
+
+
+def _prepare(
+    model: nn.Module, recipe: Recipe, plan: Plan | None, spread: bool
+) -> tuple[Plan, list[PlannedStep], tuple[str, ...], list[tuple[str, nn.Module, str]], Checked]:
+    """The plan, its unscheduled steps, the skipped ones, every target once, and the usable targets."""
+    if plan is None:
+        plan = plan_recipe(model, recipe, spread=spread)
+    elif plan.recipe is not recipe and plan.recipe != recipe:
+        raise RecipeError(recipe.problem((), "the plan passed to apply_recipe was made from another recipe"))
+    else:
+        mine = {id(m) for m in model.modules()}
+        if any(id(t.module) not in mine for t in plan.targets):
+            raise RecipeError(recipe.problem((), "the plan passed to apply_recipe was made for another model"))
+    active = [ps for ps in plan.steps if not ps.scheduled]
+    skipped = tuple(ps.step.label for ps in plan.steps if ps.scheduled)
+    if not active:
+        raise RecipeError(
+            recipe.problem(
+                ("steps",),
+                "every step has a 'schedule': scheduled steps run during training (prunerecipe.Pruner), not in a one-shot apply",
+            )
+        )
+    seen: dict[Key, tuple[str, nn.Module, str]] = {}
+    for ps in active:
+        for pt in ps.targets:
+            t = pt.target
+            seen.setdefault((id(t.module), t.param), (t.qualname, t.module, t.param))
+    return plan, active, skipped, list(seen.values()), _usable(recipe, active)
+
+
+def _checked_cuts(
+    recipe: Recipe, active: list[PlannedStep], usable: Checked, progress: Callable[[str], None] | None
+) -> tuple[list[StepOutcome], list[magnitude.Fold], list[int], dict[Key, int], set[Key]] | None:
+    """:func:`_find_cuts`, then the finiteness check of the targets whose cut took the exact path."""
+    cuts = _find_cuts(recipe, active, progress)
+    if cuts is not None and cuts[4]:  # a cut took the exact path: NaN or inf there, perhaps
+        suspect = cuts[4]
+        finite_zeros(recipe, [(ps, t) for ps, t in usable if (id(t.module), t.param) in suspect])
+    return cuts
 
 
 def _rows(watched: list[tuple[str, nn.Module, str]], before: dict[str, Any], after: dict[str, Any]) -> tuple[TargetSparsity, ...]:
@@ -206,7 +250,7 @@ def _usable(recipe: Recipe, active: list[PlannedStep]) -> Checked:
     return todo
 
 
-def _finite_zeros(recipe: Recipe, todo: Checked) -> dict[Key, int]:
+def finite_zeros(recipe: Recipe, todo: Checked) -> dict[Key, int]:
     """Refuse NaN or inf in a weight (a diverged model; torch's own l1_unstructured would rank
     NaN above everything and carry on). Returns the zero entries of each target not pruned
     yet, counted on the way (as the report counts them: the parameter's own zeros)."""
@@ -324,14 +368,66 @@ def _fast_l1(spec: MethodSpec) -> bool:
     return spec.cls is prune.L1Unstructured
 
 
-def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any], zeros: dict[Key, int]) -> StepOutcome:
+def run_step(recipe: Recipe, ps: PlannedStep) -> StepOutcome:
+    """Run one planned step on its targets, as :func:`apply_recipe` runs it (seeding included),
+    with no rollback: for callers that keep their own copies (streaming, tensor by tensor)."""
+    return _run_step(recipe, ps, [ps, None], {})
+
+
+def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any], zeros: dict[Key, int], coord: Coordinator | None = None) -> StepOutcome:
     """Run one step. ``zeros`` holds, per ``(id(module), param)``, the zero count after the last
-    step that touched it, where a fast path knew it without counting (the report uses it)."""
+    step that touched it, where a fast path knew it without counting (the report uses it).
+    ``coord``: the ranks' coordinator, in a distributed run."""
     step, spec = ps.step, ps.method
     seed = recipe.step_seed(step)
     if seed is not None:
         torch.manual_seed(seed)
     targets = [pt.target for pt in ps.targets]
+    together = coord is not None and rng.is_random(spec.cls)
+    if together:
+        assert coord is not None
+        coord.random_state(step, _draws(ps, targets))
+    outcome = _run_targets(recipe, ps, targets, current, zeros, coord)
+    if together:
+        assert coord is not None
+        coord.random_done()
+    return outcome
+
+
+def _draws(ps: PlannedStep, targets: list[Target]) -> int:
+    """The CPU generator's 32-bit draws this step takes here (see :mod:`prunerecipe.rng`)."""
+    step, spec = ps.step, ps.method
+    if step.scope == "global":
+        if not targets:
+            return 0
+        amount = _live_amount(ps, targets)
+        units = sum(_eligible(t) for t in targets)
+        wide = any(t.original.dtype == torch.float64 for t in targets)  # torch.cat promotes to it
+        return rng.draws(spec.cls, amount if amount is not None else 0, units, torch.float64 if wide else torch.float32)
+    total = 0
+    for t in targets:
+        amount = _live_amount(ps, [t])
+        if amount is None or (step.sparsity is not None and amount <= 0):
+            continue
+        if spec.pruning_type == "structured":
+            d = normalize_dim(step.args.get("dim", argument_default(spec, "dim", -1)), t.original.dim())
+            units = t.original.shape[d] - pruned_slices(t, d)
+        else:
+            units = _eligible(t)
+        total += rng.draws(spec.cls, amount, units, t.original.dtype)
+    return total
+
+
+def _eligible(t: Target) -> int:
+    """Entries torch's container would still rank (``mask == 1``), or all of them."""
+    mask = t.mask
+    return t.original.numel() if mask is None else kept_entries(mask)
+
+
+def _run_targets(
+    recipe: Recipe, ps: PlannedStep, targets: list[Target], current: list[Any], zeros: dict[Key, int], coord: Coordinator | None
+) -> StepOutcome:
+    step, spec = ps.step, ps.method
     for t in targets:
         zeros.pop((id(t.module), t.param), None)
     names = tuple(t.qualname for t in targets)
@@ -339,6 +435,10 @@ def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any], zeros: dict[K
 
     if step.scope == "global":
         params = [(t.module, t.param) for t in targets]
+        if coord is not None and step.index in coord.split and spec.cls is prune.L1Unstructured:
+            return StepOutcome(step.label, spec.name, names, coord.global_l1(step, targets, zeros))  # the union's cut
+        if not targets:
+            return StepOutcome(step.label, spec.name, names)
         if not spec.takes_amount:
             prune.global_unstructured(params, pruning_method=spec.cls, **kwargs)
             return StepOutcome(step.label, spec.name, names)

@@ -222,6 +222,12 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
     "Default: hf for a model from a Hugging Face folder, else torch.",
 )
 @click.option("--max-shard-size", default="5GB", show_default=True, metavar="SIZE", help="Largest safetensors shard of --format hf (e.g. 500MB).")
+@click.option(
+    "--stream",
+    is_flag=True,
+    help="Read, prune and write one tensor at a time (safetensors in; --format dense or hf out; default dense, hf for a model folder): "
+    "for checkpoints bigger than memory. The model is built on the meta device; the output equals the in-memory run's, bit for bit.",
+)
 @set_option
 @click.option("--finalize", is_flag=True, help="Fold masks into the weights (prune.remove) after the last step.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists (keeping its permissions).")
@@ -235,6 +241,7 @@ def apply(
     output: str,
     fmt: str | None,
     max_shard_size: str,
+    stream: bool,
     sets: tuple[str, ...],
     finalize: bool,
     force: bool,
@@ -247,6 +254,7 @@ def apply(
     prunerecipe apply recipes/lenet-global-l1.yaml -o pruned.pt
     prunerecipe apply my.yaml --model mypkg.models:build --weights dense.pt --format dense -o pruned.safetensors
     prunerecipe apply my.yaml --model ./gpt2-folder -o ./gpt2-pruned        (a Hugging Face folder in, one out)
+    prunerecipe apply my.yaml --model ./llama-70b --stream -o ./llama-pruned  (tensor by tensor, bigger than memory)
     """
     import dataclasses
 
@@ -259,6 +267,9 @@ def apply(
     recipe = _load(recipe_path, overrides)
     if finalize:
         recipe = dataclasses.replace(recipe, finalize=True)
+    if stream:
+        _apply_streaming(recipe, recipe_path, model_spec, weights, output, fmt, max_shard_size, force, strip_prefix, as_json)
+        return
     # Everything about the output is checked before the model is built or pruned.
     spec, base = _model_spec(recipe, model_spec)
     from_folder = is_folder_spec(spec, base)
@@ -286,11 +297,76 @@ def apply(
         targets=[t.name for t in report.targets],
         max_shard_size=max_shard_size,
     )
+    _applied(report, output, fmt, line, as_json)
+
+
+def _applied(report: Any, output: str, fmt: str, line: str, as_json: bool, **extra: Any) -> None:
+    """What ``apply`` prints: the report and the line saying what was written (or both as JSON)."""
     if as_json:
-        click.echo(json.dumps({**report.to_dict(), "output": output, "format": fmt, "wrote": line}, indent=2))
+        click.echo(json.dumps({**report.to_dict(), "output": output, "format": fmt, **extra, "wrote": line}, indent=2))
     else:
         click.echo(str(report))
         click.echo(line)
+
+
+def _apply_streaming(
+    recipe: Any,
+    recipe_path: str,
+    model_spec: str | None,
+    weights: str | None,
+    output: str,
+    fmt: str | None,
+    max_shard_size: str,
+    force: bool,
+    strip_prefix: str | None,
+    as_json: bool,
+) -> None:
+    """``apply --stream``: plan on the meta device (every refusal before anything is read), then
+    prune tensor by tensor."""
+    from .checkpoint import check_output, parse_size
+    from .checkpoint.write import wrote_line
+    from .stream import apply_recipe_streaming, meta_model, stream_plan
+
+    spec, base = _model_spec(recipe, model_spec)
+    model, folder = meta_model(spec, base)
+    fmt = fmt or ("hf" if folder else "dense")
+    source = weights or folder
+    if source is None:
+        raise click.UsageError("--stream needs --weights (a .safetensors file, a shard index or a model folder), or a model folder as --model")
+    parse_size(max_shard_size)
+    sp = stream_plan(model, recipe, source, fmt=fmt, out=output, strip_prefix=strip_prefix)
+    check_output(output, force=force, folder=fmt == "hf", inputs=tuple(p for p in (source, folder, recipe_path) if p))
+    if sp.note:
+        click.echo(f"note: {source}: {sp.note}", err=True)
+    report = apply_recipe_streaming(
+        model, recipe, source, output, fmt=fmt, force=force, max_shard_size=max_shard_size, folder=folder, plan=sp, progress=_stream_progress()
+    )
+    files = 1 if fmt == "dense" else sum(1 for f in os.listdir(output) if f.endswith(".safetensors"))
+    _applied(report, output, fmt, wrote_line(output, fmt, model, report.global_after, files), as_json, stream=True)
+
+
+def _stream_progress() -> Callable[[Any], None] | None:
+    """Tensors and bytes done, rate and ETA of each pass, on one line of stderr (a terminal only)."""
+    if not sys.stderr.isatty():
+        return None
+    import time
+
+    started: dict[int, float] = {}
+    shown = [0.0]
+
+    def show(p: Any) -> None:
+        now = time.monotonic()
+        t0 = started.setdefault(p.number, now)
+        last = p.tensors == p.tensors_total
+        if not last and now - shown[0] < 0.2:
+            return
+        shown[0] = now
+        rate = p.bytes / (now - t0) if now > t0 else 0.0
+        eta = f", ETA {(p.bytes_total - p.bytes) / rate:.0f} s" if rate and not last else ""
+        line = f"pass {p.number}/{p.passes} {p.label}: {p.tensors}/{p.tensors_total} tensors, {p.bytes / 1e9:.2f}/{p.bytes_total / 1e9:.2f} GB, {rate / 1e6:.0f} MB/s{eta}"
+        click.echo("\r" + line.ljust(100), err=True, nl=last)
+
+    return show
 
 
 @cli.command(context_settings=CONTEXT)
@@ -300,10 +376,22 @@ def apply(
 @set_option
 @prefix_option
 @click.option("--plot", metavar="FILE", help="Also draw per-tensor sparsity before and after as a bar chart (.png or .svg; needs prunerecipe[plot]).")
+@click.option(
+    "--stream",
+    is_flag=True,
+    help="Also show what apply --stream would do: its passes over the checkpoint and its memory bound (the model is built on the meta device).",
+)
 @json_option
 @_guard
 def plan(
-    recipe_path: str, model_spec: str | None, weights: str | None, sets: tuple[str, ...], strip_prefix: str | None, plot: str | None, as_json: bool
+    recipe_path: str,
+    model_spec: str | None,
+    weights: str | None,
+    sets: tuple[str, ...],
+    strip_prefix: str | None,
+    plot: str | None,
+    stream: bool,
+    as_json: bool,
 ) -> None:
     """Dry run: show every target each step resolves to and how much it prunes. Writes nothing.
 
@@ -311,7 +399,22 @@ def plan(
     """
     from .plan import plan_recipe
 
+    if stream and plot:
+        raise click.UsageError("--plot draws the in-memory plan's figures; leave out --stream to draw them")
     recipe = _load(recipe_path, _parse_sets(sets))
+    if stream:
+        from .stream import meta_model, stream_plan
+
+        spec, base = _model_spec(recipe, model_spec)
+        model, folder = meta_model(spec, base)
+        sp = stream_plan(model, recipe, weights or folder, fmt="hf" if folder else "dense", strip_prefix=strip_prefix)
+        if as_json:
+            click.echo(json.dumps({**sp.plan.to_dict(), "stream": sp.to_dict()}, indent=2))
+        else:
+            click.echo(str(sp.plan))
+            click.echo("")
+            click.echo(str(sp))
+        return
     model, _ = _model_for(recipe, model_spec, weights, strip_prefix, meta_ok=True)
     result = plan_recipe(model, recipe)
     if not any(t.original.device.type == "meta" for t in result.targets):

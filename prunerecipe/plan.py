@@ -263,12 +263,15 @@ class _Projection:
         return st.slices[dim]
 
 
-def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Plan:
+def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, spread: bool = False) -> Plan:
     """Resolve every step of ``recipe`` against ``model`` without changing it.
 
     Args:
         model: the model (real tensors, or on the ``meta`` device: shapes are enough).
         recipe: a :class:`~prunerecipe.spec.Recipe` or the path of a recipe file.
+        spread: the model is one of several processes' parts (:mod:`prunerecipe.distributed`):
+            a step may have no target here, and a global step's count is checked over the
+            union of every process's targets when it runs.
 
     Returns:
         The :class:`Plan`; ``str(plan)`` is the dry-run table the CLI prints.
@@ -305,7 +308,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
         try:
             key = (step.select, step.params)
             if key not in resolved:  # recipes often repeat a selector
-                resolved[key] = resolve_targets(modules, step.select, step.params)
+                resolved[key] = resolve_targets(modules, step.select, step.params, allow_empty=spread)
             targets = resolved[key]
         except SelectorError as exc:
             problems.append(recipe.problem(step.path + ("select",), _named(step, str(exc)), code="no-targets"))
@@ -322,6 +325,9 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
                     code="select",
                 )
             )
+            continue
+        if not targets:  # spread: another process holds this step's targets
+            planned.append(PlannedStep(step, spec, (), step.schedule is not None, note="no target in this process"))
             continue
         if owners is None:
             owners = param_owners(model)
@@ -341,7 +347,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
             continue
         scheduled = step.schedule is not None
         try:
-            ps = _plan_step(recipe, step, spec, targets, proj, scheduled)
+            ps = _plan_step(recipe, step, spec, targets, proj, scheduled, spread)
         except _PlanProblem as exc:
             problems.append(
                 recipe.problem(
@@ -398,7 +404,9 @@ class _PlanProblem(Exception):
         self.message = message
 
 
-def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Target], proj: _Projection, scheduled: bool) -> PlannedStep:
+def _plan_step(
+    recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Target], proj: _Projection, scheduled: bool, spread: bool = False
+) -> PlannedStep:
     how = "sparsity" if step.sparsity is not None else "amount"
     if scheduled:
         rows: list[PlannedTarget] = []
@@ -420,7 +428,7 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
         k = None
         note = None
         if spec.takes_amount:
-            exact = all(st.entries_exact for st in states)
+            exact = all(st.entries_exact for st in states) and not spread  # spread: the union decides
             what = functools.partial("the {} unpruned entries of the global group".format, total - int(masked))
             k, note = _count(step, total, int(masked), what, how, exact)
         # The split across tensors depends on the values: spread the group's count
@@ -469,9 +477,8 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
             rows.append(PlannedTarget(t, units, f"slices (dim {d})", done, k, int(entries_before), after, numel, exact and before_exact, False))
         elif takes_amount:
             done = int(entries_before)
-            k, note = _count(
-                step, numel, done, functools.partial("the {} unpruned entries of {.qualname}".format, numel - done, t), how, st.entries_exact
-            )
+            exact = st.entries_exact
+            k, note = _count(step, numel, done, functools.partial("the {} unpruned entries of {.qualname}".format, numel - done, t), how, exact)
             st.entries = entries_before + k
             st.slices = {}  # whole slices may now be masked
             st.touched = True

@@ -149,15 +149,16 @@ class Target(NamedTuple):
         return tuple(self.original.shape)
 
 
-def resolve_targets(modules: Sequence[tuple[str, nn.Module]], selector: Selector, params: Sequence[str]) -> list[Target]:
-    """Targets in ``named_modules()`` order, then ``params`` order; raises on zero targets."""
+def resolve_targets(modules: Sequence[tuple[str, nn.Module]], selector: Selector, params: Sequence[str], allow_empty: bool = False) -> list[Target]:
+    """Targets in ``named_modules()`` order, then ``params`` order; raises on zero targets
+    unless ``allow_empty``."""
     matched = _select(modules, selector)
     targets = []
     for n, m in matched:
         for p in params:
             if has_param(m, p):
                 targets.append(Target(n, p, m))
-    if not targets:
+    if not targets and not allow_empty:
         raise SelectorError(_explain_empty(modules, matched, selector, params))
     return targets
 

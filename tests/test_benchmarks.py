@@ -26,3 +26,13 @@ def test_bench_prune_prints_quiet_and_busy_tables_and_its_targets():
     assert len(cells) == 12 and cells[4].endswith("x") and cells[5].endswith("MB") and cells[10].endswith("x")
     targets = out.split("targets (issue 13):")[1].strip().splitlines()
     assert any("busy 1" in t for t in targets) and all(t.startswith(("- met:", "- NOT MET:")) for t in targets)
+
+
+@pytest.mark.slow
+def test_bench_stream_prints_its_table_and_targets():
+    out = run("benchmarks/bench_stream.py", "--gb", "0.02", "--hidden", "256", "--repeats", "1")
+    rows = dict(line.strip("|").split("|")[:2] for line in out.splitlines() if line.startswith("| ") and "measure" not in line)
+    rows = {k.strip(): v.strip() for k, v in rows.items()}
+    assert rows["bit-identical to in memory"].startswith("yes (")
+    assert "MiB (max of runs) vs bound" in rows["peak anonymous memory, stream"] and rows["stream / floor"].endswith(")")
+    assert any(line.startswith("- met: peak under the bound") for line in out.splitlines())

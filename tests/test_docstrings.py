@@ -34,6 +34,7 @@ def test_public_names_are_documented(name):
         "prunerecipe.amounts",
         "prunerecipe.modelspec",
         "prunerecipe.load.schema",
+        "prunerecipe.rng",
     ],
 )
 def test_runnable_examples_pass(module):

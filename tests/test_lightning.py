@@ -186,3 +186,33 @@ def test_a_callback_checkpoint_is_read_by_report_and_apply(tmp_path):
     (tmp_path / "other.py").write_text("import torch\ndef build():\n    return torch.nn.Sequential(torch.nn.Linear(4, 4))\n")
     done = runner.invoke(cli, ["apply", str(recipe), "--model", f"{tmp_path / 'other.py'}:build", "--weights", last, "-o", str(tmp_path / "x.pt")])
     assert done.exit_code == 1 and "every key starts with 'net.'" in done.output and "see --strip-prefix" in done.output
+
+
+@pytest.mark.slow
+def test_ddp_and_ddp_spawn_give_every_rank_the_single_process_masks(tmp_path):
+    """RecipePruning under Trainer(strategy=ddp_spawn / ddp, accelerator=cpu, devices=2), with a
+    global step on a schedule and unseeded random steps on ranks whose generators differ: every
+    rank ends with the masks of a one-process run (the weights stay equal: the learning rate is 0)."""
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    script = ROOT / "tests" / "lightning_ddp.py"
+    runs = {
+        mode: subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path), mode], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+        )
+        for mode in ("single", "ddp_spawn", "ddp")
+    }
+    for mode, run in runs.items():
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, (mode, err[-3000:])
+    single = torch.load(tmp_path / "single-0.pt", weights_only=True)
+    assert set(single) == {f"net.{n}_mask" for n in ("conv1.weight", "conv1.bias", "conv2.weight", "fc1.weight", "fc2.weight")}
+    for mode in ("ddp_spawn", "ddp"):
+        for rank in (0, 1):
+            got = torch.load(tmp_path / f"{mode}-{rank}.pt", weights_only=True)
+            assert set(got) == set(single), (mode, rank)
+            for name, mask in single.items():
+                assert torch.equal(got[name], mask), (mode, rank, name)

@@ -468,3 +468,26 @@ def test_big_tensors_fold_and_mask_on_worker_threads_like_torch(scope):
     fp.l1_local(masked[0], "weight", 0.3)
     prune.l1_unstructured(ref[0], "weight", amount=0.3)
     assert torch.equal(masked[0].weight_mask, ref[0].weight_mask) and masked[0].weight.grad_fn is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_histogram_cut_equals_select(dtype):
+    """DigitCut (16 bits of the key per pass, for streams and across ranks) gives select's cut:
+    the k-th smallest key, ties split earliest first, eligibility respected, all-or-nothing ends."""
+    from prunerecipe.magnitude.histogram import DigitCut, find_cut
+
+    g = torch.Generator().manual_seed(3)
+    for trial in range(6):
+        ts = [torch.randn(int(n), generator=g).to(dtype) for n in torch.randint(1, 4000, (3,), generator=g)]
+        if trial % 2:
+            ts = [(t * 4).round() / 4 for t in ts]  # heavy ties
+        eligible = [None if trial % 3 else (torch.rand(t.shape, generator=g) > 0.3).float() for t in ts]
+        pieces = [fp.Piece(t, e) for t, e in zip(ts, eligible)]
+        n = sum(p.eligible_count() for p in pieces)
+        for k in (0, 1, n // 3, n - 1, n):
+            assert find_cut(pieces, k) == sel.select([(pieces, k)])[0], (trial, k)
+    cut = DigitCut(dtype, 1, lambda eligible: eligible // 2)  # k from the eligible count, known after the first pass
+    while not cut.done:
+        cut.add(0, fp.Piece(torch.tensor([0.0, 1.0, -2.0, float("nan")], dtype=dtype)))
+        cut.end_pass()
+    assert cut.total_eligible == 4 and cut.k == 2 and cut.nonfinite == 1 and cut.zeros == [1]

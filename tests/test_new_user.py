@@ -42,7 +42,9 @@ def test_validate_imports_nothing_a_recipe_names(tmp_path):
     marker = tmp_path / "imported"
     (tmp_path / "spy.py").write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('x')\nclass Layer:\n    pass\n")
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("version: 1\nmodel: spy:Layer\nsteps:\n  - {select: {types: [spy.Layer, torch.nn.Linear]}, method: l1_unstructured, amount: 0.5}\n")
+    recipe.write_text(
+        "version: 1\nmodel: spy:Layer\nsteps:\n  - {select: {types: [spy.Layer, torch.nn.Linear]}, method: l1_unstructured, amount: 0.5}\n"
+    )
     env = dict(os.environ, PYTHONPATH=str(tmp_path) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     done = subprocess.run([sys.executable, "-m", "prunerecipe", "validate", str(recipe)], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -67,7 +69,9 @@ def test_numbers_that_are_nan_are_refused_anywhere():
 def test_paths_in_a_recipe_resolve_against_its_folder_and_model_against_the_current_one(tmp_path, monkeypatch):
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "mymodel.py").write_text("from prunerecipe.zoo import LeNet as Net\n")
-    (tmp_path / "sub" / "r.yaml").write_text("version: 1\nmodel: mymodel.py:Net\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5}\n")
+    (tmp_path / "sub" / "r.yaml").write_text(
+        "version: 1\nmodel: mymodel.py:Net\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5}\n"
+    )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -81,7 +85,13 @@ def test_messages_new_users_met():
     done = run("validate", "-", stdin='version: "1"\nsteps:\n  - {select: {}, method: identity}\n')
     assert "version is the number 1, not the string '1': remove the quotes" in done.output
     long_glob = "x" * 40_000
-    done = run("plan", "-", "--model", "prunerecipe.zoo:LeNet", stdin=f"version: 1\nsteps:\n  - {{name: '{'s' * 5000}', select: {{names: ['{long_glob}']}}, method: identity}}\n")
+    done = run(
+        "plan",
+        "-",
+        "--model",
+        "prunerecipe.zoo:LeNet",
+        stdin=f"version: 1\nsteps:\n  - {{name: '{'s' * 5000}', select: {{names: ['{long_glob}']}}, method: identity}}\n",
+    )
     assert done.exit_code == 1 and len(done.output) < 1200, len(done.output)
     done = run("apply", RECIPE, "-o", "/nonexistent/x.pt", "--set", "x=1")
     assert "override 'x' matches no var" in done.output
@@ -99,7 +109,11 @@ def test_an_int_override_of_a_float_var_warns_that_an_int_is_a_count(tmp_path):
 
 def test_json_errors_from_validate_plan_and_apply(tmp_path):
     bad = "version: 1\nsteps:\n  - {select: {names: [nope]}, method: l1_unstructured, amount: 0.5}\n"
-    for args in (["validate", "--json", "-"], ["plan", "--json", "-", "--model", "prunerecipe.zoo:LeNet"], ["apply", "--json", "-", "--model", "prunerecipe.zoo:LeNet", "-o", str(tmp_path / "o.pt")]):
+    for args in (
+        ["validate", "--json", "-"],
+        ["plan", "--json", "-", "--model", "prunerecipe.zoo:LeNet"],
+        ["apply", "--json", "-", "--model", "prunerecipe.zoo:LeNet", "-o", str(tmp_path / "o.pt")],
+    ):
         done = run(*args, stdin=bad if args[0] != "validate" else bad.replace("l1_unstructured", "l1_unstructure"))
         assert done.exit_code == 1, done.output
         (error,) = json.loads(done.output)["errors"]

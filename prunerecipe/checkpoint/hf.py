@@ -97,18 +97,64 @@ def tied_aliases(model: nn.Module, names: list[str]) -> dict[str, str]:
     return out
 
 
-def shard(tensors: Mapping[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
-    """Tensors in order, in shards of at most ``max_bytes`` (a bigger tensor gets a shard of its own)."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def shard(sizes: Mapping[str, int], max_bytes: int) -> list[list[str]]:
+    """Names in order, in shards of at most ``max_bytes`` (a bigger tensor gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
     size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
+    for name, nbytes in sizes.items():
         if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = t
+        shards[-1].append(name)
         size += nbytes
     return shards
+
+
+def shard_files(count: int) -> list[str]:
+    """The file names of ``count`` safetensors shards, as ``save_pretrained`` names them."""
+    return ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def shard_metadata(summary: Mapping[str, Any]) -> dict[str, str]:
+    """Each shard's ``__metadata__``: safetensors' format tag and the whole summary."""
+    return {"format": "pt", "prunerecipe": json.dumps(summary, separators=(",", ":"))}
+
+
+def write_folder_files(folder: str, model: nn.Module, source: str | None) -> None:
+    """What a written folder holds besides the weights: ``config.json`` from ``model.config``,
+    the generation config, and the input folder's other files (tokenizer and the like)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_file"):
+        raise _fail(folder, "--format hf needs a Hugging Face model (one with a transformers config)", code="output")
+    if source and is_hf_folder(source):
+        for name in sorted(os.listdir(source)):
+            path = os.path.join(source, name)
+            weights = name in HF_WEIGHTS or name.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json"))
+            if os.path.isfile(path) and name not in _NOT_COPIED and not weights:
+                shutil.copyfile(path, os.path.join(folder, name))
+    config.to_json_file(os.path.join(folder, "config.json"))
+    generation = getattr(model, "generation_config", None)
+    if (
+        generation is not None
+        and not os.path.exists(os.path.join(folder, "generation_config.json"))
+        and getattr(model, "can_generate", lambda: False)()
+    ):
+        generation.to_json_file(os.path.join(folder, "generation_config.json"))
+
+
+def write_index(folder: str, files: list[str], parts: list[list[str]], total_size: int) -> None:
+    """``model.safetensors.index.json`` for a sharded folder (nothing for one file)."""
+    if len(parts) <= 1:
+        return
+    index = {"metadata": {"total_size": total_size}, "weight_map": {key: name for name, part in zip(files, parts) for key in part}}
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
+        json.dump(index, fh, indent=2)
+
+
+def write_summary(folder: str, summary: Mapping[str, Any]) -> None:
+    """``prunerecipe.json``: what the folder says about itself."""
+    with open(os.path.join(folder, "prunerecipe.json"), "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(summary, indent=2) + "\n")
 
 
 def write_folder(
@@ -137,36 +183,12 @@ def write_folder(
     """
     from safetensors.torch import save_file
 
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_json_file"):
-        raise _fail(folder, "--format hf needs a Hugging Face model (one with a transformers config)", code="output")
-    if source and is_hf_folder(source):
-        for name in sorted(os.listdir(source)):
-            path = os.path.join(source, name)
-            weights = name in HF_WEIGHTS or name.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json"))
-            if os.path.isfile(path) and name not in _NOT_COPIED and not weights:
-                shutil.copyfile(path, os.path.join(folder, name))
-    config.to_json_file(os.path.join(folder, "config.json"))
-    generation = getattr(model, "generation_config", None)
-    if (
-        generation is not None
-        and not os.path.exists(os.path.join(folder, "generation_config.json"))
-        and getattr(model, "can_generate", lambda: False)()
-    ):
-        generation.to_json_file(os.path.join(folder, "generation_config.json"))
-    text = json.dumps(summary, indent=2)
-    metadata = {"format": "pt", "prunerecipe": json.dumps(summary, separators=(",", ":"))}
-    parts = shard({k: v.detach().contiguous().cpu() for k, v in state.items()}, max_shard_bytes)
-    files = ["model.safetensors"] if len(parts) == 1 else [f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
+    write_folder_files(folder, model, source)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    parts = shard({k: v.numel() * v.element_size() for k, v in tensors.items()}, max_shard_bytes)
+    files = shard_files(len(parts))
     for name, part in zip(files, parts):
-        save_file(part, os.path.join(folder, name), metadata=metadata)
-    if len(parts) > 1:
-        index = {
-            "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
-            "weight_map": {key: name for name, part in zip(files, parts) for key in part},
-        }
-        with open(os.path.join(folder, "model.safetensors.index.json"), "w", encoding="utf-8") as fh:
-            json.dump(index, fh, indent=2)
-    with open(os.path.join(folder, "prunerecipe.json"), "w", encoding="utf-8") as fh:
-        fh.write(text + "\n")
+        save_file({k: tensors[k] for k in part}, os.path.join(folder, name), metadata=shard_metadata(summary))
+    write_index(folder, files, parts, sum(t.numel() * t.element_size() for t in tensors.values()))
+    write_summary(folder, summary)
     return files

@@ -166,7 +166,9 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def _read_sharded(path: str) -> dict[str, torch.Tensor]:
+def read_index(path: str) -> tuple[dict[str, str], list[str]]:
+    """A shard index's ``weight_map`` (tensor name -> shard file) and its shard files (sorted),
+    each checked to be a plain file name in the index's own folder."""
     try:
         with open(path, encoding="utf-8") as fh:
             index = json.load(fh)
@@ -174,11 +176,17 @@ def _read_sharded(path: str) -> dict[str, torch.Tensor]:
         shards = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise _fail(path, f"not a readable shard index ({type(exc).__name__}: {clip(str(exc), 100)})") from exc
+    for shard in shards:
+        if not isinstance(shard, str) or os.path.basename(shard) != shard:
+            raise _fail(path, f"shard {clip(str(shard), 60)!r} is not a file name in this folder")
+    return {str(k): v for k, v in weight_map.items()}, shards
+
+
+def _read_sharded(path: str) -> dict[str, torch.Tensor]:
+    weight_map, shards = read_index(path)
     folder = os.path.dirname(os.path.abspath(path))
     out: dict[str, torch.Tensor] = {}
     for shard in shards:
-        if os.path.basename(shard) != shard:
-            raise _fail(path, f"shard {clip(shard, 60)!r} is not a file name in this folder")
         part = read_state_dict(os.path.join(folder, shard))
         out.update({k: v for k, v in part.items() if weight_map.get(k, shard) == shard or k not in out})
     missing = [k for k in weight_map if k not in out]

@@ -4,6 +4,7 @@ key prefixes understood, everything checked before anything changes."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -101,32 +102,24 @@ def tied_aliases(model: nn.Module, expected: Mapping[str, torch.Tensor], state_d
     return out
 
 
-def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strip_prefix: str | None = None) -> list[str]:
-    """Load a checkpoint into ``model`` in place, restoring pruning where it carries ``*_orig``/``*_mask``.
+class Fit(NamedTuple):
+    """How a checkpoint fits a model: what :func:`check_fit` found, for loading it."""
 
-    Each pruned parameter gets torch's re-parametrization back (a ``CustomFromMask``
-    hook holding the saved mask), so pruning can go on: a recipe applied next chains
-    onto it. When no key fits the model but all do once one common prefix is removed
-    (``module.`` from DataParallel/DDP, ``model.``/``net.`` from Lightning), it is removed.
-    A key the checkpoint lacks is accepted when the model ties that tensor to one the
-    checkpoint has (as Hugging Face leaves ``lm_head.weight`` out). Keys, shapes and values
-    are checked and converted before anything changes; on any mismatch the model is left
-    as it was.
+    state_dict: dict[str, torch.Tensor]  # keys as the model names them; tied names added
+    expected: dict[str, torch.Tensor]  # the model's state_dict, pruned names as *_orig/*_mask
+    restored: list[str]  # qualified names the checkpoint carries masks for
+    to_prune: dict[tuple[int, str], tuple[nn.Module, str, str]]  # (module, param, name) to re-parametrize
+    names_of: dict[int, list[str]]  # every name each module is registered under
+    modules: dict[str, nn.Module]
 
-    Args:
-        model: the model to load into, in place.
-        state_dict: a plain or pruned (``*_orig``/``*_mask``) state_dict.
-        strip_prefix: a prefix to remove from every key (instead of finding one).
 
-    Returns:
-        The qualified names whose pruning was restored.
+def check_fit(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strip_prefix: str | None = None) -> Fit:
+    """Check that a checkpoint fits ``model`` without changing anything: keys (after the
+    prefix is fitted; tied names the model shares are accepted), shapes, and that masks hold
+    only 0 and 1. Values on the ``meta`` device are checked by shape only.
 
     Raises:
         CheckpointError: listing missing, unexpected and mis-shaped keys, or masks that are not 0/1.
-
-    Example:
-        >>> load_pruned_state_dict(LeNet(), read_state_dict("pruned.pt"))  # doctest: +SKIP
-        ['conv1.weight', 'conv1.bias']
     """
     state_dict, _ = fit_prefix(state_dict, model, strip_prefix)
     # Every name a module is registered under: state_dict() lists a shared module under each.
@@ -183,7 +176,38 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         problems.append(listing("shape mismatch", shapes))
     if problems:
         raise CheckpointError("checkpoint does not fit the model: " + "; ".join(problems) + _prefix_hint(state_dict, expected))
+    return Fit(state_dict, expected, restored, to_prune, names_of, modules)
 
+
+def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strip_prefix: str | None = None) -> list[str]:
+    """Load a checkpoint into ``model`` in place, restoring pruning where it carries ``*_orig``/``*_mask``.
+
+    Each pruned parameter gets torch's re-parametrization back (a ``CustomFromMask``
+    hook holding the saved mask), so pruning can go on: a recipe applied next chains
+    onto it. When no key fits the model but all do once one common prefix is removed
+    (``module.`` from DataParallel/DDP, ``model.``/``net.`` from Lightning), it is removed.
+    A key the checkpoint lacks is accepted when the model ties that tensor to one the
+    checkpoint has (as Hugging Face leaves ``lm_head.weight`` out). Keys, shapes and values
+    are checked and converted before anything changes; on any mismatch the model is left
+    as it was.
+
+    Args:
+        model: the model to load into, in place.
+        state_dict: a plain or pruned (``*_orig``/``*_mask``) state_dict.
+        strip_prefix: a prefix to remove from every key (instead of finding one).
+
+    Returns:
+        The qualified names whose pruning was restored.
+
+    Raises:
+        CheckpointError: listing missing, unexpected and mis-shaped keys, or masks that are not 0/1.
+
+    Example:
+        >>> load_pruned_state_dict(LeNet(), read_state_dict("pruned.pt"))  # doctest: +SKIP
+        ['conv1.weight', 'conv1.bias']
+    """
+    fit = check_fit(model, state_dict, strip_prefix=strip_prefix)
+    state_dict, expected, names_of, modules = fit.state_dict, fit.expected, fit.names_of, fit.modules
     # Convert every value to what it will land in before touching the model, so that the
     # in-place copies below cannot fail halfway (meta tensors, impossible dtypes...).
     ready: dict[str, torch.Tensor] = {}
@@ -203,7 +227,7 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
 
     snapshot = ModelSnapshot(list({id(m): m for m in modules.values()}.values()))
     try:
-        for module, pname, _ in to_prune.values():
+        for module, pname, _ in fit.to_prune.values():
             mask = next(ready[f"{p}.{pname}{MASK}" if p else f"{pname}{MASK}"] for p in names_of[id(module)])
             restore_mask(module, pname, mask)
         with torch.no_grad():
@@ -215,4 +239,4 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     except Exception as exc:
         snapshot.restore()
         raise CheckpointError(f"checkpoint does not fit the model: {type(exc).__name__}: {exc}") from exc
-    return restored
+    return fit.restored

@@ -119,11 +119,20 @@ def summary(
 ) -> dict[str, Any]:
     """What an output says about itself: versions, the recipe, per-tensor and global sparsity.
     The global figure counts the recipe's targets (each once), or every floating-point weight."""
-    rows = {name: (shape, zeros) for name, shape, zeros, _ in state_dict_sparsity(state)}
-    tensors = {name: {"shape": list(shape), "zeros": zeros, "sparsity": zeros / max(1, _numel(shape))} for name, (shape, zeros) in rows.items()}
-    counted = [n for n in (targets or rows) if n in rows]
-    numel = sum(_numel(rows[n][0]) for n in counted)
-    zeros = sum(rows[n][1] for n in counted)
+    rows = [(name, shape, zeros) for name, shape, zeros, _ in state_dict_sparsity(state)]
+    return summary_of(rows, fmt=fmt, recipe_text=recipe_text, recipe_source=recipe_source, targets=targets)
+
+
+def summary_of(
+    rows: list[tuple[str, tuple[int, ...], int]], *, fmt: str, recipe_text: str | None, recipe_source: str | None, targets: list[str] | None
+) -> dict[str, Any]:
+    """:func:`summary` from ``(name, shape, zero entries)`` per floating-point tensor (tied
+    tensors once), however they were counted (in memory, or tensor by tensor while streaming)."""
+    table = {name: (shape, zeros) for name, shape, zeros in rows}
+    tensors = {name: {"shape": list(shape), "zeros": zeros, "sparsity": zeros / max(1, _numel(shape))} for name, (shape, zeros) in table.items()}
+    counted = [n for n in (targets or table) if n in table]
+    numel = sum(_numel(table[n][0]) for n in counted)
+    zeros = sum(table[n][1] for n in counted)
     return {
         "prunerecipe": __version__,
         "torch": torch.__version__,
@@ -138,6 +147,28 @@ def summary(
         },
         "tensors": tensors,
     }
+
+
+def dense_metadata(info: Mapping[str, Any], aliases: Mapping[str, str]) -> dict[str, str]:
+    """A ``dense`` safetensors file's ``__metadata__``: the summary without its per-tensor table,
+    and the tied names stored once."""
+    meta = {"prunerecipe": json.dumps({k: v for k, v in info.items() if k != "tensors"}, separators=(",", ":"))}
+    if aliases:
+        meta[TIED_METADATA] = json.dumps(dict(aliases))
+    return meta
+
+
+def wrote_line(path: str, fmt: str, model: nn.Module, sparsity: float, files: int = 1) -> str:
+    """The last line of ``apply``: what was written and how to load it (``dense`` and ``hf``)."""
+    if fmt == "dense":
+        how = (
+            "model.load_state_dict(torch.load(p, weights_only=True))"
+            if suffix_of(path) != SAFETENSORS_SUFFIX
+            else "prunerecipe.read_state_dict(p), then model.load_state_dict"
+        )
+        return f"wrote {path}: dense state_dict, masks folded in ({_size(path)}, {sparsity:.2%} of the pruned weights are 0); load with {how}"
+    auto = _auto_class(model)
+    return f"wrote {path}/: Hugging Face folder, {files} safetensors file(s) ({_size(path)}); load with transformers.{auto}.from_pretrained({path!r})"
 
 
 def _numel(shape: tuple[int, ...]) -> int:
@@ -193,20 +224,13 @@ def write_output(
         model, {k: v for k, v in dense.items() if k not in aliases}, fmt=fmt, recipe_text=recipe_text, recipe_source=recipe_source, targets=targets
     )
     if fmt == "dense":
-        meta = {"prunerecipe": json.dumps({k: v for k, v in info.items() if k != "tensors"}, separators=(",", ":"))}
-        save_state_dict(dense, path, force=force, aliases=aliases, metadata=meta)
-        how = (
-            "model.load_state_dict(torch.load(p, weights_only=True))"
-            if suffix_of(path) != SAFETENSORS_SUFFIX
-            else "prunerecipe.read_state_dict(p), then model.load_state_dict"
-        )
-        return f"wrote {path}: dense state_dict, masks folded in ({_size(path)}, {info['global']['sparsity']:.2%} of the pruned weights are 0); load with {how}"
+        save_state_dict(dense, path, force=force, aliases=aliases, metadata=dense_metadata(info, {}))  # it adds the tied names itself
+        return wrote_line(path, fmt, model, info["global"]["sparsity"])
     with atomic_folder(path, force=force) as tmp:
         files = hf.write_folder(
             tmp, model, {k: v for k, v in dense.items() if k not in aliases}, source=source, summary=info, max_shard_bytes=parse_size(max_shard_size)
         )
-    auto = _auto_class(model)
-    return f"wrote {path}/: Hugging Face folder, {len(files)} safetensors file(s) ({_size(path)}); load with transformers.{auto}.from_pretrained({path!r})"
+    return wrote_line(path, fmt, model, info["global"]["sparsity"], len(files))
 
 
 def _auto_class(model: nn.Module) -> str:

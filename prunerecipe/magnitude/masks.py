@@ -116,7 +116,7 @@ def _write_chunk(
 ) -> int:
     """Entries ``a:b``; returns what is left of the tie quota."""
     values = piece.flat()[a:b]
-    if multiply and fast and not quota and piece.eligible is None and 0 < below <= KEY_DTYPES[values.dtype][1]:
+    if multiply and _direct(piece, below, quota, fast):
         # w * keep in two ops: hardshrink keeps |w| > floor and zeroes the rest; copysign then
         # gives those zeros w's sign, exactly as w * 0.0 does
         kept = torch.hardshrink(values, _floor(below, values.dtype), out=buffer(scratch, "keep", b - a, out.dtype, out.device))
@@ -131,6 +131,22 @@ def _write_chunk(
     if multiply:
         out[a:b].mul_(keep)
     return quota
+
+
+def fold_into(piece: Piece, threshold: Threshold, index: int, out: torch.Tensor) -> None:
+    """``out = values * keep`` for piece ``index`` of a cut, into another tensor of the same shape
+    and dtype (its contents are not read): what ``prune`` then ``remove`` leave, bit for bit
+    (``-0.0`` where ``w * 0.0`` gives it), while ``values`` is only read (a memory-mapped tensor)."""
+    below, quota = threshold.rule(index)
+    flat = out.view(-1)
+    if not _direct(piece, below, quota, threshold.finite and not flushes_subnormals()):  # the in-place fold multiplies what is there
+        flat.copy_(piece.flat())
+    write_keep(piece, threshold, index, flat, multiply=True)
+
+
+def _direct(piece: Piece, below: int, quota: int, fast: bool) -> bool:
+    """Whether a fold writes ``values * keep`` without reading what ``out`` holds (two float ops)."""
+    return fast and not quota and piece.eligible is None and 0 < below <= KEY_DTYPES[piece.values.dtype][1]
 
 
 def blank_mask(t: torch.Tensor) -> torch.Tensor:
@@ -211,6 +227,22 @@ def l1_global(
         del masks, lent
         prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)  # ties: torch picks
         return
+    apply_global_cut(params, threshold, zeros, pieces, masks)
+
+
+def apply_global_cut(
+    params: Sequence[tuple[nn.Module, str]],
+    threshold: Threshold,
+    zeros: dict[tuple[int, str], int] | None = None,
+    pieces: Sequence[Piece] | None = None,
+    masks: Sequence[torch.Tensor] | None = None,
+) -> None:
+    """The re-parametrization ``global_unstructured`` leaves, for a group's cut found
+    elsewhere (over a stream of tensors, or over the processes of a distributed job):
+    ``params[i]`` is piece ``i`` of ``threshold``. ``pieces`` and blank ``masks`` may be
+    passed when already made."""
+    pieces = [piece_for(m, n) for m, n in params] if pieces is None else pieces
+    masks = [blank_mask(p.values) for p in pieces] if masks is None else masks
     write_all([(p, threshold, i, m.view(-1), False) for i, (p, m) in enumerate(zip(pieces, masks))])
     for i, ((module, name), piece, mask) in enumerate(zip(params, pieces, masks)):
         default = owned_mask(module, name)

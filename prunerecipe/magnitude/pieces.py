@@ -86,6 +86,15 @@ class Threshold:
     #: the data was seen to be finite (masks may then be written with float ops)
     finite: bool = field(default=False, compare=False)
 
+    def part(self, first: int, count: int) -> Threshold:
+        """The cut as it reads for pieces ``first .. first + count`` of its group (renumbered from 0):
+        for the pieces one process, or one pass over a stream, holds."""
+
+        def some(values: tuple[Any, ...] | None) -> Any:
+            return None if values is None else tuple(values[first : first + count])
+
+        return Threshold(self.key, some(self.quotas), self.nothing, some(self.pruned), some(self.zeros), some(self.ties), self.finite)
+
     def rule(self, index: int) -> tuple[int, int]:
         """Piece ``index``'s rule ``(below, quota)``: prune keys ``< below``, and then the first
         ``quota`` entries whose key equals ``below`` (0: none)."""

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..apply import apply_recipe
+from ..distributed import agreed, resolve_group
 from ..errors import RecipeError
 from ..load import load_recipe
 from ..plan import plan_recipe
@@ -44,18 +45,27 @@ class Pruner:
     reset after each event to the values they had when the Pruner was created. With
     ``finalize: true`` pruning is made permanent after the last event of all schedules.
 
+    In a ``torch.distributed`` job (or with ``process_group``) every rank makes a Pruner and
+    steps it at the same times; each event then runs on all ranks together, as
+    :func:`~prunerecipe.apply.apply_recipe` does (global steps rank the union of the ranks'
+    targets; replicas are checked and prune alike).
+
     >>> pruner = Pruner(model, "recipes/digits-gradual.yaml")  # doctest: +SKIP
     >>> for epoch in range(10):  # doctest: +SKIP
     ...     train_one_epoch(model)
     ...     pruner.step(epoch=epoch)
     """
 
-    def __init__(self, model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, state: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, state: Mapping[str, Any] | None = None, process_group: Any = None
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Pruner needs an nn.Module, got {type(model).__name__}")
         self.model = model
         self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-        self.plan = plan_recipe(model, self.recipe)  # validates every step, scheduled or not, now
+        self.process_group = group = resolve_group(process_group)
+        # validates every step, scheduled or not, now (on every rank alike)
+        self.plan = plan_recipe(model, self.recipe) if group is None else agreed(group, lambda: plan_recipe(model, self.recipe, spread=True))
         self.events: list[Event] = sorted((e for step in self.recipe.steps for e in step_events(step)), key=lambda e: (e.time, e.step))
         # Events of each unit in the order they run; `_next[unit]` counts those done (a prefix),
         # so a step() with nothing due costs O(1) however long the schedule.
@@ -77,7 +87,7 @@ class Pruner:
         unscheduled = [s for s in self.recipe.steps if s.schedule is None]
         if unscheduled:
             self._creation_snapshot = ModelSnapshot([t.module for t in self.plan.targets])
-            apply_recipe(model, dataclasses.replace(self.recipe, steps=tuple(unscheduled), finalize=False))
+            apply_recipe(model, dataclasses.replace(self.recipe, steps=tuple(unscheduled), finalize=False), process_group=group)
             self._creation_state = self._creation_snapshot.structure()
         self._unscheduled_done = True
         if not self.events and self.recipe.finalize:
@@ -115,7 +125,7 @@ class Pruner:
             once = dataclasses.replace(step, schedule=None, sparsity=event.sparsity, amount=None)
         else:
             once = dataclasses.replace(step, schedule=None)
-        report = apply_recipe(self.model, dataclasses.replace(self.recipe, steps=(once,), finalize=False))
+        report = apply_recipe(self.model, dataclasses.replace(self.recipe, steps=(once,), finalize=False), process_group=self.process_group)
         if self._initial is not None:
             self._reset_to_initial()
         label = f"{step.label} at {event.unit} {event.time}"
