@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .errors import CheckpointError
+from .structured.record import shrunk_to_fit
 from .text import listing
 from .torchprune import MASK, ORIG, ModelSnapshot, has_param, is_pruned, make_copyable, pruned_keys, pruning_hooks, refresh, restore_mask
 
@@ -206,6 +207,11 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         >>> load_pruned_state_dict(LeNet(), read_state_dict("pruned.pt"))  # doctest: +SKIP
         ['conv1.weight', 'conv1.bias']
     """
+    with shrunk_to_fit(model, state_dict):  # a compacted checkpoint shrinks the fresh model first; undone if loading fails
+        return _load_pruned(model, state_dict)
+
+
+def _load_pruned(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     state_dict, _ = strip_data_parallel_prefix(state_dict, model)
     # Every name a module is registered under: state_dict() lists a shared module under each.
     names_of: dict[int, list[str]] = {}

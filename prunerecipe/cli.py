@@ -159,11 +159,20 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 )
 @set_option
 @click.option("--finalize", is_flag=True, help="Fold masks into the weights (prune.remove) after the last step.")
+@click.option("--compact", is_flag=True, help="As 'finalize: compact': also remove channels masked across their whole dependency group.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
 @json_option
 @_guard
 def apply(
-    recipe_path: str, model_spec: str | None, weights: str | None, output: str, sets: tuple[str, ...], finalize: bool, force: bool, as_json: bool
+    recipe_path: str,
+    model_spec: str | None,
+    weights: str | None,
+    output: str,
+    sets: tuple[str, ...],
+    finalize: bool,
+    compact: bool,
+    force: bool,
+    as_json: bool,
 ) -> None:
     """Apply RECIPE to a model and write the pruned state_dict.
 
@@ -186,8 +195,8 @@ def apply(
         if weights and os.path.abspath(output) == os.path.abspath(weights):
             raise CheckpointError(f"{output}: is the input checkpoint; refusing to overwrite it (use --force)")
     recipe = load_recipe(recipe_path, overrides)
-    if finalize:
-        recipe = dataclasses.replace(recipe, finalize=True)
+    if compact or (finalize and not recipe.finalize):  # --finalize never undoes a recipe's 'finalize: compact'
+        recipe = dataclasses.replace(recipe, finalize="compact" if compact else True)
     model = _model_for(recipe, model_spec, weights)
     report = apply_recipe(model, recipe, progress=_progress())
     save_state_dict(model.state_dict(), output, force=force)

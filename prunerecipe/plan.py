@@ -226,6 +226,7 @@ class _Projection:
 
     def __init__(self) -> None:
         self.states: dict[tuple[int, str], _TensorState] = {}
+        self.groups: dict[tuple[str, ...], int] = {}  # scope: group: channels pruned, by the group's producers
 
     def state(self, t: Target) -> _TensorState:
         key = (id(t.module), t.param)
@@ -456,7 +457,7 @@ def _plan_step(recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Targe
 def _plan_group_step(model: nn.Module, recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Target], proj: _Projection) -> PlannedStep:
     """A ``scope: group`` step: its dependency groups, and a row per parameter it masks."""
     exact = not any(proj.state(t).touched for t in targets)
-    found = plan_groups(model, recipe, step, spec, targets, exact)
+    found = plan_groups(model, recipe, step, spec, targets, exact, proj.groups)
     rows = []
     for gt in found.targets:
         t, pg = gt.target, gt.group

@@ -132,12 +132,20 @@ def _discover(model: nn.Module, recipe: Recipe, step: Step, roots: list[tuple[st
         raise GroupProblem(where, f"tracing the model with inputs {describe(specs)} failed: {type(exc).__name__}: {exc}") from None
 
 
-def plan_groups(model: nn.Module, recipe: Recipe, step: Step, spec: MethodSpec, targets: Sequence[Target], exact: bool) -> GroupStepPlan:
+def group_key(group: ChannelGroup) -> tuple[str, ...]:
+    """What identifies a group across steps: its producers."""
+    return tuple(sorted(m.name for m in group.producers))
+
+
+def plan_groups(
+    model: nn.Module, recipe: Recipe, step: Step, spec: MethodSpec, targets: Sequence[Target], exact: bool, known: dict[tuple[str, ...], int]
+) -> GroupStepPlan:
     """The groups of a step's selected layers, and the parameters the step masks.
 
     ``exact`` says whether the masks now on the model still tell what is pruned (no earlier
-    step of the plan touched these layers); an int amount larger than a group is refused
-    only then.
+    step of the plan touched these layers); ``known`` holds the channels earlier group steps
+    of the plan leave pruned, by :func:`group_key`, and is updated. An int amount larger
+    than a group is refused only when its count is exact.
 
     Raises:
         GroupProblem: located problems (missing inputs, unsupported layers, no group left...).
@@ -153,14 +161,16 @@ def plan_groups(model: nn.Module, recipe: Recipe, step: Step, spec: MethodSpec, 
         )
     planned = []
     for group in found.groups:
-        done = int(pruned_channels(group).sum())
+        key = group_key(group)
+        sure = exact or key in known
+        done = known[key] if key in known else int(pruned_channels(group).sum())
         if step.sparsity is not None:
             k: int | None = max(sparsity_count(step.sparsity, group.channels, done), 0)
         elif step.amount is not None:
             left = group.channels - done
             k = nparams_to_prune(step.amount, left)
             if is_count(step.amount) and k > left:
-                if exact:
+                if sure:
                     raise GroupProblem(
                         step.path + ("amount",),
                         f"amount {step.amount} is more than the {left} unpruned channels of the group of {group.root}",
@@ -170,6 +180,10 @@ def plan_groups(model: nn.Module, recipe: Recipe, step: Step, spec: MethodSpec, 
         else:
             k = None
         planned.append(PlannedGroup(group, done, k))
+        if k is not None:
+            known[key] = done + k
+        else:
+            known.pop(key, None)
     return GroupStepPlan(tuple(planned), tuple(found.skipped), _targets(model, planned))
 
 
