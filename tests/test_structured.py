@@ -163,7 +163,9 @@ def test_plan_changes_nothing_and_restores_train_mode():
 
 def test_sparsity_counts_channels_per_group_and_amount_compounds():
     model = resnet()
-    twice = GROUP.replace("amount: 0.5", "sparsity: 0.5") + GROUP.split("steps:\n")[1].replace("channels", "again").replace("amount: 0.5", "sparsity: 0.5")
+    twice = GROUP.replace("amount: 0.5", "sparsity: 0.5") + GROUP.split("steps:\n")[1].replace("channels", "again").replace(
+        "amount: 0.5", "sparsity: 0.5"
+    )
     report = apply_recipe(model, parse_recipe(twice))
     assert report.steps[1].note == "no-op: every group is already at or above sparsity 0.5"
     model = resnet()
@@ -321,7 +323,9 @@ def test_a_group_step_that_reaches_the_output_or_only_unselected_layers_says_why
     recipe = GROUP.replace("types: [Conv2d]", "types: [Conv2d], exclude: {names: [conv1]}")
     plan = plan_recipe(model, parse_recipe(recipe))
     assert "skipped: layer1.0.conv2: its channels are shared with layers the step does not select: conv1" in str(plan)
-    with pytest.raises(RecipeError, match="no channel group to prune: every group of the selected layers was skipped: fc: its channels reach the model's output"):
+    with pytest.raises(
+        RecipeError, match="no channel group to prune: every group of the selected layers was skipped: fc: its channels reach the model's output"
+    ):
         plan_recipe(model, parse_recipe(GROUP.replace("types: [Conv2d]", "names: [fc]")))
 
 

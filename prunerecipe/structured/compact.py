@@ -224,8 +224,8 @@ def _compact(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: floa
         changes, note = update_config(model, [(g.channels, g.channels - len(c)) for g, c in groups])
         if note:
             notes.append(note)
-        elif changes:  # the config describes the model: save_pretrained needs no record (a new set: snapshots restore the old)
-            vars(model)["_keys_to_ignore_on_save"] = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | {records.RECORD_KEY}
+        elif changes:
+            records.leave_out_of_save_pretrained(model)
         records.attach(model, records.merged(records.current(model), removals, changes))
     with torch.no_grad():
         output = forward(model, inputs)

@@ -114,6 +114,14 @@ def merged(previous: Record | None, removals: Mapping[str, tuple[str, Mapping[st
     return out
 
 
+def leave_out_of_save_pretrained(model: nn.Module) -> None:
+    """For a Hugging Face model whose config describes its compacted shapes: ``save_pretrained``
+    leaves the record out (``from_pretrained`` builds the right shapes from the config, and
+    would report the record as an unexpected key). A new set is assigned, so that a snapshot
+    taken before puts the old one back."""
+    vars(model)["_keys_to_ignore_on_save"] = set(getattr(model, "_keys_to_ignore_on_save", None) or ()) | {RECORD_KEY}
+
+
 def _find(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     for key in (RECORD_KEY, "module." + RECORD_KEY):  # DataParallel/DDP checkpoints carry the prefix
         if key in state_dict:
@@ -152,9 +160,10 @@ def shrunk_to_fit(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> I
     snapshot = ModelSnapshot([model] + [module for module, _, _ in todo])
     try:
         remove_channels(todo)
-        if config is not None:
-            for k, v in record.get("config", {}).items():
+        if config is not None and record.get("config"):
+            for k, v in record["config"].items():
                 setattr(config, k, v)
+            leave_out_of_save_pretrained(model)
         attach(model, record)
         yield state_dict
     except BaseException:
