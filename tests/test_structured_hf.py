@@ -60,7 +60,7 @@ def test_llama_mlp_compacts_to_the_masked_outputs_and_reloads_with_plain_from_pr
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:  # the config says it all: no record in the folder
-        assert "__prunerecipe_compaction__" not in f.keys()
+        assert "__prunerecipe_compaction__" not in list(f.keys())
 
 
 def test_a_compacted_llama_state_dict_loads_into_a_model_built_from_the_first_config(tmp_path):

@@ -196,7 +196,7 @@ def test_the_example_recipes_end_to_end_from_the_cli(tmp_path):
     from safetensors import safe_open
 
     with safe_open(str(tmp_path / "hf/model.safetensors"), "pt") as f:
-        assert record.RECORD_KEY not in f.keys()
+        assert record.RECORD_KEY not in list(f.keys())
 
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     ids = torch.randint(0, 512, (2, 10), generator=torch.Generator().manual_seed(2))
