@@ -26,3 +26,20 @@ def test_bench_prune_prints_quiet_and_busy_tables_and_its_targets():
     assert len(cells) == 12 and cells[4].endswith("x") and cells[5].endswith("MB") and cells[10].endswith("x")
     targets = out.split("targets (issue 13):")[1].strip().splitlines()
     assert any("busy 1" in t for t in targets) and all(t.startswith(("- met:", "- NOT MET:")) for t in targets)
+
+
+@pytest.mark.slow
+def test_bench_compact_prints_four_models_and_its_targets():
+    pytest.importorskip("torch_pruning")
+    out = run("benchmarks/bench_compact.py", "--quick")
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+        for line in out.splitlines()
+        if line.startswith("| ") and "ms |" in line
+    }
+    assert list(rows) == ["dense", "masked", "finalized", "compacted"]
+    assert rows["masked"][2] == "1.00x" and rows["masked"][6] == "0 (reference)"
+    assert float(rows["compacted"][3].rstrip("M")) < float(rows["masked"][3].rstrip("M"))
+    assert float(rows["compacted"][6]) <= 1e-5  # the compacted model gives the masked model's outputs
+    targets = out.split("targets (issue 15):")[1].strip().splitlines()
+    assert len(targets) == 3 and all(t.startswith(("- met:", "- NOT MET:")) for t in targets)
