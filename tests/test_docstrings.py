@@ -34,6 +34,8 @@ def test_public_names_are_documented(name):
         "prunerecipe.amounts",
         "prunerecipe.modelspec",
         "prunerecipe.load.schema",
+        "prunerecipe.structured.compact",
+        "prunerecipe.zoo",
     ],
 )
 def test_runnable_examples_pass(module):
