@@ -131,7 +131,7 @@ def apply_recipe(
         if not isinstance(exc, Exception):
             raise
         ps, target = current
-        if isinstance(exc, RecipeError):  # compaction's own located error; it restored its part
+        if ps is None and isinstance(exc, RecipeError):  # compaction's own located error; it restored its part
             raise
         if ps is None:
             raise ApplyError(

@@ -389,3 +389,26 @@ def test_finalize_alone_still_means_prune_remove():
     apply_recipe(model, parse_recipe(GROUP.replace("steps:", "finalize: true\nsteps:")))
     assert model.conv1.out_channels == 4 and not prune.is_pruned(model.conv1)
     assert finalize(model) == []
+
+
+def test_scheduled_group_steps_run_in_the_pruner_and_compaction_waits_for_the_end_of_training():
+    from prunerecipe import Pruner
+
+    schedule = GROUP.replace("amount: 0.5", "sparsity: 0.5\n    schedule: {start: 0, end: 2}")
+    model = resnet()
+    pruner = Pruner(model, parse_recipe(schedule))
+    for epoch in range(3):
+        pruner.step(epoch=epoch)
+    assert torch.equal(channel_keep(model.conv1, "weight", 0), channel_keep(model.bn1, "weight", 0))
+    assert int(channel_keep(model.layer4[1].conv1, "weight", 0).sum()) == 16
+    with pytest.raises(RecipeError, match="finalize: compact changes parameter shapes, which a training loop cannot follow"):
+        Pruner(resnet(), parse_recipe(schedule.replace("steps:", "finalize: compact\nsteps:")))
+
+
+def test_a_selected_layer_the_forward_pass_never_calls_is_skipped():
+    model = resnet()
+    model.spare = nn.Conv2d(3, 4, 1)
+    plan = plan_recipe(model, parse_recipe(GROUP))
+    assert "skipped: spare: not used by the forward pass on the example inputs" in str(plan)
+    with pytest.raises(RecipeError, match="scope: group prunes the output channels of convolutions, Linear or Conv1D layers; the step selects none"):
+        plan_recipe(model, parse_recipe(GROUP.replace("types: [Conv2d]", "types: [BatchNorm2d]")))

@@ -152,6 +152,12 @@ def plan_groups(
     """
     check_step(model, step, spec, targets)
     roots = [(t.module_name, t.module) for t in targets if layer_role(t.module) == "layer"]
+    if not roots:
+        raise GroupProblem(
+            step.path + ("select",),
+            "scope: group prunes the output channels of convolutions, Linear or Conv1D layers; the step selects none",
+            "no-targets",
+        )
     found = _discover(model, recipe, step, roots, {id(t.module) for t in targets})
     if found.unsupported:
         raise GroupProblem(step.path + ("select",), "; ".join(found.unsupported), "unsupported")

@@ -123,6 +123,10 @@ def discover(
                             f"{name}: its channels leave {names[id(enclosing(root))]}, and tracing the whole model failed ({type(graph).__name__}: {graph})"
                         )
                     continue
+                if root not in graph.dg.module2node:  # never called on the example inputs
+                    covered.add(id(root))
+                    found.skipped.append(f"{name}: not used by the forward pass on the example inputs")
+                    continue
                 read = read_group(graph, name, root, chosen)
                 if read.boundary is not None and where is not model:
                     scope[id(root)] = enclosing(where)

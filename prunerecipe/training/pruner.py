@@ -55,6 +55,15 @@ class Pruner:
             raise TypeError(f"Pruner needs an nn.Module, got {type(model).__name__}")
         self.model = model
         self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        if self.recipe.compacts:  # new parameter shapes would leave the optimizer and the loop behind
+            raise RecipeError(
+                self.recipe.problem(
+                    ("finalize",),
+                    "finalize: compact changes parameter shapes, which a training loop cannot follow: use finalize: true, "
+                    "then prunerecipe.compact(model, inputs) after training",
+                    code="unsupported",
+                )
+            )
         self.plan = plan_recipe(model, self.recipe)  # validates every step, scheduled or not, now
         self.events: list[Event] = sorted((e for step in self.recipe.steps for e in step_events(step)), key=lambda e: (e.time, e.step))
         # Events of each unit in the order they run; `_next[unit]` counts those done (a prefix),
