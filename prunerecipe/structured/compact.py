@@ -247,9 +247,10 @@ def _compact(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: floa
 
 
 def _removable(found: Found, masks: dict[tuple[int, str], torch.Tensor]) -> tuple[list[tuple[ChannelGroup, list[int]]], list[str]]:
-    """The groups to shrink and their channels; groups whose producers disagree, or that hold
-    layers that cannot be compacted, are refused (all of them named)."""
-    failures = list(found.unsupported)
+    """The groups to shrink and their channels. Groups that hold layers that cannot be
+    compacted, whose producers disagree, or that would lose every channel are refused, all
+    of them named (the code is the first finding's)."""
+    failures = [(text, "unsupported") for text in found.unsupported]
     out = []
     for group in found.groups:
         dead = dead_channels(group, masks)
@@ -258,16 +259,26 @@ def _removable(found: Found, masks: dict[tuple[int, str], torch.Tensor]) -> tupl
         if bool((some & ~every).any()):
             shown = [f"{p.name} masks {_channels(d)}" for p, d in zip(group.producers, dead)]
             failures.append(
-                f"the group of {group.root} ({listing('members', group.member_names())}) has masks that disagree: "
-                + "; ".join(shown)
-                + ". A channel can be removed only when every producer of its group masks it: prune with scope: group, which masks the same channels in each"
+                (
+                    f"the group of {group.root} ({listing('members', group.member_names())}) has masks that disagree: "
+                    + "; ".join(shown)
+                    + ". A channel can be removed only when every producer of its group masks it: prune with scope: group, "
+                    "which masks the same channels in each",
+                    "inconsistent-masks",
+                )
+            )
+        elif bool(every.all()):
+            failures.append(
+                (
+                    f"the group of {group.root} has all its {group.channels} channels masked: removing them all would cut the model in two",
+                    "structured",
+                )
             )
         elif bool(every.any()):
             out.append((group, every.nonzero().flatten().tolist()))
     if failures:
-        raise _Failure("cannot compact: " + " | ".join(failures), "inconsistent-masks" if not found.unsupported else "unsupported")
-    notes = [f"kept (cannot be removed): {s}" for s in found.skipped]
-    return out, notes
+        raise _Failure("cannot compact: " + " | ".join(text for text, _ in failures), failures[0][1])
+    return out, [f"kept (cannot be removed): {s}" for s in found.skipped]
 
 
 def _channels(dead: torch.Tensor) -> str:
