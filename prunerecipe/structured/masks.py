@@ -32,7 +32,7 @@ Key = tuple[int, str]
 def channel_rows(member: Member, tensor: torch.Tensor, channels: int, dim: int) -> torch.Tensor:
     """``tensor``'s entries by group channel: ``[channels, n]``, zero-padded."""
     moved = tensor.movedim(dim, 0).reshape(tensor.shape[dim], -1)
-    picked = moved[member.positions]
+    picked = moved[member.positions.to(tensor.device)]
     order = torch.argsort(member.channels, stable=True)
     sorted_channels = member.channels[order]
     counts = torch.bincount(sorted_channels, minlength=channels)
@@ -40,7 +40,7 @@ def channel_rows(member: Member, tensor: torch.Tensor, channels: int, dim: int) 
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(sorted_channels.numel()) - starts[sorted_channels]
     rows = picked.new_zeros((channels, width, picked.shape[1]))
-    rows[sorted_channels, rank] = picked[order]
+    rows[sorted_channels.to(tensor.device), rank.to(tensor.device)] = picked[order.to(tensor.device)]
     return rows.reshape(channels, -1)
 
 
@@ -78,7 +78,7 @@ def dead_channels(group: ChannelGroup, masks: Mapping[Key, torch.Tensor] | None 
         if mask is None:
             out.append(torch.zeros(group.channels, dtype=torch.bool))
         else:
-            out.append(~channel_rows(m, mask.detach().ne(0), group.channels, m.param_dim("weight")).any(dim=1))
+            out.append(~channel_rows(m, mask.detach().ne(0), group.channels, m.param_dim("weight")).any(dim=1).cpu())
     return out
 
 
@@ -117,10 +117,11 @@ def rank(
     if spec.takes_amount:
         kwargs["amount"] = k
     method = spec.cls(**kwargs)
-    rows = group_matrix(group)[alive]
+    matrix = group_matrix(group)
+    rows = matrix[alive.to(matrix.device)]
     sub = method.compute_mask(rows, default_mask=torch.ones_like(rows))
     keep = keep.clone()
-    keep[alive] = sub.reshape(alive.numel(), -1).ne(0).any(dim=1)
+    keep[alive] = sub.reshape(alive.numel(), -1).ne(0).any(dim=1).cpu()
     return keep, done, int(done_mask.numel() - done - int(keep.sum()))
 
 
