@@ -418,6 +418,8 @@ def test_a_group_masked_entirely_is_not_removed():
     model = resnet()
     apply_recipe(model, parse_recipe(GROUP.replace("types: [Conv2d]", "names: [layer1.0.conv1]").replace("amount: 0.5", "amount: 1.0")))
     before = state(model)
-    with pytest.raises(StructuredError, match="the group of layer1.0.conv1 has all its 4 channels masked: removing them all would cut the model in two"):
+    with pytest.raises(
+        StructuredError, match="the group of layer1.0.conv1 has all its 4 channels masked: removing them all would cut the model in two"
+    ):
         compact(model, X[:1])
     assert_unchanged(model, before)
