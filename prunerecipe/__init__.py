@@ -48,6 +48,8 @@ _EXPORTS = {
     "Schedule": "spec",
     "Selector": "spec",
     "Step": "spec",
+    "Compaction": "structured",
+    "compact": "structured",
     "finalize": "torchprune",
     "pruned_parameters": "torchprune",
     "EventResult": "training",
@@ -82,5 +84,6 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .select import Target
     from .spec import Recipe, Schedule, Selector, Step
     from .stream import apply_recipe_streaming
+    from .structured import Compaction, compact
     from .torchprune import finalize, pruned_parameters
     from .training import EventResult, Pruner

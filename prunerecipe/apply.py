@@ -7,6 +7,7 @@ own ``apply``. Anything that fails puts the model back exactly as it was.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -26,6 +27,9 @@ from .plan import Plan, PlannedStep, plan_recipe, pruned_entries, pruned_slices
 from .report import Report, StepOutcome, TargetSparsity, measure
 from .select import Target
 from .spec import Recipe
+from .structured import Compaction, compact
+from .structured.masks import apply_masks, member_masks, rank
+from .structured.planning import example_tensors
 from .torchprune import ModelSnapshot, finalize, kept_entries, make_copyable, pruned_parameters, pruning_hooks
 
 Key = tuple[int, str]  # (id(module), parameter name)
@@ -99,6 +103,7 @@ def apply_recipe(
     outcomes = []
     current: list[Any] = [None, None]
     known: dict[Key, int] = {}
+    compaction: Compaction | None = None
     try:
         # Not under no_grad: hand-written prune calls leave `module.weight` with a grad_fn, and so do we.
         for i, ps in enumerate(active, 1):
@@ -109,7 +114,9 @@ def apply_recipe(
             if coord is not None:
                 coord.agree(None)  # raises PeerFailure here when another rank failed this step
         current[:] = [None, None]
-        if recipe.finalize:
+        if recipe.compacts:
+            compaction = compact(model, example_tensors(model, recipe), recipe=recipe)
+        elif recipe.finalize:
             finalize(model)
     except BaseException as exc:
         snapshot.restore()
@@ -120,6 +127,8 @@ def apply_recipe(
         if coord is not None:
             coord.agree(exc)
         ps, target = current
+        if ps is None and isinstance(exc, RecipeError):  # compaction's own located error; it restored its part
+            raise
         if ps is None:
             raise ApplyError(
                 recipe.problem(("finalize",), f"finalize failed: {type(exc).__name__}: {exc}; the model was left unchanged", code="apply")
@@ -136,7 +145,9 @@ def apply_recipe(
     # Counted again unless a fast path already knows (it does so without touching the weights);
     # finalize changes what was counted.
     after = measure(watched, None if recipe.finalize else known)
-    return Report(_rows(watched, before, after), tuple(outcomes), bool(recipe.finalize), recipe.source, skipped)
+    if compaction is not None:  # entries removed with their channels count as pruned, of the shape before
+        after = {n: (kind, before[n][1], zeros + math.prod(before[n][1]) - math.prod(shape)) for n, (kind, shape, zeros) in after.items()}
+    return Report(_rows(watched, before, after), tuple(outcomes), bool(recipe.finalize), recipe.source, skipped, compaction)
 
 
 T = TypeVar("T")
@@ -278,7 +289,7 @@ def _can_fold(recipe: Recipe, active: list[PlannedStep], model: nn.Module) -> bo
     """One-shot magnitude pruning with ``finalize``: each target pruned once, by torch's own
     L1Unstructured, nothing pruned before. Then the weights can be masked in place, with no
     ``*_orig``/``*_mask`` ever built (the result is what prune + remove would leave)."""
-    if not recipe.finalize or pruned_parameters(model):
+    if not recipe.finalize or recipe.compacts or pruned_parameters(model):
         return False
     seen: set[Key] = set()
     for ps in active:
@@ -363,6 +374,22 @@ def _fold(recipe: Recipe, folds: list[magnitude.Fold], seeds: list[int]) -> dict
             raise ApplyError(recipe.problem((), f"masking weights in place failed: {type(exc).__name__}: {exc}", code="apply")) from exc
 
 
+def _run_group_step(ps: PlannedStep, names: tuple[str, ...]) -> StepOutcome:
+    """Rank every group of the step (all before any mask changes: a layer can sit in two
+    groups), then mask each parameter once, in the plan's target order."""
+    step = ps.step
+    selections = []
+    pruned = 0
+    for pg in ps.groups:
+        keep, _, k = rank(pg.group, ps.method, step.args, step.amount, step.sparsity)
+        selections.append((pg.group, keep))
+        pruned += k
+    if step.sparsity is not None and pruned == 0:
+        return StepOutcome(step.label, ps.method.name, names, f"no-op: every group is already at or above sparsity {step.sparsity:g}")
+    apply_masks(member_masks(selections), [(pt.target.module, pt.target.param) for pt in ps.targets])
+    return StepOutcome(step.label, ps.method.name, names)
+
+
 def _fast_l1(spec: MethodSpec) -> bool:
     """Only torch's own L1Unstructured takes the fast path (subclasses may change compute_mask)."""
     return spec.cls is prune.L1Unstructured
@@ -433,6 +460,8 @@ def _run_targets(
     names = tuple(t.qualname for t in targets)
     kwargs = dict(step.args)
 
+    if step.scope == "group":
+        return _run_group_step(ps, names)
     if step.scope == "global":
         params = [(t.module, t.param) for t in targets]
         if coord is not None and step.index in coord.split and spec.cls is prune.L1Unstructured:

@@ -230,6 +230,7 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 )
 @set_option
 @click.option("--finalize", is_flag=True, help="Fold masks into the weights (prune.remove) after the last step.")
+@click.option("--compact", is_flag=True, help="As 'finalize: compact': also remove channels masked across their whole dependency group.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists (keeping its permissions).")
 @prefix_option
 @json_option
@@ -244,6 +245,7 @@ def apply(
     stream: bool,
     sets: tuple[str, ...],
     finalize: bool,
+    compact: bool,
     force: bool,
     strip_prefix: str | None,
     as_json: bool,
@@ -265,8 +267,8 @@ def apply(
 
     overrides = _parse_sets(sets)
     recipe = _load(recipe_path, overrides)
-    if finalize:
-        recipe = dataclasses.replace(recipe, finalize=True)
+    if compact or (finalize and not recipe.finalize):  # --finalize never undoes a recipe's 'finalize: compact'
+        recipe = dataclasses.replace(recipe, finalize="compact" if compact else True)
     if stream:
         _apply_streaming(recipe, recipe_path, model_spec, weights, output, fmt, max_shard_size, force, strip_prefix, as_json)
         return

@@ -133,3 +133,10 @@ class SelectorError(RecipeError):
     """A selector that cannot be compiled, or resolves to nothing (located by the caller)."""
 
     code = "select"
+
+
+class StructuredError(ApplyError):
+    """Dependency groups or compaction could not be carried out (inconsistent group masks,
+    unsupported layers, a failed output check, a time limit); the model was left unchanged."""
+
+    code = "structured"

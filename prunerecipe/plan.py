@@ -22,6 +22,7 @@ from .methods.binding import argument_default
 from .schedule import step_events
 from .select import Target, param_owners, resolve_targets
 from .spec import Recipe, Step
+from .structured.planning import GroupProblem, PlannedGroup, compaction_problems, describe_groups, plan_groups
 from .text import format_table, pct, shape_text, short
 from .torchprune import is_pruned, masked_slices, unpruned_name, zero_entries
 
@@ -89,6 +90,8 @@ class PlannedStep:
     group_units: int = 0
     group_to_prune: int | None = None
     note: str | None = None
+    groups: tuple[PlannedGroup, ...] = ()  # scope: group: the dependency groups, each with its channels
+    skipped_groups: tuple[str, ...] = ()  # groups of selected layers left alone, with the reason
 
     @property
     def kwargs(self) -> dict[str, Any]:
@@ -147,6 +150,8 @@ class Plan:
                     "events": [{"unit": e.unit, "time": e.time, "sparsity": e.sparsity, "amount": e.amount} for e in step_events(ps.step)],
                     "group_to_prune": ps.group_to_prune,
                     "note": ps.note,
+                    "groups": [pg.to_dict() for pg in ps.groups],
+                    "skipped_groups": list(ps.skipped_groups),
                     "targets": [
                         {
                             "name": pt.target.qualname,
@@ -192,6 +197,8 @@ class Plan:
                 lines.append(f"  note: {ps.note}")
             if step.scope == "global" and ps.group_to_prune is not None:
                 lines.append(f"  global group: {len(ps.targets)} tensors, {ps.group_units} entries, prunes {ps.group_to_prune}")
+            if step.scope == "group":
+                lines.extend("  " + line for line in describe_groups(ps.groups, ps.skipped_groups))
             rows = [
                 [
                     pt.target.qualname,
@@ -245,6 +252,7 @@ class _Projection:
 
     def __init__(self) -> None:
         self.states: dict[tuple[int, str], _TensorState] = {}
+        self.groups: dict[tuple[str, ...], int] = {}  # scope: group: channels pruned, by the group's producers
 
     def state(self, t: Target) -> _TensorState:
         key = (id(t.module), t.param)
@@ -299,6 +307,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, sp
     planned: list[PlannedStep] = []
 
     problems.extend(_unsupported(recipe))
+    problems.extend(recipe.problem(path, message, code) for path, message, code in compaction_problems(model, recipe))
     for step in recipe.steps:
         try:
             spec = get_method(step.method)
@@ -347,7 +356,13 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, sp
             continue
         scheduled = step.schedule is not None
         try:
-            ps = _plan_step(recipe, step, spec, targets, proj, scheduled, spread)
+            if step.scope == "group" and not scheduled:
+                ps = _plan_group_step(model, recipe, step, spec, targets, proj)
+            else:
+                ps = _plan_step(recipe, step, spec, targets, proj, scheduled, spread)
+        except GroupProblem as exc:
+            problems.append(recipe.problem(exc.path, _named(step, exc.message), code=exc.code))
+            continue
         except _PlanProblem as exc:
             problems.append(
                 recipe.problem(
@@ -367,13 +382,7 @@ def _unsupported(recipe: Recipe) -> list[Problem]:
     """Keys of the format that this version reads but cannot carry out yet: a clear error at
     plan time rather than a silently different result."""
     out = []
-    if recipe.compacts:
-        out.append(recipe.problem(("finalize",), "finalize: compact (physical compaction) is not available in this version", code="unsupported"))
     for step in recipe.steps:
-        if step.scope == "group":
-            out.append(
-                recipe.problem(step.path + ("scope",), "scope: group (dependency groups) is not available in this version", code="unsupported")
-            )
         if step.importance not in (None, "magnitude"):
             out.append(
                 recipe.problem(step.path + ("importance",), f"importance {step.importance!r} is not available in this version", code="unsupported")
@@ -495,6 +504,21 @@ def _plan_step(
         if note:
             notes.append(f"{t.qualname}: {note}")
     return PlannedStep(step, spec, tuple(rows), False, note="; ".join(notes) or None)
+
+
+def _plan_group_step(model: nn.Module, recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Target], proj: _Projection) -> PlannedStep:
+    """A ``scope: group`` step: its dependency groups, and a row per parameter it masks."""
+    exact = not any(proj.state(t).touched for t in targets)
+    found = plan_groups(model, recipe, step, spec, targets, exact, proj.groups)
+    rows = []
+    for gt in found.targets:
+        t, pg = gt.target, gt.group
+        st = proj.state(t)
+        before = st.entries
+        after = before + (st.numel - before) * (1.0 - gt.kept_fraction)
+        rows.append(PlannedTarget(t, pg.group.channels, "channels (group)", pg.done, pg.to_prune, int(before), after, st.numel))
+        st.entries, st.entries_exact, st.slices, st.touched = after, False, {}, True
+    return PlannedStep(step, spec, tuple(rows), False, groups=found.groups, skipped_groups=found.skipped)
 
 
 def _count(step: Step, units: int, done: int, what: Callable[[], str], how: str, exact: bool) -> tuple[int, str | None]:

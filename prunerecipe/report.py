@@ -9,6 +9,7 @@ from typing import Any
 
 from torch import nn
 
+from .structured import Compaction
 from .text import format_table, pct, shape_text
 from .torchprune import count_zeros, original
 
@@ -59,6 +60,7 @@ class Report:
     finalized: bool = False
     recipe: str = ""
     skipped: tuple[str, ...] = field(default=())
+    compaction: Compaction | None = None  # finalize: compact: what was removed, and the cost before and after
 
     @property
     def numel(self) -> int:
@@ -100,6 +102,7 @@ class Report:
             "steps": [{"step": s.label, "method": s.method, "targets": list(s.targets), "note": s.note} for s in self.steps],
             "skipped": list(self.skipped),
             "global": {"numel": self.numel, "sparsity_before": self.global_before, "sparsity_after": self.global_after},
+            "compaction": None if self.compaction is None else self.compaction.to_dict(),
         }
 
     def __str__(self) -> str:
@@ -113,6 +116,8 @@ class Report:
             lines.append(f"{label}: skipped (has a schedule; runs during training)")
         if self.finalized:
             lines.append("finalized: masks folded into the parameters (torch.nn.utils.prune.remove)")
+        if self.compaction is not None:
+            lines.append(str(self.compaction))
         return "\n".join(lines)
 
 

@@ -36,3 +36,20 @@ def test_bench_stream_prints_its_table_and_targets():
     assert rows["bit-identical to in memory"].startswith("yes (")
     assert "MiB (max of runs) vs bound" in rows["peak anonymous memory, stream"] and rows["stream / floor"].endswith(")")
     assert any(line.startswith("- met: peak under the bound") for line in out.splitlines())
+
+
+@pytest.mark.slow
+def test_bench_compact_prints_four_models_and_its_targets():
+    pytest.importorskip("torch_pruning")
+    out = run("benchmarks/bench_compact.py", "--quick")
+    rows = {
+        line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+        for line in out.splitlines()
+        if line.startswith("| ") and "ms |" in line
+    }
+    assert list(rows) == ["dense", "masked", "finalized", "compacted"]
+    assert rows["masked"][2] == "1.00x" and rows["masked"][6] == "0 (reference)"
+    assert float(rows["compacted"][3].rstrip("M")) < float(rows["masked"][3].rstrip("M"))
+    assert float(rows["compacted"][6]) <= 1e-5  # the compacted model gives the masked model's outputs
+    targets = out.split("targets (issue 15):")[1].strip().splitlines()
+    assert len(targets) == 3 and all(t.startswith(("- met:", "- NOT MET:")) for t in targets)

@@ -35,6 +35,8 @@ def test_public_names_are_documented(name):
         "prunerecipe.modelspec",
         "prunerecipe.load.schema",
         "prunerecipe.rng",
+        "prunerecipe.structured.compact",
+        "prunerecipe.zoo",
     ],
 )
 def test_runnable_examples_pass(module):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..structured.record import shrunk_to_fit
 from ..text import listing
 from ..torchprune import (
     MASK,
@@ -206,6 +207,11 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         >>> load_pruned_state_dict(LeNet(), read_state_dict("pruned.pt"))  # doctest: +SKIP
         ['conv1.weight', 'conv1.bias']
     """
+    with shrunk_to_fit(model, state_dict):  # a compacted checkpoint shrinks the fresh model first; undone if loading fails
+        return _load_pruned(model, state_dict, strip_prefix)
+
+
+def _load_pruned(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strip_prefix: str | None) -> list[str]:
     fit = check_fit(model, state_dict, strip_prefix=strip_prefix)
     state_dict, expected, names_of, modules = fit.state_dict, fit.expected, fit.names_of, fit.modules
     # Convert every value to what it will land in before touching the model, so that the

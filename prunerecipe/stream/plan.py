@@ -394,8 +394,24 @@ def stream_plan(
 
 def _unstreamable(recipe: Recipe, plan: Plan) -> list[Problem]:
     out = []
+    if recipe.compacts:
+        out.append(
+            recipe.problem(
+                ("finalize",),
+                "finalize: compact runs the model on example inputs and rebuilds its layers: it needs the model in memory; apply it without --stream",
+                code="stream",
+            )
+        )
     for ps in plan.steps:
-        if ps.scheduled:
+        if ps.step.scope == "group":
+            out.append(
+                recipe.problem(
+                    ps.step.path + ("scope",),
+                    "scope: group ranks channels across every member of a dependency group, found by tracing the model: apply it without --stream",
+                    code="stream",
+                )
+            )
+        elif ps.scheduled:
             out.append(
                 recipe.problem(
                     ps.step.path + ("schedule",),

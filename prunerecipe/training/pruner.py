@@ -63,6 +63,15 @@ class Pruner:
             raise TypeError(f"Pruner needs an nn.Module, got {type(model).__name__}")
         self.model = model
         self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        if self.recipe.compacts:  # new parameter shapes would leave the optimizer and the loop behind
+            raise RecipeError(
+                self.recipe.problem(
+                    ("finalize",),
+                    "finalize: compact changes parameter shapes, which a training loop cannot follow: use finalize: true, "
+                    "then prunerecipe.compact(model, inputs) after training",
+                    code="unsupported",
+                )
+            )
         self.process_group = group = resolve_group(process_group)
         # validates every step, scheduled or not, now (on every rank alike)
         self.plan = plan_recipe(model, self.recipe) if group is None else agreed(group, lambda: plan_recipe(model, self.recipe, spread=True))
