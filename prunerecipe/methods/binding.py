@@ -30,13 +30,21 @@ def argument_findings(spec: MethodSpec, step: Mapping[str, Any]) -> list[Finding
     out: list[Finding] = []
     name = spec.name
     has_amount = "amount" in step or "sparsity" in step
-    if spec.takes_amount and not has_amount:
+    given = step.get("args", {})
+    given = given if isinstance(given, Mapping) else {}
+    needs_amount = spec.needs_amount(given)
+    if needs_amount and not has_amount:
         out.append(((), f"method {name!r} needs 'amount' or 'sparsity'", False))
-    if not spec.takes_amount and has_amount:
+    if not needs_amount and has_amount:
         which = "amount" if "amount" in step else "sparsity"
-        out.append(((which,), f"method {name!r} takes no amount; remove {which!r}", True))
+        if spec.takes_amount:  # an argument such as an N:M pattern sets the sparsity instead
+            setting = ", ".join(a for a in getattr(spec.cls, "AMOUNT_UNLESS", ()) if a in given)
+            out.append(((which,), f"method {name!r} takes no amount with {setting} (the pattern sets the sparsity); remove {which!r}", True))
+        else:
+            out.append(((which,), f"method {name!r} takes no amount; remove {which!r}", True))
     if step.get("scope") == "global" and spec.pruning_type != "unstructured":
-        out.append((("scope",), f"scope 'global' needs an unstructured method; {name!r} is {spec.pruning_type}", False))
+        kind = "a whole-tensor method (PRUNING_TYPE 'global')" if spec.pruning_type == "global" else spec.pruning_type
+        out.append((("scope",), f"scope 'global' needs an unstructured method; {name!r} is {kind}", False))
     if step.get("scope") == "group" and spec.pruning_type != "structured":
         out.append((("scope",), f"scope 'group' needs a structured method (channels per dependency group); {name!r} is {spec.pruning_type}", False))
 
@@ -76,7 +84,7 @@ def accepts(spec: MethodSpec) -> str:
 def construction_problem(spec: MethodSpec, step: Mapping[str, Any]) -> str | None:
     """Construct the method once with the step's arguments: its own validation's message, or None."""
     kwargs = dict(step.get("args", {}))
-    if spec.takes_amount:
+    if spec.needs_amount(kwargs):
         kwargs["amount"] = step.get("amount", 0.0)
     try:
         spec.cls(**kwargs)
