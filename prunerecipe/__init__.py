@@ -17,6 +17,7 @@ from ._version import __version__
 _EXPORTS = {
     "apply_recipe": "apply",
     "ApplyError": "errors",
+    "CalibrationError": "errors",
     "CheckpointError": "errors",
     "MethodError": "errors",
     "ModelSpecError": "errors",
@@ -71,7 +72,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .apply import apply_recipe
     from .checkpoint import load_pruned_state_dict, read_state_dict, save_state_dict
-    from .errors import ApplyError, CheckpointError, MethodError, ModelSpecError, Problem, RecipeError
+    from .errors import ApplyError, CalibrationError, CheckpointError, MethodError, ModelSpecError, Problem, RecipeError
     from .load import load_recipe, parse_recipe, recipe_from_dict, recipe_schema
     from .methods import MethodSpec, get_method, method_names, pruning_method, register_method, unregister_method
     from .modelspec import load_model

@@ -119,6 +119,17 @@ def _model_for(recipe: Any, model_spec: str | None, weights: str | None) -> Any:
     return model
 
 
+def _calibration_for(spec: str | None, recipe: Any, model: Any) -> Any:
+    """The samples a calibration spec's function returns (checked by apply_recipe)."""
+    if not spec:
+        return None
+    from .calibrate import call_calibration, load_calibration
+    from .spec import Calibration
+
+    settings = recipe.calibration or Calibration()
+    return call_calibration(load_calibration(spec), model=model, samples=settings.samples, spec=spec)
+
+
 @click.group(context_settings=CONTEXT, epilog=EXAMPLES)
 @click.version_option(__version__, "-V", "--version", prog_name="prunerecipe", message="%(prog)s %(version)s")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
@@ -160,16 +171,31 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 @set_option
 @click.option("--finalize", is_flag=True, help="Fold masks into the weights (prune.remove) after the last step.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists.")
+@click.option(
+    "--calibration",
+    "calibration_spec",
+    metavar="SPEC",
+    help="Calibration data for steps that need it (wanda, sparsegpt): 'pkg.module:fn' or 'file.py:fn' returning samples.",
+)
 @json_option
 @_guard
 def apply(
-    recipe_path: str, model_spec: str | None, weights: str | None, output: str, sets: tuple[str, ...], finalize: bool, force: bool, as_json: bool
+    recipe_path: str,
+    model_spec: str | None,
+    weights: str | None,
+    output: str,
+    sets: tuple[str, ...],
+    finalize: bool,
+    force: bool,
+    calibration_spec: str | None,
+    as_json: bool,
 ) -> None:
     """Apply RECIPE to a model and write the pruned state_dict.
 
     \b
     prunerecipe apply recipes/lenet-global-l1.yaml -o pruned.pt
     prunerecipe apply my.yaml --model mypkg.models:build --weights dense.pt -o pruned.pt
+    prunerecipe apply recipes/wanda-50.yaml --calibration examples/calibration.py:stdlib_text -o pruned.pt
     """
     import dataclasses
 
@@ -189,7 +215,8 @@ def apply(
     if finalize:
         recipe = dataclasses.replace(recipe, finalize=True)
     model = _model_for(recipe, model_spec, weights)
-    report = apply_recipe(model, recipe, progress=_progress())
+    calibration = _calibration_for(calibration_spec, recipe, model)
+    report = apply_recipe(model, recipe, progress=_progress(), calibration=calibration)
     save_state_dict(model.state_dict(), output, force=force)
     if as_json:
         click.echo(json.dumps({**report.to_dict(), "output": output}, indent=2))

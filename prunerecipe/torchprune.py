@@ -152,6 +152,35 @@ def attach(module: nn.Module, name: str, method: prune.BasePruningMethod, mask: 
     return hook
 
 
+def attach_rewritten(
+    module: nn.Module, name: str, method: prune.BasePruningMethod, mask: torch.Tensor, values: torch.Tensor
+) -> prune.BasePruningMethod:
+    """:func:`attach` ``method`` with ``mask``, and make ``values`` the unmasked tensor
+    (``<name>_orig``): for methods that rewrite weights as well as choosing a mask (SparseGPT).
+
+    The parameter keeps its identity; its ``.data`` is replaced by a new tensor, never written
+    in place, so that a :class:`ModelSnapshot` taken before puts the old values back.
+
+    Returns:
+        The hook now on the module (``method`` itself, or the container holding it).
+    """
+    param = original(module, name)
+    if values.shape != param.shape:
+        raise ValueError(f"rewritten values have shape {tuple(values.shape)}, the parameter {tuple(param.shape)}")
+    hook = attach(module, name, method, mask)
+    param.data = values.to(dtype=param.dtype, device=param.device).clone(memory_format=torch.contiguous_format)
+    refresh(module, name)
+    return hook
+
+
+@torch.no_grad()
+def effective(module: nn.Module, name: str) -> torch.Tensor:
+    """``module.<name>`` as the model computes with it now (``orig * mask`` when pruned), detached."""
+    tensor = original(module, name).detach()
+    mask = owned_mask(module, name)
+    return tensor if mask is None else tensor * mask
+
+
 def move_to_end(module: nn.Module, name: str) -> None:
     """Move parameter ``name`` to the end of the module's parameters, as ``prune.remove`` leaves it."""
     module._parameters[name] = module._parameters.pop(name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,3 +57,36 @@ class DigitsNet(nn.Module):
         x = F.max_pool2d(F.relu(self.conv2(x)), 2)
         x = F.relu(self.fc1(x.flatten(1)))
         return self.fc2(x)
+
+
+def _seeded_hf(build: Callable[[], nn.Module]) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build().eval()
+
+
+def tiny_gpt2() -> nn.Module:
+    """A 4-layer GPT-2 (byte-level vocabulary) built from a config: random weights, no download.
+    Needs transformers (``pip install "prunerecipe[hf]"``)."""
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=4, n_embd=64, n_head=4, vocab_size=256, n_positions=128, bos_token_id=0, eos_token_id=0)
+    return _seeded_hf(lambda: transformers.GPT2LMHeadModel(config))
+
+
+def tiny_llama() -> nn.Module:
+    """A 4-layer Llama (byte-level vocabulary) built from a config: random weights, no download."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return _seeded_hf(lambda: transformers.LlamaForCausalLM(config))
