@@ -132,7 +132,7 @@ def apply_recipe(
                     progress(f"[{j}/{len(active)}] {each.step.label}: {each.method.name} {each.how_much} on {len(each.targets)} tensor(s)")
             if ps.calibrated:
                 assert plan.blocks is not None and batches is not None
-                outcomes.extend(run_calibrated(model, plan.blocks, run, batches, current, progress))
+                outcomes.extend(run_calibrated(model, plan.blocks, run, batches, current, progress, snapshot.journal))
             else:
                 current.step = ps
                 outcomes.append(_run_step(recipe, ps, current, known))
@@ -145,6 +145,8 @@ def apply_recipe(
         if not isinstance(exc, Exception):
             raise
         raise _failure(recipe, active, current, exc) from exc
+    finally:
+        snapshot.close()
 
     for _, module, _ in watched:
         if pruning_hooks(module):

@@ -366,6 +366,33 @@ def methods(as_json: bool) -> None:
 
 
 @cli.command(context_settings=CONTEXT)
+@json_option
+@_guard
+def importances(as_json: bool) -> None:
+    """List every registered importance (what a step's 'importance:' ranks by)."""
+    from .errors import RecipeError
+    from .methods import get_importance, importance_names
+    from .methods.importance import describe_origin
+    from .text import format_table
+
+    rows = []
+    for name in importance_names():
+        try:
+            spec = get_importance(name)
+            rows.append({"name": name, "origin": spec.origin, "kind": spec.describe(), "error": None})
+        except RecipeError as exc:
+            rows.append({"name": name, "origin": describe_origin(name), "kind": "BROKEN (see below)", "error": str(exc)})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for line in format_table(["importance", "origin", "kind"], [[r["name"], r["origin"], r["kind"]] for r in rows]):
+        click.echo(line)
+    for r in rows:
+        if r["error"]:
+            click.echo(f"broken: {r['error']}", err=True)
+
+
+@cli.command(context_settings=CONTEXT)
 def schema() -> None:
     """Print the recipe JSON Schema (draft 2020-12), e.g. for editor completion."""
     from .load import recipe_schema

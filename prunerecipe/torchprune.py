@@ -9,6 +9,8 @@ precomputed mask, restore a saved one, snapshot and roll back, count zeros, list
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -253,6 +255,17 @@ def finalize(model: nn.Module) -> list[str]:
 # --- atomicity and copying -----------------------------------------------------------------
 
 
+class _Journaled:
+    """Saved parameter data kept in a file of a snapshot's journal (see :meth:`ModelSnapshot.journal`)."""
+
+    def __init__(self, path: str, device: torch.device) -> None:
+        self.path = path
+        self.device = device
+
+    def load(self) -> torch.Tensor:
+        return torch.load(self.path, weights_only=True).to(self.device)
+
+
 class ModelSnapshot:
     """Everything ``torch.nn.utils.prune`` changes on a set of modules, restorable in place.
 
@@ -261,7 +274,7 @@ class ModelSnapshot:
     """
 
     def __init__(self, modules: Iterable[nn.Module]) -> None:
-        self._saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any], list[tuple[nn.Parameter, torch.Tensor]]]] = []
+        self._saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any], list[tuple[nn.Parameter, torch.Tensor | _Journaled]]]] = []
         self._containers: list[tuple[prune.PruningContainer, tuple[Any, ...]]] = []
         seen: set[int] = set()
         for module in modules:
@@ -270,12 +283,34 @@ class ModelSnapshot:
             seen.add(id(module))
             inner = {k: dict(getattr(module, k)) for k in _STATE_DICTS if hasattr(module, k)}
             attrs = {k: v for k, v in module.__dict__.items() if k not in inner}
-            data = [(p, p.data) for p in module._parameters.values() if p is not None]
+            data: list[tuple[nn.Parameter, torch.Tensor | _Journaled]] = [(p, p.data) for p in module._parameters.values() if p is not None]
             self._saved.append((module, inner, attrs, data))
             for hook in module._forward_pre_hooks.values():
                 if isinstance(hook, prune.PruningContainer):
                     self._containers.append((hook, hook._pruning_methods))
         self._nonpersistent = {id(m): set(m._non_persistent_buffers_set) for m, *_ in self._saved}
+        self._folder: tempfile.TemporaryDirectory[str] | None = None
+
+    def journal(self, param: torch.Tensor) -> None:
+        """Keep the saved data of ``param`` in a temporary file rather than in memory, once the
+        parameter holds new data: methods that rewrite weights (SparseGPT) then stay atomic
+        without a second copy of every weight they rewrote. :meth:`restore` reads it back;
+        :meth:`close` (or the end of the snapshot) removes the files."""
+        for _, _, _, data in self._saved:
+            for i, (p, tensor) in enumerate(data):
+                if p is param and isinstance(tensor, torch.Tensor) and p.data is not tensor:
+                    if self._folder is None:
+                        self._folder = tempfile.TemporaryDirectory(prefix="prunerecipe-journal-")
+                    path = os.path.join(self._folder.name, f"{len(os.listdir(self._folder.name))}.pt")
+                    torch.save(tensor.detach().cpu(), path)
+                    data[i] = (p, _Journaled(path, tensor.device))
+                    return
+
+    def close(self) -> None:
+        """Remove the journal's temporary files (the snapshot can no longer restore them)."""
+        if self._folder is not None:
+            self._folder.cleanup()
+            self._folder = None
 
     def restore(self) -> None:
         """Put every saved module back exactly as it was."""
@@ -292,8 +327,11 @@ class ModelSnapshot:
             module._non_persistent_buffers_set.clear()
             module._non_persistent_buffers_set.update(self._nonpersistent[id(module)])
             for param, tensor in data:
-                if param.data is not tensor:
+                if isinstance(tensor, _Journaled):
+                    param.data = tensor.load()
+                elif param.data is not tensor:
                     param.data = tensor
+        self.close()
 
     def structure(self) -> list[tuple[Any, ...]]:
         """Identity of what pruning changes on the saved modules, now (to tell whether anyone touched them)."""

@@ -125,8 +125,12 @@ def run_calibrated(
     batches: Sequence[Batch],
     current: Current,
     progress: Callable[[str], None] | None = None,
+    journal: Callable[[torch.Tensor], None] | None = None,
 ) -> list[StepOutcome]:
     """Run calibration-based ``steps`` (consecutive in the recipe) block by block, in place.
+
+    ``journal`` is called with each parameter whose data was rewritten (SparseGPT), once its old
+    data is only needed to undo the run (:meth:`~prunerecipe.torchprune.ModelSnapshot.journal`).
 
     Returns:
         One :class:`~prunerecipe.report.StepOutcome` per step, naming the tensors it rewrote.
@@ -153,7 +157,7 @@ def run_calibrated(
             started = time.perf_counter()
             block = blocks.modules[b]
             if work[b]:
-                _prune_block(block, blocks.names[b], work[b], inputs, current, rewritten, noops)
+                _prune_block(block, blocks.names[b], work[b], inputs, current, rewritten, noops, journal)
             if b < last:
                 with torch.no_grad():
                     inputs = _forward(block, blocks.names[b], inputs, current, replace=True)
@@ -183,6 +187,7 @@ def _prune_block(
     current: Current,
     rewritten: dict[int, list[str]],
     noops: dict[int, list[str]],
+    journal: Callable[[torch.Tensor], None] | None,
 ) -> None:
     device = model_device(block)
     layers = []
@@ -207,6 +212,8 @@ def _prune_block(
         if ps.method.calibrated:
             prune_sparsegpt(ps, t, stats.hessian(), amount)
             rewritten[id(ps)].append(t.qualname)
+            if journal is not None:
+                journal(t.original)
         else:
             assert ps.importance is not None
             scores = importance_scores(ps.importance, t, stats.input_stats() if ps.importance.calibrated else None)

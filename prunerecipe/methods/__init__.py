@@ -32,12 +32,18 @@ from .registry import (
     entry_points,
     get_method,
     method_names,
-    refresh,
     register_method,
     unregister_method,
 )
 from .semi_structured import SemiStructured
 from .sparsegpt import SparseGPT
+
+
+def refresh() -> None:
+    """Forget discovered entry points and resolved methods and importances (after installing a
+    plugin at run time)."""
+    _registry.refresh()
+    _importance.refresh()
 
 
 @contextmanager
