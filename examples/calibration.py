@@ -12,6 +12,7 @@ out), so an evaluation can stay clear of the calibration data.
 
 from __future__ import annotations
 
+import functools
 import pathlib
 import random
 import sysconfig
@@ -21,16 +22,18 @@ import torch
 SKIP = {"test", "tests", "idlelib", "site-packages", "lib2to3", "__pycache__"}
 
 
-def stdlib_files(split: str = "train") -> list[pathlib.Path]:
+@functools.lru_cache(maxsize=4)
+def stdlib_files(split: str = "train") -> tuple[pathlib.Path, ...]:
     """The standard library's ``.py`` files (tests and bundled packages left out), sorted by
     path; ``split`` is ``"train"`` (19 of every 20) or ``"heldout"`` (the 20th)."""
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if not SKIP & set(p.relative_to(root).parts))
     if split not in ("train", "heldout"):
         raise ValueError(f"split is 'train' or 'heldout', not {split!r}")
-    return [p for i, p in enumerate(files) if (i % 20 == 19) == (split == "heldout")]
+    return tuple(p for i, p in enumerate(files) if (i % 20 == 19) == (split == "heldout"))
 
 
+@functools.lru_cache(maxsize=4)
 def stdlib_bytes(split: str = "train", limit: int | None = None) -> bytes:
     """The files of ``split`` concatenated (at most ``limit`` bytes)."""
     out = bytearray()

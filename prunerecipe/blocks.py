@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import SelectorError
-from .select import check_name_pattern
+from .layout import is_linear_like
+from .select import Target, check_name_pattern
 from .spec import Sequential
 from .text import listing, short, suggest
 
@@ -103,3 +104,16 @@ def _by_pattern(named: Sequence[tuple[str, nn.Module]], pattern: str) -> Blocks:
         all_names = [n for n, _ in named if n]
         raise SelectorError(f"blocks {short(pattern)} match no module{suggest(pattern, all_names)}; {listing('module names', all_names)}")
     return Blocks(tuple(names), tuple(modules), f"sequential.blocks {pattern!r}")
+
+
+def calibration_target_problem(targets: list[Target], blocks: Blocks) -> str | None:
+    """Calibration statistics are collected at the inputs of Linear and Conv1D layers inside the blocks."""
+    for t in targets:
+        if not is_linear_like(t.module) or t.param != "weight":
+            return (
+                f"{t.qualname}: steps that need calibration data prune the weights of nn.Linear and Conv1D layers "
+                f"(whose inputs calibration sees), not a {t.module_type}'s {t.param!r}"
+            )
+        if blocks.index_of(t.module_name) is None:
+            return f"{t.qualname} is outside every block ({blocks.describe()}); exclude it, or name blocks that hold it in sequential.blocks"
+    return None

@@ -16,12 +16,12 @@ from typing import Any, NamedTuple
 from torch import nn
 
 from .amounts import is_count, normalize_dim, nparams_to_prune, sparsity_count
-from .blocks import Blocks, find_blocks
+from .blocks import Blocks, calibration_target_problem, find_blocks
 from .errors import MethodError, Problem, RecipeError, SelectorError
-from .layout import input_dim, is_linear_like
+from .layout import input_dim
 from .load import load_recipe
 from .methods import ImportanceSpec, MethodSpec, get_importance, get_method
-from .methods.binding import argument_default
+from .methods.binding import argument_default, importance_problem
 from .methods.semi_structured import nm_problem
 from .schedule import step_events
 from .select import Target, param_owners, resolve_targets
@@ -339,7 +339,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
         if importance is not None and importance.is_magnitude:
             importance = None
         calibrated = spec.calibrated or (importance is not None and importance.calibrated)
-        found = _importance_problem(step, spec, importance, calibrated)
+        found = importance_problem(step, spec, importance, calibrated)
         if found is not None:
             problems.append(recipe.problem(step.path + (found[0],), _named(step, found[1]), code=found[2]))
             continue
@@ -388,7 +388,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str]) -> Pl
                     where = ("sequential", "blocks") if recipe.sequential is not None else step.path
                     problems.append(recipe.problem(where, str(exc), code="calibration"))
                     continue
-            outside = _calibration_target_problem(targets, blocks)
+            outside = calibration_target_problem(targets, blocks)
             if outside is not None:
                 problems.append(recipe.problem(step.path + ("select",), _named(step, outside), code="calibration"))
                 continue
@@ -421,48 +421,6 @@ def _unsupported(recipe: Recipe) -> list[Problem]:
                 recipe.problem(step.path + ("scope",), "scope: group (dependency groups) is not available in this version", code="unsupported")
             )
     return out
-
-
-def _importance_problem(step: Step, spec: MethodSpec, importance: ImportanceSpec | None, calibrated: bool) -> tuple[str, str, str] | None:
-    """What keeps a step's importance, method and calibration needs from going together, as
-    ``(key, message, code)``; these rules do not depend on the model."""
-    if importance is not None and not spec.uses_importance:
-        if spec.calibrated:
-            return "importance", f"{spec.name} ranks entries by its own saliency (w**2 / [H^-1]_jj); remove 'importance'", "importance"
-        return (
-            "importance",
-            f"method {spec.name!r} does not rank by importance; importance {importance.name!r} works with l1_unstructured, "
-            "semi_structured, ln_structured, or a method class declaring USES_IMPORTANCE = True",
-            "importance",
-        )
-    if importance is not None and importance.per_row and step.scope == "global":
-        return (
-            "scope",
-            f"importance {importance.name!r} compares scores within each output row; scope 'global' ranks across tensors (use scope: local)",
-            "importance",
-        )
-    if calibrated and step.schedule is not None:
-        return "schedule", "steps that need calibration data run once, in apply_recipe with calibration, not on a schedule", "calibration"
-    if calibrated and step.scope != "local":
-        return (
-            "scope",
-            f"steps that need calibration data prune block by block, each tensor on its own: scope {step.scope!r} is not available",
-            "calibration",
-        )
-    return None
-
-
-def _calibration_target_problem(targets: list[Target], blocks: Blocks) -> str | None:
-    """Calibration statistics are collected at the inputs of Linear and Conv1D layers inside the blocks."""
-    for t in targets:
-        if not is_linear_like(t.module) or t.param != "weight":
-            return (
-                f"{t.qualname}: steps that need calibration data prune the weights of nn.Linear and Conv1D layers "
-                f"(whose inputs calibration sees), not a {t.module_type}'s {t.param!r}"
-            )
-        if blocks.index_of(t.module_name) is None:
-            return f"{t.qualname} is outside every block ({blocks.describe()}); exclude it, or name blocks that hold it in sequential.blocks"
-    return None
 
 
 def _named(step: Step, message: str) -> str:

@@ -160,8 +160,9 @@ def attach_rewritten(
     """:func:`attach` ``method`` with ``mask``, and make ``values`` the unmasked tensor
     (``<name>_orig``): for methods that rewrite weights as well as choosing a mask (SparseGPT).
 
-    The parameter keeps its identity; its ``.data`` is replaced by a new tensor, never written
-    in place, so that a :class:`ModelSnapshot` taken before puts the old values back.
+    The parameter keeps its identity; its ``.data`` becomes ``values`` (taken over, not copied,
+    when it is contiguous and of the parameter's dtype and device), never written in place, so
+    that a :class:`ModelSnapshot` taken before puts the old values back.
 
     Returns:
         The hook now on the module (``method`` itself, or the container holding it).
@@ -170,7 +171,7 @@ def attach_rewritten(
     if values.shape != param.shape:
         raise ValueError(f"rewritten values have shape {tuple(values.shape)}, the parameter {tuple(param.shape)}")
     hook = attach(module, name, method, mask)
-    param.data = values.to(dtype=param.dtype, device=param.device).clone(memory_format=torch.contiguous_format)
+    param.data = values.detach().to(dtype=param.dtype, device=param.device).contiguous()
     refresh(module, name)
     return hook
 

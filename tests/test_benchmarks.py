@@ -26,3 +26,12 @@ def test_bench_prune_prints_quiet_and_busy_tables_and_its_targets():
     assert len(cells) == 12 and cells[4].endswith("x") and cells[5].endswith("MB") and cells[10].endswith("x")
     targets = out.split("targets (issue 13):")[1].strip().splitlines()
     assert any("busy 1" in t for t in targets) and all(t.startswith(("- met:", "- NOT MET:")) for t in targets)
+
+
+@pytest.mark.slow
+def test_bench_llm_prints_per_block_times_and_the_memory_bound():
+    pytest.importorskip("transformers")
+    out = run("benchmarks/bench_llm.py", "--quick", "--samples", "8")
+    assert "| model.layers.0 |" in out and "| model.layers.1 |" in out
+    assert "sparsity of the targets after: 50.00%; tensors rewritten: 14" in out
+    assert out.strip().splitlines()[-1].startswith(("- met: peak over the model", "- NOT MET: peak over the model"))

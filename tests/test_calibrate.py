@@ -186,7 +186,13 @@ def test_targets_outside_the_blocks_are_refused_at_plan_time():
 
 @pytest.mark.parametrize("build", [gpt2, llama, bert], ids=["gpt2", "llama", "bert"])
 @pytest.mark.parametrize(
-    "method", ["method: sparsegpt\n    sparsity: 0.5\n    args: {block_size: 8}", "method: sparsegpt\n    args: {n: 2, m: 4, block_size: 8}"]
+    "method",
+    [
+        "method: sparsegpt\n    sparsity: 0.5\n    args: {block_size: 8}",
+        "method: sparsegpt\n    args: {n: 2, m: 4, block_size: 8}",
+        "method: semi_structured\n    importance: wanda",
+    ],
+    ids=["sparsegpt", "sparsegpt-2-4", "wanda-2-4"],
 )
 def test_hugging_face_models_end_to_end(build, method, tmp_path):
     model = build()
@@ -196,7 +202,8 @@ def test_hugging_face_models_end_to_end(build, method, tmp_path):
     assert "calibration: 8 samples in batches of 4, through 2 block(s)" in str(plan)
     report = apply_recipe(model, recipe, plan=plan, calibration=ids())
     assert model.training and all(m.training for m in model.modules())  # modes put back
-    assert math.isclose(report.global_after, 0.5) and len(report.steps[0].rewritten) == len(plan.steps[0].targets)
+    rewrites = "sparsegpt" in method
+    assert math.isclose(report.global_after, 0.5) and len(report.steps[0].rewritten) == (len(plan.steps[0].targets) if rewrites else 0)
     model.eval()
     x = ids(2)
     with torch.no_grad():

@@ -3,6 +3,7 @@ steps ranking by scores exactly as torch's own ``importance_scores`` would."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import textwrap
 
@@ -82,10 +83,6 @@ def test_a_method_plugin_declaring_it_receives_the_scores():
     ("step", "message"),
     [
         (
-            "method: l1_unstructured, importance: wandaa, amount: 0.5",
-            "steps[0].importance: unknown importance 'wandaa' (did you mean 'wanda'?); available: magnitude, wanda",
-        ),
-        (
             "method: random_unstructured, importance: wanda, amount: 0.5",
             "steps[0].importance: method 'random_unstructured' does not rank by importance; importance 'wanda' works with "
             "l1_unstructured, semi_structured, ln_structured, or a method class declaring USES_IMPORTANCE = True",
@@ -112,6 +109,19 @@ def test_plan_refuses_what_does_not_go_together(step, message):
         plan_recipe(make_lenet(), recipe)
     assert message in str(info.value)
     assert info.value.problems[0].code in ("importance", "calibration")
+
+
+def test_an_unknown_importance_is_an_error_at_load_and_at_plan_time():
+    text = "version: 1\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, importance: wandaa, amount: 0.5}\n"
+    message = "steps[0].importance: unknown importance 'wandaa' (did you mean 'wanda'?); available: magnitude, wanda"
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(text, "r.yaml")
+    assert str(info.value) == f"r.yaml:3:70: {message}"
+    recipe = parse_recipe(text.replace("wandaa", "wanda"), "r.yaml")
+    made_in_code = dataclasses.replace(recipe, steps=(dataclasses.replace(recipe.steps[0], importance="wandaa"),))
+    with pytest.raises(RecipeError) as info:
+        plan_recipe(make_lenet(), made_in_code)
+    assert str(info.value) == f"r.yaml:3:70: {message}" and info.value.problems[0].code == "importance"
 
 
 def test_register_refuses_taken_names_and_bad_functions():
@@ -167,9 +177,8 @@ def test_an_entry_point_plugin_is_listed_without_importing_and_used_by_name(site
 
 def test_a_broken_plugin_is_reported_with_its_distribution(site):
     write_plugin(site, "raise ImportError('no numpy here')\n")
-    recipe = parse_recipe("version: 1\nsteps:\n  - {select: {names: [fc3]}, method: l1_unstructured, importance: squares, amount: 0.5}\n", "r.yaml")
     with pytest.raises(RecipeError) as info:
-        plan_recipe(make_lenet(), recipe)
+        parse_recipe("version: 1\nsteps:\n  - {select: {names: [fc3]}, method: l1_unstructured, importance: squares, amount: 0.5}\n", "r.yaml")
     assert (
         "steps[0].importance: importance 'squares' (entry point 'squares = my_scores:squares' from my-scores 1.2) failed to import: "
         "ImportError: no numpy here" in str(info.value)

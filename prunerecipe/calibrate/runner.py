@@ -21,6 +21,7 @@ from torch import nn
 from ..blocks import Blocks
 from ..errors import CalibrationError
 from ..layout import input_dim
+from ..magnitude.workers import trim_heap
 from ..plan import PlannedStep
 from ..report import StepOutcome
 from ..select import Target
@@ -107,6 +108,7 @@ def capture(model: nn.Module, blocks: Blocks, batches: Sequence[Batch], current:
                 raise CalibrationError(f"the model ran calibration batch {i} without calling its first block {blocks.names[0] or '(root)'}")
     finally:
         handle.remove()
+    current.where = ""
     if not blocks.whole_model:
         inputs = captured[0]
         value = inputs.args[0] if inputs.args else inputs.kwargs.get("hidden_states")
@@ -161,6 +163,9 @@ def run_calibrated(
             if b < last:
                 with torch.no_grad():
                     inputs = _forward(block, blocks.names[b], inputs, current, replace=True)
+            for _, t in work[b]:  # as hand-written prune calls leave them: computed with autograd on
+                refresh(t.module, t.param)
+            trim_heap()  # the block's statistics and temporaries go back to the system, not to a later peak
             if progress is not None:
                 progress(
                     f"  block {b + 1}/{last + 1} {blocks.names[b] or '(model)'}: {len(work[b])} tensor(s), {time.perf_counter() - started:.2f} s"
@@ -168,9 +173,6 @@ def run_calibrated(
     finally:
         for module, mode in modes:
             module.training = mode
-    for ps in steps:  # as hand-written prune calls leave them: computed with autograd on
-        for pt in ps.targets:
-            refresh(pt.target.module, pt.target.param)
     outcomes = []
     for ps in steps:
         names = tuple(pt.target.qualname for pt in ps.targets)
@@ -202,13 +204,14 @@ def _prune_block(
         stats = collector.of(t.module)
         if stats.nonfinite():
             raise CalibrationError(f"the inputs of {t.qualname} on the calibration data hold NaN or inf (their statistics overflowed)")
-    for ps, t in jobs:
+    last_use = {id(t.module): i for i, (_, t) in enumerate(jobs)}
+    for i, (ps, t) in enumerate(jobs):
         current.step, current.target = ps, t
+        stats = collector.of(t.module)
         amount = ps.live_amount([t]) if ps.method.needs_amount(ps.step.args) else None
         if ps.step.sparsity is not None and amount is not None and amount <= 0:
             noops[id(ps)].append(t.qualname)
             continue
-        stats = collector.of(t.module)
         if ps.method.calibrated:
             prune_sparsegpt(ps, t, stats.hessian(), amount)
             rewritten[id(ps)].append(t.qualname)
@@ -218,6 +221,9 @@ def _prune_block(
             assert ps.importance is not None
             scores = importance_scores(ps.importance, t, stats.input_stats() if ps.importance.calibrated else None)
             prune_scored(ps, t, scores, amount)
+        if last_use[id(t.module)] == i:  # no later step of this block needs it: free it now
+            stats.release()
+        trim_heap()  # one tensor's temporaries back to the system before the next tensor's
     current.step, current.target = None, None
     for stats in collector.stats.values():
         stats.release()

@@ -60,21 +60,25 @@ def sparsegpt(
         raise ValueError("give either count or n_m")
     cols = weight.shape[1]
     dtype = torch.promote_types(weight.dtype, torch.float32)
-    W = weight.detach().to(dtype).clone()
+    W = weight.detach().to(dtype).clone(memory_format=torch.contiguous_format)
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"the Hessian has shape {tuple(hessian.shape)}; the weight has {cols} input features")
     H = hessian.detach().to(dtype).clone()
-    if H.shape != (cols, cols):
-        raise ValueError(f"the Hessian has shape {tuple(H.shape)}; the weight has {cols} input features")
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
     H.diagonal().add_(damp * torch.diagonal(H).mean())
+    # At most two in x in matrices at a time: the Hessian, its factor, the inverse, its factor.
     factor, info = torch.linalg.cholesky_ex(H)
+    del H
     if int(info):
         raise ValueError(f"the Hessian of its inputs is not positive definite with damp={damp:g}; raise damp")
-    U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+    inverse = torch.cholesky_inverse(factor)
+    del factor
+    U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+    del inverse
     if int(info):
         raise ValueError(f"the inverse Hessian is not positive definite with damp={damp:g}; raise damp")
-    del factor, H
 
     keep = keep.clone()
     starts = list(range(0, cols, block_size))

@@ -25,6 +25,7 @@ class LayerStats:
         self.tokens = 0
         self.sq_sum = torch.zeros(in_features, dtype=torch.float64, device=device) if norms else None
         self.hessian_sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if hessian else None
+        self._averaged = False
 
     def input_stats(self) -> InputStats:
         """The norms' statistics, for importance functions."""
@@ -32,9 +33,13 @@ class LayerStats:
         return InputStats(self.tokens, self.sq_sum)
 
     def hessian(self) -> torch.Tensor:
-        """``X^T X / tokens`` (SparseGPT's ``2 X X^T / n`` up to a factor, which it does not see)."""
+        """``X^T X / tokens`` (SparseGPT's ``2 X X^T / n`` up to a factor, which it does not see),
+        made from the sum in place: collecting is over when it is asked for."""
         assert self.hessian_sum is not None
-        return self.hessian_sum / max(self.tokens, 1)
+        if not self._averaged:
+            self.hessian_sum.div_(max(self.tokens, 1))
+            self._averaged = True
+        return self.hessian_sum
 
     def nonfinite(self) -> bool:
         return any(t is not None and not bool(torch.isfinite(t).all()) for t in (self.sq_sum, self.hessian_sum))

@@ -9,7 +9,9 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+from ..spec import Step
 from ..text import short, suggest
+from .importance import ImportanceSpec
 from .registry import MethodSpec
 
 Finding = tuple[tuple[str, ...], str, bool]
@@ -139,3 +141,32 @@ def describe_type(hint: Any) -> str:
         return names[hint]
     shown = str(hint).replace("typing.", "") if typing.get_origin(hint) is not None else getattr(hint, "__name__", str(hint))
     return f"of type {shown}"
+
+
+def importance_problem(step: Step, spec: MethodSpec, importance: ImportanceSpec | None, calibrated: bool) -> tuple[str, str, str] | None:
+    """What keeps a step's importance, method and calibration needs from going together, as
+    ``(key, message, code)``; these rules do not depend on the model."""
+    if importance is not None and not spec.uses_importance:
+        if spec.calibrated:
+            return "importance", f"{spec.name} ranks entries by its own saliency (w**2 / [H^-1]_jj); remove 'importance'", "importance"
+        return (
+            "importance",
+            f"method {spec.name!r} does not rank by importance; importance {importance.name!r} works with l1_unstructured, "
+            "semi_structured, ln_structured, or a method class declaring USES_IMPORTANCE = True",
+            "importance",
+        )
+    if importance is not None and importance.per_row and step.scope == "global":
+        return (
+            "scope",
+            f"importance {importance.name!r} compares scores within each output row; scope 'global' ranks across tensors (use scope: local)",
+            "importance",
+        )
+    if calibrated and step.schedule is not None:
+        return "schedule", "steps that need calibration data run once, in apply_recipe with calibration, not on a schedule", "calibration"
+    if calibrated and step.scope != "local":
+        return (
+            "scope",
+            f"steps that need calibration data prune block by block, each tensor on its own: scope {step.scope!r} is not available",
+            "calibration",
+        )
+    return None
