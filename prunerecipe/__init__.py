@@ -18,6 +18,7 @@ _EXPORTS = {
     "apply_recipe": "apply",
     "apply_recipe_streaming": "stream",
     "ApplyError": "errors",
+    "CalibrationError": "errors",
     "CheckpointError": "errors",
     "MethodError": "errors",
     "ModelSpecError": "errors",
@@ -31,10 +32,14 @@ _EXPORTS = {
     "recipe_from_dict": "load",
     "recipe_schema": "load",
     "MethodSpec": "methods",
+    "get_importance": "methods",
     "get_method": "methods",
+    "importance_names": "methods",
     "method_names": "methods",
     "pruning_method": "methods",
+    "register_importance": "methods",
     "register_method": "methods",
+    "unregister_importance": "methods",
     "unregister_method": "methods",
     "load_model": "modelspec",
     "Plan": "plan",
@@ -74,9 +79,20 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .apply import apply_recipe
     from .checkpoint import load_pruned_state_dict, read_state_dict, save_state_dict
-    from .errors import ApplyError, CheckpointError, MethodError, ModelSpecError, Problem, RecipeError
+    from .errors import ApplyError, CalibrationError, CheckpointError, MethodError, ModelSpecError, Problem, RecipeError
     from .load import load_recipe, parse_recipe, recipe_from_dict, recipe_schema
-    from .methods import MethodSpec, get_method, method_names, pruning_method, register_method, unregister_method
+    from .methods import (
+        MethodSpec,
+        get_importance,
+        get_method,
+        importance_names,
+        method_names,
+        pruning_method,
+        register_importance,
+        register_method,
+        unregister_importance,
+        unregister_method,
+    )
     from .modelspec import load_model
     from .plan import Plan, PlannedStep, PlannedTarget, plan_recipe
     from .report import Report

@@ -7,9 +7,10 @@ own ``apply``. Anything that fails puts the model back exactly as it was.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
@@ -18,12 +19,13 @@ from torch import nn
 
 from . import magnitude, rng
 from .amounts import checked_nparams, normalize_dim, sparsity_count
+from .calibrate import Batch, Current, draw_batches, importance_scores, prune_scored, run_calibrated
+from .calibrate.scored import scores_for
 from .distributed import Coordinator, PeerFailure, agreed, resolve_group
-from .errors import ApplyError, RecipeError
+from .errors import ApplyError, CalibrationError, RecipeError
 from .load import load_recipe
-from .methods import MethodSpec
 from .methods.binding import argument_default
-from .plan import Plan, PlannedStep, plan_recipe, pruned_entries, pruned_slices
+from .plan import Plan, PlannedStep, plan_recipe, pruned_slices
 from .report import Report, StepOutcome, TargetSparsity, measure
 from .select import Target
 from .spec import Recipe
@@ -42,6 +44,7 @@ def apply_recipe(
     plan: Plan | None = None,
     progress: Callable[[str], None] | None = None,
     process_group: Any = None,
+    calibration: Iterable[Any] | None = None,
 ) -> Report:
     """Apply every unscheduled step of ``recipe`` to ``model``, in place, in file order.
 
@@ -58,10 +61,15 @@ def apply_recipe(
         model: the model to prune, in place.
         recipe: a :class:`~prunerecipe.spec.Recipe` or the path of a recipe file.
         plan: a plan made earlier by :func:`~prunerecipe.plan.plan_recipe` for this model and recipe.
-        progress: called with a line of text as each step starts.
+        progress: called with a line of text as each step starts (and each block, for
+            steps that run block by block).
         process_group: the ``torch.distributed`` group to prune together with (default: the
             default group when ``torch.distributed`` is initialized; ``False``: this process
             alone, e.g. one rank pruning a copy for export, which the others do not join).
+        calibration: calibration samples for steps that need them (``importance: wanda``,
+            ``sparsegpt``): an iterable of tensors or dicts of tensors, one sample each, no
+            batch dimension; ``calibration: {samples, batch_size}`` says how many are drawn
+            and how they are batched. Ignored when no step needs it.
 
     Returns:
         A :class:`~prunerecipe.report.Report`: per-target and global sparsity before and after.
@@ -84,6 +92,17 @@ def apply_recipe(
     # the finiteness check, which counts the zeros before on the way. Across ranks each is
     # agreed: a failure on one rank is raised on all.
     plan, active, skipped, watched, usable = _together(group, lambda: _prepare(model, recipe, plan, spread=group is not None))
+    if group is not None and any(ps.calibrated for ps in active):
+        first = next(ps for ps in active if ps.calibrated)
+        raise RecipeError(
+            recipe.problem(
+                first.step.path,
+                f"{first.step.label} runs on calibration data, which each process has its own of: prune in one process "
+                "(process_group=False) and share the result",
+                code="calibration",
+            )
+        )
+    batches = _calibration_batches(recipe, active, calibration)
     coord = None
     if group is not None:
         coord = Coordinator(group, recipe, [(ps.step, ps.method.cls, [pt.target for pt in ps.targets]) for ps in active])
@@ -101,19 +120,29 @@ def apply_recipe(
         modules += [m for _, m, _ in pruned_parameters(model)]
     snapshot = ModelSnapshot(modules)
     outcomes = []
-    current: list[Any] = [None, None]
+    current = Current()
     known: dict[Key, int] = {}
     compaction: Compaction | None = None
     try:
         # Not under no_grad: hand-written prune calls leave `module.weight` with a grad_fn, and so do we.
-        for i, ps in enumerate(active, 1):
-            current[:] = [ps, None]
-            if progress is not None:
-                progress(f"[{i}/{len(active)}] {ps.step.label}: {ps.method.name} {ps.step.how_much} on {len(ps.targets)} tensor(s)")
-            outcomes.append(_run_step(recipe, ps, current, known, coord))
-            if coord is not None:
-                coord.agree(None)  # raises PeerFailure here when another rank failed this step
-        current[:] = [None, None]
+        i = 0
+        while i < len(active):
+            ps = active[i]
+            # consecutive calibration-based steps run together, block by block
+            run = [ps] if not ps.calibrated else list(itertools.takewhile(lambda p: p.calibrated, active[i:]))
+            for j, each in enumerate(run, i + 1):
+                if progress is not None:
+                    progress(f"[{j}/{len(active)}] {each.step.label}: {each.method.name} {each.how_much} on {len(each.targets)} tensor(s)")
+            if ps.calibrated:
+                assert plan.blocks is not None and batches is not None
+                outcomes.extend(run_calibrated(model, plan.blocks, run, batches, current, progress, snapshot.journal))
+            else:
+                current.step = ps
+                outcomes.append(_run_step(recipe, ps, current, known, coord))
+                if coord is not None:
+                    coord.agree(None)  # raises PeerFailure here when another rank failed this step
+            current.step = current.target = None
+            i += len(run)
         if recipe.compacts:
             compaction = compact(model, example_tensors(model, recipe), recipe=recipe)
         elif recipe.finalize:
@@ -126,18 +155,11 @@ def apply_recipe(
             raise
         if coord is not None:
             coord.agree(exc)
-        ps, target = current
-        if ps is None and isinstance(exc, RecipeError):  # compaction's own located error; it restored its part
-            raise
-        if ps is None:
-            raise ApplyError(
-                recipe.problem(("finalize",), f"finalize failed: {type(exc).__name__}: {exc}; the model was left unchanged", code="apply")
-            ) from exc
-        on = f" on {target.qualname}" if target is not None else ""
-        what = f"step {ps.step.name!r} ({ps.method.name})" if ps.step.name else ps.method.name
-        raise ApplyError(
-            recipe.problem(ps.step.path, f"{what} failed{on}: {type(exc).__name__}: {exc}; the model was left unchanged", code="apply")
-        ) from exc
+        if current.step is None and not current.where and isinstance(exc, RecipeError) and not isinstance(exc, CalibrationError):
+            raise  # compaction's own located error; it restored its part
+        raise _failure(recipe, active, current, exc) from exc
+    finally:
+        snapshot.close()
 
     for _, module, _ in watched:
         if pruning_hooks(module):
@@ -198,24 +220,44 @@ def _checked_cuts(
     return cuts
 
 
+def _failure(recipe: Recipe, active: list[PlannedStep], current: Current, exc: Exception) -> ApplyError | CalibrationError:
+    """The error for a failure while applying, located at what was running (the model is restored)."""
+    detail = "; ".join(p.message for p in exc.problems) if isinstance(exc, RecipeError) else f"{type(exc).__name__}: {exc}"
+    if current.where or isinstance(exc, CalibrationError):
+        where = ("calibration",) if recipe.calibration is not None else next(ps.step.path for ps in active if ps.calibrated)
+        lead = f"{current.where}: " if current.where else ""
+        return CalibrationError(recipe.problem(where, f"{lead}{detail}; the model was left unchanged", code="calibration"))
+    ps, target = current.step, current.target
+    if ps is None:
+        return ApplyError(recipe.problem(("finalize",), f"finalize failed: {detail}; the model was left unchanged", code="apply"))
+    on = f" on {target.qualname}" if target is not None else ""
+    what = f"step {ps.step.name!r} ({ps.method.name})" if ps.step.name else ps.method.name
+    return ApplyError(recipe.problem(ps.step.path, f"{what} failed{on}: {detail}; the model was left unchanged", code="apply"))
+
+
+def _calibration_batches(recipe: Recipe, active: list[PlannedStep], calibration: Iterable[Any] | None) -> list[Batch] | None:
+    """The calibration batches, drawn and checked before anything changes (None when no step needs them)."""
+    needing = [ps for ps in active if ps.calibrated]
+    if not needing:
+        return None
+    first = needing[0]
+    if calibration is None:
+        why = first.method.name if first.method.calibrated else f"importance {first.importance.name!r}" if first.importance else first.method.name
+        raise RecipeError(
+            recipe.problem(
+                first.step.path,
+                f"{first.step.label} needs calibration data ({why}): pass --calibration SPEC to prunerecipe apply, "
+                "or calibration= to apply_recipe; nothing was changed",
+                code="calibration",
+            )
+        )
+    where = ("calibration",) if recipe.calibration is not None else first.step.path
+    batches, _ = draw_batches(calibration, recipe, where)
+    return batches
+
+
 def _rows(watched: list[tuple[str, nn.Module, str]], before: dict[str, Any], after: dict[str, Any]) -> tuple[TargetSparsity, ...]:
     return tuple(TargetSparsity(name, before[name][0], before[name][1], before[name][2], after[name][2]) for name, _, _ in watched)
-
-
-def _live_amount(ps: PlannedStep, targets: list[Target]) -> int | float | None:
-    """The torch ``amount`` for this step now: as written, or converted from an absolute ``sparsity``."""
-    step = ps.step
-    if step.sparsity is None:
-        return step.amount
-    if step.scope == "global":
-        total = sum(t.original.numel() for t in targets)
-        return sparsity_count(step.sparsity, total, sum(pruned_entries(t) for t in targets))
-    (t,) = targets
-    if ps.method.pruning_type == "structured":
-        dim = step.args.get("dim", argument_default(ps.method, "dim", -1))
-        d = normalize_dim(dim, t.original.dim())
-        return sparsity_count(step.sparsity, t.original.shape[d], pruned_slices(t, d))
-    return sparsity_count(step.sparsity, t.original.numel(), pruned_entries(t))
 
 
 Checked = list[tuple[PlannedStep, Target]]
@@ -293,7 +335,7 @@ def _can_fold(recipe: Recipe, active: list[PlannedStep], model: nn.Module) -> bo
         return False
     seen: set[Key] = set()
     for ps in active:
-        if not _fast_l1(ps.method):
+        if not _fast_l1(ps):
             return False
         dtypes = set()
         for pt in ps.targets:
@@ -390,18 +432,19 @@ def _run_group_step(ps: PlannedStep, names: tuple[str, ...]) -> StepOutcome:
     return StepOutcome(step.label, ps.method.name, names)
 
 
-def _fast_l1(spec: MethodSpec) -> bool:
-    """Only torch's own L1Unstructured takes the fast path (subclasses may change compute_mask)."""
-    return spec.cls is prune.L1Unstructured
+def _fast_l1(ps: PlannedStep) -> bool:
+    """Only torch's own L1Unstructured ranking the weights themselves takes the fast path
+    (subclasses may change compute_mask; importance scores rank something else)."""
+    return ps.method.cls is prune.L1Unstructured and ps.importance is None and not ps.calibrated
 
 
 def run_step(recipe: Recipe, ps: PlannedStep) -> StepOutcome:
     """Run one planned step on its targets, as :func:`apply_recipe` runs it (seeding included),
     with no rollback: for callers that keep their own copies (streaming, tensor by tensor)."""
-    return _run_step(recipe, ps, [ps, None], {})
+    return _run_step(recipe, ps, Current(step=ps), {})
 
 
-def _run_step(recipe: Recipe, ps: PlannedStep, current: list[Any], zeros: dict[Key, int], coord: Coordinator | None = None) -> StepOutcome:
+def _run_step(recipe: Recipe, ps: PlannedStep, current: Current, zeros: dict[Key, int], coord: Coordinator | None = None) -> StepOutcome:
     """Run one step. ``zeros`` holds, per ``(id(module), param)``, the zero count after the last
     step that touched it, where a fast path knew it without counting (the report uses it).
     ``coord``: the ranks' coordinator, in a distributed run."""
@@ -427,13 +470,13 @@ def _draws(ps: PlannedStep, targets: list[Target]) -> int:
     if step.scope == "global":
         if not targets:
             return 0
-        amount = _live_amount(ps, targets)
+        amount = ps.live_amount(targets)
         units = sum(_eligible(t) for t in targets)
         wide = any(t.original.dtype == torch.float64 for t in targets)  # torch.cat promotes to it
         return rng.draws(spec.cls, amount if amount is not None else 0, units, torch.float64 if wide else torch.float32)
     total = 0
     for t in targets:
-        amount = _live_amount(ps, [t])
+        amount = ps.live_amount([t])
         if amount is None or (step.sparsity is not None and amount <= 0):
             continue
         if spec.pruning_type == "structured":
@@ -452,7 +495,7 @@ def _eligible(t: Target) -> int:
 
 
 def _run_targets(
-    recipe: Recipe, ps: PlannedStep, targets: list[Target], current: list[Any], zeros: dict[Key, int], coord: Coordinator | None
+    recipe: Recipe, ps: PlannedStep, targets: list[Target], current: Current, zeros: dict[Key, int], coord: Coordinator | None
 ) -> StepOutcome:
     step, spec = ps.step, ps.method
     for t in targets:
@@ -471,12 +514,15 @@ def _run_targets(
         if not spec.takes_amount:
             prune.global_unstructured(params, pruning_method=spec.cls, **kwargs)
             return StepOutcome(step.label, spec.name, names)
-        amount = _live_amount(ps, targets)
+        amount = ps.live_amount(targets)
         assert amount is not None
         if step.sparsity is not None and amount <= 0:
             return StepOutcome(step.label, spec.name, names, f"no-op: already at or above sparsity {step.sparsity:g}")
-        if _fast_l1(spec) and len({t.original.dtype for t in targets}) == 1 and all(magnitude.supported(t.original) for t in targets):
+        if _fast_l1(ps) and len({t.original.dtype for t in targets}) == 1 and all(magnitude.supported(t.original) for t in targets):
             magnitude.l1_global(params, amount, zeros, finite=True)  # the preflight checked
+        elif ps.importance is not None:
+            scores = {(t.module, t.param): scores_for(t, importance_scores(ps.importance, t, None)) for t in targets}
+            prune.global_unstructured(params, pruning_method=spec.cls, importance_scores=scores, amount=amount, **kwargs)
         else:
             prune.global_unstructured(params, pruning_method=spec.cls, amount=amount, **kwargs)
         return StepOutcome(step.label, spec.name, names)
@@ -484,20 +530,23 @@ def _run_targets(
     noops: list[str] = []
     fast: list[tuple[nn.Module, str, int | float]] = []  # L1 targets: every cut found in one scan
     for t in targets:
-        current[1] = t
-        call = dict(kwargs)
-        if spec.takes_amount:
-            amount = _live_amount(ps, [t])
+        current.target = t
+        call = ps.target_kwargs(t)
+        amount = None
+        if spec.needs_amount(call):
+            amount = ps.live_amount([t])
             if step.sparsity is not None and amount is not None and amount <= 0:
                 noops.append(t.qualname)
                 continue
             call["amount"] = amount
-        if _fast_l1(spec) and magnitude.supported(t.original):
+        if _fast_l1(ps) and magnitude.supported(t.original):
             fast.append((t.module, t.param, call["amount"]))
+        elif ps.importance is not None:
+            prune_scored(ps, t, importance_scores(ps.importance, t, None), amount)
         else:
             spec.cls.apply(t.module, t.param, **call)
+    current.target = None
     if fast:
-        current[1] = None
         magnitude.l1_local_many(fast, zeros, finite=True)  # the preflight checked
     note = f"no-op on {', '.join(noops)}: already at or above sparsity {step.sparsity:g}" if noops else None
     return StepOutcome(step.label, spec.name, names, note)

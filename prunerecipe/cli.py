@@ -176,6 +176,23 @@ def _model_for(
     return model, folder
 
 
+def _calibration_fn(spec: str | None) -> Callable[[Any, Any], Any] | None:
+    """The calibration function a spec names, imported now; called with (recipe, model) it returns
+    the samples (checked by apply_recipe)."""
+    if not spec:
+        return None
+    from .calibrate import call_calibration, load_calibration
+    from .spec import Calibration
+
+    fn = load_calibration(spec)
+
+    def samples(recipe: Any, model: Any) -> Any:
+        settings = recipe.calibration or Calibration()
+        return call_calibration(fn, model=model, samples=settings.samples, spec=spec)
+
+    return samples
+
+
 @click.group(context_settings=CONTEXT, epilog=EXAMPLES)
 @click.version_option(__version__, "-V", "--version", prog_name="prunerecipe", message="%(prog)s %(version)s")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
@@ -233,6 +250,12 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON i
 @click.option("--compact", is_flag=True, help="As 'finalize: compact': also remove channels masked across their whole dependency group.")
 @click.option("--force", is_flag=True, help="Overwrite OUTPUT if it exists (keeping its permissions).")
 @prefix_option
+@click.option(
+    "--calibration",
+    "calibration_spec",
+    metavar="SPEC",
+    help="Calibration data for steps that need it (wanda, sparsegpt): 'pkg.module:fn' or 'file.py:fn' returning samples.",
+)
 @json_option
 @_guard
 def apply(
@@ -248,6 +271,7 @@ def apply(
     compact: bool,
     force: bool,
     strip_prefix: str | None,
+    calibration_spec: str | None,
     as_json: bool,
 ) -> None:
     """Apply RECIPE to a model and write the result.
@@ -257,6 +281,7 @@ def apply(
     prunerecipe apply my.yaml --model mypkg.models:build --weights dense.pt --format dense -o pruned.safetensors
     prunerecipe apply my.yaml --model ./gpt2-folder -o ./gpt2-pruned        (a Hugging Face folder in, one out)
     prunerecipe apply my.yaml --model ./llama-70b --stream -o ./llama-pruned  (tensor by tensor, bigger than memory)
+    prunerecipe apply recipes/wanda-50.yaml --calibration examples/calibration.py:stdlib_text -o pruned.pt
     """
     import dataclasses
 
@@ -270,6 +295,8 @@ def apply(
     if compact or (finalize and not recipe.finalize):  # --finalize never undoes a recipe's 'finalize: compact'
         recipe = dataclasses.replace(recipe, finalize="compact" if compact else True)
     if stream:
+        if calibration_spec:
+            raise click.UsageError("--calibration runs the model on data: it needs the model in memory; leave out --stream")
         _apply_streaming(recipe, recipe_path, model_spec, weights, output, fmt, max_shard_size, force, strip_prefix, as_json)
         return
     # Everything about the output is checked before the model is built or pruned.
@@ -281,12 +308,14 @@ def apply(
     inputs = tuple(p for p in (weights, resolve(spec, base) if from_folder else None, recipe_path) if p)
     check_output(output, force=force, folder=fmt == "hf", inputs=inputs)
 
+    calibrate = _calibration_fn(calibration_spec)  # imported before the model is built: a wrong spec costs nothing
     model, folder = _model_for(recipe, model_spec, weights, strip_prefix)
     if fmt == "hf" and not hasattr(getattr(model, "config", None), "to_json_file"):
         raise Fail(
             f"{output}: --format hf needs a Hugging Face model (one with a transformers config); {type(model).__name__} has none. Use --format dense or torch"
         )
-    report = apply_recipe(model, recipe, progress=_progress())
+    calibration = calibrate(recipe, model) if calibrate is not None else None
+    report = apply_recipe(model, recipe, progress=_progress(), calibration=calibration)
     text = getattr(recipe.document, "text", None)
     line = write_output(
         model,
@@ -672,6 +701,33 @@ def methods(as_json: bool) -> None:
         return
     table = [[r["name"], r["origin"], r["type"], r["arguments"] if not r["error"] else "BROKEN (see below)"] for r in rows]
     for line in format_table(["method", "origin", "type", "arguments"], table):
+        click.echo(line)
+    for r in rows:
+        if r["error"]:
+            click.echo(f"broken: {r['error']}", err=True)
+
+
+@cli.command(context_settings=CONTEXT)
+@json_option
+@_guard
+def importances(as_json: bool) -> None:
+    """List every registered importance (what a step's 'importance:' ranks by)."""
+    from .errors import RecipeError
+    from .methods import get_importance, importance_names
+    from .methods.importance import describe_origin
+    from .text import format_table
+
+    rows = []
+    for name in importance_names():
+        try:
+            spec = get_importance(name)
+            rows.append({"name": name, "origin": spec.origin, "kind": spec.describe(), "error": None})
+        except RecipeError as exc:
+            rows.append({"name": name, "origin": describe_origin(name), "kind": "BROKEN (see below)", "error": str(exc)})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for line in format_table(["importance", "origin", "kind"], [[r["name"], r["origin"], r["kind"]] for r in rows]):
         click.echo(line)
     for r in rows:
         if r["error"]:

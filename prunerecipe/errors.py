@@ -1,7 +1,7 @@
 """Every exception prunerecipe raises for a user mistake, and the :class:`Problem` they carry.
 
 One base, :class:`RecipeError`; a subclass per stage (applying, checkpoints, model specs,
-methods, selectors). Each finding is a :class:`Problem` with a location, a short ``code``
+methods, selectors, calibration data). Each finding is a :class:`Problem` with a location, a short ``code``
 and ``to_dict()`` for machine-readable output (``--json``).
 """
 
@@ -127,6 +127,13 @@ class MethodError(RecipeError):
     """A method name that cannot be resolved to a usable method."""
 
     code = "method"
+
+
+class CalibrationError(RecipeError):
+    """Calibration data that cannot be used: missing, empty, of the wrong type or shape, not
+    finite, or a calibration spec that does not import (the model is left unchanged)."""
+
+    code = "calibration"
 
 
 class SelectorError(RecipeError):

@@ -1,6 +1,9 @@
 """Model specs -> an ``nn.Module``: ``pkg.module:attr``, ``path/to/file.py:attr``, or a Hugging
 Face model folder (one holding ``config.json``).
 
+A calibration spec (``apply --calibration``) names the function that yields calibration data
+the same way (:func:`load_object` with its own wording and error).
+
 Importing what a spec names runs its code, as Python's own import does: only name modules
 and files you trust (``validate`` never imports them; ``plan`` and ``apply`` do). A folder's
 model is built by transformers from its config; no code from the folder is run.
@@ -19,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from .checkpoint import build_model, is_hf_folder, load_pruned_state_dict, read_state_dict, weights_file
-from .errors import ModelSpecError
+from .errors import ModelSpecError, RecipeError
 from .text import clip, suggest
 
 SPEC_FORMS = "'pkg.module:attr', 'path/to/file.py:attr' or a Hugging Face model folder"
@@ -41,9 +44,11 @@ def is_folder_spec(spec: str, base: str | None = None) -> bool:
     return is_hf_folder(resolve(spec, base))
 
 
-def _split(spec: str) -> tuple[str, str]:
+def _split(spec: str, what: str = "model spec", error: type[RecipeError] = ModelSpecError) -> tuple[str, str]:
     where, sep, attr = spec.rpartition(":")
     if not sep or not where or not attr or not all(p.isidentifier() for p in attr.split(".")):
+        if error is not ModelSpecError:
+            raise error(f"{what} {clip(spec)!r} is not 'pkg.module:attr' or 'path/to/file.py:attr'")
         if os.path.isdir(spec):
             raise ModelSpecError(f"model spec {clip(spec)!r} is a folder without config.json, not a Hugging Face model folder")
         raise ModelSpecError(f"model spec {clip(spec)!r} is not {SPEC_FORMS}")
@@ -60,13 +65,13 @@ def _importable(folder: str) -> Iterator[None]:
             sys.path.remove(folder)
 
 
-def _import_file(path: str, spec: str) -> Any:
+def _import_file(path: str, spec: str, what: str, error: type[RecipeError]) -> Any:
     if not os.path.isfile(path):
-        raise ModelSpecError(f"model spec {clip(spec)!r}: no such file {clip(path)!r}")
-    name = "_prunerecipe_model_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
+        raise error(f"{what} {clip(spec)!r}: no such file {clip(path)!r}")
+    name = "_prunerecipe_" + what.split()[0] + "_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
     module_spec = importlib.util.spec_from_file_location(name, path)
     if module_spec is None or module_spec.loader is None:
-        raise ModelSpecError(f"model spec {clip(spec)!r}: cannot import {clip(path)!r} as Python")
+        raise error(f"{what} {clip(spec)!r}: cannot import {clip(path)!r} as Python")
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[name] = module
     try:
@@ -74,31 +79,49 @@ def _import_file(path: str, spec: str) -> Any:
             module_spec.loader.exec_module(module)
     except (Exception, SystemExit) as exc:
         sys.modules.pop(name, None)
-        raise ModelSpecError(f"model spec {clip(spec)!r}: importing {clip(path)!r} raised {type(exc).__name__}: {clip(str(exc), 200)}") from exc
+        raise error(f"{what} {clip(spec)!r}: importing {clip(path)!r} raised {type(exc).__name__}: {clip(str(exc), 200)}") from exc
     return module
 
 
-def _import_module(name: str, spec: str, base: str | None) -> Any:
+def _import_module(name: str, spec: str, base: str | None, what: str, error: type[RecipeError]) -> Any:
     try:
         # like `python -m`: the current folder (or the recipe's) is importable
         with _importable(os.path.abspath(base or os.getcwd())):
             return importlib.import_module(name)
     except ModuleNotFoundError as exc:
-        raise ModelSpecError(f"model spec {clip(spec)!r}: cannot import module {clip(name)!r} ({exc})") from exc
+        raise error(f"{what} {clip(spec)!r}: cannot import module {clip(name)!r} ({exc})") from exc
     except (Exception, SystemExit) as exc:
-        raise ModelSpecError(f"model spec {clip(spec)!r}: importing {clip(name)!r} raised {type(exc).__name__}: {clip(str(exc), 200)}") from exc
+        raise error(f"{what} {clip(spec)!r}: importing {clip(name)!r} raised {type(exc).__name__}: {clip(str(exc), 200)}") from exc
 
 
-def load_object(spec: str, base: str | None = None) -> Any:
-    """The object ``pkg.module:attr`` or ``path/to/file.py:attr`` names (imported, not called)."""
+def load_object(spec: str, base: str | None = None, *, what: str = "model spec", error: type[RecipeError] = ModelSpecError) -> Any:
+    """The object a spec names, imported as Python's own import would (running the module's code), not called.
+
+    Args:
+        spec: ``pkg.module:attr`` or ``path/to/file.py:attr``; ``attr`` may be dotted.
+        base: the folder a relative file path resolves against, and that is importable for
+            ``pkg.module`` (the current folder when None).
+        what: how messages name the spec (``"model spec"``, ``"calibration spec"``).
+        error: the :class:`~prunerecipe.errors.RecipeError` subclass raised.
+
+    Returns:
+        The attribute.
+
+    Raises:
+        RecipeError: (``error``) the spec is malformed, does not import, or lacks the attribute.
+
+    Example:
+        >>> load_object("prunerecipe.zoo:LeNet").__name__
+        'LeNet'
+    """
     spec = resolve(spec, base)
-    where, attr = _split(spec)
-    module = _import_file(where, spec) if where.endswith(".py") else _import_module(where, spec, base)
+    where, attr = _split(spec, what, error)
+    module = _import_file(where, spec, what, error) if where.endswith(".py") else _import_module(where, spec, base, what, error)
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
             hint = suggest(part, [n for n in dir(obj) if not n.startswith("_")])
-            raise ModelSpecError(f"model spec {clip(spec)!r}: {clip(where)!r} has no attribute {part!r}{hint}")
+            raise error(f"{what} {clip(spec)!r}: {clip(where)!r} has no attribute {part!r}{hint}")
         obj = getattr(obj, part)
     return obj
 

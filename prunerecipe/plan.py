@@ -6,6 +6,7 @@ The plan also projects how much each step prunes, following torch's arithmetic
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from collections.abc import Callable, Mapping
@@ -14,14 +15,17 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from .amounts import is_count, normalize_dim, nparams_to_prune
+from .amounts import is_count, normalize_dim, nparams_to_prune, sparsity_count
+from .blocks import Blocks, calibration_target_problem, find_blocks
 from .errors import MethodError, Problem, RecipeError, SelectorError
+from .layout import input_dim
 from .load import load_recipe
-from .methods import MethodSpec, get_method
-from .methods.binding import argument_default
+from .methods import ImportanceSpec, MethodSpec, get_importance, get_method
+from .methods.binding import argument_default, importance_problem
+from .methods.semi_structured import nm_problem
 from .schedule import step_events
 from .select import Target, param_owners, resolve_targets
-from .spec import Recipe, Step
+from .spec import Calibration, Recipe, Step
 from .structured.planning import GroupProblem, PlannedGroup, compaction_problems, describe_groups, plan_groups
 from .text import format_table, pct, shape_text, short
 from .torchprune import is_pruned, masked_slices, unpruned_name, zero_entries
@@ -92,10 +96,43 @@ class PlannedStep:
     note: str | None = None
     groups: tuple[PlannedGroup, ...] = ()  # scope: group: the dependency groups, each with its channels
     skipped_groups: tuple[str, ...] = ()  # groups of selected layers left alone, with the reason
+    importance: ImportanceSpec | None = None  # None: magnitude, the tensor itself (torch's default)
+    calibrated: bool = False  # needs calibration data: run block by block
 
     @property
     def kwargs(self) -> dict[str, Any]:
         return dict(self.step.args)
+
+    @property
+    def how_much(self) -> str:
+        """``sparsity=0.5``, ``amount=3``, or an N:M pattern such as ``2:4``."""
+        pattern = self.method.nm_pattern(self.step.args)
+        return f"{pattern[0]}:{pattern[1]}" if pattern is not None else self.step.how_much
+
+    def live_amount(self, targets: list[Target]) -> int | float | None:
+        """The torch ``amount`` for this step on ``targets`` now (one tensor, or a global group):
+        as written, or converted from an absolute ``sparsity`` (zero or less: a no-op)."""
+        step = self.step
+        if step.sparsity is None:
+            return step.amount
+        if step.scope == "global":
+            total = sum(t.original.numel() for t in targets)
+            return sparsity_count(step.sparsity, total, sum(pruned_entries(t) for t in targets))
+        (t,) = targets
+        if self.method.pruning_type == "structured":
+            dim = step.args.get("dim", argument_default(self.method, "dim", -1))
+            d = normalize_dim(dim, t.original.dim())
+            return sparsity_count(step.sparsity, t.original.shape[d], pruned_slices(t, d))
+        return sparsity_count(step.sparsity, t.original.numel(), pruned_entries(t))
+
+    def target_kwargs(self, target: Target) -> dict[str, Any]:
+        """The method's keyword arguments for one target: ``args``, with an input-dimension
+        argument the step leaves out (``semi_structured``'s ``dim``) filled for that tensor."""
+        kwargs = dict(self.step.args)
+        arg = self.method.input_dim_arg
+        if arg is not None and kwargs.get(arg) is None:
+            kwargs[arg] = input_dim(target.module, target.param, target.original.dim())
+        return kwargs
 
 
 @dataclass(frozen=True)
@@ -109,6 +146,12 @@ class Plan:
     _final_exact: bool = field(default=True, repr=False)
     #: figures computed from the weights (``prunerecipe.preview``), not projected
     computed: bool = False
+    blocks: Blocks | None = None  # where calibration-based steps run, block by block
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether an unscheduled step needs calibration data (``apply_recipe(..., calibration=...)``)."""
+        return any(ps.calibrated and not ps.scheduled for ps in self.steps)
 
     @property
     def targets(self) -> list[Target]:
@@ -152,6 +195,8 @@ class Plan:
                     "note": ps.note,
                     "groups": [pg.to_dict() for pg in ps.groups],
                     "skipped_groups": list(ps.skipped_groups),
+                    "importance": ps.importance.name if ps.importance else "magnitude",
+                    "calibrated": ps.calibrated,
                     "targets": [
                         {
                             "name": pt.target.qualname,
@@ -171,6 +216,7 @@ class Plan:
             "sparsity_before": before,
             "sparsity_after": after,
             "computed": self.computed,
+            "blocks": list(self.blocks.names) if self.blocks is not None else None,
         }
 
     def __str__(self) -> str:
@@ -181,7 +227,9 @@ class Plan:
         ]
         for ps in self.steps:
             step = ps.step
-            head = f"{step.label}: {ps.method.name} {step.how_much} scope={step.scope}"
+            head = f"{step.label}: {ps.method.name} {ps.how_much} scope={step.scope}"
+            if ps.importance is not None:
+                head += f" importance={ps.importance.name}"
             if step.args:
                 head += " args=" + ", ".join(f"{k}={v!r}" for k, v in step.args.items())
             seed = self.recipe.step_seed(step)
@@ -218,6 +266,12 @@ class Plan:
         lines.append(f"targeted entries masked: {'?' if before is None else pct(before)} -> {'?' if after is None else pct(after)} ({how})")
         if not self.computed and (before is None or after is None or any(pt.known_after is None for ps in self.steps for pt in ps.targets)):
             lines.append("?: depends on the weights (global steps, structured methods, methods without an amount); plan with real weights shows them")
+        if self.blocks is not None and self.needs_calibration:
+            calibration = self.recipe.calibration or Calibration()
+            lines.append(
+                f"calibration: {calibration.samples} samples in batches of {calibration.batch_size}, "
+                f"through {self.blocks.describe()}; needs data (--calibration, or calibration= in apply_recipe)"
+            )
         return "\n".join(lines)
 
 
@@ -306,13 +360,25 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, sp
     problems: list[Problem] = []
     planned: list[PlannedStep] = []
 
-    problems.extend(_unsupported(recipe))
     problems.extend(recipe.problem(path, message, code) for path, message, code in compaction_problems(model, recipe))
+    blocks: Blocks | None = None
     for step in recipe.steps:
         try:
             spec = get_method(step.method)
         except MethodError as exc:  # e.g. a plugin uninstalled since the recipe was loaded
             problems.append(recipe.problem(step.path + ("method",), str(exc), code="method"))
+            continue
+        try:
+            importance = get_importance(step.importance) if step.importance is not None else None
+        except MethodError as exc:
+            problems.append(recipe.problem(step.path + ("importance",), _named(step, str(exc)), code="importance"))
+            continue
+        if importance is not None and importance.is_magnitude:
+            importance = None
+        calibrated = spec.calibrated or (importance is not None and importance.calibrated)
+        found = importance_problem(step, spec, importance, calibrated)
+        if found is not None:
+            problems.append(recipe.problem(step.path + (found[0],), _named(step, found[1]), code=found[2]))
             continue
         try:
             key = (step.select, step.params)
@@ -355,6 +421,18 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, sp
         if shared[key]:
             continue
         scheduled = step.schedule is not None
+        if calibrated:
+            if blocks is None:
+                try:
+                    blocks = find_blocks(model, recipe.sequential)
+                except SelectorError as exc:
+                    where = ("sequential", "blocks") if recipe.sequential is not None else step.path
+                    problems.append(recipe.problem(where, str(exc), code="calibration"))
+                    continue
+            outside = calibration_target_problem(targets, blocks)
+            if outside is not None:
+                problems.append(recipe.problem(step.path + ("select",), _named(step, outside), code="calibration"))
+                continue
         try:
             if step.scope == "group" and not scheduled:
                 ps = _plan_group_step(model, recipe, step, spec, targets, proj)
@@ -370,24 +448,12 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, sp
                 )
             )
             continue
-        planned.append(ps)
+        planned.append(dataclasses.replace(ps, importance=importance, calibrated=calibrated))
 
     if problems:
         raise RecipeError.collect(problems)
     final_entries = {key: (st.numel, st.entries) for key, st in proj.states.items()}
-    return Plan(recipe, tuple(planned), type(model).__name__, final_entries, all(st.entries_exact for st in proj.states.values()))
-
-
-def _unsupported(recipe: Recipe) -> list[Problem]:
-    """Keys of the format that this version reads but cannot carry out yet: a clear error at
-    plan time rather than a silently different result."""
-    out = []
-    for step in recipe.steps:
-        if step.importance not in (None, "magnitude"):
-            out.append(
-                recipe.problem(step.path + ("importance",), f"importance {step.importance!r} is not available in this version", code="unsupported")
-            )
-    return out
+    return Plan(recipe, tuple(planned), type(model).__name__, final_entries, all(st.entries_exact for st in proj.states.values()), blocks=blocks)
 
 
 def _named(step: Step, message: str) -> str:
@@ -456,13 +522,16 @@ def _plan_step(
     takes_amount = spec.takes_amount
     structured = spec.pruning_type == "structured"
     dim_arg = step.args.get("dim", argument_default(spec, "dim", -1)) if structured else None
+    pattern = spec.nm_pattern(step.args)
     for t in targets:
         st = proj.state(t)
         numel = st.numel
         entries_before = st.entries
         before_exact = st.entries_exact
         note = None
-        if structured:
+        if pattern is not None:
+            rows.append(_plan_n_of_m(step, spec, t, st, pattern))
+        elif structured:
             shape = tuple(t.original.shape)
             if len(shape) <= 1:
                 raise _PlanProblem("method", f"{spec.name} is structured and needs a tensor with 2 or more dims; {t.qualname} has shape {shape}")
@@ -516,9 +585,40 @@ def _plan_group_step(model: nn.Module, recipe: Recipe, step: Step, spec: MethodS
         st = proj.state(t)
         before = st.entries
         after = before + (st.numel - before) * (1.0 - gt.kept_fraction)
-        rows.append(PlannedTarget(t, pg.group.channels, "channels (group)", pg.done, pg.to_prune, int(before), after, st.numel))
+        rows.append(
+            PlannedTarget(t, pg.group.channels, "channels (group)", pg.done, pg.to_prune, int(before), after, st.numel, st.entries_exact, exact)
+        )
         st.entries, st.entries_exact, st.slices, st.touched = after, False, {}, True
     return PlannedStep(step, spec, tuple(rows), False, groups=found.groups, skipped_groups=found.skipped)
+
+
+def _plan_n_of_m(step: Step, spec: MethodSpec, t: Target, st: _TensorState, pattern: tuple[int, int]) -> PlannedTarget:
+    """An N:M step on one tensor: its input dimension must split into groups of ``m``; from a
+    known mask with nothing pruned, exactly ``numel * (m - n) / m`` entries are pruned."""
+    n, m = pattern
+    shape = tuple(t.original.shape)
+    if not shape:
+        raise _PlanProblem("method", f"{spec.name} needs a tensor with at least one dimension; {t.qualname} is a scalar")
+    arg = spec.input_dim_arg
+    dim = step.args.get(arg) if arg is not None else None
+    if dim is None:
+        dim = input_dim(t.module, t.param, len(shape))
+    if not isinstance(dim, int) or isinstance(dim, bool) or not -len(shape) <= dim < len(shape):
+        raise _PlanProblem("args", f"dim {dim!r} is out of range for {t.qualname} of shape {shape}")
+    problem = nm_problem(shape[normalize_dim(dim, len(shape))], m)
+    if problem:
+        raise _PlanProblem("args" if step.args else "method", f"{t.qualname} (shape {shape_text(shape)}) {problem}")
+    numel = st.numel
+    before = st.entries
+    before_exact = st.entries_exact
+    exact = st.entries_exact and before == 0
+    after = numel * (m - n) // m if exact else max(before, numel * (m - n) / m)
+    to_prune = int(after) if exact else None
+    st.entries = after
+    st.entries_exact = exact
+    st.slices = {}
+    st.touched = True
+    return PlannedTarget(t, numel, f"entries ({n}:{m})", int(before), to_prune, int(before), after if exact else None, numel, before_exact, exact)
 
 
 def _count(step: Step, units: int, done: int, what: Callable[[], str], how: str, exact: bool) -> tuple[int, str | None]:

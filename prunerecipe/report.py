@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 
 from .structured import Compaction
-from .text import format_table, pct, shape_text
+from .text import format_table, listing, pct, shape_text
 from .torchprune import count_zeros, original
 
 
@@ -39,12 +39,14 @@ class TargetSparsity:
 
 @dataclass(frozen=True)
 class StepOutcome:
-    """What one step did: its targets, and a note for no-ops and skipped (scheduled) steps."""
+    """What one step did: its targets, a note for no-ops and skipped (scheduled) steps, and the
+    tensors whose values it rewrote (SparseGPT), not only masked."""
 
     label: str
     method: str
     targets: tuple[str, ...]
     note: str | None = None
+    rewritten: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,9 @@ class Report:
                 }
                 for t in self.targets
             ],
-            "steps": [{"step": s.label, "method": s.method, "targets": list(s.targets), "note": s.note} for s in self.steps],
+            "steps": [
+                {"step": s.label, "method": s.method, "targets": list(s.targets), "note": s.note, "rewritten": list(s.rewritten)} for s in self.steps
+            ],
             "skipped": list(self.skipped),
             "global": {"numel": self.numel, "sparsity_before": self.global_before, "sparsity_after": self.global_after},
             "compaction": None if self.compaction is None else self.compaction.to_dict(),
@@ -112,6 +116,10 @@ class Report:
         for s in self.steps:
             if s.note:
                 lines.append(f"{s.label}: {s.note}")
+            if s.rewritten:
+                lines.append(
+                    f"{s.label}: {listing(f'rewrote the values of {len(s.rewritten)} tensor(s) (in *_orig; masks as usual)', s.rewritten, 4)}"
+                )
         for label in self.skipped:
             lines.append(f"{label}: skipped (has a schedule; runs during training)")
         if self.finalized:

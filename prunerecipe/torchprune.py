@@ -9,6 +9,8 @@ precomputed mask, restore a saved one, snapshot and roll back, count zeros, list
 
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -152,6 +154,36 @@ def attach(module: nn.Module, name: str, method: prune.BasePruningMethod, mask: 
     return hook
 
 
+def attach_rewritten(
+    module: nn.Module, name: str, method: prune.BasePruningMethod, mask: torch.Tensor, values: torch.Tensor
+) -> prune.BasePruningMethod:
+    """:func:`attach` ``method`` with ``mask``, and make ``values`` the unmasked tensor
+    (``<name>_orig``): for methods that rewrite weights as well as choosing a mask (SparseGPT).
+
+    The parameter keeps its identity; its ``.data`` becomes ``values`` (taken over, not copied,
+    when it is contiguous and of the parameter's dtype and device), never written in place, so
+    that a :class:`ModelSnapshot` taken before puts the old values back.
+
+    Returns:
+        The hook now on the module (``method`` itself, or the container holding it).
+    """
+    param = original(module, name)
+    if values.shape != param.shape:
+        raise ValueError(f"rewritten values have shape {tuple(values.shape)}, the parameter {tuple(param.shape)}")
+    hook = attach(module, name, method, mask)
+    param.data = values.detach().to(dtype=param.dtype, device=param.device).contiguous()
+    refresh(module, name)
+    return hook
+
+
+@torch.no_grad()
+def effective(module: nn.Module, name: str) -> torch.Tensor:
+    """``module.<name>`` as the model computes with it now (``orig * mask`` when pruned), detached."""
+    tensor = original(module, name).detach()
+    mask = owned_mask(module, name)
+    return tensor if mask is None else tensor * mask
+
+
 def move_to_end(module: nn.Module, name: str) -> None:
     """Move parameter ``name`` to the end of the module's parameters, as ``prune.remove`` leaves it."""
     module._parameters[name] = module._parameters.pop(name)
@@ -224,6 +256,17 @@ def finalize(model: nn.Module) -> list[str]:
 # --- atomicity and copying -----------------------------------------------------------------
 
 
+class _Journaled:
+    """Saved parameter data kept in a file of a snapshot's journal (see :meth:`ModelSnapshot.journal`)."""
+
+    def __init__(self, path: str, device: torch.device) -> None:
+        self.path = path
+        self.device = device
+
+    def load(self) -> torch.Tensor:
+        return torch.load(self.path, weights_only=True).to(self.device)
+
+
 class ModelSnapshot:
     """Everything ``torch.nn.utils.prune`` changes on a set of modules, restorable in place.
 
@@ -232,7 +275,7 @@ class ModelSnapshot:
     """
 
     def __init__(self, modules: Iterable[nn.Module]) -> None:
-        self._saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any], list[tuple[nn.Parameter, torch.Tensor]]]] = []
+        self._saved: list[tuple[nn.Module, dict[str, Any], dict[str, Any], list[tuple[nn.Parameter, torch.Tensor | _Journaled]]]] = []
         self._containers: list[tuple[prune.PruningContainer, tuple[Any, ...]]] = []
         seen: set[int] = set()
         for module in modules:
@@ -241,12 +284,34 @@ class ModelSnapshot:
             seen.add(id(module))
             inner = {k: dict(getattr(module, k)) for k in _STATE_DICTS if hasattr(module, k)}
             attrs = {k: v for k, v in module.__dict__.items() if k not in inner}
-            data = [(p, p.data) for p in module._parameters.values() if p is not None]
+            data: list[tuple[nn.Parameter, torch.Tensor | _Journaled]] = [(p, p.data) for p in module._parameters.values() if p is not None]
             self._saved.append((module, inner, attrs, data))
             for hook in module._forward_pre_hooks.values():
                 if isinstance(hook, prune.PruningContainer):
                     self._containers.append((hook, hook._pruning_methods))
         self._nonpersistent = {id(m): set(m._non_persistent_buffers_set) for m, *_ in self._saved}
+        self._folder: tempfile.TemporaryDirectory[str] | None = None
+
+    def journal(self, param: torch.Tensor) -> None:
+        """Keep the saved data of ``param`` in a temporary file rather than in memory, once the
+        parameter holds new data: methods that rewrite weights (SparseGPT) then stay atomic
+        without a second copy of every weight they rewrote. :meth:`restore` reads it back;
+        :meth:`close` (or the end of the snapshot) removes the files."""
+        for _, _, _, data in self._saved:
+            for i, (p, tensor) in enumerate(data):
+                if p is param and isinstance(tensor, torch.Tensor) and p.data is not tensor:
+                    if self._folder is None:
+                        self._folder = tempfile.TemporaryDirectory(prefix="prunerecipe-journal-")
+                    path = os.path.join(self._folder.name, f"{len(os.listdir(self._folder.name))}.pt")
+                    torch.save(tensor.detach().cpu(), path)
+                    data[i] = (p, _Journaled(path, tensor.device))
+                    return
+
+    def close(self) -> None:
+        """Remove the journal's temporary files (the snapshot can no longer restore them)."""
+        if self._folder is not None:
+            self._folder.cleanup()
+            self._folder = None
 
     def restore(self) -> None:
         """Put every saved module back exactly as it was."""
@@ -263,8 +328,11 @@ class ModelSnapshot:
             module._non_persistent_buffers_set.clear()
             module._non_persistent_buffers_set.update(self._nonpersistent[id(module)])
             for param, tensor in data:
-                if param.data is not tensor:
+                if isinstance(tensor, _Journaled):
+                    param.data = tensor.load()
+                elif param.data is not tensor:
                     param.data = tensor
+        self.close()
 
     def structure(self) -> list[tuple[Any, ...]]:
         """Identity of what pruning changes on the saved modules, now (to tell whether anyone touched them)."""

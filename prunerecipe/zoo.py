@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -155,3 +157,18 @@ def tiny_llama(seed: int = 0) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForCausalLM(config).eval()
+
+
+def _seeded_hf(build: Callable[[], nn.Module]) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build().eval()
+
+
+def tiny_gpt2() -> nn.Module:
+    """A 4-layer GPT-2 (byte-level vocabulary) built from a config: random weights, no download.
+    Needs transformers (``pip install "prunerecipe[hf]"``)."""
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=4, n_embd=64, n_head=4, vocab_size=256, n_positions=128, bos_token_id=0, eos_token_id=0)
+    return _seeded_hf(lambda: transformers.GPT2LMHeadModel(config))

@@ -53,3 +53,12 @@ def test_bench_compact_prints_four_models_and_its_targets():
     assert float(rows["compacted"][6]) <= 1e-5  # the compacted model gives the masked model's outputs
     targets = out.split("targets (issue 15):")[1].strip().splitlines()
     assert len(targets) == 3 and all(t.startswith(("- met:", "- NOT MET:")) for t in targets)
+
+
+@pytest.mark.slow
+def test_bench_llm_prints_per_block_times_and_the_memory_bound():
+    pytest.importorskip("transformers")
+    out = run("benchmarks/bench_llm.py", "--quick", "--samples", "8")
+    assert "| model.layers.0 |" in out and "| model.layers.1 |" in out
+    assert "sparsity of the targets after: 50.00%; tensors rewritten: 14" in out
+    assert out.strip().splitlines()[-1].startswith(("- met: peak over the model", "- NOT MET: peak over the model"))

@@ -37,6 +37,14 @@ def test_public_names_are_documented(name):
         "prunerecipe.rng",
         "prunerecipe.structured.compact",
         "prunerecipe.zoo",
+        "prunerecipe.layout",
+        "prunerecipe.methods",
+        "prunerecipe.methods.importance",
+        "prunerecipe.methods.ranking",
+        "prunerecipe.methods.semi_structured",
+        "prunerecipe.methods.sparsegpt",
+        "prunerecipe.calibrate.data",
+        "prunerecipe.calibrate.sparsegpt",
     ],
 )
 def test_runnable_examples_pass(module):

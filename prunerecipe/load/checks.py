@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import KeyPath, MethodError, Problem, SelectorError
-from ..methods import MethodSpec, get_method
+from ..methods import MethodSpec, get_importance, get_method
 from ..methods.binding import accepts, argument_findings, construction_problem
 from ..select import check_name_pattern
 from ..text import short
@@ -52,6 +52,7 @@ def semantic_problems(doc: Document) -> list[Problem]:
         problems.extend(_selector_problems(doc, path, step.get("select")))
         problems.extend(_schedule_problems(doc, path, step))
         problems.extend(_method_problems(doc, path, step))
+        problems.extend(_importance_problems(doc, path, step))
     return problems
 
 
@@ -64,6 +65,19 @@ def _nan_problems(doc: Document, value: Any, path: KeyPath) -> list[Problem]:
         return [p for k, v in value.items() for p in _nan_problems(doc, v, path + (k,))]
     if isinstance(value, list):
         return [p for i, v in enumerate(value) for p in _nan_problems(doc, v, path + (i,))]
+    return []
+
+
+def _importance_problems(doc: Document, path: KeyPath, step: dict[str, Any]) -> list[Problem]:
+    """An importance name that resolves to nothing (checked again at plan time, with the rest
+    of what importance, method and calibration need of each other)."""
+    name = step.get("importance")
+    if not isinstance(name, str) or not name.isidentifier():
+        return []
+    try:
+        get_importance(name)
+    except MethodError as exc:
+        return [doc.problem(path + ("importance",), str(exc), code="importance")]
     return []
 
 

@@ -176,6 +176,9 @@ class _Pool:
                     self.wake.wait()
                 job = self.jobs[index].pop(0)
             job.work(index)
+            # An idle thread must not keep its last job: the job's closure holds the tensors it
+            # worked on (views of weights), which would stay alive after their owners replaced them.
+            del job
 
     def submit(self, job: _Job, threads: int) -> None:
         with self.wake:

@@ -9,7 +9,9 @@ import typing
 from collections.abc import Mapping
 from typing import Any
 
+from ..spec import Step
 from ..text import short, suggest
+from .importance import ImportanceSpec
 from .registry import MethodSpec
 
 Finding = tuple[tuple[str, ...], str, bool]
@@ -30,13 +32,21 @@ def argument_findings(spec: MethodSpec, step: Mapping[str, Any]) -> list[Finding
     out: list[Finding] = []
     name = spec.name
     has_amount = "amount" in step or "sparsity" in step
-    if spec.takes_amount and not has_amount:
+    given = step.get("args", {})
+    given = given if isinstance(given, Mapping) else {}
+    needs_amount = spec.needs_amount(given)
+    if needs_amount and not has_amount:
         out.append(((), f"method {name!r} needs 'amount' or 'sparsity'", False))
-    if not spec.takes_amount and has_amount:
+    if not needs_amount and has_amount:
         which = "amount" if "amount" in step else "sparsity"
-        out.append(((which,), f"method {name!r} takes no amount; remove {which!r}", True))
+        if spec.takes_amount:  # an argument such as an N:M pattern sets the sparsity instead
+            setting = ", ".join(a for a in getattr(spec.cls, "AMOUNT_UNLESS", ()) if a in given)
+            out.append(((which,), f"method {name!r} takes no amount with {setting} (the pattern sets the sparsity); remove {which!r}", True))
+        else:
+            out.append(((which,), f"method {name!r} takes no amount; remove {which!r}", True))
     if step.get("scope") == "global" and spec.pruning_type != "unstructured":
-        out.append((("scope",), f"scope 'global' needs an unstructured method; {name!r} is {spec.pruning_type}", False))
+        kind = "a whole-tensor method (PRUNING_TYPE 'global')" if spec.pruning_type == "global" else spec.pruning_type
+        out.append((("scope",), f"scope 'global' needs an unstructured method; {name!r} is {kind}", False))
     if step.get("scope") == "group" and spec.pruning_type != "structured":
         out.append((("scope",), f"scope 'group' needs a structured method (channels per dependency group); {name!r} is {spec.pruning_type}", False))
 
@@ -76,7 +86,7 @@ def accepts(spec: MethodSpec) -> str:
 def construction_problem(spec: MethodSpec, step: Mapping[str, Any]) -> str | None:
     """Construct the method once with the step's arguments: its own validation's message, or None."""
     kwargs = dict(step.get("args", {}))
-    if spec.takes_amount:
+    if spec.needs_amount(kwargs):
         kwargs["amount"] = step.get("amount", 0.0)
     try:
         spec.cls(**kwargs)
@@ -131,3 +141,32 @@ def describe_type(hint: Any) -> str:
         return names[hint]
     shown = str(hint).replace("typing.", "") if typing.get_origin(hint) is not None else getattr(hint, "__name__", str(hint))
     return f"of type {shown}"
+
+
+def importance_problem(step: Step, spec: MethodSpec, importance: ImportanceSpec | None, calibrated: bool) -> tuple[str, str, str] | None:
+    """What keeps a step's importance, method and calibration needs from going together, as
+    ``(key, message, code)``; these rules do not depend on the model."""
+    if importance is not None and not spec.uses_importance:
+        if spec.calibrated:
+            return "importance", f"{spec.name} ranks entries by its own saliency (w**2 / [H^-1]_jj); remove 'importance'", "importance"
+        return (
+            "importance",
+            f"method {spec.name!r} does not rank by importance; importance {importance.name!r} works with l1_unstructured, "
+            "semi_structured, ln_structured, or a method class declaring USES_IMPORTANCE = True",
+            "importance",
+        )
+    if importance is not None and importance.per_row and step.scope == "global":
+        return (
+            "scope",
+            f"importance {importance.name!r} compares scores within each output row; scope 'global' ranks across tensors (use scope: local)",
+            "importance",
+        )
+    if calibrated and step.schedule is not None:
+        return "schedule", "steps that need calibration data run once, in apply_recipe with calibration, not on a schedule", "calibration"
+    if calibrated and step.scope != "local":
+        return (
+            "scope",
+            f"steps that need calibration data prune block by block, each tensor on its own: scope {step.scope!r} is not available",
+            "calibration",
+        )
+    return None

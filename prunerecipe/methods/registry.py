@@ -20,6 +20,8 @@ import torch.nn.utils.prune as prune
 
 from ..errors import MethodError
 from ..text import suggest
+from .semi_structured import SemiStructured
+from .sparsegpt import SparseGPT
 
 ENTRY_POINT_GROUP = "prunerecipe.methods"
 PRUNING_TYPES = ("unstructured", "structured", "global")
@@ -42,7 +44,13 @@ _BUILTINS: dict[str, tuple[type[prune.BasePruningMethod], dict | None]] = {
         prune.LnStructured,
         {"type": "object", "properties": {"n": _N_SCHEMA, "dim": _DIM_SCHEMA}},
     ),
+    "semi_structured": (SemiStructured, dict(SemiStructured.args_schema)),
+    "sparsegpt": (SparseGPT, dict(SparseGPT.args_schema)),
 }
+
+#: torch's own methods that rank entries (or slices) by the tensor they are given, so that
+#: importance scores passed in its place change what they prune
+_TORCH_RANKED = (prune.L1Unstructured, prune.LnStructured)
 
 BUILTIN = "built-in"
 IN_PROCESS = "in-process"
@@ -77,6 +85,38 @@ class MethodSpec:
     def arguments(self) -> dict[str, inspect.Parameter]:
         """Keyword arguments a recipe passes through ``args`` (``amount`` excluded)."""
         return {n: p for n, p in self.signature.parameters.items() if n != "amount" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+    @property
+    def uses_importance(self) -> bool:
+        """Whether the method ranks by importance scores (``importance:`` other than magnitude).
+
+        torch's ``l1_unstructured`` and ``ln_structured`` do (they rank the tensor they are
+        given); any other class says so with a class attribute ``USES_IMPORTANCE = True``,
+        and then receives the scores as ``t`` in ``compute_mask``, as torch's
+        ``importance_scores`` hand them over.
+        """
+        return self.cls in _TORCH_RANKED or bool(getattr(self.cls, "USES_IMPORTANCE", False))
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the method needs calibration data itself (SparseGPT)."""
+        return issubclass(self.cls, SparseGPT)
+
+    def nm_pattern(self, args: Mapping[str, Any]) -> tuple[int, int] | None:
+        """The N:M pattern a step's ``args`` ask of this method, if it prunes by one."""
+        pattern = getattr(self.cls, "nm_pattern", None)
+        return pattern(args) if callable(pattern) else None
+
+    def needs_amount(self, args: Mapping[str, Any]) -> bool:
+        """Whether a step with these ``args`` must give ``amount``/``sparsity``: methods that take
+        one do, unless an argument named in the class's ``AMOUNT_UNLESS`` sets the sparsity."""
+        unless = getattr(self.cls, "AMOUNT_UNLESS", ())
+        return self.takes_amount and not any(a in args for a in unless)
+
+    @property
+    def input_dim_arg(self) -> str | None:
+        """An argument filled, when a step leaves it out, with each tensor's input dimension."""
+        return getattr(self.cls, "INPUT_DIM_ARG", None)
 
     def describe_arguments(self) -> str:
         parts = []
@@ -164,8 +204,14 @@ def unregister_method(name: str) -> None:
 @functools.lru_cache(maxsize=1)
 def entry_points() -> dict[str, tuple[metadata.EntryPoint, ...]]:
     """Plugin entry points by method name, discovered without importing anything."""
+    return discover(ENTRY_POINT_GROUP)
+
+
+def discover(group: str) -> dict[str, tuple[metadata.EntryPoint, ...]]:
+    """The entry points of ``group`` by name, without importing anything; one distribution
+    installed twice (say, editable and not) counts once."""
     found: dict[str, list[metadata.EntryPoint]] = {}
-    for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+    for ep in metadata.entry_points(group=group):
         found.setdefault(ep.name, [])
         if not any(_ep_key(ep) == _ep_key(seen) for seen in found[ep.name]):
             found[ep.name].append(ep)
@@ -173,10 +219,11 @@ def entry_points() -> dict[str, tuple[metadata.EntryPoint, ...]]:
 
 
 def _ep_key(ep: metadata.EntryPoint) -> tuple:
-    return (ep.value, _dist_label(ep))
+    return (ep.value, dist_label(ep))
 
 
-def _dist_label(ep: metadata.EntryPoint) -> str:
+def dist_label(ep: metadata.EntryPoint) -> str:
+    """``"name version"`` of the distribution an entry point comes from."""
     dist = getattr(ep, "dist", None)
     if dist is None:
         return "an unknown distribution"
@@ -184,7 +231,7 @@ def _dist_label(ep: metadata.EntryPoint) -> str:
 
 
 def _load_entry_point(name: str, ep: metadata.EntryPoint) -> MethodSpec:
-    what = f"method {name!r} (entry point '{ep.name} = {ep.value}' from {_dist_label(ep)})"
+    what = f"method {name!r} (entry point '{ep.name} = {ep.value}' from {dist_label(ep)})"
     try:
         obj = ep.load()
     except (Exception, SystemExit) as exc:  # a broken plugin must be reported, whatever it raises
@@ -193,7 +240,7 @@ def _load_entry_point(name: str, ep: metadata.EntryPoint) -> MethodSpec:
         cls = _check_method_class(obj, what)
     except MethodError:
         raise
-    return MethodSpec(name, cls, _dist_label(ep), getattr(cls, "args_schema", None))
+    return MethodSpec(name, cls, dist_label(ep), getattr(cls, "args_schema", None))
 
 
 # --- lookup -------------------------------------------------------------------------------
@@ -221,7 +268,7 @@ def describe_origin(name: str) -> str:
     if name in _BUILTINS:
         return BUILTIN
     eps = entry_points().get(name, ())
-    return ", ".join(_dist_label(ep) for ep in eps) or "unknown"
+    return ", ".join(dist_label(ep) for ep in eps) or "unknown"
 
 
 @functools.cache
@@ -246,7 +293,7 @@ def get_method(name: str) -> MethodSpec:
     eps = entry_points().get(name, ())
     if name in _BUILTINS and eps:
         raise MethodError(
-            f"method {name!r} is built in, but {', '.join(_dist_label(ep) for ep in eps)} also register it; "
+            f"method {name!r} is built in, but {', '.join(dist_label(ep) for ep in eps)} also register it; "
             "uninstall the conflicting plugin or rename its method"
         )
     if name in _BUILTINS:
@@ -255,7 +302,7 @@ def get_method(name: str) -> MethodSpec:
     if len(eps) > 1:
         raise MethodError(
             f"method {name!r} is registered by more than one distribution: "
-            + "; ".join(f"{_dist_label(ep)} ({ep.value})" for ep in eps)
+            + "; ".join(f"{dist_label(ep)} ({ep.value})" for ep in eps)
             + ". Uninstall one of them."
         )
     if eps:

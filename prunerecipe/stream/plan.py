@@ -411,6 +411,15 @@ def _unstreamable(recipe: Recipe, plan: Plan) -> list[Problem]:
                     code="stream",
                 )
             )
+        elif ps.importance is not None or ps.calibrated:
+            what = f"importance {ps.importance.name!r}" if ps.importance is not None else f"method {ps.method.name!r}"
+            out.append(
+                recipe.problem(
+                    ps.step.path + (("importance",) if ps.importance is not None else ("method",)),
+                    f"{what} ranks by more than each tensor's own values (scores, calibration data): apply it in memory",
+                    code="stream",
+                )
+            )
         elif ps.scheduled:
             out.append(
                 recipe.problem(

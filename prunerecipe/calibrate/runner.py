@@ -1,0 +1,255 @@
+"""Layer-by-layer processing: calibration-based steps run block by block.
+
+The inputs of the first block are captured once (the model runs until it calls that block,
+then stops). For each block holding targets: forward pre-hooks collect its layers' input
+statistics over every batch, its targets are pruned (steps in file order), and the pruned
+block runs again to give the next block its inputs. Only one block's statistics exist at a
+time, and the hidden states are replaced batch by batch. The model runs in eval mode without
+gradients; its train/eval modes are put back afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..blocks import Blocks
+from ..errors import CalibrationError
+from ..layout import input_dim
+from ..magnitude.workers import trim_heap
+from ..plan import PlannedStep
+from ..report import StepOutcome
+from ..select import Target
+from ..torchprune import refresh
+from .data import Batch, batch_to
+from .scored import importance_scores, prune_scored, prune_sparsegpt
+from .stats import StatsCollector
+
+
+class _Stop(Exception):
+    """Raised by the capture hook: the rest of the model need not run."""
+
+
+@dataclass
+class BlockInputs:
+    """One batch's arguments to a block; ``args[0]`` (or ``kwargs["hidden_states"]``) are the
+    hidden states that blocks pass on."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        value = self.args[0] if self.args else self.kwargs.get("hidden_states")
+        assert isinstance(value, torch.Tensor)
+        return value
+
+    def with_hidden(self, hidden: torch.Tensor) -> BlockInputs:
+        if self.args:
+            return BlockInputs((hidden,) + self.args[1:], self.kwargs)
+        return BlockInputs(self.args, {**self.kwargs, "hidden_states": hidden})
+
+
+@dataclass
+class Current:
+    """What is running, for error messages: the step and tensor, or the calibration batch."""
+
+    step: PlannedStep | None = None
+    target: Target | None = None
+    where: str = ""
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _call_kwargs(model: nn.Module) -> dict[str, Any]:
+    """Hugging Face models run without a KV cache: replayed blocks must not append to one."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+def capture(model: nn.Module, blocks: Blocks, batches: Sequence[Batch], current: Current) -> list[BlockInputs]:
+    """The arguments the first block is called with, per batch (the model stops right there)."""
+    first = blocks.modules[0]
+    device = model_device(model)
+    extra = _call_kwargs(model)
+    captured: list[BlockInputs] = []
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        captured.append(BlockInputs(args, dict(kwargs)))
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i, batch in enumerate(batches):
+            current.where = f"calibration batch {i}"
+            moved = batch_to(batch, device)
+            try:
+                if isinstance(moved, dict):
+                    model(**moved, **extra)
+                else:
+                    model(moved, **extra)
+            except _Stop:
+                pass
+            else:
+                raise CalibrationError(f"the model ran calibration batch {i} without calling its first block {blocks.names[0] or '(root)'}")
+    finally:
+        handle.remove()
+    current.where = ""
+    if not blocks.whole_model:
+        inputs = captured[0]
+        value = inputs.args[0] if inputs.args else inputs.kwargs.get("hidden_states")
+        if not isinstance(value, torch.Tensor):
+            raise CalibrationError(
+                f"block {blocks.names[0]} is called without a tensor as its first argument (or hidden_states=): "
+                "blocks must take the hidden states first, as transformer layers do"
+            )
+    return captured
+
+
+def run_calibrated(
+    model: nn.Module,
+    blocks: Blocks,
+    steps: Sequence[PlannedStep],
+    batches: Sequence[Batch],
+    current: Current,
+    progress: Callable[[str], None] | None = None,
+    journal: Callable[[torch.Tensor], None] | None = None,
+) -> list[StepOutcome]:
+    """Run calibration-based ``steps`` (consecutive in the recipe) block by block, in place.
+
+    ``journal`` is called with each parameter whose data was rewritten (SparseGPT), once its old
+    data is only needed to undo the run (:meth:`~prunerecipe.torchprune.ModelSnapshot.journal`).
+
+    Returns:
+        One :class:`~prunerecipe.report.StepOutcome` per step, naming the tensors it rewrote.
+
+    Raises:
+        CalibrationError: the model failed on the calibration data, or produced NaN/inf.
+        Exception: whatever a method or importance raised (the caller restores the model).
+    """
+    work: list[list[tuple[PlannedStep, Target]]] = [[] for _ in blocks.names]
+    for ps in steps:
+        for pt in ps.targets:
+            index = blocks.index_of(pt.target.module_name)
+            assert index is not None  # the plan checked
+            work[index].append((ps, pt.target))
+    last = max(i for i, jobs in enumerate(work) if jobs)
+    rewritten: dict[int, list[str]] = {id(ps): [] for ps in steps}
+    noops: dict[int, list[str]] = {id(ps): [] for ps in steps}
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            inputs = capture(model, blocks, batches, current)
+        for b in range(last + 1):
+            started = time.perf_counter()
+            block = blocks.modules[b]
+            if work[b]:
+                _prune_block(block, blocks.names[b], work[b], inputs, current, rewritten, noops, journal)
+            if b < last:
+                with torch.no_grad():
+                    inputs = _forward(block, blocks.names[b], inputs, current, replace=True)
+            for _, t in work[b]:  # as hand-written prune calls leave them: computed with autograd on
+                refresh(t.module, t.param)
+            trim_heap()  # the block's statistics and temporaries go back to the system, not to a later peak
+            if progress is not None:
+                progress(
+                    f"  block {b + 1}/{last + 1} {blocks.names[b] or '(model)'}: {len(work[b])} tensor(s), {time.perf_counter() - started:.2f} s"
+                )
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    outcomes = []
+    for ps in steps:
+        names = tuple(pt.target.qualname for pt in ps.targets)
+        note = f"no-op on {', '.join(noops[id(ps)])}: already at or above sparsity {ps.step.sparsity:g}" if noops[id(ps)] else None
+        outcomes.append(StepOutcome(ps.step.label, ps.method.name, names, note, tuple(rewritten[id(ps)])))
+    return outcomes
+
+
+def _prune_block(
+    block: nn.Module,
+    name: str,
+    jobs: list[tuple[PlannedStep, Target]],
+    inputs: list[BlockInputs],
+    current: Current,
+    rewritten: dict[int, list[str]],
+    noops: dict[int, list[str]],
+    journal: Callable[[torch.Tensor], None] | None,
+) -> None:
+    device = model_device(block)
+    layers = []
+    for ps, t in jobs:
+        weight = t.original
+        in_features = weight.shape[input_dim(t.module, t.param, weight.dim())]
+        layers.append((t.module, in_features, ps.importance is not None and ps.importance.calibrated, ps.method.calibrated))
+    collector = StatsCollector(layers, device)
+    with torch.no_grad(), collector:
+        _forward(block, name, inputs, current, replace=False, collector=collector)
+    for _, t in jobs:
+        stats = collector.of(t.module)
+        if stats.nonfinite():
+            raise CalibrationError(f"the inputs of {t.qualname} on the calibration data hold NaN or inf (their statistics overflowed)")
+    last_use = {id(t.module): i for i, (_, t) in enumerate(jobs)}
+    for i, (ps, t) in enumerate(jobs):
+        current.step, current.target = ps, t
+        stats = collector.of(t.module)
+        amount = ps.live_amount([t]) if ps.method.needs_amount(ps.step.args) else None
+        if ps.step.sparsity is not None and amount is not None and amount <= 0:
+            noops[id(ps)].append(t.qualname)
+            continue
+        if ps.method.calibrated:
+            prune_sparsegpt(ps, t, stats.hessian(), amount)
+            rewritten[id(ps)].append(t.qualname)
+            if journal is not None:
+                journal(t.original)
+        else:
+            assert ps.importance is not None
+            scores = importance_scores(ps.importance, t, stats.input_stats() if ps.importance.calibrated else None)
+            prune_scored(ps, t, scores, amount)
+        if last_use[id(t.module)] == i:  # no later step of this block needs it: free it now
+            stats.release()
+        trim_heap()  # one tensor's temporaries back to the system before the next tensor's
+    current.step, current.target = None, None
+    for stats in collector.stats.values():
+        stats.release()
+
+
+def _forward(
+    block: nn.Module, name: str, inputs: list[BlockInputs], current: Current, *, replace: bool, collector: StatsCollector | None = None
+) -> list[BlockInputs]:
+    """Run ``block`` on every batch's inputs; with ``replace``, each batch's hidden states become
+    the block's output (one batch at a time, so only one extra batch of activations exists)."""
+    for i, inp in enumerate(inputs):
+        current.where = f"calibration batch {i} in block {name or '(model)'}"
+        if collector is not None:
+            collector.new_batch()
+        out = block(*inp.args, **inp.kwargs)
+        if not replace:
+            continue
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+        if not isinstance(hidden, torch.Tensor) or hidden.shape != inp.hidden.shape:
+            got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+            raise CalibrationError(
+                f"block {name} returned {got} for hidden states of shape {tuple(inp.hidden.shape)}: the blocks of "
+                "sequential.blocks must run one after another, each taking the previous one's output"
+            )
+        if not bool(torch.isfinite(hidden).all()):
+            raise CalibrationError(f"block {name} produced NaN or inf on calibration batch {i}")
+        inputs[i] = inp.with_hidden(hidden)
+    current.where = ""
+    return inputs
