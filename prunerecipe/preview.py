@@ -4,8 +4,10 @@ exactly as ``apply`` would run it, with the model left as it was (``prunerecipe 
 Masks come from the methods' own ``compute_mask`` (through a ``PruningContainer`` for a
 tensor already pruned, as torch's ``apply`` does), or from the exact magnitude select for
 ``l1_unstructured``; seeds are set as ``apply`` sets them, and the global RNG state is put
-back afterwards. Steps that cannot be previewed (they need calibration data, say) leave their
-targets' figures unknown from there on.
+back afterwards. Steps that cannot be previewed (they need calibration data, rank by an
+importance, or trace dependency groups) keep the plan's own figures where those are facts
+(an exact count from a known start: Wanda's or SparseGPT's 50%, 2:4, a group's channels);
+their targets' masks are unknown from there on, so later steps on them show ``?``.
 """
 
 from __future__ import annotations
@@ -54,18 +56,19 @@ def preview(model: nn.Module, plan: Plan) -> Plan:
         mask = t.mask
         masks[(id(t.module), t.param)] = None if mask is None else mask.detach().clone()
     unknown: set[Key] = set()
+    counted: dict[Key, float] = {}  # masks not simulated, but their counts are facts
     rng = torch.get_rng_state()
     steps = []
     try:
         with torch.no_grad():
             for ps in plan.steps:
-                steps.append(ps if ps.scheduled else _step(plan, ps, masks, unknown))
+                steps.append(ps if ps.scheduled else _step(plan, ps, masks, unknown, counted))
     finally:
         torch.set_rng_state(rng)
     final = {}
     for key, mask in masks.items():
         t = next(t for t in plan.targets if (id(t.module), t.param) == key)
-        final[key] = (t.original.numel(), float(_masked(mask)))
+        final[key] = (t.original.numel(), counted.get(key, float(_masked(mask))))
     return dataclasses.replace(plan, steps=tuple(steps), _final_entries=final, _final_exact=not unknown, computed=True)
 
 
@@ -121,17 +124,30 @@ def _new_mask(method: prune.BasePruningMethod, importance: torch.Tensor, old: to
     return container.compute_mask(importance, default_mask=old.to(importance.dtype))
 
 
-def _step(plan: Plan, ps: PlannedStep, masks: dict[Key, torch.Tensor | None], unknown: set[Key]) -> PlannedStep:
+def _unknown(ps: PlannedStep, keys: list[Key], unknown: set[Key]) -> PlannedStep:
+    unknown.update(keys)
+    return dataclasses.replace(ps, targets=tuple(pt._replace(exact_before=False, exact_after=False, to_prune=None) for pt in ps.targets))
+
+
+def _step(plan: Plan, ps: PlannedStep, masks: dict[Key, torch.Tensor | None], unknown: set[Key], counted: dict[Key, float]) -> PlannedStep:
     step = ps.step
     targets = [pt.target for pt in ps.targets]
     keys = [(id(t.module), t.param) for t in targets]
     before = {k: _masked(masks[k]) for k in keys}
     dims = {k: _dim(pt.unit) for pt, k in zip(ps.targets, keys)}
     slices_before = {k: masked_slices(masks[k], d) for k, d in dims.items() if d is not None}
-    known = not any(k in unknown for k in keys)
-    if not known or step.importance not in (None, "magnitude") or step.scope not in ("local", "global"):
-        unknown.update(keys)
-        return dataclasses.replace(ps, targets=tuple(pt._replace(exact_before=False, exact_after=False, to_prune=None) for pt in ps.targets))
+    if any(k in unknown or k in counted for k in keys):
+        return _unknown(ps, keys, unknown)
+    if ps.importance is not None or ps.calibrated or step.importance not in (None, "magnitude") or step.scope not in ("local", "global"):
+        # not simulated: the plan's figures stand where they are facts from the start we know
+        facts = all(
+            pt.exact_before and pt.exact_after and pt.entries_after is not None and pt.entries_before == before[k] for pt, k in zip(ps.targets, keys)
+        )
+        if not facts:
+            return _unknown(ps, keys, unknown)
+        for pt, k in zip(ps.targets, keys):
+            counted[k] = float(pt.entries_after or 0)
+        return ps
     seed = plan.recipe.step_seed(step)
     if seed is not None:
         torch.manual_seed(seed)
@@ -145,8 +161,7 @@ def _step(plan: Plan, ps: PlannedStep, masks: dict[Key, torch.Tensor | None], un
                     continue
                 masks[k] = _new_mask(_method(ps, amount, t.param), _importance(t, masks[k]), masks[k])
     except Exception:  # a method this preview cannot run (it may still run at apply): figures unknown
-        unknown.update(keys)
-        return dataclasses.replace(ps, targets=tuple(pt._replace(exact_before=False, exact_after=False, to_prune=None) for pt in ps.targets))
+        return _unknown(ps, keys, unknown)
     done_rows: list[PlannedTarget] = []
     for pt, k in zip(ps.targets, keys):
         after = _masked(masks[k])

@@ -203,3 +203,20 @@ def test_the_example_recipes_end_to_end_from_the_cli(tmp_path):
     with torch.no_grad():
         want, got = masked(ids).logits, again(ids).logits
     assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max()), rtol=0)
+
+    # --format hf: the config describes the new widths, so the folder holds no record and
+    # from_pretrained loads it with nothing missing or unexpected
+    done = run("apply", str(llama_recipe), "--format", "hf", "-o", str(tmp_path / "llama-hf"))
+    assert done.exit_code == 0, done.output
+    assert "from_pretrained" in done.output.strip().splitlines()[-1]
+    again, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "llama-hf", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    with torch.no_grad():
+        assert torch.allclose(again(ids).logits, want, atol=1e-5 * float(want.abs().max()), rtol=0)
+
+    # one layer compacted, the other not: no config describes that, so hf is refused with the way out
+    one_layer = llama_recipe.read_text().replace("model.layers.*.mlp", "model.layers.0.mlp")
+    (tmp_path / "one.yaml").write_text(one_layer)
+    done = run("apply", str(tmp_path / "one.yaml"), "--format", "hf", "-o", str(tmp_path / "one-hf"))
+    assert done.exit_code == 1 and "no longer match what its config describes" in done.output and "--format dense" in done.output
+    assert not (tmp_path / "one-hf").exists()

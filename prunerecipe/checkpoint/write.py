@@ -14,6 +14,8 @@ from torch import nn
 
 from .._version import __version__
 from ..errors import CheckpointError, problem
+from ..structured.hfconfig import mismatches
+from ..structured.record import RECORD_KEY
 from ..torchprune import MASK, ORIG, fold_state_dict, pruned_keys
 from . import hf
 from .files import atomic_file, atomic_folder
@@ -166,6 +168,9 @@ def wrote_line(path: str, fmt: str, model: nn.Module, sparsity: float, files: in
             if suffix_of(path) != SAFETENSORS_SUFFIX
             else "prunerecipe.read_state_dict(p), then model.load_state_dict"
         )
+        if RECORD_KEY in dict(model.named_buffers()):
+            how = f"prunerecipe.load_pruned_state_dict(model, prunerecipe.read_state_dict({path!r})) (it shrinks a freshly built model by the compaction record)"
+            return f"wrote {path}: compacted dense state_dict ({_size(path)}); load with {how}"
         return f"wrote {path}: dense state_dict, masks folded in ({_size(path)}, {sparsity:.2%} of the pruned weights are 0); load with {how}"
     auto = _auto_class(model)
     return f"wrote {path}/: Hugging Face folder, {files} safetensors file(s) ({_size(path)}); load with transformers.{auto}.from_pretrained({path!r})"
@@ -216,9 +221,28 @@ def write_output(
     state = model.state_dict(keep_vars=True)
     aliases = hf.tied_aliases(model, list(state))
     plain = {k: v.detach() for k, v in state.items()}
+    compacted = RECORD_KEY in plain
+    if fmt == "hf" and compacted:
+        differ = mismatches(model)
+        if differ:
+            raise CheckpointError(
+                problem(
+                    f"--format hf: the compacted model's layers no longer match what its config describes ({', '.join(differ[:3])}"
+                    f"{', ...' if len(differ) > 3 else ''}), so from_pretrained could not load it; write --format dense or torch "
+                    "(both keep the compaction record: prunerecipe.load_pruned_state_dict(model, prunerecipe.read_state_dict(path)) loads them)",
+                    source=path,
+                    code="output",
+                )
+            )
+        del plain[RECORD_KEY]  # the config describes the shapes: from_pretrained needs nothing else
     if fmt == "torch":
         save_state_dict(plain, path, force=force, aliases=aliases)
-        return f"wrote {path}: pruned state_dict with *_orig/*_mask ({_size(path)}); resume with prunerecipe.load_pruned_state_dict(model, prunerecipe.read_state_dict({path!r}))"
+        load = f"prunerecipe.load_pruned_state_dict(model, prunerecipe.read_state_dict({path!r}))"
+        if any(k.endswith(ORIG) for k in plain):
+            return f"wrote {path}: pruned state_dict with *_orig/*_mask ({_size(path)}); resume with {load}"
+        if compacted:
+            return f"wrote {path}: compacted state_dict with its compaction record ({_size(path)}); load into a freshly built model with {load}"
+        return f"wrote {path}: state_dict, masks folded in ({_size(path)}); load with model.load_state_dict(torch.load({path!r}, weights_only=True))"
     dense = fold_state_dict(plain)
     info = summary(
         model, {k: v for k, v in dense.items() if k not in aliases}, fmt=fmt, recipe_text=recipe_text, recipe_source=recipe_source, targets=targets
