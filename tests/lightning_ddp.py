@@ -75,7 +75,7 @@ def main(out: str, mode: str) -> None:
         accelerator="cpu",
         devices=1 if mode == "single" else 2,
         strategy="auto" if mode == "single" else mode,
-        callbacks=[RecipePruning(parse_recipe(RECIPE))],
+        callbacks=[RecipePruning(parse_recipe(RECIPE), finalize_on_fit_end=False)],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

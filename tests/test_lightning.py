@@ -90,7 +90,7 @@ def trainer(tmp_path, epochs, callbacks, logger=False):
 def test_callback_prunes_on_schedule_and_logs_sparsity(tmp_path):
     module = Module()
     logger = Capture()
-    callback = RecipePruning(parse_recipe(RECIPE))
+    callback = RecipePruning(parse_recipe(RECIPE), finalize_on_fit_end=False)
     trainer(tmp_path, 4, [callback], logger).fit(module, loader())
     net = module.net
     assert float((net.conv1.weight_mask == 0).float().mean()) == pytest.approx(0.25, abs=0.01)
@@ -107,11 +107,11 @@ def test_callback_prunes_on_schedule_and_logs_sparsity(tmp_path):
 
 def test_resume_from_a_lightning_checkpoint_continues_exactly(tmp_path):
     straight = Module()
-    trainer(tmp_path / "a", 4, [RecipePruning(parse_recipe(RECIPE))]).fit(straight, loader())
+    trainer(tmp_path / "a", 4, [RecipePruning(parse_recipe(RECIPE), finalize_on_fit_end=False)]).fit(straight, loader())
 
     first = Module()
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer(tmp_path / "b", 2, [RecipePruning(parse_recipe(RECIPE)), checkpoint]).fit(first, loader())
+    trainer(tmp_path / "b", 2, [RecipePruning(parse_recipe(RECIPE), finalize_on_fit_end=False), checkpoint]).fit(first, loader())
     last = tmp_path / "ckpt" / "last.ckpt"
     saved = torch.load(last, weights_only=False)
     # the checkpoint's state_dict is plain, masked weights: it loads into a fresh, unpruned module
@@ -120,7 +120,7 @@ def test_resume_from_a_lightning_checkpoint_continues_exactly(tmp_path):
     assert torch.equal(plain.net.fc1.weight, first.net.fc1.weight)
 
     resumed = Module()
-    callback = RecipePruning(parse_recipe(RECIPE))
+    callback = RecipePruning(parse_recipe(RECIPE), finalize_on_fit_end=False)
     trainer(tmp_path / "c", 4, [callback]).fit(resumed, loader(), ckpt_path=last)
     for name in ("conv1", "fc1", "fc2"):
         a, b = getattr(straight.net, name), getattr(resumed.net, name)
@@ -142,7 +142,7 @@ def test_validate_best_checkpoint_after_fit_and_copy_after_resume(tmp_path):
 
     module = WithValidation()
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_last=True)
-    t = trainer(tmp_path, 4, [RecipePruning(parse_recipe(RECIPE)), checkpoint])
+    t = trainer(tmp_path, 4, [RecipePruning(parse_recipe(RECIPE), finalize_on_fit_end=False), checkpoint])
     t.fit(module, loader(), loader())
     results = t.validate(module, loader(), ckpt_path="best")  # the live module is still pruned
     assert results and "val_loss" in results[0]
@@ -150,7 +150,7 @@ def test_validate_best_checkpoint_after_fit_and_copy_after_resume(tmp_path):
     assert torch.equal(module.net.fc1.weight, best["net.fc1.weight"])
 
     resumed = WithValidation()
-    t2 = trainer(tmp_path / "r", 5, [RecipePruning(parse_recipe(RECIPE))])
+    t2 = trainer(tmp_path / "r", 5, [RecipePruning(parse_recipe(RECIPE), finalize_on_fit_end=False)])
     t2.fit(resumed, loader(), loader(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     resumed.net(torch.zeros(1, 1, 8, 8))
     copy.deepcopy(resumed)  # restored masks are copyable too
@@ -163,7 +163,7 @@ def test_a_callback_checkpoint_is_read_by_report_and_apply(tmp_path):
 
     module = Module()
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer(tmp_path, 2, [RecipePruning(parse_recipe(RECIPE)), checkpoint]).fit(module, loader())
+    trainer(tmp_path, 2, [RecipePruning(parse_recipe(RECIPE), finalize_on_fit_end=False), checkpoint]).fit(module, loader())
     last = str(tmp_path / "ckpt" / "last.ckpt")
     runner = CliRunner()
     done = runner.invoke(cli, ["report", "--weights", last, "--json"])
@@ -216,3 +216,92 @@ def test_ddp_and_ddp_spawn_give_every_rank_the_single_process_masks(tmp_path):
             assert set(got) == set(single), (mode, rank)
             for name, mask in single.items():
                 assert torch.equal(got[name], mask), (mode, rank, name)
+
+
+class Validated(Module):
+    def validation_step(self, batch, _):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self.net(x), y))
+
+
+def test_finalize_on_fit_end_makes_pruning_permanent_by_default_as_model_pruning_does(tmp_path):
+    module = Module()
+    trainer(tmp_path, 4, [RecipePruning(parse_recipe(RECIPE))]).fit(module, loader())
+    net = module.net
+    for layer in (net.conv1, net.fc1, net.fc2):  # plain parameters, no hooks: what prune.remove leaves
+        assert isinstance(layer.weight, torch.nn.Parameter) and not hasattr(layer, "weight_mask") and not layer._forward_pre_hooks
+    kept = Module()  # the same run with the option off: equal effective weights, masks kept
+    trainer(tmp_path / "kept", 4, [RecipePruning(parse_recipe(RECIPE), finalize_on_fit_end=False)]).fit(kept, loader())
+    for a, b in ((net.conv1, kept.net.conv1), (net.fc1, kept.net.fc1), (net.fc2, kept.net.fc2)):
+        assert torch.equal(a.weight, b.weight_orig * b.weight_mask)  # `b.weight` is stale after the last optimizer step
+
+
+def test_on_validation_end_prunes_after_validation_not_during_the_sanity_check(tmp_path):
+    events = []
+
+    class Spy(RecipePruning):
+        def _epoch_events(self, trainer, pl_module):
+            events.append((trainer.current_epoch, trainer.sanity_checking, trainer.state.stage.value))
+            super()._epoch_events(trainer, pl_module)
+
+    module = Validated()
+    callback = Spy(parse_recipe(RECIPE), on="validation_end", finalize_on_fit_end=False)
+    t = trainer(tmp_path, 4, [callback])
+    t.fit(module, loader(), loader())
+    assert [e[0] for e in events] == [0, 1, 2, 3] and not any(e[1] for e in events)
+    assert all(stage == "validate" for _, _, stage in events)  # from the validation hook, not train epoch end
+    baseline = Module()
+    trainer(tmp_path / "b", 4, [RecipePruning(parse_recipe(RECIPE), finalize_on_fit_end=False)]).fit(baseline, loader())
+    zeros = sum(int((m.weight_mask == 0).sum()) for m in (module.net.fc1, module.net.fc2))
+    assert zeros == sum(int((m.weight_mask == 0).sum()) for m in (baseline.net.fc1, baseline.net.fc2))
+    with pytest.raises(ValueError, match="validation_end"):
+        RecipePruning(parse_recipe(RECIPE), on="val_end")
+
+
+def test_verbose_logs_model_pruning_style_lines(tmp_path, caplog):
+    import logging
+
+    module = Module()
+    with caplog.at_level(logging.INFO):
+        trainer(tmp_path, 4, [RecipePruning(parse_recipe(RECIPE), verbose=2)]).fit(module, loader())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Applied")]
+    total = module.net.fc1.weight.numel() + module.net.fc2.weight.numel()
+    events = [line for line in lines if line.startswith("Applied L1Unstructured (step 'gradual'): pruned ")]
+    assert len(events) == 4  # epochs 0..3
+    assert events[0].startswith(f"Applied L1Unstructured (step 'gradual'): pruned 0/{total} (0.00%) -> ")
+    final = round(0.75 * total)
+    assert events[-1].endswith(f"-> {final}/{total} ({final / total:.2%})")
+    assert any(line.startswith("Applied L1Unstructured to net.fc1.weight: pruned ") for line in lines)  # verbose=2: per parameter
+    with pytest.raises(ValueError, match="verbose"):
+        RecipePruning(parse_recipe(RECIPE), verbose=3)
+
+
+LOTTERY = RECIPE.replace("name: lightning-test", "name: lightning-test\nlottery_ticket: true")
+
+
+def test_resample_rewinds_to_fresh_values_from_reset_parameters(tmp_path):
+    from prunerecipe import Pruner
+
+    with pytest.raises(ValueError, match="lottery_ticket"):
+        RecipePruning(parse_recipe(RECIPE), resample=True)
+
+    def run(resample, seed):
+        module = Module()
+        initial = module.net.fc1.weight.detach().clone()
+        torch.manual_seed(seed)
+        callback = RecipePruning(parse_recipe(LOTTERY), resample=resample, finalize_on_fit_end=False)
+        trainer(tmp_path / f"{resample}{seed}", 4, [callback]).fit(module, loader())
+        return module.net.fc1, initial
+
+    fc1, initial = run(False, 0)
+    kept = fc1.weight_mask.bool()
+    assert torch.equal(fc1.weight_orig[kept], initial[kept])  # the plain rewind: initial values
+    fc1, initial = run(True, 0)
+    kept = fc1.weight_mask.bool()
+    assert not torch.equal(fc1.weight_orig[kept], initial[kept])
+    # the fresh values are what reset_parameters draws: Linear's kaiming-uniform bound
+    bound = 1 / fc1.in_features**0.5
+    assert float(fc1.weight_orig.abs().max()) <= bound + 1e-6 and torch.equal(fc1.weight, fc1.weight_orig * fc1.weight_mask)
+    # the Pruner itself takes the option, and refuses it without a lottery ticket
+    with pytest.raises(ValueError, match="lottery_ticket"):
+        Pruner(DigitsNet(), parse_recipe(RECIPE.replace("net.", "")), resample=True)

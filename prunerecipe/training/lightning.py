@@ -7,9 +7,13 @@
     trainer.fit(model, data)
 
 Unscheduled steps run when fitting starts, scheduled ones at the end of each epoch
-(``unit: epoch``, with the epoch just finished) or after each optimizer step
-(``unit: step``, with ``trainer.global_step``). Per-parameter and global sparsity are
-logged as ``sparsity/<name>`` and ``sparsity/global`` after every pruning event.
+(``unit: epoch``, with the epoch just finished; ``on="validation_end"``: at the end of
+validation instead) or after each optimizer step (``unit: step``, with
+``trainer.global_step``). Per-parameter and global sparsity are logged as
+``sparsity/<name>`` and ``sparsity/global`` after every pruning event; ``verbose=1`` also
+writes ModelPruning's log line per event (``2``: and one per parameter). When fitting ends,
+pruning is made permanent (``finalize_on_fit_end``, as ModelPruning's
+``make_pruning_permanent``).
 
 Checkpoints stay loadable anywhere: their ``state_dict`` holds plain, already-masked
 weights, while the masks and the Pruner's progress travel in this callback's state. On
@@ -21,12 +25,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from ..load import load_recipe
 from ..spec import Recipe
 from ..torchprune import MASK, ORIG, count_zeros, fold_state_dict, pruned_parameters, pruning_hooks, restore_mask
-from .pruner import Pruner
+from .pruner import EventResult, Pruner
 
 try:  # the unified package first, then the standalone one
     from lightning.pytorch.callbacks import Callback
@@ -35,15 +39,60 @@ except ImportError:  # pragma: no cover - depends on what is installed
         from pytorch_lightning.callbacks import Callback  # type: ignore[assignment,no-redef,unused-ignore]
     except ImportError as exc:
         raise ImportError("prunerecipe.lightning needs Lightning: pip install 'prunerecipe[lightning]'") from exc
+try:
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+except ImportError:  # pragma: no cover - depends on what is installed
+    from pytorch_lightning.utilities.rank_zero import rank_zero_info  # type: ignore[no-redef,unused-ignore]
+
+ON = ("train_epoch_end", "validation_end")
 
 
 class RecipePruning(Callback):
-    """Drive a :class:`~prunerecipe.Pruner` from a recipe inside a Lightning ``Trainer``."""
+    """Drive a :class:`~prunerecipe.Pruner` from a recipe inside a Lightning ``Trainer``.
 
-    def __init__(self, recipe: Recipe | str | os.PathLike[str], *, overrides: Mapping[str, Any] | None = None, log_sparsity: bool = True) -> None:
+    Args:
+        recipe: a :class:`~prunerecipe.spec.Recipe` or the path of a recipe file.
+        overrides: ``${var}`` values, as ``--set`` gives them.
+        log_sparsity: log ``sparsity/<parameter>`` and ``sparsity/global`` after every event.
+        finalize_on_fit_end: make pruning permanent (``prune.remove``) when fitting ends, as
+            ``ModelPruning(make_pruning_permanent=True)`` does (its default, and this one's).
+        resample: with the recipe's ``lottery_ticket: true``, rewind the surviving weights to
+            fresh values from each module's ``reset_parameters()`` rather than to their
+            initial values (``ModelPruning(resample_parameters=True)``).
+        on: when ``unit: epoch`` events run: ``"train_epoch_end"`` (default) or
+            ``"validation_end"`` (``ModelPruning(prune_on_train_epoch_end=False)``; not
+            during the sanity check).
+        verbose: ``1``: log ``Applied L1Unstructured (step 'name'): pruned 0/1088 (0.00%) ->
+            326/1088 (29.96%)`` after each event; ``2``: and a line per parameter
+            (``ModelPruning(verbose=...)``). Logged on rank 0 through Lightning's logger.
+    """
+
+    def __init__(
+        self,
+        recipe: Recipe | str | os.PathLike[str],
+        *,
+        overrides: Mapping[str, Any] | None = None,
+        log_sparsity: bool = True,
+        finalize_on_fit_end: bool = True,
+        resample: bool = False,
+        on: Literal["train_epoch_end", "validation_end"] = "train_epoch_end",
+        verbose: int = 0,
+    ) -> None:
         super().__init__()
+        if on not in ON:
+            raise ValueError(f"on={on!r}: epoch events run on one of {', '.join(map(repr, ON))}")
+        if verbose not in (0, 1, 2):
+            raise ValueError(f"verbose={verbose!r}: 0 (quiet), 1 (a line per event) or 2 (and a line per parameter)")
         self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe, overrides)
+        if resample and not self.recipe.lottery_ticket:
+            raise ValueError(
+                f"resample=True changes the lottery-ticket rewind, and {self.recipe.source} does not ask for one: set 'lottery_ticket: true'"
+            )
         self.log_sparsity = log_sparsity
+        self.finalize_on_fit_end = finalize_on_fit_end
+        self.resample = resample
+        self.on = on
+        self.verbose = verbose
         self.pruner: Pruner | None = None
         self._restored: dict[str, Any] | None = None
 
@@ -56,18 +105,58 @@ class RecipePruning(Callback):
             for name, mask in self._restored.get("masks", {}).items():
                 module_name, _, param = name.rpartition(".")
                 restore_mask(pl_module.get_submodule(module_name), param, mask)
-            self.pruner = Pruner(pl_module, self.recipe, state=self._restored["pruner"])
+            self.pruner = Pruner(pl_module, self.recipe, state=self._restored["pruner"], resample=self.resample)
         else:
-            self.pruner = Pruner(pl_module, self.recipe)
+            self.pruner = Pruner(pl_module, self.recipe, resample=self.resample)
             self._log(trainer, pl_module, from_hook=False)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.pruner is not None and self.pruner.step(epoch=trainer.current_epoch):
+        if self.on == "train_epoch_end":
+            self._epoch_events(trainer, pl_module)
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.on == "validation_end" and not trainer.sanity_checking:
+            self._epoch_events(trainer, pl_module)
+
+    def _epoch_events(self, trainer: Any, pl_module: Any) -> None:
+        if self.pruner is None or not self.pruner.has_pending("epoch"):
+            return
+        ran = self.pruner.step(epoch=trainer.current_epoch)
+        if ran:
+            self._say(ran)
             self._log(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.pruner is not None and self.pruner.has_pending("step") and self.pruner.step(step=trainer.global_step):
-            self._log(trainer, pl_module, on_step=True)
+        if self.pruner is not None and self.pruner.has_pending("step"):
+            ran = self.pruner.step(step=trainer.global_step)
+            if ran:
+                self._say(ran)
+                self._log(trainer, pl_module, on_step=True)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.finalize_on_fit_end and self.pruner is not None and not self.pruner.finalized:
+            self.pruner.finalize()
+
+    def _say(self, ran: list[EventResult]) -> None:
+        """ModelPruning's log lines: one per event, and with verbose=2 one per parameter."""
+        if not self.verbose:
+            return
+        assert self.pruner is not None
+        for result in ran:
+            step = self.recipe.steps[result.event.step]
+            method = self.pruner.plan.steps[result.event.step].method.cls.__name__
+            rows = result.report.targets
+            total = sum(r.numel for r in rows)
+            before, after = sum(r.zeros_before for r in rows), sum(r.zeros_after for r in rows)
+            rank_zero_info(
+                f"Applied {method} (step {step.name or step.label!r}): pruned "
+                f"{before}/{total} ({before / total if total else 0:.2%}) -> {after}/{total} ({after / total if total else 0:.2%})"
+            )
+            if self.verbose == 2:
+                for r in rows:
+                    rank_zero_info(
+                        f"Applied {method} to {r.name}: pruned {r.zeros_before}/{r.numel} ({r.before:.2%}) -> {r.zeros_after}/{r.numel} ({r.after:.2%})"
+                    )
 
     def _log(self, trainer: Any, pl_module: Any, *, from_hook: bool = True, on_step: bool = False) -> None:
         if not self.log_sparsity or self.pruner is None:

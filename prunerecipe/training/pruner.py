@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Mapping
@@ -11,7 +12,7 @@ import torch
 from torch import nn
 
 from ..apply import apply_recipe
-from ..distributed import agreed, resolve_group
+from ..distributed import agreed, gather_bytes, resolve_group
 from ..errors import RecipeError
 from ..load import load_recipe
 from ..plan import plan_recipe
@@ -42,7 +43,9 @@ class Pruner:
     ``load_state_dict()`` (or ``Pruner(..., state=...)``) resume a run exactly.
 
     With ``lottery_ticket: true`` the surviving weights of every targeted parameter are
-    reset after each event to the values they had when the Pruner was created. With
+    reset after each event to the values they had when the Pruner was created (with
+    ``resample=True``: to fresh values from each module's ``reset_parameters()``, drawn
+    anew at every event, as Lightning's ``ModelPruning(resample_parameters=True)``). With
     ``finalize: true`` pruning is made permanent after the last event of all schedules.
 
     In a ``torch.distributed`` job (or with ``process_group``) every rank makes a Pruner and
@@ -57,12 +60,23 @@ class Pruner:
     """
 
     def __init__(
-        self, model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, state: Mapping[str, Any] | None = None, process_group: Any = None
+        self,
+        model: nn.Module,
+        recipe: Recipe | str | os.PathLike[str],
+        *,
+        state: Mapping[str, Any] | None = None,
+        process_group: Any = None,
+        resample: bool = False,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Pruner needs an nn.Module, got {type(model).__name__}")
         self.model = model
         self.recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+        if resample and not self.recipe.lottery_ticket:
+            raise ValueError(
+                f"resample=True changes the lottery-ticket rewind, and {self.recipe.source} does not ask for one: set 'lottery_ticket: true'"
+            )
+        self.resample = resample
         if self.recipe.compacts:  # new parameter shapes would leave the optimizer and the loop behind
             raise RecipeError(
                 self.recipe.problem(
@@ -142,14 +156,41 @@ class Pruner:
 
     @torch.no_grad()
     def _reset_to_initial(self) -> None:
-        """Lottery ticket: surviving weights go back to their values at creation (masks stay)."""
+        """Lottery ticket: surviving weights go back to their values at creation, or to fresh
+        ones with ``resample`` (masks stay)."""
         assert self._initial is not None
+        fresh = self._resampled() if self.resample else {}
         for t in self.plan.targets:
-            saved = self._initial.get(t.qualname)
+            saved = fresh.get(t.qualname, self._initial.get(t.qualname))
             if saved is None:
                 continue
             t.original.copy_(saved)
             refresh(t.module, t.param)
+
+    def _resampled(self) -> dict[str, torch.Tensor]:
+        """New initial values: a copy of each targeted module, unpruned, through its own
+        ``reset_parameters()`` (modules without one keep their saved values). Across ranks
+        every process draws from the same seed, so replicas stay equal."""
+        seed = None
+        if self.process_group is not None:
+            mine = int(torch.randint(0, 2**62, (1,)).item()).to_bytes(8, "little")
+            seed = int.from_bytes(gather_bytes(self.process_group, mine)[0], "little")  # rank 0's
+        out: dict[str, torch.Tensor] = {}
+        modules: dict[int, tuple[nn.Module, list[Target]]] = {}
+        for t in self.plan.targets:
+            modules.setdefault(id(t.module), (t.module, []))[1].append(t)
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            for module, targets in modules.values():
+                if not callable(getattr(module, "reset_parameters", None)):
+                    continue
+                scratch = copy.deepcopy(module)
+                finalize(scratch)  # plain parameters again, so reset_parameters writes them
+                scratch.reset_parameters()  # type: ignore[operator]
+                for t in targets:
+                    out[t.qualname] = getattr(scratch, t.param).detach()
+        return out
 
     def finalize(self) -> list[str]:
         """Make the pruning permanent now (``prune.remove`` on every pruned parameter)."""
