@@ -91,7 +91,10 @@ def test_formats_say_how_to_load_what_they_wrote(tmp_path):
     done = runner.invoke(cli, ["apply", RECIPE, "-o", str(tmp_path / "t.pt")])
     assert "load_pruned_state_dict" in done.output.splitlines()[-1]
     done = runner.invoke(cli, ["apply", RECIPE, "--format", "dense", "-o", str(tmp_path / "d.pt")])
-    assert "dense state_dict" in done.output.splitlines()[-1]
+    last = done.output.splitlines()[-1]
+    assert "dense state_dict" in last and f"torch.load({str(tmp_path / 'd.pt')!r}, weights_only=True)" in last  # the path, ready to paste
+    done = runner.invoke(cli, ["apply", RECIPE, "--format", "dense", "-o", str(tmp_path / "d.safetensors")])
+    assert f"read_state_dict({str(tmp_path / 'd.safetensors')!r})" in done.output.splitlines()[-1]
     fresh = LeNet()
     fresh.load_state_dict(torch.load(tmp_path / "d.pt", weights_only=True), strict=True)
     assert abs(sum(int((p == 0).sum()) for n, p in fresh.named_parameters() if n.endswith("weight")) / 59838 - 0.2) < 1e-4

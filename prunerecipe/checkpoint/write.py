@@ -164,9 +164,9 @@ def wrote_line(path: str, fmt: str, model: nn.Module, sparsity: float, files: in
     """The last line of ``apply``: what was written and how to load it (``dense`` and ``hf``)."""
     if fmt == "dense":
         how = (
-            "model.load_state_dict(torch.load(p, weights_only=True))"
+            f"model.load_state_dict(torch.load({path!r}, weights_only=True))"
             if suffix_of(path) != SAFETENSORS_SUFFIX
-            else "prunerecipe.read_state_dict(p), then model.load_state_dict"
+            else f"model.load_state_dict(prunerecipe.read_state_dict({path!r}))"
         )
         if RECORD_KEY in dict(model.named_buffers()):
             how = f"prunerecipe.load_pruned_state_dict(model, prunerecipe.read_state_dict({path!r})) (it shrinks a freshly built model by the compaction record)"
