@@ -19,9 +19,9 @@ def run(*args: str) -> str:
 
 @pytest.mark.slow
 def test_bench_prune_prints_quiet_and_busy_tables_and_its_targets():
-    out = run("benchmarks/bench_prune.py", "--quick", "--repeats", "1", "--cases", "global,global_finalize", "--busy", "1")
+    out = run("benchmarks/bench_prune.py", "--quick", "--repeats", "1", "--cases", "global", "--busy", "1")
     rows = [line for line in out.splitlines() if line.startswith("| quick")]
-    assert len(rows) == 2  # the script asserts equal sparsity for torch and ours before printing a row
+    assert len(rows) == 1  # the script asserts equal sparsity for torch and ours before printing a row
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert len(cells) == 12 and cells[4].endswith("x") and cells[5].endswith("MB") and cells[10].endswith("x")
     targets = out.split("targets (issue 13):")[1].strip().splitlines()
