@@ -18,13 +18,14 @@ import torch.nn.utils.prune as prune
 from torch import nn
 
 from . import magnitude, rng
-from .amounts import checked_nparams, normalize_dim, sparsity_count
+from .amounts import normalize_dim
 from .calibrate import Batch, Current, draw_batches, importance_scores, prune_scored, run_calibrated
 from .calibrate.scored import scores_for
 from .distributed import Coordinator, PeerFailure, agreed, resolve_group
 from .errors import ApplyError, CalibrationError, RecipeError
 from .load import load_recipe
 from .methods.binding import argument_default
+from .oneshot import Checked, can_fold, checked_cuts, fast_l1, finite_zeros, fold, usable
 from .plan import Plan, PlannedStep, plan_recipe, pruned_slices
 from .report import Report, StepOutcome, TargetSparsity, measure
 from .select import Target
@@ -106,12 +107,12 @@ def apply_recipe(
     coord = None
     if group is not None:
         coord = Coordinator(group, recipe, [(ps.step, ps.method.cls, [pt.target for pt in ps.targets]) for ps in active])
-    if _can_fold(recipe, active, model) and (coord is None or not coord.split):
-        cuts = _together(group, lambda: _checked_cuts(recipe, active, usable, progress))
+    if can_fold(recipe, active, model) and (coord is None or not coord.split):
+        cuts = _together(group, lambda: checked_cuts(recipe, active, usable, progress))
         if cuts is not None:
             outcomes, folds, seeds, counted, _ = cuts
             before = measure(watched, counted)
-            after = measure(watched, _fold(recipe, folds, seeds))
+            after = measure(watched, fold(recipe, folds, seeds))
             return Report(_rows(watched, before, after), tuple(outcomes), True, recipe.source, skipped)
     before = measure(watched, _together(group, lambda: finite_zeros(recipe, usable)))
 
@@ -206,18 +207,7 @@ def _prepare(
         for pt in ps.targets:
             t = pt.target
             seen.setdefault((id(t.module), t.param), (t.qualname, t.module, t.param))
-    return plan, active, skipped, list(seen.values()), _usable(recipe, active)
-
-
-def _checked_cuts(
-    recipe: Recipe, active: list[PlannedStep], usable: Checked, progress: Callable[[str], None] | None
-) -> tuple[list[StepOutcome], list[magnitude.Fold], list[int], dict[Key, int], set[Key]] | None:
-    """:func:`_find_cuts`, then the finiteness check of the targets whose cut took the exact path."""
-    cuts = _find_cuts(recipe, active, progress)
-    if cuts is not None and cuts[4]:  # a cut took the exact path: NaN or inf there, perhaps
-        suspect = cuts[4]
-        finite_zeros(recipe, [(ps, t) for ps, t in usable if (id(t.module), t.param) in suspect])
-    return cuts
+    return plan, active, skipped, list(seen.values()), usable(recipe, active)
 
 
 def _failure(recipe: Recipe, active: list[PlannedStep], current: Current, exc: Exception) -> ApplyError | CalibrationError:
@@ -260,162 +250,6 @@ def _rows(watched: list[tuple[str, nn.Module, str]], before: dict[str, Any], aft
     return tuple(TargetSparsity(name, before[name][0], before[name][1], before[name][2], after[name][2]) for name, _, _ in watched)
 
 
-Checked = list[tuple[PlannedStep, Target]]
-
-
-def _usable(recipe: Recipe, active: list[PlannedStep]) -> Checked:
-    """Refuse, before anything changes, tensors pruning cannot handle: inference tensors
-    (torch cannot re-parametrize them) and meta tensors. Returns the floating-point targets,
-    each once, with the first step that names it."""
-    problems = []
-    checked: set[Key] = set()
-    todo: Checked = []
-    for ps in active:
-        for pt in ps.targets:
-            t = pt.target
-            key = (id(t.module), t.param)
-            if key in checked:
-                continue
-            checked.add(key)
-            tensor = t.original
-            if tensor.is_inference():
-                problems.append(
-                    recipe.problem(
-                        ps.step.path,
-                        f"{t.qualname} is an inference tensor (made under torch.inference_mode()), which pruning cannot "
-                        "re-parametrize; build or clone the model outside inference mode; nothing was changed",
-                        code="apply",
-                    )
-                )
-            elif tensor.device.type == "meta":
-                problems.append(
-                    recipe.problem(
-                        ps.step.path,
-                        f"{t.qualname} is on the meta device (shapes only, no data): plan works on such models, "
-                        "apply needs real tensors; nothing was changed",
-                        code="apply",
-                    )
-                )
-            elif tensor.is_floating_point() and tensor.numel() > 0:
-                todo.append((ps, t))
-    if problems:
-        raise ApplyError(problems)
-    return todo
-
-
-def finite_zeros(recipe: Recipe, todo: Checked) -> dict[Key, int]:
-    """Refuse NaN or inf in a weight (a diverged model; torch's own l1_unstructured would rank
-    NaN above everything and carry on). Returns the zero entries of each target not pruned
-    yet, counted on the way (as the report counts them: the parameter's own zeros)."""
-    problems = []
-    zeros: dict[Key, int] = {}
-    for (ps, t), (z, bad) in zip(todo, magnitude.census([t.original.detach() for _, t in todo])):
-        if bad:
-            nan = int(torch.isnan(t.original).sum().item())
-            problems.append(
-                recipe.problem(
-                    ps.step.path,
-                    f"{t.qualname} has {nan} NaN and {bad - nan} infinite entries; refusing to prune a diverged model "
-                    "(fix or re-initialize those weights first); nothing was changed",
-                    code="nonfinite",
-                )
-            )
-        elif not t.is_pruned:  # a pruned target's report zeros are orig * mask's: counted later
-            zeros[(id(t.module), t.param)] = z
-    if problems:
-        raise ApplyError(problems)
-    return zeros
-
-
-def _can_fold(recipe: Recipe, active: list[PlannedStep], model: nn.Module) -> bool:
-    """One-shot magnitude pruning with ``finalize``: each target pruned once, by torch's own
-    L1Unstructured, nothing pruned before. Then the weights can be masked in place, with no
-    ``*_orig``/``*_mask`` ever built (the result is what prune + remove would leave)."""
-    if not recipe.finalize or recipe.compacts or pruned_parameters(model):
-        return False
-    seen: set[Key] = set()
-    for ps in active:
-        if not _fast_l1(ps):
-            return False
-        dtypes = set()
-        for pt in ps.targets:
-            t = pt.target
-            key = (id(t.module), t.param)
-            tensor = t.original
-            # the in-place pass must be unable to fail halfway: plain, contiguous, ordinary tensors only
-            if key in seen or not magnitude.supported(tensor) or not tensor.is_contiguous() or tensor.is_inference() or not tensor.is_leaf:
-                return False
-            seen.add(key)
-            dtypes.add(tensor.dtype)
-        if ps.step.scope == "global" and len(dtypes) > 1:
-            return False
-    return True
-
-
-def _find_cuts(
-    recipe: Recipe, active: list[PlannedStep], progress: Callable[[str], None] | None
-) -> tuple[list[StepOutcome], list[magnitude.Fold], list[int], dict[Key, int], set[Key]] | None:
-    """Every cut of a one-shot fold, found before anything changes: the outcomes, the folds,
-    the steps' seeds (set when the fold happens), the zeros before counted by the scans, and
-    the targets whose cut took the exact path (they may hold NaN or inf).
-
-    Returns None when a small tensor or group has ties at its cut: the regular path then
-    lets torch's own ``topk`` break them, exactly as hand-written code would."""
-    outcomes = []
-    seeds: list[int] = []
-    jobs: list[tuple[list[Target], list[magnitude.Piece], int]] = []
-    for i, ps in enumerate(active, 1):
-        step = ps.step
-        if progress is not None:
-            progress(f"[{i}/{len(active)}] {step.label}: {ps.method.name} {step.how_much} on {len(ps.targets)} tensor(s)")
-        seed = recipe.step_seed(step)
-        if seed is not None:
-            seeds.append(seed)
-        targets = [pt.target for pt in ps.targets]
-        groups = [targets] if step.scope == "global" else [[t] for t in targets]
-        noops: list[str] = []
-        for group in groups:
-            pieces = [magnitude.Piece(t.original) for t in group]
-            total = sum(p.numel for p in pieces)
-            if step.sparsity is not None:
-                k = sparsity_count(step.sparsity, total, 0)
-                if k <= 0:
-                    noops.extend(t.qualname for t in group)
-                    continue
-            else:
-                assert step.amount is not None
-                k = checked_nparams(step.amount, total)
-            jobs.append((group, pieces, k))
-        note = f"no-op on {', '.join(noops)}: already at or above sparsity {step.sparsity:g}" if noops else None
-        outcomes.append(StepOutcome(step.label, ps.method.name, tuple(t.qualname for t in targets), note))
-    cuts = magnitude.select([(pieces, k) for _, pieces, k in jobs], count_zeros=True)
-    folds: list[magnitude.Fold] = []
-    zeros: dict[Key, int] = {}
-    suspect: set[Key] = set()
-    for (group, pieces, _), cut in zip(jobs, cuts):
-        if cut.quotas is not None and sum(p.numel for p in pieces) <= magnitude.EXACT_TIES_UP_TO:
-            return None
-        for j, (t, piece) in enumerate(zip(group, pieces)):
-            folds.append((t.module, t.param, piece, cut, j))
-            count = cut.zeros[j] if cut.zeros is not None else None
-            if count is not None:
-                zeros[(id(t.module), t.param)] = count
-            if not cut.finite:
-                suspect.add((id(t.module), t.param))
-    return outcomes, folds, seeds, zeros, suspect
-
-
-def _fold(recipe: Recipe, folds: list[magnitude.Fold], seeds: list[int]) -> dict[Key, int]:
-    """Mask the weights in place, with Ctrl-C held; returns the zeros after where known."""
-    for seed in seeds:
-        torch.manual_seed(seed)  # as the regular path does, so the RNG state after apply is the same
-    with magnitude.deferred_interrupts():
-        try:
-            return magnitude.fold(folds)
-        except Exception as exc:  # pragma: no cover - _can_fold admits only tensors this cannot fail on
-            raise ApplyError(recipe.problem((), f"masking weights in place failed: {type(exc).__name__}: {exc}", code="apply")) from exc
-
-
 def _run_group_step(ps: PlannedStep, names: tuple[str, ...]) -> StepOutcome:
     """Rank every group of the step (all before any mask changes: a layer can sit in two
     groups), then mask each parameter once, in the plan's target order."""
@@ -430,12 +264,6 @@ def _run_group_step(ps: PlannedStep, names: tuple[str, ...]) -> StepOutcome:
         return StepOutcome(step.label, ps.method.name, names, f"no-op: every group is already at or above sparsity {step.sparsity:g}")
     apply_masks(member_masks(selections), [(pt.target.module, pt.target.param) for pt in ps.targets])
     return StepOutcome(step.label, ps.method.name, names)
-
-
-def _fast_l1(ps: PlannedStep) -> bool:
-    """Only torch's own L1Unstructured ranking the weights themselves takes the fast path
-    (subclasses may change compute_mask; importance scores rank something else)."""
-    return ps.method.cls is prune.L1Unstructured and ps.importance is None and not ps.calibrated
 
 
 def run_step(recipe: Recipe, ps: PlannedStep) -> StepOutcome:
@@ -518,7 +346,7 @@ def _run_targets(
         assert amount is not None
         if step.sparsity is not None and amount <= 0:
             return StepOutcome(step.label, spec.name, names, f"no-op: already at or above sparsity {step.sparsity:g}")
-        if _fast_l1(ps) and len({t.original.dtype for t in targets}) == 1 and all(magnitude.supported(t.original) for t in targets):
+        if fast_l1(ps) and len({t.original.dtype for t in targets}) == 1 and all(magnitude.supported(t.original) for t in targets):
             magnitude.l1_global(params, amount, zeros, finite=True)  # the preflight checked
         elif ps.importance is not None:
             scores = {(t.module, t.param): scores_for(t, importance_scores(ps.importance, t, None)) for t in targets}
@@ -539,7 +367,7 @@ def _run_targets(
                 noops.append(t.qualname)
                 continue
             call["amount"] = amount
-        if _fast_l1(ps) and magnitude.supported(t.original):
+        if fast_l1(ps) and magnitude.supported(t.original):
             fast.append((t.module, t.param, call["amount"]))
         elif ps.importance is not None:
             prune_scored(ps, t, importance_scores(ps.importance, t, None), amount)

@@ -205,7 +205,7 @@ steps:
 
 def test_folded_path_is_not_used_when_it_would_differ():
     # a target pruned twice, or a model already pruned, goes through the re-parametrization
-    from prunerecipe.apply import _can_fold
+    from prunerecipe.oneshot import can_fold as _can_fold
     from prunerecipe.plan import plan_recipe
 
     twice = parse_recipe(

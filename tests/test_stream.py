@@ -374,7 +374,7 @@ def test_peak_memory_stays_under_the_bound(tmp_path):
 
 
 def test_progress_is_shown_on_a_terminal_only(setup, tmp_path, monkeypatch):
-    from prunerecipe import cli as cli_module
+    from prunerecipe.cli import apply as cli_module
     from prunerecipe.stream.run import Progress
 
     assert cli_module._stream_progress() is None  # not a terminal here

@@ -34,15 +34,15 @@ from torch import nn
 from ..checkpoint.hf import tied_aliases
 from ..checkpoint.read import SAFETENSORS_SUFFIX, suffix_of
 from ..checkpoint.restore import check_fit, fit_prefix
-from ..errors import CheckpointError, Problem, RecipeError, problem
+from ..errors import CheckpointError, RecipeError, problem
 from ..magnitude import EXACT_TIES_UP_TO, supported
 from ..plan import Plan, PlannedStep, plan_recipe
-from ..rng import draws, is_random
+from ..rng import is_random
 from ..spec import Recipe
 from .format import DTYPES, Source, nbytes
+from .refusals import random_draws, unstreamable
 
 #: torch's methods a stream runs (exactly these classes: a subclass may need the whole model)
-STREAMABLE = (prune.L1Unstructured, prune.RandomUnstructured, prune.LnStructured, prune.RandomStructured, prune.Identity)
 #: a global group of at most this many entries is pruned whole, in memory (torch breaks its ties)
 RESIDENT_UP_TO = EXACT_TIES_UP_TO
 #: the memory bound: this many times the largest tensor, plus SLACK (256 MiB)
@@ -279,7 +279,7 @@ def stream_plan(
         )
     plan = plan_recipe(model, recipe)
     steps = tuple(ps for ps in plan.steps if not ps.scheduled)
-    problems = _unstreamable(recipe, plan)
+    problems = unstreamable(recipe, plan)
 
     state = model.state_dict(keep_vars=True)
     aliases = tied_aliases(model, list(state))
@@ -368,7 +368,7 @@ def stream_plan(
                     )
                 )
         if is_random(cls) and names:
-            problems.extend(_draws(recipe, ps, position, names, counts))
+            problems.extend(random_draws(recipe, ps, position, names, counts))
     units: dict[str, list[str]] = {}
     for n in members:
         units.setdefault(root(n), []).append(n)
@@ -390,78 +390,6 @@ def stream_plan(
         fmt,
         note,
     )
-
-
-def _unstreamable(recipe: Recipe, plan: Plan) -> list[Problem]:
-    out = []
-    if recipe.compacts:
-        out.append(
-            recipe.problem(
-                ("finalize",),
-                "finalize: compact runs the model on example inputs and rebuilds its layers: it needs the model in memory; apply it without --stream",
-                code="stream",
-            )
-        )
-    for ps in plan.steps:
-        if ps.step.scope == "group":
-            out.append(
-                recipe.problem(
-                    ps.step.path + ("scope",),
-                    "scope: group ranks channels across every member of a dependency group, found by tracing the model: apply it without --stream",
-                    code="stream",
-                )
-            )
-        elif ps.importance is not None or ps.calibrated:
-            what = f"importance {ps.importance.name!r}" if ps.importance is not None else f"method {ps.method.name!r}"
-            out.append(
-                recipe.problem(
-                    ps.step.path + (("importance",) if ps.importance is not None else ("method",)),
-                    f"{what} ranks by more than each tensor's own values (scores, calibration data): apply it in memory",
-                    code="stream",
-                )
-            )
-        elif ps.scheduled:
-            out.append(
-                recipe.problem(
-                    ps.step.path + ("schedule",),
-                    "a step with a schedule runs during training (prunerecipe.Pruner); --stream applies a recipe once",
-                    code="stream",
-                )
-            )
-        elif ps.method.cls not in STREAMABLE:
-            out.append(
-                recipe.problem(
-                    ps.step.path + ("method",),
-                    f"method {ps.method.name!r} cannot be streamed: only torch's l1_unstructured, random_unstructured, ln_structured, "
-                    "random_structured and identity run tensor by tensor (a plugin may need the whole model); apply it in memory",
-                    code="stream",
-                )
-            )
-    return out
-
-
-def _draws(recipe: Recipe, ps: PlannedStep, position: int, names: list[str], counts: dict[tuple[int, str | None], int]) -> list[Problem]:
-    """Record what each target of a random step draws; refuse the step when that depends on values."""
-    vague = [pt for pt in ps.targets if not pt.exact_before]
-    if vague:
-        left = "slices" if ps.method.pruning_type == "structured" else "entries"
-        return [
-            recipe.problem(
-                ps.step.path,
-                f"{ps.method.name} draws as many random numbers as {vague[0].target.qualname} has {left} left, which after the "
-                "steps before it depends on the weights' values: a stream cannot start it where the in-memory run does; apply it in memory",
-                code="stream",
-            )
-        ]
-    cls = ps.method.cls
-    if ps.step.scope == "global":
-        units = sum(pt.units - pt.pruned_before for pt in ps.targets)
-        wide = any(pt.target.original.dtype == torch.float64 for pt in ps.targets)
-        counts[(position, None)] = draws(cls, ps.group_to_prune or 0, units, torch.float64 if wide else torch.float32)
-        return []
-    for pt, name in zip(ps.targets, names):
-        counts[(position, name)] = draws(cls, pt.to_prune or 0, pt.units - pt.pruned_before, pt.target.original.dtype)
-    return []
 
 
 __all__ = ["Cut", "Entry", "Member", "StreamPlan", "stream_plan"]

@@ -21,11 +21,12 @@ import torch.nn.utils.prune as prune
 from torch import nn
 
 from ..amounts import checked_nparams, sparsity_count
-from ..apply import finite_zeros, run_step
+from ..apply import run_step
 from ..errors import ApplyError, RecipeError
 from ..magnitude import EXACT_TIES_UP_TO, DigitCut, Piece, Threshold, apply_global_cut, fold_into, piece_for, select, supported
 from ..magnitude.masks import zeros_after
 from ..magnitude.workers import trim_heap
+from ..oneshot import finite_zeros
 from ..plan import PlannedStep
 from ..report import Report, StepOutcome, TargetSparsity
 from ..rng import is_random, skip
