@@ -33,7 +33,7 @@ from .spec import Recipe
 from .structured import Compaction, compact
 from .structured.masks import apply_masks, member_masks, rank
 from .structured.planning import example_tensors
-from .torchprune import ModelSnapshot, finalize, kept_entries, make_copyable, pruned_parameters, pruning_hooks
+from .torchprune import ModelSnapshot, finalize, kept_entries, make_copyable, match_mask_dtype, pruned_parameters, pruning_hooks
 
 Key = tuple[int, str]  # (id(module), parameter name)
 
@@ -103,7 +103,7 @@ def apply_recipe(
                 code="calibration",
             )
         )
-    batches = _calibration_batches(recipe, active, calibration)
+    batches = _calibration_batches(model, recipe, active, calibration)
     coord = None
     if group is not None:
         coord = Coordinator(group, recipe, [(ps.step, ps.method.cls, [pt.target for pt in ps.targets]) for ps in active])
@@ -136,6 +136,9 @@ def apply_recipe(
                     progress(f"[{j}/{len(active)}] {each.step.label}: {each.method.name} {each.how_much} on {len(each.targets)} tensor(s)")
             if ps.calibrated:
                 assert plan.blocks is not None and batches is not None
+                for each in run:  # counts a fast path knew before are stale now
+                    for pt in each.targets:
+                        known.pop((id(pt.target.module), pt.target.param), None)
                 outcomes.extend(run_calibrated(model, plan.blocks, run, batches, current, progress, snapshot.journal))
             else:
                 current.step = ps
@@ -225,7 +228,7 @@ def _failure(recipe: Recipe, active: list[PlannedStep], current: Current, exc: E
     return ApplyError(recipe.problem(ps.step.path, f"{what} failed{on}: {detail}; the model was left unchanged", code="apply"))
 
 
-def _calibration_batches(recipe: Recipe, active: list[PlannedStep], calibration: Iterable[Any] | None) -> list[Batch] | None:
+def _calibration_batches(model: nn.Module, recipe: Recipe, active: list[PlannedStep], calibration: Iterable[Any] | None) -> list[Batch] | None:
     """The calibration batches, drawn and checked before anything changes (None when no step needs them)."""
     needing = [ps for ps in active if ps.calibrated]
     if not needing:
@@ -236,13 +239,14 @@ def _calibration_batches(recipe: Recipe, active: list[PlannedStep], calibration:
         raise RecipeError(
             recipe.problem(
                 first.step.path,
-                f"{first.step.label} needs calibration data ({why}): pass --calibration SPEC to prunerecipe apply, "
+                f"{f'step {first.step.name!r}' if first.step.name else 'this step'} needs calibration data ({why}): "
+                "pass --calibration SPEC to prunerecipe apply, "
                 "or calibration= to apply_recipe; nothing was changed",
                 code="calibration",
             )
         )
     where = ("calibration",) if recipe.calibration is not None else first.step.path
-    batches, _ = draw_batches(calibration, recipe, where)
+    batches, _ = draw_batches(calibration, recipe, where, model)
     return batches
 
 
@@ -351,6 +355,8 @@ def _run_targets(
         elif ps.importance is not None:
             scores = {(t.module, t.param): scores_for(t, importance_scores(ps.importance, t, None)) for t in targets}
             prune.global_unstructured(params, pruning_method=spec.cls, importance_scores=scores, amount=amount, **kwargs)
+            for t in targets:
+                match_mask_dtype(t.module, t.param)
         else:
             prune.global_unstructured(params, pruning_method=spec.cls, amount=amount, **kwargs)
         return StepOutcome(step.label, spec.name, names)

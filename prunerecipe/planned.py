@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -121,7 +122,27 @@ class PlannedStep:
         arg = self.method.input_dim_arg
         if arg is not None and kwargs.get(arg) is None:
             kwargs[arg] = input_dim(target.module, target.param, target.original.dim())
+        # an argument the method's constructor defaults but its `apply` requires (torch's
+        # LnStructured.apply needs `dim`; LnStructured(dim=-1) does not): the default, as planned
+        for name, param in _required_by_apply(self.method.cls).items():
+            if name not in kwargs and name in self.method.arguments:
+                default = self.method.arguments[name].default
+                if default is not param.empty:
+                    kwargs[name] = default
         return kwargs
+
+
+def _required_by_apply(cls: type) -> dict[str, inspect.Parameter]:
+    """Parameters of ``cls.apply`` without a default, besides the module, the name and the amount."""
+    try:
+        params = inspect.signature(cls.apply).parameters  # type: ignore[attr-defined]
+    except (TypeError, ValueError, AttributeError):
+        return {}
+    return {
+        n: p
+        for n, p in params.items()
+        if p.default is p.empty and n not in ("module", "name", "amount", "cls") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
 
 
 @dataclass(frozen=True)

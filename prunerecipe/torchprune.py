@@ -118,6 +118,16 @@ def refresh(module: nn.Module, name: str | None = None) -> None:
             setattr(module, hook._tensor_name, hook.apply_mask(module))
 
 
+def match_mask_dtype(module: nn.Module, name: str) -> None:
+    """Give ``name``'s mask its weight's dtype (0 and 1 are exact in every float type). Torch's
+    container gives a chained mask the dtype of what it ranked: float32 scores of a bf16 weight."""
+    mask = owned_mask(module, name)
+    dtype = original(module, name).dtype
+    if mask is not None and mask.dtype != dtype:
+        module._buffers[name + MASK] = mask.to(dtype)
+        refresh(module, name)
+
+
 def attach(module: nn.Module, name: str, method: prune.BasePruningMethod, mask: torch.Tensor) -> prune.BasePruningMethod:
     """Install ``method`` with a precomputed ``mask`` exactly as ``BasePruningMethod.apply`` would:
     the same hook order, ``PruningContainer`` chaining and ``*_orig``/``*_mask`` registration.

@@ -100,7 +100,7 @@ def assert_unchanged(model, before):
         ([{"input_ids": torch.zeros(4, dtype=torch.long)}, {"ids": torch.zeros(4, dtype=torch.long)}], "calibration sample 1 has the keys ['ids']"),
         ([torch.tensor([1.0, float("nan"), float("inf")])], "calibration sample 0 has 1 NaN and 1 infinite values"),
         ((1 / 0 for _ in range(3)), "calibration: reading calibration sample 0 raised ZeroDivisionError: division by zero"),
-        ([torch.full((1, 6), 99)], "calibration: calibration batch 0: IndexError: index out of range in self; the model was left unchanged"),
+        ([torch.full((6,), 99)], "calibration: calibration batch 0: IndexError: index out of range in self; the model was left unchanged"),
     ],
     ids=["empty", "int", "one-dict", "str", "0-d", "shapes", "keys", "nan", "raises", "out-of-vocab"],
 )
@@ -121,7 +121,7 @@ def test_no_calibration_data_for_a_step_that_needs_it_is_an_error_before_anythin
     with pytest.raises(RecipeError) as info:
         apply_recipe(model, parse_recipe(WANDA, "w.yaml"))
     assert str(info.value) == (
-        "w.yaml:5:5: steps[0]: steps[0] needs calibration data (importance 'wanda'): pass --calibration SPEC to prunerecipe apply, "
+        "w.yaml:5:5: steps[0]: this step needs calibration data (importance 'wanda'): pass --calibration SPEC to prunerecipe apply, "
         "or calibration= to apply_recipe; nothing was changed"
     )
     assert_unchanged(model, before)

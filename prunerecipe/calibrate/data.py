@@ -81,18 +81,24 @@ def call_calibration(fn: Callable[..., Any], *, model: nn.Module, samples: int, 
         raise CalibrationError(f"calibration function {name}: needs argument(s) {', '.join(needed)}; it may take none, or model= and samples= only")
     kwargs = {key: value for key, value in (("model", model), ("samples", samples)) if key in params}
     try:
-        return fn(**kwargs)
+        result = fn(**kwargs)
     except Exception as exc:
         raise CalibrationError(f"calibration function {name}: raised {type(exc).__name__}: {exc}") from exc
+    if result is None:
+        raise CalibrationError(f"calibration function {name}: returned None; it returns (or yields) the samples")
+    return result
 
 
-def draw_batches(data: Any, recipe: Recipe, where: KeyPath) -> tuple[list[Batch], int]:
+def draw_batches(data: Any, recipe: Recipe, where: KeyPath, model: nn.Module | None = None) -> tuple[list[Batch], int]:
     """The first ``samples`` samples of ``data``, checked and stacked into batches.
 
     Args:
         data: an iterable of samples (a tensor's rows count as samples too).
         recipe: gives ``calibration: {samples, batch_size}`` and locates messages.
         where: the key path problems are reported at.
+        model: the model the data is for: a Hugging Face model that takes ``input_ids`` gets
+            its samples checked to be token ids of shape ``(seq_len,)`` (with any mask of that
+            length), since a batched or otherwise shaped sample runs but computes the wrong thing.
 
     Returns:
         ``(batches, samples drawn)``; fewer samples than asked for when the data runs out.
@@ -122,6 +128,9 @@ def draw_batches(data: Any, recipe: Recipe, where: KeyPath) -> tuple[list[Batch]
     if not taken:
         raise fail("calibration data is empty: it yielded no sample")
     batches = [_stack(taken, start, settings.batch_size, fail) for start in range(0, len(taken), settings.batch_size)]
+    if model is not None and getattr(model, "main_input_name", None) == "input_ids" and hasattr(getattr(model, "config", None), "to_dict"):
+        for i, item in enumerate(taken):
+            _token_sample(item, i, fail)
     return batches, len(taken)
 
 
@@ -141,6 +150,24 @@ def _checked(item: Any, index: int, fail: Callable[[str], CalibrationError]) -> 
             out[key] = _checked_tensor(value, f"{what}[{key!r}]", fail)
         return out
     raise fail(f"{what} is a {type(item).__name__}; each sample is a tensor or a dict of tensors")
+
+
+def _token_sample(item: Batch, index: int, fail: Callable[[str], CalibrationError]) -> None:
+    """A language model's sample: token ids ``(seq_len,)``, and other entries of that length."""
+    what = f"calibration sample {index}"
+    ids = item if isinstance(item, torch.Tensor) else item.get("input_ids")
+    if ids is None:
+        raise fail(f"{what} has no 'input_ids' (keys: {', '.join(sorted(item))}); the model takes token ids")
+    where = what if isinstance(item, torch.Tensor) else f"{what}['input_ids']"
+    if ids.dim() != 1:
+        extra = " (no batch dimension: batch_size stacks samples)" if ids.dim() == 2 else ""
+        raise fail(f"{where} has shape {tuple(ids.shape)}; the model takes token ids, one sample of shape (seq_len,){extra}")
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise fail(f"{where} is {str(ids.dtype).replace('torch.', '')}; token ids are integers")
+    if isinstance(item, dict):
+        for key, value in item.items():
+            if key != "input_ids" and value.dim() >= 1 and value.shape[0] != ids.shape[0]:
+                raise fail(f"{what}[{key!r}] has shape {tuple(value.shape)}, its input_ids {tuple(ids.shape)}: they must have one length")
 
 
 def _checked_tensor(t: torch.Tensor, what: str, fail: Callable[[str], CalibrationError]) -> torch.Tensor:

@@ -81,6 +81,21 @@ def _call_kwargs(model: nn.Module) -> dict[str, Any]:
     return {"use_cache": False} if "use_cache" in params else {}
 
 
+def _is_cache(value: Any) -> bool:
+    """A key/value cache (transformers' ``Cache`` classes): a block replayed with it would append
+    to it and attend to stale keys."""
+    return any(c.__name__ == "Cache" or c.__name__.endswith("Cache") for c in type(value).__mro__)
+
+
+def _without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """A block's keyword arguments with no cache (also when the model was wrapped, so that
+    ``use_cache=False`` could not be passed to it)."""
+    out = {k: (None if _is_cache(v) else v) for k, v in kwargs.items()}
+    if out.get("use_cache"):
+        out["use_cache"] = False
+    return out
+
+
 def capture(model: nn.Module, blocks: Blocks, batches: Sequence[Batch], current: Current) -> list[BlockInputs]:
     """The arguments the first block is called with, per batch (the model stops right there)."""
     first = blocks.modules[0]
@@ -89,7 +104,7 @@ def capture(model: nn.Module, blocks: Blocks, batches: Sequence[Batch], current:
     captured: list[BlockInputs] = []
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        captured.append(BlockInputs(args, dict(kwargs)))
+        captured.append(BlockInputs(args, _without_cache(kwargs)))
         raise _Stop
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
@@ -204,6 +219,11 @@ def _prune_block(
         stats = collector.of(t.module)
         if stats.nonfinite():
             raise CalibrationError(f"the inputs of {t.qualname} on the calibration data hold NaN or inf (their statistics overflowed)")
+        if stats.tokens == 0:  # scores of 0 would prune arbitrary entries (SparseGPT: all of them)
+            raise CalibrationError(
+                f"{t.qualname} saw no calibration input: block {name or '(model)'} never called {t.module_name} on this data "
+                "(an expert no token was routed to, a branch not taken); exclude it from the step, or give data that reaches it"
+            )
     last_use = {id(t.module): i for i, (_, t) in enumerate(jobs)}
     for i, (ps, t) in enumerate(jobs):
         current.step, current.target = ps, t

@@ -20,7 +20,7 @@ from ..methods import ImportanceSpec, InputStats, SparseGPT
 from ..methods.ranking import prune_smallest_in_rows, split_count
 from ..plan import PlannedStep
 from ..select import Target
-from ..torchprune import attach, attach_rewritten, effective, original, owned_mask
+from ..torchprune import attach, attach_rewritten, effective, match_mask_dtype, original, owned_mask
 from .sparsegpt import sparsegpt
 
 
@@ -58,18 +58,17 @@ def prune_scored(ps: PlannedStep, target: Target, scores: torch.Tensor, amount: 
     if ps.method.needs_amount(call):
         call["amount"] = amount
     ps.method.cls.apply(module, name, importance_scores=scores_for(target, scores), **call)
+    match_mask_dtype(module, name)
 
 
 def scores_for(target: Target, scores: torch.Tensor) -> torch.Tensor:
-    """``scores`` in the dtype of ``target``'s tensor: torch gives a chained mask the dtype of
-    what it ranks, and masks keep the weight's dtype. For half types the scores are scaled to
-    at most 1 first (the order is kept, nothing overflows)."""
+    """``scores`` as they are ranked: in the weight's dtype, but never coarser than float32 (a
+    half-precision cast would tie scores the importance tells apart; the reference Wanda ranks
+    in float32). A chained mask then comes out in float32, and :func:`prune_scored` gives it
+    the weight's dtype back."""
     dtype = original(target.module, target.param).dtype
-    if scores.dtype == dtype:
-        return scores
-    if dtype in (torch.float16, torch.bfloat16):
-        scores = scores / scores.abs().max().clamp_min(torch.finfo(scores.dtype).tiny)
-    return scores.to(dtype)
+    want = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return scores if scores.dtype == want else scores.to(want)
 
 
 def _per_row_mask(target: Target, scores: torch.Tensor, amount: int | float) -> torch.Tensor:

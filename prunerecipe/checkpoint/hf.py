@@ -3,6 +3,7 @@ writing a folder that plain ``from_pretrained`` loads (``pip install 'prunerecip
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -132,7 +133,11 @@ def write_folder_files(folder: str, model: nn.Module, source: str | None) -> Non
             weights = name in HF_WEIGHTS or name.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json"))
             if os.path.isfile(path) and name not in _NOT_COPIED and not weights:
                 shutil.copyfile(path, os.path.join(folder, name))
-    config.to_json_file(os.path.join(folder, "config.json"))
+    written = copy.copy(config)  # the user's model keeps its config as it was
+    # as save_pretrained does: the class that built the model, so loaders (ours, from_pretrained
+    # through the Auto classes) rebuild the same head rather than the bare base model
+    written.architectures = [type(model).__name__]
+    written.to_json_file(os.path.join(folder, "config.json"))
     generation = getattr(model, "generation_config", None)
     if (
         generation is not None

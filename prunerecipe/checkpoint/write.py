@@ -258,6 +258,7 @@ def write_output(
 
 
 def _auto_class(model: nn.Module) -> str:
+    """The loader to name: an Auto class for the usual heads, else the model's own class."""
     name = type(model).__name__
     for suffix, auto in (
         ("ForCausalLM", "AutoModelForCausalLM"),
@@ -267,7 +268,7 @@ def _auto_class(model: nn.Module) -> str:
     ):
         if name.endswith(suffix):
             return auto
-    return "AutoModel"
+    return name  # e.g. ViTForImageClassification, T5ForConditionalGeneration: AutoModel would drop the head
 
 
 def _size(path: str) -> str:

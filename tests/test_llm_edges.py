@@ -1,0 +1,163 @@
+"""Edges of one-shot LM pruning found by trying it as users would: wrapped models, mixed steps,
+half-precision scores, sample shapes, unreached layers, outputs fed back in."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.utils.prune as prune
+
+from prunerecipe import apply_recipe, parse_recipe
+from prunerecipe.errors import CalibrationError
+
+pytest.importorskip("transformers")
+
+from prunerecipe.zoo import tiny_llama
+
+
+def _ids(n=8, length=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 512, (length,), generator=g) for _ in range(n)]
+
+
+def _masks(model):
+    return {k: v for k, v in model.named_buffers() if k.endswith("_mask")}
+
+
+class Wrap(nn.Module):
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids):  # takes no use_cache: the KV cache stays on inside
+        return self.lm(input_ids).logits
+
+
+@pytest.mark.parametrize("how", ["method: l1_unstructured, sparsity: 0.5, importance: wanda", "method: sparsegpt, sparsity: 0.5"])
+def test_a_wrapped_model_gets_the_masks_of_the_bare_one(how):
+    recipe = "version: 1\nsteps:\n  - {select: {types: [Linear], names: ['%s.layers.*']}, %s}\n"
+    bare, wrapped = tiny_llama(), Wrap(tiny_llama())
+    apply_recipe(bare, parse_recipe(recipe % ("model", how)), calibration=_ids())
+    apply_recipe(wrapped, parse_recipe(recipe % ("lm.model", how)), calibration=_ids())
+    mine, theirs = _masks(bare), {k.removeprefix("lm."): v for k, v in _masks(wrapped).items()}
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_the_report_counts_a_calibrated_step_after_a_fast_one():
+    model = tiny_llama()
+    recipe = parse_recipe(
+        "version: 1\nsteps:\n"
+        "  - {select: {types: [Linear], names: ['model.layers.*']}, method: l1_unstructured, amount: 0.2}\n"
+        "  - {select: {types: [Linear], names: ['model.layers.*']}, method: sparsegpt, sparsity: 0.5}\n"
+    )
+    report = apply_recipe(model, recipe, calibration=_ids())
+    masks = _masks(model)
+    real = sum(int((m == 0).sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    assert report.global_after == pytest.approx(real) and real == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_rank_wanda_scores_as_the_formula_does(dtype):
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Linear(256, 128)).to(dtype)
+    scale = torch.logspace(-2, 2, 256)
+    data = [(torch.randn(8, 256) * scale).to(dtype) for _ in range(16)]
+    recipe = parse_recipe(
+        "version: 1\ncalibration: {samples: 16, batch_size: 4}\n"
+        "steps:\n  - {select: {types: [Linear]}, method: semi_structured, args: {n: 2, m: 4}, importance: wanda}\n"
+    )
+    apply_recipe(layer, recipe, calibration=data)
+    x = torch.cat([d.double().reshape(-1, 256) for d in data])
+    score = layer[0].weight_orig.double().abs() * x.norm(dim=0)  # Wanda: |W| * ||X_j||, in float64
+    groups = score.view(128, 64, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, groups.topk(2, dim=2).indices, True).view(128, 256)
+    assert torch.equal(layer[0].weight_mask.bool(), keep)
+    assert layer[0].weight_mask.dtype == dtype  # the mask in the weight's dtype, as torch's own masks are
+
+
+@pytest.mark.parametrize(
+    "samples, says",
+    [
+        ([torch.randint(0, 512, (1, 16))] * 4, "(no batch dimension"),
+        ([torch.randint(0, 512, (16, 3))] * 4, "shape (16, 3)"),
+        ([torch.rand(16)] * 4, "token ids are integers"),
+        ([{"input_ids": torch.randint(0, 512, (16,)), "attention_mask": torch.ones(8, dtype=torch.long)}] * 4, "must have one length"),
+        ([{"attention_mask": torch.ones(16, dtype=torch.long)}] * 4, "has no 'input_ids'"),
+    ],
+)
+def test_samples_a_language_model_cannot_take_are_refused_before_anything_runs(samples, says):
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recipe = parse_recipe("version: 1\nsteps:\n  - {select: {types: [Linear], names: ['model.layers.*']}, method: sparsegpt, sparsity: 0.5}\n")
+    with pytest.raises(CalibrationError, match=says.replace("(", r"\(").replace(")", r"\)")):
+        apply_recipe(model, recipe, calibration=samples)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mix, self.expert = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x):  # the expert gets no token on this data
+        return self.mix(x)
+
+
+class Routed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block() for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+@pytest.mark.parametrize("how", ["method: sparsegpt, sparsity: 0.5", "method: l1_unstructured, sparsity: 0.5, importance: wanda"])
+def test_a_layer_no_calibration_input_reaches_is_an_error_not_a_guess(how):
+    model = Routed()
+    recipe = parse_recipe(f"version: 1\nsequential: {{blocks: 'blocks.*'}}\nsteps:\n  - {{select: {{types: [Linear]}}, {how}}}\n")
+    with pytest.raises(CalibrationError, match=r"blocks\.0\.expert\.weight saw no calibration input"):
+        apply_recipe(model, recipe, calibration=[torch.randn(4, 8) for _ in range(4)])
+    assert not _masks(model)
+
+
+def test_a_calibration_function_returning_none_says_so(tmp_path):
+    from click.testing import CliRunner
+
+    from prunerecipe.cli import cli
+
+    (tmp_path / "cal.py").write_text("def none():\n    return None\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "version: 1\nmodel: prunerecipe.zoo:tiny_llama\nsteps:\n  - {select: {types: [Linear], names: ['model.layers.*']}, method: sparsegpt, sparsity: 0.5}\n"
+    )
+    done = CliRunner().invoke(cli, ["apply", str(recipe), "--calibration", f"{tmp_path / 'cal.py'}:none", "-o", str(tmp_path / "o.pt")])
+    assert done.exit_code == 1 and "returned None" in done.output and not (tmp_path / "o.pt").exists()
+
+
+def test_an_hf_output_of_a_model_built_in_code_is_read_back_with_its_head(tmp_path):
+    from click.testing import CliRunner
+
+    from prunerecipe.cli import cli
+
+    runner = CliRunner()
+    first = runner.invoke(
+        cli, ["apply", "recipes/nm-2-4-magnitude.yaml", "--model", "prunerecipe.zoo:tiny_llama", "--format", "hf", "-o", str(tmp_path / "f")]
+    )
+    assert first.exit_code == 0, first.output
+    assert '"LlamaForCausalLM"' in (tmp_path / "f" / "config.json").read_text()
+    again = runner.invoke(cli, ["plan", "recipes/nm-2-4-magnitude.yaml", "--model", str(tmp_path / "f")])
+    assert again.exit_code == 0 and "LlamaForCausalLM" in again.output
+
+
+def test_ln_structured_without_dim_uses_its_default_as_planned():
+    torch.manual_seed(0)
+    ours, theirs = nn.Sequential(nn.Linear(8, 6)), nn.Sequential(nn.Linear(8, 6))
+    theirs.load_state_dict(ours.state_dict())
+    apply_recipe(ours, parse_recipe("version: 1\nsteps:\n  - {select: {types: [Linear]}, method: ln_structured, amount: 0.5, args: {n: 2}}\n"))
+    prune.ln_structured(theirs[0], "weight", amount=0.5, n=2, dim=-1)
+    assert torch.equal(ours[0].weight_mask, theirs[0].weight_mask)
