@@ -87,6 +87,11 @@ class Compaction:
         ]
         if self.config:
             lines.append("model.config: " + ", ".join(f"{k} = {v}" for k, v in self.config.items()))
+        if not self.groups:
+            lines.append(
+                "note: no channel was masked, so nothing was removed: compaction removes the channels that masks zero across a "
+                "dependency group, and a dense or finalized checkpoint carries no masks (prune with masks kept, then compact)"
+            )
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -236,8 +241,9 @@ def _compact(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: floa
     if not diff <= tolerance * scale:
         raise _Failure(
             f"the compacted model's outputs differ from the masked model's by {diff:.3g} (max abs difference; allowed {tolerance:g} x output scale "
-            f"{scale:.3g} = {tolerance * scale:.3g}). A masked channel whose BatchNorm or bias is not masked is not a zero channel: "
-            "prune with scope: group, which masks those too",
+            f"{scale:.3g} = {tolerance * scale:.3g}). A removed channel must give 0 to every layer that reads it: it does not when "
+            "its BatchNorm or bias is left unmasked (scope: group masks those), or when an activation maps 0 to something else "
+            "(sigmoid, an added constant) before a layer outside the group reads it",
             "output-check",
         )
     removed = tuple(RemovedGroup(g.root, tuple(g.member_names()), g.channels, len(c)) for g, c in groups)

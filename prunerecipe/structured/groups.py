@@ -111,12 +111,17 @@ def channel_dims(module: nn.Module) -> tuple[int, int]:
     return (1, 0) if conv1d is not None and isinstance(module, conv1d) else (0, 1)
 
 
+HEAD_ATTRIBUTES = ("num_heads", "num_attention_heads", "n_head", "n_heads", "head_dim")
+
+
 def attention_owner(model: nn.Module, name: str) -> tuple[str, str] | None:
     """The attention block ``name`` lies in, as (name, class), or None.
 
     Heads tie a projection's channels through reshapes that torch-pruning cannot map
-    exactly, so group steps refuse layers inside attention (found by class: a class whose
-    name contains ``Attention``, or ``nn.MultiheadAttention``).
+    exactly, so group steps refuse layers inside attention: found by class (a class whose
+    name contains ``Attention``, or ``nn.MultiheadAttention``), or by a head count the
+    module keeps (``num_heads``, ``num_attention_heads``, ``n_head``, ``n_heads``,
+    ``head_dim``), as self-written attention modules do.
     """
     parts = name.split(".") if name else []
     for cut in range(len(parts), 0, -1):
@@ -126,6 +131,8 @@ def attention_owner(model: nn.Module, name: str) -> tuple[str, str] | None:
         except AttributeError:
             continue
         if isinstance(owner, nn.MultiheadAttention) or any("Attention" in c.__name__ for c in type(owner).__mro__ if c is not nn.Module):
+            return prefix, type(owner).__name__
+        if any(isinstance(getattr(owner, a, None), int) and not isinstance(getattr(owner, a), bool) for a in HEAD_ATTRIBUTES):
             return prefix, type(owner).__name__
     return None
 
@@ -165,6 +172,7 @@ def read_group(graph: Graph, name: str, root: nn.Module, chosen: set[int]) -> Re
         for n in ("_ElementWiseOp", "_ReshapeOp", "_ConcatOp", "_SplitOp", "_SliceOp", "_ExpandOp", "_UnbindOp")
         if hasattr(tp.ops, n)
     )
+    splits = tuple(getattr(tp.ops, n) for n in ("_SplitOp", "_UnbindOp") if hasattr(tp.ops, n))
     for item in group:
         node = item.dep.target
         module = node.module
@@ -174,6 +182,11 @@ def read_group(graph: Graph, name: str, root: nn.Module, chosen: set[int]) -> Re
             boundary = "output"
         elif graph.is_input(node.grad_fn):
             boundary = "input"
+        if isinstance(module, splits):
+            # torch-pruning 1.6 maps the parts of a split/chunk in reverse order (checked against
+            # slicing): the consumers would get the wrong channels, so such a group is refused
+            unsupported.append(f"torch.split/chunk of these channels ({type(module).__name__.strip('_')}; its parts are not mapped reliably)")
+            continue
         if isinstance(module, (*placeholders, tp.ops._OutputOp)):
             continue
         member_name = graph.names.get(id(module), getattr(node, "name", "?"))

@@ -6,6 +6,7 @@ Nothing here changes the model: tracing runs one forward pass (train/eval modes 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -87,11 +88,15 @@ def check_step(model: nn.Module, step: Step, spec: MethodSpec, targets: Sequence
             "method-args",
         )
     inside = []
+    owners: list[str] = []
     unsupported = []
     for t in targets:
         owner = attention_owner(model, t.module_name)
         if owner is not None:
             inside.append(f"{t.module_name} (in {owner[0]}, {owner[1]})")
+            pattern = re.sub(r"\.\d+(?=\.|$)", ".*", owner[0]) + ".*"  # layers.3.attn -> layers.*.attn.*
+            if pattern not in owners:
+                owners.append(pattern)
         elif layer_role(t.module) is None:
             unsupported.append(f"{t.module_name or '(root)'} ({t.module_type})")
     if inside:
@@ -99,7 +104,7 @@ def check_step(model: nn.Module, step: Step, spec: MethodSpec, targets: Sequence
             step.path + ("select",),
             listing(
                 "attention heads cannot be pruned by channel groups (a projection's channels are tied across heads by reshapes "
-                "that cannot be mapped exactly); exclude these layers, e.g. exclude: {names: ['*attn*']}",
+                "that cannot be mapped exactly); exclude these layers: exclude: {names: [" + ", ".join(repr(p) for p in owners[:4]) + "]}",
                 inside,
             ),
             "unsupported",
@@ -222,7 +227,7 @@ def compaction_problems(model: nn.Module, recipe: Recipe) -> list[tuple[KeyPath,
     return [
         (
             ("finalize",),
-            "finalize: compact checks the compacted model's outputs and needs example inputs: add e.g. "
+            "compaction checks the compacted model's outputs and needs example inputs: add e.g. "
             "'inputs: [{shape: [1, 3, 224, 224], dtype: float32}]' at the top of the recipe",
             "inputs",
         )

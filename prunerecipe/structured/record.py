@@ -129,6 +129,24 @@ def _find(state_dict: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
+def _records(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[tuple[nn.Module, str]]:
+    """``(submodule, key)`` for every compaction record below the root's: a compacted
+    submodule (``net.__prunerecipe_compaction__``) carries its own."""
+    out = []
+    for key in state_dict:
+        if key.endswith("." + RECORD_KEY):
+            prefix = key[: -len(RECORD_KEY) - 1]
+            for candidate in (prefix, prefix.removeprefix("module.")):
+                try:
+                    sub = model.get_submodule(candidate)
+                except AttributeError:
+                    continue
+                if sub is not model:
+                    out.append((sub, key))
+                break
+    return out
+
+
 @contextlib.contextmanager
 def shrunk_to_fit(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> Iterator[Mapping[str, torch.Tensor]]:
     """Shrink ``model`` to the compaction ``state_dict`` records, for the duration of a load.
@@ -145,7 +163,14 @@ def shrunk_to_fit(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> I
     """
     key = _find(state_dict)
     if key is None:
-        yield state_dict
+        nested = _records(model, state_dict)
+        if not nested:
+            yield state_dict
+            return
+        with contextlib.ExitStack() as stack:  # each compacted submodule shrinks by its own record
+            for sub, sub_key in nested:
+                stack.enter_context(shrunk_to_fit(sub, {RECORD_KEY: state_dict[sub_key]}))
+            yield state_dict
         return
     record = decode(state_dict[key])
     mine = model._buffers.get(RECORD_KEY)
