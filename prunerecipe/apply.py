@@ -21,7 +21,7 @@ from . import magnitude, rng
 from .amounts import normalize_dim
 from .calibrate import Batch, Current, draw_batches, importance_scores, prune_scored, run_calibrated
 from .calibrate.scored import scores_for
-from .distributed import Coordinator, PeerFailure, agreed, resolve_group
+from .distributed import Coordinator, PeerFailure, agreed, all_agree, resolve_group, was_agreed
 from .errors import ApplyError, CalibrationError, RecipeError
 from .load import load_recipe
 from .methods.binding import argument_default
@@ -107,7 +107,10 @@ def apply_recipe(
     coord = None
     if group is not None:
         coord = Coordinator(group, recipe, [(ps.step, ps.method.cls, [pt.target for pt in ps.targets]) for ps in active])
-    if can_fold(recipe, active, model) and (coord is None or not coord.split):
+    folding = can_fold(recipe, active, model) and (coord is None or not coord.split)
+    if group is not None:  # every rank takes the same path, or their collectives would not match
+        folding = all_agree(group, folding)
+    if folding:
         cuts = _together(group, lambda: checked_cuts(recipe, active, usable, progress))
         if cuts is not None:
             outcomes, folds, seeds, counted, _ = cuts
@@ -157,8 +160,10 @@ def apply_recipe(
             raise
         if isinstance(exc, PeerFailure):
             raise
+        if was_agreed(exc):  # the other ranks know already: located here, not asked again
+            raise _failure(recipe, active, current, exc) from exc
         if coord is not None:
-            coord.agree(exc)
+            coord.agree(_failure(recipe, active, current, exc))  # the others learn where it failed too
         if current.step is None and not current.where and isinstance(exc, RecipeError) and not isinstance(exc, CalibrationError):
             raise  # compaction's own located error; it restored its part
         raise _failure(recipe, active, current, exc) from exc

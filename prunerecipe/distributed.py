@@ -24,6 +24,7 @@ Collectives use CPU tensors (gloo), or the current CUDA device with NCCL.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ import torch.nn.utils.prune as prune
 from .amounts import checked_nparams, sparsity_count
 from .errors import ApplyError, Problem, problem
 from .magnitude import DigitCut, apply_global_cut, piece_for
+from .magnitude.workers import trim_heap
 from .rng import skip
 from .select import Target
 from .spec import Recipe, Step
@@ -115,14 +117,29 @@ def agree(group: Any, error: BaseException | None) -> None:
 
 
 def agreed(group: Any, fn: Callable[[], T]) -> T:
-    """``fn()`` on every rank; if it raises on any, every rank raises (see :func:`agree`)."""
+    """``fn()`` on every rank; if it raises on any, every rank raises (see :func:`agree`).
+
+    The failing rank's exception is marked as agreed (:func:`was_agreed`): its caller must not
+    ask the other ranks again, since they have stopped already."""
     try:
         out = fn()
     except Exception as exc:
         agree(group, exc)
+        with contextlib.suppress(Exception):
+            exc._prunerecipe_agreed = True  # type: ignore[attr-defined]
         raise
     agree(group, None)
     return out
+
+
+def was_agreed(exc: BaseException) -> bool:
+    """Whether every rank already knows of ``exc`` (raised by :func:`agreed`, or a :class:`PeerFailure`)."""
+    return isinstance(exc, PeerFailure) or bool(getattr(exc, "_prunerecipe_agreed", False))
+
+
+def all_agree(group: Any, value: bool) -> bool:
+    """Whether ``value`` holds on every rank (a decision that must be the same everywhere)."""
+    return all(b == b"1" for b in gather_bytes(group, b"1" if value else b"0"))
 
 
 def _digest(data: bytes) -> str:
@@ -269,7 +286,9 @@ class Coordinator:
         Returns:
             A note when the step is a no-op (its sparsity is reached already), else None.
         """
-        pieces = [piece_for(t.module, t.param) for t in targets]
+        # local work between the collectives is agreed first: a rank failing there must not leave
+        # the others waiting in an all-reduce it will never join
+        pieces = agreed(self.group, lambda: [piece_for(t.module, t.param) for t in targets])
         info = torch.zeros(self.world, 3, dtype=torch.int64)
         info[self.rank] = torch.tensor(
             [_dtype_code({p.values.dtype for p in pieces}), sum(p.numel for p in pieces), sum(p.eligible_count() for p in pieces)]
@@ -288,9 +307,15 @@ class Coordinator:
             assert step.amount is not None
             k = checked_nparams(step.amount, eligible)
         cut = DigitCut(dtype, len(pieces), k, reduce=lambda h: all_sum(self.group, h))
-        while not cut.done:
+
+        def count() -> None:
             for i, p in enumerate(pieces):
                 cut.add(i, p)
+                if i % 32 == 31:  # each piece's histograms leave heap behind
+                    trim_heap()
+
+        while not cut.done:
+            agreed(self.group, count)
             cut.end_pass()
         if cut.key is None:
             threshold = cut.threshold()

@@ -217,6 +217,29 @@ def case_errors(rank: int, world: int) -> dict[str, Any]:
     out["nan"] = _error(lambda: apply_recipe(bad, recipe(GLOBAL_50)))
     other = GLOBAL_50 if rank == 0 else GLOBAL_50.replace("0.5", "0.6")
     out["recipes"] = _error(lambda: apply_recipe(split(make_model(6), rank, world), recipe(other)))
+    # a rank failing inside the cut, between two all-reduces (out of memory, say): every rank
+    # raises, none waits in a collective the failed one never joins
+    import prunerecipe.distributed as pd
+
+    original_add = pd.DigitCut.add
+    if rank == 1:
+
+        def failing(self: Any, index: int, piece: Any) -> None:
+            raise RuntimeError("simulated failure inside the cut")
+
+        pd.DigitCut.add = failing  # type: ignore[method-assign]
+    try:
+        out["in_cut"] = _error(lambda: apply_recipe(split(make_model(6), rank, world), recipe(GLOBAL_50)))
+    finally:
+        pd.DigitCut.add = original_add  # type: ignore[method-assign]
+    # replicas that would take different paths (one has an unrelated pruned parameter, so only
+    # the other could fold in place): the path is agreed, and they prune alike
+    twin = make_model(7)
+    if rank == 1:
+        prune.identity(twin[4], "bias")
+    fold = "version: 1\nfinalize: true\nsteps:\n  - {select: {names: ['0', '2']}, method: l1_unstructured, amount: 0.5}\n"
+    apply_recipe(twin, parse_recipe(fold, source="fold.yaml"))
+    out["fold_weights"] = gather_floats(torch.cat([twin[0].weight.detach().reshape(-1), twin[2].weight.detach().reshape(-1)])).tolist()
     # the group still works after every error: a good run follows
     fine = split(make_model(6), rank, world)
     apply_recipe(fine, recipe(GLOBAL_50))

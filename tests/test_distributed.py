@@ -91,7 +91,9 @@ def test_errors_are_raised_on_every_rank_and_change_nothing(two):
         assert "NaN" in r["nan"] and ("rank 1 failed" in r["nan"]) == (rank != 1), r["nan"]
         assert "the ranks run different recipes" in r["recipes"]
         assert r["after"] and r.get("alone", True)
+        assert "simulated failure inside the cut" in r["in_cut"] and ("rank 1 failed" in r["in_cut"]) == (rank != 1), r["in_cut"]
     assert two["errors"][0]["alone"]
+    assert two["errors"][0]["fold_weights"] == two["errors"][1]["fold_weights"]  # one path taken, alike on both
 
 
 @pytest.mark.slow

@@ -187,19 +187,20 @@ def _stream_progress() -> Callable[[Any], None] | None:
         return None
     import time
 
-    started: dict[int, float] = {}
+    started: dict[int, tuple[float, int]] = {}  # per pass: when and at how many bytes it was first seen
     shown = [0.0]
 
     def show(p: Any) -> None:
         now = time.monotonic()
-        t0 = started.setdefault(p.number, now)
+        t0, b0 = started.setdefault(p.number, (now, p.bytes))
         last = p.tensors == p.tensors_total
         if not last and now - shown[0] < 0.2:
             return
         shown[0] = now
-        rate = p.bytes / (now - t0) if now > t0 else 0.0
+        rate = (p.bytes - b0) / (now - t0) if now > t0 else 0.0  # from the first report on: its bytes took time before it
         eta = f", ETA {(p.bytes_total - p.bytes) / rate:.0f} s" if rate and not last else ""
-        line = f"pass {p.number}/{p.passes} {p.label}: {p.tensors}/{p.tensors_total} tensors, {p.bytes / 1e9:.2f}/{p.bytes_total / 1e9:.2f} GB, {rate / 1e6:.0f} MB/s{eta}"
+        speed = f", {rate / 1e6:.0f} MB/s" if rate else ""
+        line = f"pass {p.number}/{p.passes} {p.label}: {p.tensors}/{p.tensors_total} tensors, {p.bytes / 1e9:.2f}/{p.bytes_total / 1e9:.2f} GB{speed}{eta}"
         click.echo("\r" + line.ljust(100), err=True, nl=last)
 
     return show

@@ -108,7 +108,7 @@ class DigitCut:
             return hist
 
         workers.run(count, len(spans), flat.device, make)  # chunks on the worker threads, a histogram each
-        hist = torch.stack(hists).sum(0) if hists else torch.zeros(_BINS, dtype=torch.int64)
+        hist = hists[0] if len(hists) == 1 else torch.stack(hists).sum(0) if hists else torch.zeros(_BINS, dtype=torch.int64)
         self._hist += hist
         at = torch.nonzero(hist).view(-1)
         self._parts[index] = (at, hist.index_select(0, at))

@@ -206,6 +206,8 @@ class Run:
             for i, n in enumerate(cut.members):
                 if cut.raw:
                     digits.add(i, Piece(self.raw(n)))
+                    if i % 32 == 31:  # each tensor's histograms leave heap behind: back to the system now and then
+                        trim_heap()
                 else:
                     t = self.pruned(self.sp.unit_of(n), cut.position)[n]
                     digits.add(i, piece_for(t.module, t.param))
