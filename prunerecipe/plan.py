@@ -238,6 +238,15 @@ def _plan_step(
             rows.append(PlannedTarget(t, t.original.numel(), "entries", done, None, done, None, t.original.numel(), exact, False))
         return PlannedStep(step, spec, tuple(rows), True)
 
+    if step.scope == "global" and spec.name == "identity":  # masks of ones: every count stays what it was
+        rows = []
+        for t in targets:
+            st = proj.state(t)
+            rows.append(
+                PlannedTarget(t, st.numel, "entries", int(st.entries), 0, int(st.entries), st.entries, st.numel, st.entries_exact, st.entries_exact)
+            )
+            st.touched = True
+        return PlannedStep(step, spec, tuple(rows), False, sum(st.numel for st in (proj.state(t) for t in targets)), 0)
     if step.scope == "global":
         states = [proj.state(t) for t in targets]
         sizes = [t.original.numel() for t in targets]

@@ -298,7 +298,7 @@ steps:
   - {select: {names: [fc1]}, method: l1_unstructured, amount: 100}
 """)
     plan = plan_recipe(ours, recipe)
-    assert plan.steps[0].group_to_prune is None and plan.steps[1].targets[0].to_prune is None
+    assert plan.steps[0].group_to_prune == 0 and plan.steps[1].targets[0].to_prune is None  # identity prunes nothing: a fact
     apply_recipe(ours, recipe, plan=plan)
     prune.global_unstructured([(m, "weight") for m in (theirs.fc1, theirs.fc2, theirs.fc3)], pruning_method=prune.Identity)
     first_row.apply(theirs.fc1, "weight", dim=1)

@@ -67,8 +67,14 @@ RECIPES = {
         "  - {select: {types: [Linear]}, method: l1_unstructured, sparsity: 0.8}\n"
         "  - {select: {types: [Linear]}, params: [bias], method: random_unstructured, amount: 0.5, scope: global}\n"
     ),
+    # a global identity step holds no group together: each tensor alone, then the steps after it
+    "identity": (
+        "  - {select: {types: [Linear, Conv2d]}, method: identity, scope: global}\n"
+        "  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.3}\n"
+        "  - {select: {types: [Conv2d]}, method: random_unstructured, amount: 0.2}\n"
+    ),
 }
-MODEL_OF = {"global": "big", "chain": "big", "local": "big", "random": "lenet"}
+MODEL_OF = {"global": "big", "chain": "big", "local": "big", "random": "lenet", "identity": "lenet"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -421,3 +427,21 @@ def test_a_key_prefix_is_removed_as_in_memory(setup, tmp_path):
     assert "removed the key prefix 'net.'" in memory.stderr and "removed the key prefix 'net.'" in streamed.stderr
     a, b = load_file(tmp_path / "m.safetensors"), load_file(tmp_path / "s.safetensors")
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a) and "conv1.weight" in a
+
+
+def test_global_identity_holds_nothing_together_and_merged_groups_raise_the_bound_honestly():
+    from prunerecipe.stream.plan import SLACK, TIMES_LARGEST
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256, bias=False) for _ in range(6)])
+    ident = parse_recipe(
+        "version: 1\nsteps:\n  - {select: {types: [Linear]}, method: identity, scope: global}\n"
+        "  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5}\n"
+    )
+    sp = stream_plan(model, ident, None)
+    assert all(len(u) == 1 for u in sp.units) and sp.bound == TIMES_LARGEST * 256 * 256 * 4 + SLACK
+    # pairs (0,1), (1,2), ... each small, but overlapping: one unit of six tensors held whole
+    pairs = "".join(f"  - {{select: {{names: ['{i}', '{i + 1}']}}, method: l1_unstructured, amount: 0.1, scope: global}}\n" for i in range(5))
+    sp = stream_plan(model, parse_recipe("version: 1\nsteps:\n" + pairs), None)
+    unit, size = sp.largest_unit
+    assert len(unit) == 6 and size == 6 * 256 * 256 * 4
+    assert sp.bound == TIMES_LARGEST * size + SLACK and "the largest group pruned whole in memory: 6 tensors" in str(sp)

@@ -137,11 +137,24 @@ class StreamPlan:
         return out
 
     @property
+    def largest_unit(self) -> tuple[tuple[str, ...], int]:
+        """The biggest group of tensors pruned whole in memory (small global groups, merged where
+        they overlap), and its bytes."""
+        best: tuple[tuple[str, ...], int] = ((), 0)
+        for unit in self.units:
+            size = sum(max(self.entries[n].nbytes, self.entries[n].read_bytes) for n in unit)
+            if len(unit) > 1 and size > best[1]:
+                best = (unit, size)
+        return best
+
+    @property
     def bound(self) -> int:
         """Bytes of process memory (beyond the interpreter and torch) the run stays under: 4 x the
-        largest tensor + 256 MiB, or more where torch's random_unstructured ranks a bigger tensor."""
+        largest tensor + 256 MiB; or more where torch's random_unstructured ranks a bigger tensor,
+        or small global groups (overlapping ones merged) are pruned whole and outweigh it."""
         e = self.largest
-        return max(TIMES_LARGEST * max(e.nbytes, e.read_bytes), RANDOM_BYTES_PER_ENTRY * self.drawn) + SLACK
+        held = max(max(e.nbytes, e.read_bytes), self.largest_unit[1])
+        return max(TIMES_LARGEST * held, RANDOM_BYTES_PER_ENTRY * self.drawn) + SLACK
 
     @property
     def passes(self) -> int:
@@ -181,10 +194,17 @@ class StreamPlan:
             lines.append(f"  random steps: {sum(self.draws.values())} draws replayed to start each tensor where the in-memory run starts it")
         e = self.largest
         size = max(e.nbytes, e.read_bytes)
-        if RANDOM_BYTES_PER_ENTRY * self.drawn > TIMES_LARGEST * size:
+        unit, unit_size = self.largest_unit
+        if RANDOM_BYTES_PER_ENTRY * self.drawn > TIMES_LARGEST * max(size, unit_size):
             lines.append(
                 f"  memory bound: {RANDOM_BYTES_PER_ENTRY} bytes x {self.drawn} entries (torch's random_unstructured ranks them whole, "
                 f"as in memory) + {_bytes(SLACK)} = {_bytes(self.bound)} beyond the interpreter and torch (the file's page cache not counted)"
+            )
+        elif unit_size > size:
+            lines.append(
+                f"  memory bound: {TIMES_LARGEST} x {_bytes(unit_size)} (the largest group pruned whole in memory: {len(unit)} tensors, "
+                f"{unit[0]} .. {unit[-1]}; overlapping global steps merge their groups) + {_bytes(SLACK)} = "
+                f"{_bytes(self.bound)} beyond the interpreter and torch (the file's page cache not counted)"
             )
         else:
             lines.append(
@@ -341,7 +361,9 @@ def stream_plan(
         cls = ps.method.cls
         size = sum(math.prod(entries[n].shape) for n in names)
         if ps.step.scope == "global" and names:
-            if size <= RESIDENT_UP_TO or cls is prune.Identity:
+            if cls is prune.Identity:
+                pass  # masks of ones, tensor by tensor: nothing ties the group's tensors together
+            elif size <= RESIDENT_UP_TO:
                 for n in names[1:]:
                     parent[root(n)] = root(names[0])
             elif cls is prune.L1Unstructured:
