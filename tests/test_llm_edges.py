@@ -161,3 +161,24 @@ def test_ln_structured_without_dim_uses_its_default_as_planned():
     apply_recipe(ours, parse_recipe("version: 1\nsteps:\n  - {select: {types: [Linear]}, method: ln_structured, amount: 0.5, args: {n: 2}}\n"))
     prune.ln_structured(theirs[0], "weight", amount=0.5, n=2, dim=-1)
     assert torch.equal(ours[0].weight_mask, theirs[0].weight_mask)
+
+
+class Backwards(nn.Module):
+    """Blocks registered 0, 1, 2 but called 2, 1, 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        for block in reversed(self.blocks):
+            x = block(x)
+        return x
+
+
+def test_blocks_called_out_of_order_are_an_error_not_wrong_statistics():
+    model = Backwards()
+    recipe = parse_recipe("version: 1\nsequential: {blocks: 'blocks.*'}\nsteps:\n  - {select: {types: [Linear]}, method: sparsegpt, sparsity: 0.5}\n")
+    with pytest.raises(CalibrationError, match=r"calls its blocks in another order .*blocks\.2, blocks\.1, blocks\.0"):
+        apply_recipe(model, recipe, calibration=[torch.randn(4, 8) for _ in range(4)])
+    assert not _masks(model)

@@ -96,6 +96,33 @@ def _without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_order(model: nn.Module, blocks: Blocks, batch: Batch, current: Current) -> None:
+    """Run one batch through the whole model and check that it calls the blocks once each, in
+    their order: each block is replayed on the previous one's outputs, which is the model's own
+    computation only then."""
+    if blocks.whole_model or len(blocks.modules) < 2:
+        return
+    order: list[int] = []
+    handles = [m.register_forward_pre_hook(lambda _m, _a, i=i: order.append(i)) for i, m in enumerate(blocks.modules)]
+    current.where = "calibration batch 0"
+    moved = batch_to(batch, model_device(model))
+    try:
+        if isinstance(moved, dict):
+            model(**moved, **_call_kwargs(model))
+        else:
+            model(moved, **_call_kwargs(model))
+    finally:
+        for h in handles:
+            h.remove()
+    current.where = ""
+    if order != list(range(len(blocks.modules))):
+        seen = ", ".join(blocks.names[i] for i in order[:8]) + (", ..." if len(order) > 8 else "")
+        raise CalibrationError(
+            f"the model calls its blocks in another order than {blocks.describe()} ({seen}): calibration-based steps replay each "
+            "block on the previous one's outputs, which needs each block called once, in order; name them with sequential.blocks"
+        )
+
+
 def capture(model: nn.Module, blocks: Blocks, batches: Sequence[Batch], current: Current) -> list[BlockInputs]:
     """The arguments the first block is called with, per batch (the model stops right there)."""
     first = blocks.modules[0]
@@ -169,6 +196,7 @@ def run_calibrated(
     model.eval()
     try:
         with torch.no_grad():
+            check_order(model, blocks, batches[0], current)
             inputs = capture(model, blocks, batches, current)
         for b in range(last + 1):
             started = time.perf_counter()
