@@ -304,3 +304,8 @@ class Buffers:
             self._bufs[self._turn] = torch.empty(0, dtype=torch.uint8)  # the old one goes first
             self._bufs[self._turn] = torch.empty(size, dtype=torch.uint8)
         return self._bufs[self._turn][:size].view(dtype).view(shape)
+
+    def release(self) -> None:
+        """Give both buffers back (the writer must be idle): a re-parametrized tensor needs the
+        room; they are allocated again by the next fold."""
+        self._bufs = []

@@ -252,6 +252,7 @@ class Run:
         if folded is not None:
             return folded
         self.pipe.wait()  # nothing in flight while a tensor is re-parametrized: its memory is the bound's
+        self._buffers.release()  # nor the fold buffers, which would otherwise add 2 tensors' worth to it
         unit = sp.unit_of(name)
         targets = self.pruned(unit)
         for n in unit:
