@@ -203,12 +203,15 @@ def l1_local_many(items: Sequence[tuple[nn.Module, str, int | float]], zeros: di
     _release(pieces)
     torch_picks = [c.quotas is not None and p.numel <= EXACT_TIES_UP_TO for p, c in zip(pieces, cuts)]
     write_all([(p, c, 0, m.view(-1), False) for p, c, m, theirs in zip(pieces, cuts, masks, torch_picks) if not theirs])
-    for (module, name, amount), piece, mask, threshold, theirs in zip(items, pieces, masks, cuts, torch_picks):
+    counts = [None if theirs else zeros_after(p, c, 0) for p, c, theirs in zip(pieces, cuts, torch_picks)]
+    del cuts  # the cuts' candidates, and what the writes freed in the workers' arenas, go back
+    _release(pieces)  # before the masked weights are made
+    for (module, name, amount), mask, count, theirs in zip(items, masks, counts, torch_picks):
         if theirs:  # ties in a small tensor: let torch pick, as by hand
             prune.L1Unstructured.apply(module, name, amount=amount)
             continue
         _keep_old(mask, owned_mask(module, name))
-        _note(zeros, module, name, zeros_after(piece, threshold, 0))
+        _note(zeros, module, name, count)
         attach(module, name, prune.L1Unstructured(amount), mask)
 
 
@@ -244,6 +247,7 @@ def apply_global_cut(
     pieces = [piece_for(m, n) for m, n in params] if pieces is None else pieces
     masks = [blank_mask(p.values) for p in pieces] if masks is None else masks
     write_all([(p, threshold, i, m.view(-1), False) for i, (p, m) in enumerate(zip(pieces, masks))])
+    _release(pieces)  # what the writes freed in the workers' arenas, before the masked weights are made
     for i, ((module, name), piece, mask) in enumerate(zip(params, pieces, masks)):
         default = owned_mask(module, name)
         _keep_old(mask, default)
@@ -256,8 +260,9 @@ def apply_global_cut(
 
 
 def _release(pieces: Sequence[Piece]) -> None:
-    """After a big select on the host: its freed scratch goes back to the system before the
-    masks are written, so peak memory stays what torch's own re-parametrization holds."""
+    """After a big select or the masks' writes on the host: what they freed goes back to the
+    system before the next allocations, so peak memory stays what torch's own
+    re-parametrization holds."""
     if sum(p.numel for p in pieces) >= workers.CHUNK and pieces[0].values.device.type == "cpu":
         workers.trim_heap()
 
