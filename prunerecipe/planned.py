@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -132,6 +133,7 @@ class PlannedStep:
         return kwargs
 
 
+@functools.cache
 def _required_by_apply(cls: type) -> dict[str, inspect.Parameter]:
     """Parameters of ``cls.apply`` without a default, besides the module, the name and the amount."""
     try:
