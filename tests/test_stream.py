@@ -445,3 +445,30 @@ def test_global_identity_holds_nothing_together_and_merged_groups_raise_the_boun
     unit, size = sp.largest_unit
     assert len(unit) == 6 and size == 6 * 256 * 256 * 4
     assert sp.bound == TIMES_LARGEST * size + SLACK and "the largest group pruned whole in memory: 6 tensors" in str(sp)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_sigterm_while_writing_leaves_no_output_and_no_temp_file(setup, tmp_path, stream):
+    """``kill`` (a scheduler's time limit) mid-write unwinds like Ctrl-C: exit 143, the temp file
+    beside the output removed (the default action would leave a hidden multi-GB file)."""
+    spec, weights, path = setup("big", "fp32", "global")
+    out = tmp_path / "o.safetensors"
+    code = textwrap.dedent(
+        """
+        import os, signal, sys
+        real = os.fsync
+        def fsync(fd):  # the output is complete in its temp file: the moment before the rename
+            os.kill(os.getpid(), signal.SIGTERM)
+            real(fd)
+        os.fsync = fsync
+        from prunerecipe.cli import main
+        main(sys.argv[1:])
+        """
+    )
+    args = ["apply", path, "--model", spec, "--weights", weights, "--format", "dense", "-o", str(out)] + (["--stream"] if stream else [])
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 143, done.stderr
+    assert "terminated (SIGTERM)" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prunerecipe-")]
