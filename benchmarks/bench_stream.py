@@ -13,7 +13,10 @@ step (the whole group, ~90% of the checkpoint, ranked together).
 Each timed case runs in a fresh process:
 
 - floor: ``safe_open`` each tensor and write the same file (header first, then each tensor's
-  bytes, fsync'd), as the streaming run writes it;
+  bytes, fsync'd) through the page cache, a plain copy (the issue's floor);
+- direct-I/O floor: the same copy written with the streaming run's own writer
+  (:class:`prunerecipe.stream.direct.DirectFile`: ``O_DIRECT`` from a reused aligned buffer),
+  so the table shows what the pruning itself costs on top of the writes;
 - stream: ``prunerecipe.apply_recipe_streaming`` (exactly what ``apply --stream`` runs), with
   its peak anonymous memory (RssAnon, polled every 2 ms) over the process's own before the call;
 - in memory (once, for the comparison): ``prunerecipe apply --format dense`` on the same folder
@@ -61,11 +64,12 @@ CHILD = textwrap.dedent(
 
     case, folder, out = sys.argv[1:4]
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-    if case == "floor":
+    if case in ("floor", "floor_direct"):
         from safetensors import safe_open
+        from prunerecipe.stream.direct import DirectFile
         from prunerecipe.stream.format import Writer
         t0 = time.perf_counter()
-        with safe_open(os.path.join(folder, "model.safetensors"), "pt") as src, open(out, "wb") as fh:
+        with safe_open(os.path.join(folder, "model.safetensors"), "pt") as src, (open(out, "wb") if case == "floor" else DirectFile(out)) as fh:
             names = list(src.keys())
             entries = [(n, src.get_slice(n).get_dtype(), tuple(src.get_slice(n).get_shape())) for n in names]
             import prunerecipe.stream.format as fmt
@@ -75,7 +79,12 @@ CHILD = textwrap.dedent(
                 writer.write(n, src.get_tensor(n))
             writer.finish({"x": "y"})
             fh.flush()
-            os.fsync(fh.fileno())
+            if case == "floor":
+                os.fsync(fh.fileno())
+        if case == "floor_direct":  # its last blocks are written by close()
+            fd = os.open(out, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
         print(time.perf_counter() - t0, 0)
     else:
         from prunerecipe import apply_recipe_streaming
@@ -203,10 +212,10 @@ def main() -> None:
         size, largest = build(tmp / "model", args.gb, args.dtype, args.hidden, 4 * args.hidden, 16 * args.hidden if args.hidden < 2048 else 32000)
         print(f"built {size / 1e9:.2f} GB ({args.dtype}) in {time.perf_counter() - t0:.0f} s; largest tensor {largest / 2**20:.0f} MiB", flush=True)
         bound = 4 * largest + 256 * 2**20
-        floors, streams, peaks, ratios = [], [], [], []
+        floors, directs, streams, peaks, ratios = [], [], [], [], []
         for i in range(args.repeats):
             # the two cases alternate which goes first: this VM's I/O speed drifts between runs
-            order = ("floor", "stream") if i % 2 == 0 else ("stream", "floor")
+            order = ("floor", "floor_direct", "stream") if i % 2 == 0 else ("stream", "floor_direct", "floor")
             took = {}
             for case in order:
                 out = tmp / f"{case}.safetensors"
@@ -214,12 +223,18 @@ def main() -> None:
                     out.unlink()  # no old file to replace inside the timing
                 took[case] = child(case, tmp / "model", out)
             (tmp / "floor.safetensors").unlink()
+            (tmp / "floor_direct.safetensors").unlink()
             f, (s, peak) = took["floor"][0], took["stream"]
+            directs.append(took["floor_direct"][0])
             floors.append(f)
             streams.append(s)
             peaks.append(peak)
             ratios.append(s / f)
-            print(f"run {i + 1}: floor {f:.2f} s, stream {s:.2f} s ({s / f:.2f}x), peak {peak / 2**20:.0f} MiB over the process's own", flush=True)
+            print(
+                f"run {i + 1}: floor {f:.2f} s, direct-I/O floor {directs[-1]:.2f} s, stream {s:.2f} s ({s / f:.2f}x; {s / directs[-1]:.2f}x the direct one),"
+                f" peak {peak / 2**20:.0f} MiB over the process's own",
+                flush=True,
+            )
         same, count = (None, 0)
         mem = (float("nan"), 0)
         if not args.skip_memory:
@@ -229,8 +244,10 @@ def main() -> None:
         rows = [
             ("checkpoint", f"{size / 1e9:.2f} GB {args.dtype}, {largest / 2**20:.0f} MiB largest tensor"),
             ("copy floor (safe_open + write, fsync)", f"{med(floors):.2f} s (runs: {', '.join(f'{x:.2f}' for x in floors)})"),
+            ("copy floor, direct I/O (the stream's own writer)", f"{med(directs):.2f} s (runs: {', '.join(f'{x:.2f}' for x in directs)})"),
             ("apply --stream", f"{med(streams):.2f} s (runs: {', '.join(f'{x:.2f}' for x in streams)})"),
             ("stream / floor", f"{med(ratios):.2f}x median of per-run ratios ({min(ratios):.2f}-{max(ratios):.2f}x)"),
+            ("stream / direct-I/O floor", f"{med([s / d for s, d in zip(streams, directs)]):.2f}x median of per-run ratios"),
             ("peak anonymous memory, stream", f"{max(peaks) / 2**20:.0f} MiB (max of runs) vs bound {bound / 2**20:.0f} MiB"),
             ("in memory (apply --format dense)", f"{mem[0]:.2f} s, peak RSS {mem[1] / 2**30:.2f} GiB" if not args.skip_memory else "skipped"),
             ("bit-identical to in memory", "skipped" if same is None else f"{'yes' if same else 'NO'} ({count} tensors compared)"),
@@ -250,7 +267,9 @@ def main() -> None:
             met.append(("bit-identical to the in-memory result", bool(same)))
         for what, ok in met:
             print(f"- {'met' if ok else 'NOT MET'}: {what}")
-        print(json.dumps({"floor": floors, "stream": streams, "peak": peaks, "bound": bound, "memory": mem, "identical": same}))
+        print(
+            json.dumps({"floor": floors, "floor_direct": directs, "stream": streams, "peak": peaks, "bound": bound, "memory": mem, "identical": same})
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -472,3 +472,28 @@ def test_sigterm_while_writing_leaves_no_output_and_no_temp_file(setup, tmp_path
     assert "Traceback" not in done.stderr
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prunerecipe-")]
+
+
+def test_a_full_disk_midway_is_a_clear_error_and_leaves_nothing(setup, tmp_path, monkeypatch):
+    import errno
+
+    import prunerecipe.stream.direct as direct
+
+    monkeypatch.setattr(direct, "STAGE", 1 << 16)  # many writes, so the failure comes midway
+    spec, weights, path = setup("big", "fp32", "global")
+    real, calls = os.pwrite, []
+
+    def pwrite(fd, buf, offset):
+        calls.append(offset)
+        if len(calls) > 20:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, buf, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    out = tmp_path / "o.safetensors"
+    done = CliRunner().invoke(cli, ["apply", path, "--model", spec, "--weights", weights, "--stream", "--format", "dense", "-o", str(out)])
+    assert done.exit_code == 1, done.output
+    assert "o.safetensors: cannot write it: No space left on device" in done.output
+    assert "Traceback" not in done.output
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prunerecipe-")]

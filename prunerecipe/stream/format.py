@@ -25,6 +25,7 @@ import torch
 from ..checkpoint.read import SAFETENSORS_SUFFIX, TIED_METADATA, read_index, suffix_of, weights_file
 from ..errors import CheckpointError, problem
 from ..text import clip, listing
+from .direct import DirectFile
 
 #: torch dtype -> the safetensors name of it
 DTYPES: dict[torch.dtype, str] = {
@@ -187,12 +188,15 @@ class Writer:
     e.g. with every number at its widest) and is rewritten in place by :meth:`finish`.
 
     Args:
-        fh: the file, open for writing and positioned at 0.
+        fh: the file, open for writing and positioned at 0 (a :class:`~.direct.DirectFile`
+            is held the header's blocks, which are rewritten at the end).
         entries: ``(name, dtype, shape)`` of every tensor, in the order they will be written.
         room: metadata as long as the final metadata can be (None: no metadata).
     """
 
-    def __init__(self, fh: BinaryIO, entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], room: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, fh: BinaryIO | DirectFile, entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], room: Mapping[str, str] | None = None
+    ) -> None:
         if sys.byteorder != "little":  # pragma: no cover - safetensors is little-endian
             raise RuntimeError("writing safetensors tensor by tensor needs a little-endian machine")
         unknown = [f"{name} ({dtype})" for name, dtype, _ in entries if dtype not in DTYPES]
@@ -203,6 +207,9 @@ class Writer:
         self._next = 0
         self._room = len(_header(self.entries, room))
         self._room += -(8 + self._room) % 8
+        keep = getattr(fh, "keep_head", None)  # a direct-I/O file holds the header until it is final
+        if keep is not None:
+            keep(8 + self._room)
         fh.write(self._room.to_bytes(8, "little"))
         fh.write(_header(self.entries, room).ljust(self._room, b" "))
         self.data_start = 8 + self._room

@@ -8,7 +8,7 @@ import math
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 
@@ -18,6 +18,7 @@ from ..checkpoint.files import failures_named
 from ..checkpoint.write import dense_metadata, summary_of
 from ..report import Report
 from ..spec import Recipe
+from .direct import DirectFile
 from .format import Writer, entries_in_file_order
 from .plan import StreamPlan
 from .run import Progress, Run, first_seen
@@ -47,11 +48,11 @@ def execute(
         files, room = hf_files.shard_files(len(parts)), hf_files.shard_metadata(widest)
     context = atomic_file(out, force=force) if sp.fmt == "dense" else atomic_folder(out, force=force)
     with context as tmp:
-        handles: list[BinaryIO] = []
+        handles: list[DirectFile] = []
         try:
             writers = []
             for file, part in zip(files, parts):
-                handles.append(open(os.path.join(tmp, file) if file else tmp, "wb"))  # noqa: SIM115 - closed below, once the headers are final
+                handles.append(DirectFile(os.path.join(tmp, file) if file else tmp))  # closed below, once the headers are final
                 writers.append(open_writer(run, handles[-1], part, room))
             # the tensors no step touches are written while the cut passes read the group
             early = _Background(lambda: write_untouched(run, writers))
@@ -98,7 +99,7 @@ class _Background:
             raise self._error
 
 
-def open_writer(run: Run, fh: BinaryIO, names: list[str], room: dict[str, str] | None) -> Writer:
+def open_writer(run: Run, fh: DirectFile, names: list[str], room: dict[str, str] | None) -> Writer:
     """An output file's writer: wider dtypes first, and within a dtype the tensors no step
     touches first (they are written while the cut passes run)."""
     sp = run.sp
