@@ -423,3 +423,22 @@ def test_a_group_masked_entirely_is_not_removed():
     ):
         compact(model, X[:1])
     assert_unchanged(model, before)
+
+
+def test_a_body_that_ends_past_the_deadline_ends_normally():
+    """The limit stops code still running; it never raises out of its own exit (it once leaked
+    an internal BaseException there when the body returned just past the deadline)."""
+    import time
+
+    from prunerecipe.structured.graph import TimeLimitExceeded, time_limit
+
+    with time_limit(0.02, "sleeping"):
+        time.sleep(0.05)  # one C call: no Python call to stop it at
+
+    def step() -> None:
+        time.sleep(0.001)
+
+    with pytest.raises(TimeLimitExceeded, match="outer took longer than 0.02 s"):  # the outer end applies inside, and is named
+        with time_limit(0.02, "outer"), time_limit(10, "inner"):
+            while True:
+                step()  # a Python call: where the limit can stop it

@@ -13,11 +13,10 @@ records the output's ``grad_fn``, so groups that touch either can be told.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType, ModuleType
 from typing import Any
@@ -64,37 +63,52 @@ class _Expired(BaseException):
 _DEADLINES: list[float] = []  # ends of the limits in force, innermost last
 
 
-@contextlib.contextmanager
-def time_limit(seconds: float | None, what: str) -> Iterator[None]:
+class _TimeLimit:
+    """What :func:`time_limit` returns: a context manager that stops the code inside it."""
+
+    def __init__(self, seconds: float | None, what: str) -> None:
+        self.seconds, self.what = seconds, what
+        self.end = self.own_end = 0.0
+        self.previous: Any = None
+
+    def __enter__(self) -> None:
+        if self.seconds is None:
+            return
+        self.end = self.own_end = time.monotonic() + self.seconds
+        if _DEADLINES:
+            self.end = min(self.end, _DEADLINES[-1])
+        self.previous = sys.gettrace()
+        _DEADLINES.append(self.end)
+        sys.settrace(self._check)
+
+    def _check(self, frame: FrameType, event: str, arg: Any) -> None:
+        # not in our own __exit__: a body that ends just past the deadline ends normally
+        if time.monotonic() > self.end and frame.f_code is not _EXIT_CODE:
+            raise _Expired
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if self.seconds is None:
+            return
+        sys.settrace(self.previous)
+        _DEADLINES.pop()
+        if kind is not None and issubclass(kind, _Expired) and self.end == self.own_end:  # (else the outer limit's: it says so)
+            raise TimeLimitExceeded(f"{self.what} took longer than {self.seconds:g} s and was stopped") from None
+
+
+_EXIT_CODE = _TimeLimit.__exit__.__code__
+
+
+def time_limit(seconds: float | None, what: str) -> _TimeLimit:
     """Stop the Python code run inside after ``seconds`` (checked at every Python call, through
     ``sys.settrace``: a pure-Python loop that never returns is stopped too). Inside another
-    limit, the earlier end applies; None sets no limit of its own.
+    limit, the earlier end applies; None sets no limit of its own. A body that finishes is
+    never stopped afterwards: the check stays out of the limit's own exit.
 
     Raises:
         TimeLimitExceeded: naming ``what`` and the limit.
     """
-    if seconds is None:
-        yield
-        return
-    end = time.monotonic() + seconds
-    if _DEADLINES:
-        end = min(end, _DEADLINES[-1])
-    previous = sys.gettrace()
-
-    def check(frame: FrameType, event: str, arg: Any) -> None:
-        if time.monotonic() > end:
-            raise _Expired
-        return None
-
-    _DEADLINES.append(end)
-    sys.settrace(check)
-    try:
-        yield
-    except _Expired:
-        raise TimeLimitExceeded(f"{what} took longer than {seconds:g} s and was stopped") from None
-    finally:
-        sys.settrace(previous)
-        _DEADLINES.pop()
+    return _TimeLimit(seconds, what)
 
 
 def conv1d_type() -> type | None:
