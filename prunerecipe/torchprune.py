@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -366,18 +367,40 @@ class PrunedGetState:
     work at any time (plain ``torch.nn.utils.prune`` modules cannot be deep-copied after a
     forward: pytorch#37322, the reason EMA/SWA code trips on them). Nothing else changes:
     training and autograd are untouched, and the next forward recomputes ``weight``.
+
+    It holds its module weakly: a strong reference back would make every pruned module a
+    reference cycle, so ``del model`` would free the weights only when the cycle collector
+    next runs. A copy or an unpickled module gets one of its own.
     """
 
     def __init__(self, module: nn.Module) -> None:
-        self.module = module
+        self._module = weakref.ref(module)
+
+    @property
+    def module(self) -> nn.Module | None:
+        """The module this is installed on (None once it is gone)."""
+        return self._module()
 
     def __call__(self) -> dict[str, Any]:
-        state = self.module.__dict__.copy()
-        for hook in pruning_hooks(self.module):
+        module = self._module()
+        if module is None:  # pragma: no cover - called as the module's own method, so it exists
+            raise ReferenceError("the pruned module is gone")
+        state = module.__dict__.copy()
+        for hook in pruning_hooks(module):
             value = state.get(hook._tensor_name)
             if isinstance(value, torch.Tensor) and value.grad_fn is not None:
                 state[hook._tensor_name] = value.detach()
         return state
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PrunedGetState:
+        module = self._module()
+        if module is None:  # pragma: no cover - a copy is made from a live module
+            return self
+        copied: nn.Module = memo.get(id(module), module)  # the copy of the module being copied
+        return PrunedGetState(copied)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PrunedGetState, (self._module(),))  # pickled by reference to its module
 
 
 def make_copyable(module: nn.Module) -> None:

@@ -76,6 +76,31 @@ def test_pickle_and_torch_save_whole_model():
     assert torch.equal(loaded(X), model(X))
 
 
+def test_a_pruned_model_is_freed_when_dropped_without_the_cycle_collector():
+    """No reference cycle through the copy hook: ``del model`` frees the weights at once (with a
+    cycle they would wait for the collector, GBs of them for a large model). Copies and
+    unpickled models get hooks of their own, which copy their own state."""
+    import gc
+    import weakref
+
+    model = pruned_and_trained()
+    clone = copy.deepcopy(model)
+    loaded = pickle.loads(pickle.dumps(model))
+    for other in (clone, loaded):
+        hook = other.fc1.__dict__["__getstate__"]
+        assert hook.module is other.fc1
+        state = hook()
+        assert state["_parameters"]["weight_orig"] is other.fc1.weight_orig
+        assert torch.equal(state["weight"], other.fc1.weight)
+    gc.disable()
+    try:
+        refs = [weakref.ref(m.fc1) for m in (model, clone, loaded)]
+        del model, clone, loaded, hook, other, state
+        assert [r() for r in refs] == [None, None, None]
+    finally:
+        gc.enable()
+
+
 def test_to_dtype_and_device_train_eval_and_state_dict_round_trip():
     model = pruned_and_trained()
     model.eval()
