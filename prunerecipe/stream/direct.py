@@ -20,7 +20,7 @@ import errno
 import mmap
 import os
 
-import numpy as np
+import torch
 
 ALIGN = 4096  # the largest logical block size in common use: aligned for every disk
 STAGE = 16 << 20  # bytes per direct write
@@ -28,6 +28,17 @@ STAGE = 16 << 20  # bytes per direct write
 
 def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
+
+
+def _bytes_of(data: bytes | bytearray | memoryview | torch.Tensor) -> torch.Tensor:
+    """``data`` as a flat uint8 tensor (a view where it can be; read-only buffers, the header's
+    few bytes, are copied)."""
+    if isinstance(data, torch.Tensor):
+        return data.detach().reshape(-1).view(torch.uint8)
+    view = memoryview(data).cast("B")
+    if not len(view):
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(view) if view.readonly else view, dtype=torch.uint8)
 
 
 class DirectFile:
@@ -53,8 +64,8 @@ class DirectFile:
         if self.fd < 0:
             self.fd = os.open(path, flags, 0o666)
         self._stage = mmap.mmap(-1, STAGE)  # page-aligned, as direct I/O needs
-        self._view = np.frombuffer(self._stage, dtype=np.uint8)
-        self._head = np.zeros(0, dtype=np.uint8)  # bytes [0, len(head)), written by close()
+        self._view = torch.frombuffer(self._stage, dtype=torch.uint8)
+        self._head = torch.zeros(0, dtype=torch.uint8)  # bytes [0, len(head)), written by close()
         self._head_map: mmap.mmap | None = None
         self.flushed = 0  # bytes of the file on disk, from the end of the head (a multiple of ALIGN)
         self.size = 0  # bytes written so far (the file's length at close)
@@ -67,12 +78,12 @@ class DirectFile:
         if self.size:
             raise ValueError("keep_head() must come before the first write")
         self._head_map = mmap.mmap(-1, max(ALIGN, _aligned(nbytes)))
-        self._head = np.frombuffer(self._head_map, dtype=np.uint8)
+        self._head = torch.frombuffer(self._head_map, dtype=torch.uint8)
         self.flushed = len(self._head)
 
-    def write(self, data: bytes | bytearray | memoryview) -> int:
+    def write(self, data: bytes | bytearray | memoryview | torch.Tensor) -> int:
         """Append ``data`` (or rewrite bytes inside the held head, after a :meth:`seek`)."""
-        src = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.view(np.uint8).reshape(-1)
+        src = _bytes_of(data)
         n = len(src)
         if self.cursor != self.size:  # a rewrite: only inside the head
             if self.cursor + n > len(self._head):
@@ -89,7 +100,7 @@ class DirectFile:
         while done < n:
             at = self.size - self.flushed  # where in the stage
             k = min(n - done, STAGE - at)
-            np.copyto(self._view[at : at + k], src[done : done + k])  # (numpy lets go of the GIL here)
+            self._view[at : at + k].copy_(src[done : done + k])  # (torch lets go of the GIL here)
             done += k
             self.size += k
             if at + k == STAGE:

@@ -235,7 +235,11 @@ class Writer:
         if not flat.is_contiguous():  # pragma: no cover - reshape(-1) gives a contiguous tensor or a copy
             flat = flat.contiguous()
         if flat.numel():
-            self.fh.write(flat.view(torch.uint8).numpy().data)
+            raw = flat.view(torch.uint8)
+            if isinstance(self.fh, DirectFile):
+                self.fh.write(raw)  # copied straight into its block buffer
+            else:
+                self.fh.write(raw.numpy().data)
         self._next += 1
 
     def finish(self, metadata: Mapping[str, str] | None = None) -> None:
