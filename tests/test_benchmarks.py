@@ -39,7 +39,7 @@ def test_bench_stream_prints_its_table_and_targets():
 
 
 @pytest.mark.slow
-def test_bench_compact_prints_four_models_and_its_targets():
+def test_bench_compact_prints_its_models_and_targets():
     pytest.importorskip("torch_pruning")
     out = run("benchmarks/bench_compact.py", "--quick")
     rows = {
@@ -47,7 +47,8 @@ def test_bench_compact_prints_four_models_and_its_targets():
         for line in out.splitlines()
         if line.startswith("| ") and "ms |" in line
     }
-    assert list(rows) == ["dense", "masked", "finalized", "compacted"]
+    assert list(rows) == ["dense", "masked", "finalized", "compacted", "half width, built"]
+    assert rows["half width, built"][5] == rows["compacted"][5]  # the same shapes: the same parameter count
     assert rows["masked"][2] == rows["masked"][4] == "1.00x" and rows["masked"][8] == "0 (reference)"  # both layouts
     assert float(rows["compacted"][5].rstrip("M")) < float(rows["masked"][5].rstrip("M"))
     assert float(rows["compacted"][8]) <= 1e-5  # the compacted model gives the masked model's outputs
