@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import MethodError
-from ..text import suggest
-from .registry import BUILTIN, IN_PROCESS, discover, dist_label
+from .catalog import BUILTIN, IN_PROCESS, Catalog
 
 ENTRY_POINT_GROUP = "prunerecipe.importances"
 
@@ -97,7 +96,19 @@ def _check_function(fn: Any, what: str) -> Callable[..., torch.Tensor]:
     return fn
 
 
-_IN_PROCESS: dict[str, ImportanceSpec] = {}
+def _loaded(name: str, obj: Any, origin: str, what: str) -> ImportanceSpec:
+    fn = _check_function(obj, what)
+    return ImportanceSpec(name, fn, origin, bool(getattr(fn, "per_row", False)))
+
+
+CATALOG: Catalog[ImportanceSpec] = Catalog(
+    "importance",
+    ENTRY_POINT_GROUP,
+    {name: functools.partial(_loaded, name, fn, BUILTIN, name) for name, fn in _BUILTINS.items()},
+    _loaded,
+    example="my_score",
+    builtins_first=True,
+)
 
 
 def register_importance(name: str, fn: Callable[..., torch.Tensor], *, per_row: bool = False, replace: bool = False) -> ImportanceSpec:
@@ -124,14 +135,10 @@ def register_importance(name: str, fn: Callable[..., torch.Tensor], *, per_row: 
         False
         >>> unregister_importance("squared")
     """
-    if not isinstance(name, str) or not name.isidentifier():
-        raise MethodError(f"importance name {name!r} must be an identifier such as 'my_score'")
+    CATALOG.check_name(name, replace)
     _check_function(fn, f"importance {name!r}")
-    if not replace and (name in _BUILTINS or name in _IN_PROCESS or name in entry_points()):
-        raise MethodError(f"importance {name!r} is already registered ({describe_origin(name)}); pass replace=True to override it")
     spec = ImportanceSpec(name, fn, IN_PROCESS, bool(per_row))
-    _IN_PROCESS[name] = spec
-    get_importance.cache_clear()
+    CATALOG.add(name, spec)
     return spec
 
 
@@ -147,14 +154,12 @@ def unregister_importance(name: str) -> None:
     Example:
         >>> unregister_importance("never_registered")
     """
-    _IN_PROCESS.pop(name, None)
-    get_importance.cache_clear()
+    CATALOG.remove(name)
 
 
-@functools.lru_cache(maxsize=1)
 def entry_points() -> dict[str, tuple[metadata.EntryPoint, ...]]:
     """Plugin entry points by importance name, discovered without importing anything."""
-    return discover(ENTRY_POINT_GROUP)
+    return CATALOG.entry_points()
 
 
 def importance_names() -> list[str]:
@@ -170,18 +175,14 @@ def importance_names() -> list[str]:
         >>> importance_names()[:2]
         ['magnitude', 'wanda']
     """
-    return sorted(set(_BUILTINS) | set(_IN_PROCESS) | set(entry_points()), key=lambda n: (n not in _BUILTINS, n))
+    return CATALOG.names()
 
 
 def describe_origin(name: str) -> str:
-    if name in _IN_PROCESS:
-        return IN_PROCESS
-    if name in _BUILTINS:
-        return BUILTIN
-    return ", ".join(dist_label(ep) for ep in entry_points().get(name, ())) or "unknown"
+    """Where an importance name comes from: built-in, in-process, or the distributions registering it."""
+    return CATALOG.origin(name)
 
 
-@functools.cache
 def get_importance(name: str) -> ImportanceSpec:
     """Resolve an importance name: in-process, built-in, or a plugin (imported now).
 
@@ -200,44 +201,16 @@ def get_importance(name: str) -> ImportanceSpec:
         >>> get_importance("wanda").describe()
         'calibrated, compared within each output row'
     """
-    if name in _IN_PROCESS:
-        return _IN_PROCESS[name]
-    eps = entry_points().get(name, ())
-    if name in _BUILTINS and eps:
-        raise MethodError(f"importance {name!r} is built in, but {', '.join(dist_label(ep) for ep in eps)} also register it; rename the plugin's")
-    if name in _BUILTINS:
-        fn = _BUILTINS[name]
-        return ImportanceSpec(name, fn, BUILTIN, bool(getattr(fn, "per_row", False)))
-    if len(eps) > 1:
-        raise MethodError(
-            f"importance {name!r} is registered by more than one distribution: " + "; ".join(f"{dist_label(ep)} ({ep.value})" for ep in eps)
-        )
-    if eps:
-        ep = eps[0]
-        what = f"importance {name!r} (entry point '{ep.name} = {ep.value}' from {dist_label(ep)})"
-        try:
-            obj = ep.load()
-        except (Exception, SystemExit) as exc:  # a broken plugin must be reported, whatever it raises
-            raise MethodError(f"{what} failed to import: {type(exc).__name__}: {exc}") from exc
-        fn = _check_function(obj, what)
-        return ImportanceSpec(name, fn, dist_label(ep), bool(getattr(fn, "per_row", False)))
-    names = importance_names()
-    raise MethodError(f"unknown importance {name!r}{suggest(name, names)}; available: {', '.join(names)}")
+    return CATALOG.get(name)
 
 
 def refresh() -> None:
     """Forget discovered entry points and resolved importances."""
-    entry_points.cache_clear()
-    get_importance.cache_clear()
+    CATALOG.refresh()
 
 
 @contextmanager
 def isolated() -> Iterator[None]:
     """Run a block with its own in-process importance registrations, dropped afterwards."""
-    before = dict(_IN_PROCESS)
-    try:
+    with CATALOG.isolated():
         yield
-    finally:
-        _IN_PROCESS.clear()
-        _IN_PROCESS.update(before)
-        refresh()

@@ -19,7 +19,7 @@ from typing import Any
 import torch.nn.utils.prune as prune
 
 from ..errors import MethodError
-from ..text import suggest
+from .catalog import BUILTIN, IN_PROCESS, Catalog, discover, dist_label  # noqa: F401 - BUILTIN, discover, dist_label: re-exported
 from .semi_structured import SemiStructured
 from .sparsegpt import SparseGPT
 
@@ -51,9 +51,6 @@ _BUILTINS: dict[str, tuple[type[prune.BasePruningMethod], dict | None]] = {
 #: torch's own methods that rank entries (or slices) by the tensor they are given, so that
 #: importance scores passed in its place change what they prune
 _TORCH_RANKED = (prune.L1Unstructured, prune.LnStructured)
-
-BUILTIN = "built-in"
-IN_PROCESS = "in-process"
 
 
 @dataclass(frozen=True)
@@ -139,9 +136,21 @@ def _check_method_class(obj: Any, what: str) -> type[prune.BasePruningMethod]:
     return obj
 
 
-# --- in-process registry -------------------------------------------------------------------
+# --- the registry -------------------------------------------------------------------------
 
-_IN_PROCESS: dict[str, MethodSpec] = {}
+
+def _loaded(name: str, obj: Any, origin: str, what: str) -> MethodSpec:
+    cls = _check_method_class(obj, what)
+    return MethodSpec(name, cls, origin, getattr(cls, "args_schema", None))
+
+
+CATALOG: Catalog[MethodSpec] = Catalog(
+    "method",
+    ENTRY_POINT_GROUP,
+    {name: functools.partial(MethodSpec, name, cls, BUILTIN, schema) for name, (cls, schema) in _BUILTINS.items()},
+    _loaded,
+    example="my_method",
+)
 
 
 def register_method(
@@ -171,14 +180,10 @@ def register_method(
         'in-process'
         >>> unregister_method("keep_all")
     """
-    if not isinstance(name, str) or not name.isidentifier():
-        raise MethodError(f"method name {name!r} must be an identifier such as 'my_method'")
+    CATALOG.check_name(name, replace)
     _check_method_class(cls, f"method {name!r}")
-    if not replace and (name in _BUILTINS or name in _IN_PROCESS or name in entry_points()):
-        raise MethodError(f"method {name!r} is already registered ({describe_origin(name)}); pass replace=True to override it")
     spec = MethodSpec(name, cls, IN_PROCESS, args_schema if args_schema is not None else getattr(cls, "args_schema", None))
-    _IN_PROCESS[name] = spec
-    get_method.cache_clear()
+    CATALOG.add(name, spec)
     return spec
 
 
@@ -194,56 +199,12 @@ def unregister_method(name: str) -> None:
     Example:
         >>> unregister_method("never_registered")
     """
-    _IN_PROCESS.pop(name, None)
-    get_method.cache_clear()
+    CATALOG.remove(name)
 
 
-# --- entry points -------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
 def entry_points() -> dict[str, tuple[metadata.EntryPoint, ...]]:
     """Plugin entry points by method name, discovered without importing anything."""
-    return discover(ENTRY_POINT_GROUP)
-
-
-def discover(group: str) -> dict[str, tuple[metadata.EntryPoint, ...]]:
-    """The entry points of ``group`` by name, without importing anything; one distribution
-    installed twice (say, editable and not) counts once."""
-    found: dict[str, list[metadata.EntryPoint]] = {}
-    for ep in metadata.entry_points(group=group):
-        found.setdefault(ep.name, [])
-        if not any(_ep_key(ep) == _ep_key(seen) for seen in found[ep.name]):
-            found[ep.name].append(ep)
-    return {name: tuple(eps) for name, eps in found.items()}
-
-
-def _ep_key(ep: metadata.EntryPoint) -> tuple:
-    return (ep.value, dist_label(ep))
-
-
-def dist_label(ep: metadata.EntryPoint) -> str:
-    """``"name version"`` of the distribution an entry point comes from."""
-    dist = getattr(ep, "dist", None)
-    if dist is None:
-        return "an unknown distribution"
-    return f"{dist.metadata['Name']} {dist.version}"
-
-
-def _load_entry_point(name: str, ep: metadata.EntryPoint) -> MethodSpec:
-    what = f"method {name!r} (entry point '{ep.name} = {ep.value}' from {dist_label(ep)})"
-    try:
-        obj = ep.load()
-    except (Exception, SystemExit) as exc:  # a broken plugin must be reported, whatever it raises
-        raise MethodError(f"{what} failed to import: {type(exc).__name__}: {exc}") from exc
-    try:
-        cls = _check_method_class(obj, what)
-    except MethodError:
-        raise
-    return MethodSpec(name, cls, dist_label(ep), getattr(cls, "args_schema", None))
-
-
-# --- lookup -------------------------------------------------------------------------------
+    return CATALOG.entry_points()
 
 
 def method_names() -> list[str]:
@@ -259,19 +220,14 @@ def method_names() -> list[str]:
         >>> "l1_unstructured" in method_names()
         True
     """
-    return sorted(set(_BUILTINS) | set(_IN_PROCESS) | set(entry_points()))
+    return CATALOG.names()
 
 
 def describe_origin(name: str) -> str:
-    if name in _IN_PROCESS:
-        return IN_PROCESS
-    if name in _BUILTINS:
-        return BUILTIN
-    eps = entry_points().get(name, ())
-    return ", ".join(dist_label(ep) for ep in eps) or "unknown"
+    """Where a method name comes from: built-in, in-process, or the distributions registering it."""
+    return CATALOG.origin(name)
 
 
-@functools.cache
 def get_method(name: str) -> MethodSpec:
     """Resolve a method name: an in-process registration, a built-in, or a plugin (imported now).
 
@@ -288,33 +244,12 @@ def get_method(name: str) -> MethodSpec:
         >>> get_method("ln_structured").describe_arguments()
         'amount|sparsity, n, dim=-1'
     """
-    if name in _IN_PROCESS:
-        return _IN_PROCESS[name]
-    eps = entry_points().get(name, ())
-    if name in _BUILTINS and eps:
-        raise MethodError(
-            f"method {name!r} is built in, but {', '.join(dist_label(ep) for ep in eps)} also register it; "
-            "uninstall the conflicting plugin or rename its method"
-        )
-    if name in _BUILTINS:
-        cls, schema = _BUILTINS[name]
-        return MethodSpec(name, cls, BUILTIN, schema)
-    if len(eps) > 1:
-        raise MethodError(
-            f"method {name!r} is registered by more than one distribution: "
-            + "; ".join(f"{dist_label(ep)} ({ep.value})" for ep in eps)
-            + ". Uninstall one of them."
-        )
-    if eps:
-        return _load_entry_point(name, eps[0])
-    names = method_names()
-    raise MethodError(f"unknown method {name!r}{suggest(name, names)}; available: {', '.join(names)}")
+    return CATALOG.get(name)
 
 
 def refresh() -> None:
     """Forget discovered entry points and resolved methods (after installing a plugin at run time)."""
-    entry_points.cache_clear()
-    get_method.cache_clear()
+    CATALOG.refresh()
 
 
 @contextmanager
@@ -327,10 +262,5 @@ def isolated() -> Iterator[None]:
         >>> "tmp_method" in method_names()
         False
     """
-    before = dict(_IN_PROCESS)
-    try:
+    with CATALOG.isolated():
         yield
-    finally:
-        _IN_PROCESS.clear()
-        _IN_PROCESS.update(before)
-        refresh()
