@@ -383,8 +383,11 @@ class PrunedGetState:
 
     def __call__(self) -> dict[str, Any]:
         module = self._module()
-        if module is None:  # pragma: no cover - called as the module's own method, so it exists
-            raise ReferenceError("the pruned module is gone")
+        if module is None:  # a shallow copy (copy.copy) of a pruned module that is gone shares this hook
+            raise RuntimeError(
+                "cannot copy or pickle this module: it is a shallow copy (copy.copy) of a pruned module that no longer "
+                "exists, and shares its state; copy pruned modules with copy.deepcopy instead"
+            )
         state = module.__dict__.copy()
         for hook in pruning_hooks(module):
             value = state.get(hook._tensor_name)

@@ -101,6 +101,18 @@ def test_a_pruned_model_is_freed_when_dropped_without_the_cycle_collector():
         gc.enable()
 
 
+def test_a_shallow_copy_outliving_its_pruned_original_says_so():
+    import gc
+
+    model = pruned_and_trained()
+    alias = copy.copy(model.fc1)  # shares the original's state (and its copy hook)
+    assert torch.equal(copy.deepcopy(alias).weight_orig, model.fc1.weight_orig)
+    del model
+    gc.collect()
+    with pytest.raises(RuntimeError, match=r"shallow copy \(copy.copy\) of a pruned module that no longer exists"):
+        copy.deepcopy(alias)
+
+
 def test_to_dtype_and_device_train_eval_and_state_dict_round_trip():
     model = pruned_and_trained()
     model.eval()

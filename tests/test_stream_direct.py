@@ -116,8 +116,71 @@ def test_other_write_errors_are_raised(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "pwrite", full)
     f = DirectFile(str(tmp_path / "o.bin"))
+    f.keep_head(16)
     with pytest.raises(OSError, match="No space left"):
         f.write(os.urandom(20000))
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match="No space left"):  # the held head cannot be written either
         f.close()
     assert f.closed
+    with pytest.raises(ValueError, match="closed file"):
+        f.write(b"x")
+
+
+def test_a_rewrite_running_past_the_end_inside_the_head_extends_the_file(tmp_path):
+    path = tmp_path / "o.bin"
+    with DirectFile(str(path)) as f:
+        f.keep_head(100)
+        f.write(b"0123456789")
+        f.seek(5)
+        f.write(b"ABCDEFGHIJKLMNOP")
+        f.write(b"Z")
+    assert path.read_bytes() == b"01234ABCDEFGHIJKLMNOPZ"  # what a plain file gives
+
+
+def test_files_sharing_one_stage_take_turns_and_keep_their_bytes(tmp_path, monkeypatch):
+    monkeypatch.setattr(direct, "STAGE", 8192)
+    stage = direct.Stage()
+    files = [DirectFile(str(tmp_path / f"{i}.bin"), stage) for i in range(3)]
+    expected = [bytearray() for _ in files]
+    rng = random.Random(5)
+    for f in files:
+        f.keep_head(100)
+    for _ in range(90):  # interleaved writes, as shards written a piece at a time
+        i = rng.randrange(3)
+        chunk = os.urandom(rng.choice([1, 100, 4095, 4096, 5000, 9000, 20000]))
+        files[i].write(chunk)
+        expected[i] += chunk
+    for f in files:
+        f.close()
+    stage.close()
+    for i in range(3):
+        assert (tmp_path / f"{i}.bin").read_bytes() == bytes(expected[i])
+
+
+def test_closing_while_another_thread_writes_waits_for_the_write(tmp_path, monkeypatch):
+    """A run stopped (SIGTERM, Ctrl-C, an error) closes its files while the writer thread may be
+    in the middle of a write: close must wait for it, not free the buffer under it."""
+    import threading
+    import time
+
+    import torch
+
+    monkeypatch.setattr(direct, "STAGE", 1 << 20)
+    path = tmp_path / "o.bin"
+    f = DirectFile(str(path))
+    data = torch.arange(1 << 24, dtype=torch.int32).view(torch.uint8)  # 64 MiB: many stage flushes
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            f.write(data)
+        except BaseException as exc:
+            errors.append(exc)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    time.sleep(0.01)
+    f.close()  # waits for the write under way
+    writer.join()
+    assert not errors
+    assert path.read_bytes() == data.numpy().tobytes()

@@ -6,11 +6,13 @@ plain copy's time), and the output evicts everything else the cache held (the in
 among them). Direct I/O hands aligned blocks to the disk from one reused buffer instead.
 
 It needs block-aligned offsets, sizes and memory, so the bytes go through a page-aligned
-staging buffer written in whole blocks; the first blocks (the safetensors header, rewritten at
-the end with the final metadata) are held in memory until :meth:`DirectFile.close`, which also
+:class:`Stage` buffer and are written in whole blocks; the part of a block not yet complete
+(under 4 KiB) is kept with its file between writes, so one stage serves all the files of a run
+(shards are written one at a time). The first blocks (the safetensors header, rewritten at the
+end with the final metadata) are held in memory until :meth:`DirectFile.close`, which also
 writes the last partial block padded and truncates the file to its length. Where direct I/O is
-not available (no ``O_DIRECT`` on the platform, a file system that refuses it: tmpfs, some
-network file systems), the same file is written through the page cache as usual.
+not available (no ``O_DIRECT`` on the platform, a file system that refuses it: tmpfs on older
+kernels, some network file systems), the same file is written through the page cache.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import contextlib
 import errno
 import mmap
 import os
+import threading
 
 import torch
 
@@ -41,36 +44,66 @@ def _bytes_of(data: bytes | bytearray | memoryview | torch.Tensor) -> torch.Tens
     return torch.frombuffer(bytearray(view) if view.readonly else view, dtype=torch.uint8)
 
 
+class Stage:
+    """A page-aligned block buffer, shared by the files of a run, and the lock under which they
+    use it one at a time (a file being closed waits for a write in another thread to end)."""
+
+    def __init__(self, size: int | None = None) -> None:
+        self.size = STAGE if size is None else _aligned(size)
+        self.map = mmap.mmap(-1, self.size)
+        self.view = torch.frombuffer(self.map, dtype=torch.uint8)
+        self.lock = threading.RLock()
+        self.closed = False
+
+    def close(self) -> None:
+        """Free the buffer (after any write under way)."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            del self.view
+            with contextlib.suppress(BufferError):  # still seen by a failed write's traceback: freed with it
+                self.map.close()
+
+
 class DirectFile:
     """A write-only binary file for :class:`~.format.Writer`: appends, and rewrites of the
     first ``keep_head`` bytes until :meth:`close`.
 
     Args:
         path: the file to create (truncated when it exists), with the mode ``open()`` gives.
+        stage: the block buffer to write through (shared by the files of a run); None: one of
+            its own, freed by :meth:`close`.
     """
 
-    def __init__(self, path: str) -> None:
-        direct = getattr(os, "O_DIRECT", 0)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-        self.fd = -1
-        self.direct = False
-        if direct:
-            try:
-                self.fd = os.open(path, flags | direct, 0o666)
-                self.direct = True
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:  # the file system refuses direct I/O: buffered below
-                    raise
-        if self.fd < 0:
-            self.fd = os.open(path, flags, 0o666)
-        self._stage = mmap.mmap(-1, STAGE)  # page-aligned, as direct I/O needs
-        self._view = torch.frombuffer(self._stage, dtype=torch.uint8)
+    def __init__(self, path: str, stage: Stage | None = None) -> None:
+        self._own = stage is None
+        self.stage = Stage() if stage is None else stage
         self._head = torch.zeros(0, dtype=torch.uint8)  # bytes [0, len(head)), written by close()
         self._head_map: mmap.mmap | None = None
-        self.flushed = 0  # bytes of the file on disk, from the end of the head (a multiple of ALIGN)
+        self._tail = torch.zeros(0, dtype=torch.uint8)  # the incomplete block at ``flushed``
+        self.flushed = 0  # bytes of the file written, after the head (a multiple of ALIGN)
         self.size = 0  # bytes written so far (the file's length at close)
         self.cursor = 0  # where the next write goes
         self.closed = False
+        self.direct = False
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+        direct = getattr(os, "O_DIRECT", 0)
+        self.fd = -1
+        try:
+            if direct:
+                try:
+                    self.fd = os.open(path, flags | direct, 0o666)
+                    self.direct = True
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:  # the file system refuses direct I/O: buffered below
+                        raise
+            if self.fd < 0:
+                self.fd = os.open(path, flags, 0o666)
+        except BaseException:
+            if self._own:
+                self.stage.close()
+            raise
 
     def keep_head(self, nbytes: int) -> None:
         """Hold the first ``nbytes`` (rounded up to whole blocks) in memory until :meth:`close`,
@@ -85,29 +118,47 @@ class DirectFile:
         """Append ``data`` (or rewrite bytes inside the held head, after a :meth:`seek`)."""
         src = _bytes_of(data)
         n = len(src)
-        if self.cursor != self.size:  # a rewrite: only inside the head
-            if self.cursor + n > len(self._head):
-                raise OSError(errno.ESPIPE, "a direct-I/O file can only rewrite its held head")
-            self._head[self.cursor : self.cursor + n] = src
-            self.cursor += n
+        with self.stage.lock:
+            if self.closed or self.stage.closed:
+                raise ValueError("I/O operation on closed file")
+            if self.cursor != self.size:  # a rewrite: only inside the head
+                if self.cursor + n > len(self._head):
+                    raise OSError(errno.ESPIPE, "a direct-I/O file can only rewrite its held head")
+                self._head[self.cursor : self.cursor + n] = src
+                self.cursor += n
+                self.size = max(self.size, self.cursor)  # (it may run past the end, inside the head)
+                return n
+            done = 0
+            if self.size < len(self._head):
+                k = min(n, len(self._head) - self.size)
+                self._head[self.size : self.size + k] = src[:k]
+                done = k
+                self.size += k
+            if done < n:
+                self._append(src, done)
+            self.cursor = self.size
             return n
-        done = 0
-        if self.size < len(self._head):
-            k = min(n, len(self._head) - self.size)
-            self._head[self.size : self.size + k] = src[:k]
-            done = k
-            self.size += k
+
+    def _append(self, src: torch.Tensor, done: int) -> None:
+        """Bytes ``done:`` of ``src`` after the head, in whole blocks through the stage; what is
+        left of an incomplete block is kept in ``_tail``."""
+        stage, room = self.stage.view, self.stage.size
+        at = len(self._tail)
+        stage[:at] = self._tail
+        n = len(src)
         while done < n:
-            at = self.size - self.flushed  # where in the stage
-            k = min(n - done, STAGE - at)
-            self._view[at : at + k].copy_(src[done : done + k])  # (torch lets go of the GIL here)
+            k = min(n - done, room - at)
+            stage[at : at + k].copy_(src[done : done + k])  # (torch lets go of the GIL here)
             done += k
+            at += k
             self.size += k
-            if at + k == STAGE:
-                self._pwrite(memoryview(self._stage), self.flushed)
-                self.flushed += STAGE
-        self.cursor = self.size
-        return n
+            whole = at if at == room else at // ALIGN * ALIGN if done == n else 0
+            if whole:
+                self._pwrite(memoryview(self.stage.map)[:whole], self.flushed)
+                self.flushed += whole
+                stage[: at - whole] = stage[whole:at].clone()
+                at -= whole
+        self._tail = stage[:at].clone()
 
     def _pwrite(self, buf: memoryview, offset: int) -> None:
         while len(buf):
@@ -146,24 +197,31 @@ class DirectFile:
 
     def close(self) -> None:
         """Write the head and the last partial block (padded to a whole block), cut the file
-        to its length, and close it."""
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            tail = self.size - self.flushed
-            if tail > 0:
-                self._view[tail : _aligned(tail)] = 0
-                self._pwrite(memoryview(self._stage)[: _aligned(tail)], self.flushed)
-            if self._head_map is not None:
-                self._pwrite(memoryview(self._head_map)[: _aligned(min(len(self._head), max(self.size, 1)))], 0)
-            os.ftruncate(self.fd, self.size)
-        finally:
-            os.close(self.fd)
-            del self._view, self._head
-            for buffer in (self._stage, self._head_map):
-                with contextlib.suppress(BufferError):  # still seen by a failed write's traceback: freed with it
-                    buffer.close() if buffer is not None else None
+        to its length, and close it (after a write under way in another thread ends)."""
+        with self.stage.lock:
+            if self.closed:
+                return
+            self.closed = True
+            try:
+                if len(self._tail):  # the last block, padded (in a buffer of its own: the stage may be gone)
+                    last = mmap.mmap(-1, _aligned(len(self._tail)))
+                    try:
+                        torch.frombuffer(last, dtype=torch.uint8)[: len(self._tail)] = self._tail
+                        self._pwrite(memoryview(last), self.flushed)
+                    finally:
+                        with contextlib.suppress(BufferError):
+                            last.close()
+                if self._head_map is not None:
+                    self._pwrite(memoryview(self._head_map)[: _aligned(min(len(self._head), max(self.size, 1)))], 0)
+                os.ftruncate(self.fd, self.size)
+            finally:
+                os.close(self.fd)
+                del self._head
+                if self._head_map is not None:
+                    with contextlib.suppress(BufferError):  # still seen by a failed write's traceback: freed with it
+                        self._head_map.close()
+                if self._own:
+                    self.stage.close()
 
     def __enter__(self) -> DirectFile:
         return self

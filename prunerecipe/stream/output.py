@@ -18,7 +18,7 @@ from ..checkpoint.files import failures_named
 from ..checkpoint.write import dense_metadata, summary_of
 from ..report import Report
 from ..spec import Recipe
-from .direct import DirectFile
+from .direct import DirectFile, Stage
 from .format import Writer, entries_in_file_order
 from .plan import StreamPlan
 from .run import Progress, Run, first_seen
@@ -49,10 +49,11 @@ def execute(
     context = atomic_file(out, force=force) if sp.fmt == "dense" else atomic_folder(out, force=force)
     with context as tmp:
         handles: list[DirectFile] = []
+        stage = Stage()  # one block buffer for every file: they are written one at a time
         try:
             writers = []
             for file, part in zip(files, parts):
-                handles.append(DirectFile(os.path.join(tmp, file) if file else tmp))  # closed below, once the headers are final
+                handles.append(DirectFile(os.path.join(tmp, file) if file else tmp, stage))  # closed below, once the headers are final
                 writers.append(open_writer(run, handles[-1], part, room))
             # the tensors no step touches are written while the cut passes read the group
             early = _Background(lambda: write_untouched(run, writers))
@@ -67,9 +68,10 @@ def execute(
             for writer in writers:
                 writer.finish(dense_metadata(info, sp.aliases) if sp.fmt == "dense" else hf_files.shard_metadata(info))
         finally:
-            for fh in handles:
+            for fh in handles:  # (each waits for a write under way in the writer thread)
                 with failures_named(out):
                     fh.close()
+            stage.close()
         if sp.fmt == "hf":
             hf_files.write_folder_files(tmp, sp.model, source_folder)
             hf_files.write_index(tmp, files, parts, total)
