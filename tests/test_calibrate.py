@@ -136,7 +136,7 @@ def test_a_failure_while_pruning_a_later_block_restores_every_block(method, monk
         journals.append(real(*args, **kwargs))
         return journals[-1]
 
-    monkeypatch.setattr(torchprune.tempfile, "TemporaryDirectory", recording)
+    monkeypatch.setattr(torchprune.snapshot.tempfile, "TemporaryDirectory", recording)
     model = gpt2()
     model.transformer.h[1].mlp.register_forward_pre_hook(lambda module, args: (args[0] * float("inf"),))  # the second block overflows
     before = snapshot(model)

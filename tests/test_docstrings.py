@@ -29,7 +29,7 @@ def test_public_names_are_documented(name):
     "module",
     [
         "prunerecipe.methods.registry",
-        "prunerecipe.torchprune",
+        "prunerecipe.torchprune.reparam",
         "prunerecipe.load",
         "prunerecipe.amounts",
         "prunerecipe.modelspec",
