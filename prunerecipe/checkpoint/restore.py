@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..structured.record import shrunk_to_fit
+from ..structured.record import RECORD_KEY, shrunk_to_fit, without_prefix
 from ..text import listing
 from ..torchprune import (
     MASK,
@@ -65,17 +65,30 @@ def fit_prefix(state_dict: Mapping[str, torch.Tensor], model: nn.Module, strip: 
             raise CheckpointError(
                 f"no key of the checkpoint starts with {strip!r} (--strip-prefix); its keys start with {common_prefix(keys) or '(no common prefix)'!r}"
             )
-        return {(k[len(strip) :] if k.startswith(strip) else k): v for k, v in state_dict.items()}, strip
+        return _stripped(state_dict, strip), strip
     model_keys = {_base(k) for k in model.state_dict()}
-    prefix = common_prefix(keys)
-    if keys and prefix and _fits(keys, model_keys) == 0:
-        stripped = [k[len(prefix) :] for k in keys]
+    # a compaction record fits wherever the model has a module (a fresh model has none yet)
+    model_keys |= {f"{name}.{RECORD_KEY}" if name else RECORD_KEY for name, _ in model.named_modules()}
+    named = [k for k in keys if k != RECORD_KEY]  # a wrapper's own record: at its root, names inside prefixed
+    prefix = common_prefix(named)
+    if named and prefix and _fits(named, model_keys) == 0:
+        stripped = [k[len(prefix) :] for k in named]
         while prefix and _fits(stripped, model_keys) < len(stripped):  # the whole common prefix may be too much
             prefix = ".".join(prefix.split(".")[:-2]) + "." if prefix.count(".") > 1 else ""
-            stripped = [k[len(prefix) :] for k in keys]
+            stripped = [k[len(prefix) :] for k in named]
         if prefix and _fits(stripped, model_keys) == len(stripped):
-            return dict(zip(stripped, state_dict.values())), prefix
+            return _stripped(state_dict, prefix), prefix
     return dict(state_dict), None
+
+
+def _stripped(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state_dict.items():
+        if key == RECORD_KEY and prefix + RECORD_KEY not in state_dict:
+            out[key] = without_prefix(value, prefix)
+        else:
+            out[key[len(prefix) :] if key.startswith(prefix) else key] = value
+    return out
 
 
 def _prefix_hint(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> str:
@@ -207,8 +220,9 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
         >>> load_pruned_state_dict(LeNet(), read_state_dict("pruned.pt"))  # doctest: +SKIP
         ['conv1.weight', 'conv1.bias']
     """
-    with shrunk_to_fit(model, state_dict):  # a compacted checkpoint shrinks the fresh model first; undone if loading fails
-        return _load_pruned(model, state_dict, strip_prefix)
+    state_dict, _ = fit_prefix(state_dict, model, strip_prefix)  # the compaction record's key too
+    with shrunk_to_fit(model, state_dict) as fitted:  # a compacted checkpoint shrinks the fresh model first; undone if loading fails
+        return _load_pruned(model, fitted, None)
 
 
 def _load_pruned(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strip_prefix: str | None) -> list[str]:

@@ -203,7 +203,9 @@ def _compact(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: floa
     torch_pruning()  # fail early, before anything changes
     model.eval()
     with torch.no_grad():
-        reference = forward(model, inputs).detach().clone()
+        reference = [t.detach().clone() for t in forward(model, inputs)]
+    if any(t.numel() == 0 for t in inputs) or any(t.numel() == 0 for t in reference):
+        raise _Failure("the example inputs (or the outputs they give) are empty: the output check would compare nothing", "inputs")
     macs_before = count_macs(model, inputs)
     params_before = count_params(model)
     masks = {(id(m), p): mask.detach().clone() for _, m, p in pruned_parameters(model) if (mask := owned_mask(m, p)) is not None}
@@ -233,23 +235,46 @@ def _compact(model: nn.Module, inputs: tuple[torch.Tensor, ...], tolerance: floa
             records.leave_out_of_save_pretrained(model)
         records.attach(model, records.merged(records.current(model), removals, changes))
     with torch.no_grad():
-        output = forward(model, inputs)
-    if tuple(output.shape) != tuple(reference.shape):
-        raise _Failure(f"the compacted model's output has shape {tuple(output.shape)}, the masked model's {tuple(reference.shape)}", "output-check")
-    diff = float((output.double() - reference.double()).abs().max()) if output.numel() else 0.0
-    scale = float(reference.double().abs().max()) if reference.numel() else 0.0
-    if not diff <= tolerance * scale:
-        raise _Failure(
-            f"the compacted model's outputs differ from the masked model's by {diff:.3g} (max abs difference; allowed {tolerance:g} x output scale "
-            f"{scale:.3g} = {tolerance * scale:.3g}). A removed channel must give 0 to every layer that reads it: it does not when "
-            "its BatchNorm or bias is left unmasked (scope: group masks those), or when an activation maps 0 to something else "
-            "(sigmoid, an added constant) before a layer outside the group reads it",
-            "output-check",
-        )
+        outputs = forward(model, inputs)
+    diff, scale, tolerance = _check(outputs, reference, tolerance)
     removed = tuple(RemovedGroup(g.root, tuple(g.member_names()), g.channels, len(c)) for g, c in groups)
     return Compaction(
         removed, params_before, count_params(model), macs_before, count_macs(model, inputs), diff, scale, tolerance, changes, tuple(notes)
     )
+
+
+def allowed(tolerance: float, dtype: torch.dtype) -> float:
+    """The relative tolerance an output of ``dtype`` is checked with: ``tolerance``, or 4 roundings
+    of a half-precision type, whose resolution is coarser than the default 1e-5."""
+    return max(tolerance, 4 * torch.finfo(dtype).eps) if dtype.is_floating_point and torch.finfo(dtype).eps > 1e-6 else tolerance
+
+
+def _check(outputs: list[torch.Tensor], reference: list[torch.Tensor], tolerance: float) -> tuple[float, float, float]:
+    """The worst output's max abs difference, scale and tolerance; a :class:`_Failure` past it."""
+    if len(outputs) != len(reference):
+        raise _Failure(f"the compacted model returns {len(outputs)} tensors, the masked model {len(reference)}", "output-check")
+    worst = (0.0, 0.0, tolerance)
+    for i, (output, ref) in enumerate(zip(outputs, reference)):
+        tol = allowed(tolerance, ref.dtype)
+        which, verb = (f"output {i + 1} of {len(reference)}", "differs") if len(reference) > 1 else ("outputs", "differ")
+        if tuple(output.shape) != tuple(ref.shape):
+            raise _Failure(
+                f"the compacted model's {which.removesuffix('s')} has shape {tuple(output.shape)}, the masked model's {tuple(ref.shape)}",
+                "output-check",
+            )
+        diff = float((output.double() - ref.double()).abs().max()) if output.numel() else 0.0
+        scale = float(ref.double().abs().max()) if ref.numel() else 0.0
+        if not diff <= tol * scale:
+            raise _Failure(
+                f"the compacted model's {which} {verb} from the masked model's by {diff:.3g} (max abs difference; allowed {tol:g} x "
+                f"output scale {scale:.3g} = {tol * scale:.3g}). A removed channel must give 0 to every layer that reads it: it does "
+                "not when its BatchNorm or bias is left unmasked (scope: group masks those), or when an activation maps 0 to something "
+                "else (sigmoid, an added constant) before a layer outside the group reads it",
+                "output-check",
+            )
+        if diff * (worst[1] or 1.0) >= worst[0] * (scale or 1.0):
+            worst = (diff, scale, tol)
+    return worst
 
 
 def _removable(found: Found, masks: dict[tuple[int, str], torch.Tensor]) -> tuple[list[tuple[ChannelGroup, list[int]]], list[str]]:

@@ -13,9 +13,11 @@ records the output's ``grad_fn``, so groups that touch either can be told.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType, ModuleType
@@ -25,16 +27,21 @@ import torch
 from torch import nn
 
 from ..errors import StructuredError, problem
-from .inputs import first_tensor, forward
+from .inputs import forward
 
 INSTALL_HINT = 'pip install "prunerecipe[structured]"'
 
 
 def _default_time_limit() -> float:
+    text = os.environ.get("PRUNERECIPE_TRACE_TIMEOUT", "300")
     try:
-        return float(os.environ.get("PRUNERECIPE_TRACE_TIMEOUT", "300"))
+        seconds = float(text)
     except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        warnings.warn(f"PRUNERECIPE_TRACE_TIMEOUT={text!r} is not a positive number of seconds; using 300", stacklevel=2)
         return 300.0
+    return seconds
 
 
 #: seconds that tracing and group building may take (torch-pruning has been seen to run for
@@ -228,8 +235,8 @@ def trace(
 ) -> Graph:
     """Build torch-pruning's dependency graph of ``module`` called on ``args``/``kwargs``.
 
-    For the whole model (``whole_model``) the output is the tensor the model is judged by
-    (:func:`~prunerecipe.structured.inputs.forward`: a Hugging Face model's logits); for a
+    For the whole model (``whole_model``) the outputs are the tensors the model is judged by
+    (:func:`~prunerecipe.structured.inputs.forward`: every tensor it returns; a Hugging Face model's logits); for a
     part of it, every tensor it returns (all of them flow on). ``names`` gives qualified
     names from the whole model. Every module's train/eval mode is put back afterwards
     (torch-pruning switches to eval and leaves it so); nothing else changes.
@@ -249,7 +256,7 @@ def trace(
         staged = _stand_ins(list(xs), stand_ins)
         extra = _stand_ins(call_kwargs, stand_ins)
         if whole_model:
-            out = [forward(target, staged)] if not extra else [first_tensor(target(*staged, **extra))]
+            out = forward(target, staged, extra)
         else:
             out = tensors_in(target(*staged, **extra))
         out = [o for o in out if o is not None and o.grad_fn is not None]

@@ -101,7 +101,7 @@ def layer_role(module: object) -> str | None:
     if conv1d is not None and isinstance(module, conv1d):
         return "layer"
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return NORM
+        return NORM if module.affine else None  # without a scale and shift there is nothing to zero a channel with
     return None
 
 
@@ -121,7 +121,8 @@ def attention_owner(model: nn.Module, name: str) -> tuple[str, str] | None:
     exactly, so group steps refuse layers inside attention: found by class (a class whose
     name contains ``Attention``, or ``nn.MultiheadAttention``), or by a head count the
     module keeps (``num_heads``, ``num_attention_heads``, ``n_head``, ``n_heads``,
-    ``head_dim``), as self-written attention modules do.
+    ``head_dim``), as self-written attention modules do, unless the module holds an attention
+    module of its own (a transformer layer keeping its attention's head count).
     """
     parts = name.split(".") if name else []
     for cut in range(len(parts), 0, -1):
@@ -130,11 +131,18 @@ def attention_owner(model: nn.Module, name: str) -> tuple[str, str] | None:
             owner = model.get_submodule(prefix)
         except AttributeError:
             continue
-        if isinstance(owner, nn.MultiheadAttention) or any("Attention" in c.__name__ for c in type(owner).__mro__ if c is not nn.Module):
+        if _is_attention_class(owner):
             return prefix, type(owner).__name__
-        if any(isinstance(getattr(owner, a, None), int) and not isinstance(getattr(owner, a), bool) for a in HEAD_ATTRIBUTES):
+        # a head count on a block that holds an attention module is that module's (a
+        # transformer layer's MLP beside it is not attention)
+        counts_heads = any(isinstance(getattr(owner, a, None), int) and not isinstance(getattr(owner, a), bool) for a in HEAD_ATTRIBUTES)
+        if counts_heads and not any(_is_attention_class(m) for m in owner.modules() if m is not owner):
             return prefix, type(owner).__name__
     return None
+
+
+def _is_attention_class(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) or any("Attention" in c.__name__ for c in type(module).__mro__ if c is not nn.Module)
 
 
 @dataclass
@@ -192,7 +200,8 @@ def read_group(graph: Graph, name: str, root: nn.Module, chosen: set[int]) -> Re
         member_name = graph.names.get(id(module), getattr(node, "name", "?"))
         kind = layer_role(module)
         if kind is None:
-            unsupported.append(f"{member_name} ({type(module).__name__})")
+            plain = isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.affine
+            unsupported.append(f"{member_name} ({type(module).__name__}{', affine=False: no scale or shift to zero' if plain else ''})")
             continue
         out_dim, in_dim = channel_dims(module)
         if kind == NORM:

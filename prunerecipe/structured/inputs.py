@@ -87,29 +87,32 @@ def make_inputs(model: nn.Module, specs: Sequence[InputSpec]) -> tuple[torch.Ten
 
 
 def first_tensor(output: Any) -> torch.Tensor | None:
-    """The tensor an output is judged by: ``.logits`` of a Hugging Face output, the tensor
-    itself, or the first tensor found in a mapping, tuple or list."""
+    """The first tensor of an output (see :func:`output_tensors`), or None."""
+    found = output_tensors(output)
+    return found[0] if found else None
+
+
+def output_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors an output is judged by: ``.logits`` of a Hugging Face output (its caches and
+    hidden states follow from the same layers), else every tensor in it: the tensor itself, or
+    those in mappings, tuples and lists, in order."""
     if isinstance(output, torch.Tensor):
-        return output
+        return [output]
     logits = getattr(output, "logits", None)
     if isinstance(logits, torch.Tensor):
-        return logits
+        return [logits]
     values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
-    for value in values:
-        found = first_tensor(value)
-        if found is not None:
-            return found
-    return None
+    return [t for value in values for t in output_tensors(value)]
 
 
-def forward(model: nn.Module, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``model(*inputs)`` reduced to one tensor (see :func:`first_tensor`).
+def forward(model: nn.Module, inputs: Sequence[torch.Tensor], kwargs: Mapping[str, Any] | None = None) -> list[torch.Tensor]:
+    """``model(*inputs, **kwargs)`` reduced to the tensors it is judged by (:func:`output_tensors`).
 
     Raises:
         TypeError: the output holds no tensor.
     """
-    output = model(*inputs)
-    tensor = first_tensor(output)
-    if tensor is None:
+    output = model(*inputs, **(kwargs or {}))
+    tensors = output_tensors(output)
+    if not tensors:
         raise TypeError(f"the model's output ({type(output).__name__}) holds no tensor to trace or compare")
-    return tensor
+    return tensors

@@ -69,24 +69,79 @@ def decode(tensor: torch.Tensor, where: str = "checkpoint") -> Record:
                 part = entry.get(dim)
                 if part is None:
                     continue
-                size, removed = part.get("size"), part.get("removed")
-                if not isinstance(size, int) or not isinstance(removed, list) or not all(isinstance(i, int) and 0 <= i < size for i in removed):
+                size, removed = (part.get("size"), part.get("removed")) if isinstance(part, dict) else (None, None)
+                if not _index(size) or not isinstance(removed, list) or not all(_index(i) and 0 <= i < size for i in removed):
                     raise ValueError(f"entry {name!r}.{dim} is malformed")
         if not isinstance(record.get("config", {}), dict):
             raise ValueError("'config' is not a mapping")
     except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{where}: {RECORD_KEY} is unreadable: {exc}") from None
+    except RecursionError:
+        raise CheckpointError(f"{where}: {RECORD_KEY} is unreadable: nested too deeply") from None
     return record
 
 
+def _index(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def current(model: nn.Module) -> Record | None:
-    """The record ``model`` carries, or None when it was never compacted."""
+    """The record ``model`` carries, or None when it was never compacted: its root's, with
+    the records of submodules compacted on their own folded in (names prefixed)."""
     tensor = model._buffers.get(RECORD_KEY)
-    return None if tensor is None else decode(tensor, "model")
+    root = None if tensor is None else decode(tensor, "model")
+    nested = [
+        (name, decode(sub._buffers[RECORD_KEY], f"model ({name})"))
+        for name, sub in model.named_modules()
+        if sub is not model and RECORD_KEY in sub._buffers
+    ]
+    try:
+        return combined(root, nested)
+    except ValueError as exc:
+        raise CheckpointError(f"model: {RECORD_KEY} records disagree: {exc}") from None
+
+
+def combined(root: Record | None, nested: list[tuple[str, Record]]) -> Record | None:
+    """One record of a root's and its submodules' (``(qualified name, record)``), each layer's
+    removals composed in the order they were made (a later record counts from the channels an
+    earlier one left).
+
+    Raises:
+        ValueError: two records of one layer that do not follow each other.
+    """
+    if not nested:
+        return root
+    modules: dict[str, Any] = {k: {**v} for k, v in (root or {}).get("modules", {}).items()}
+    config: dict[str, Any] = dict((root or {}).get("config", {}))
+    for prefix, part in nested:
+        for name, entry in part["modules"].items():
+            full = f"{prefix}.{name}"
+            mine = modules.setdefault(full, {"type": entry["type"]})
+            for dim in DIMS:
+                if entry.get(dim) is not None:
+                    mine[dim] = entry[dim] if mine.get(dim) is None else _compose(mine[dim], entry[dim], f"{full}.{dim}")
+        config = {**part.get("config", {}), **config}
+    out: Record = {"format": FORMAT, "version": VERSION, "modules": modules}
+    if config:
+        out["config"] = config
+    return out
+
+
+def _compose(a: dict[str, Any], b: dict[str, Any], where: str) -> dict[str, Any]:
+    """Two removals from one layer dimension as one, whichever was made first."""
+    for first, then in ((a, b), (b, a)):
+        kept = [i for i in range(first["size"]) if i not in set(first["removed"])]
+        if len(kept) == then["size"]:
+            return {"size": first["size"], "removed": sorted(set(first["removed"]) | {kept[i] for i in then["removed"]})}
+    raise ValueError(f"{where}: {a['size']} channels less {len(a['removed'])}, and {b['size']} less {len(b['removed'])}")
 
 
 def attach(model: nn.Module, record: Record) -> None:
-    """Register (or replace) the record buffer on ``model``'s root module."""
+    """Register (or replace) the record buffer on ``model``'s root module; records of submodules,
+    folded into it (:func:`current`), are dropped, so that a state_dict carries one record."""
+    for sub in model.modules():
+        if sub is not model and RECORD_KEY in sub._buffers:
+            del sub._buffers[RECORD_KEY]
     model.register_buffer(RECORD_KEY, encode(record), persistent=True)
 
 
@@ -173,6 +228,14 @@ def shrunk_to_fit(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> I
             yield state_dict
         return
     record = decode(state_dict[key])
+    nested = _records(model, state_dict)
+    if nested:  # written before records were folded into the root's: fold them now
+        try:
+            record = combined(record, [(_module_name(model, sub), decode(state_dict[k], k)) for sub, k in nested]) or record
+        except ValueError as exc:
+            raise CheckpointError(f"checkpoint: its {RECORD_KEY} records disagree: {exc}") from None
+        state_dict = {k: v for k, v in state_dict.items() if k not in {k for _, k in nested}}
+        state_dict[key] = encode(record)
     mine = model._buffers.get(RECORD_KEY)
     if mine is not None:
         if decode(mine, "model") != record:
@@ -198,6 +261,19 @@ def shrunk_to_fit(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> I
         raise
 
 
+def without_prefix(tensor: torch.Tensor, prefix: str) -> torch.Tensor:
+    """A root record whose module names lose ``prefix`` (``"model."``): the record of a wrapper
+    (a LightningModule holding the network as ``self.model``) for the network alone. Names
+    outside the prefix are kept (and then named as not fitting)."""
+    record = decode(tensor)
+    modules = {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in record["modules"].items()}
+    return encode({**record, "modules": modules})
+
+
+def _module_name(model: nn.Module, sub: nn.Module) -> str:
+    return next(name for name, m in model.named_modules() if m is sub)
+
+
 def remove_channels(todo: list[tuple[nn.Module, str, list[int]]]) -> None:
     """Remove channels from layers, in place: ``(module, "out" | "in", indices)`` each, with
     torch-pruning's layer pruners (new parameters and buffers are assigned, none is written
@@ -205,7 +281,11 @@ def remove_channels(todo: list[tuple[nn.Module, str, list[int]]]) -> None:
     for module, dim, removed in todo:
         if removed:
             pruner = layer_pruner(module)
+            frozen = {name for name, p in module.named_parameters(recurse=False) if not p.requires_grad}
             (pruner.prune_out_channels if dim == "out" else pruner.prune_in_channels)(module, sorted(removed))
+            for name, p in module.named_parameters(recurse=False):  # its new parameters are trainable: keep frozen ones frozen
+                if name in frozen:
+                    p.requires_grad_(False)
 
 
 def _plan(model: nn.Module, record: Record) -> list[tuple[nn.Module, str, list[int]]]:
