@@ -29,7 +29,7 @@ from .oneshot import Checked, can_fold, checked_cuts, fast_l1, finite_zeros, fol
 from .plan import Plan, PlannedStep, plan_recipe, pruned_slices
 from .report import Report, StepOutcome, TargetSparsity, measure
 from .select import Target
-from .spec import Recipe
+from .spec import Calibration, Recipe
 from .structured import Compaction, compact
 from .structured.masks import apply_masks, member_masks, rank
 from .structured.planning import example_tensors
@@ -103,7 +103,7 @@ def apply_recipe(
                 code="calibration",
             )
         )
-    batches = _calibration_batches(model, recipe, active, calibration)
+    batches, drawn = _calibration_batches(model, recipe, active, calibration)
     coord = None
     if group is not None:
         coord = Coordinator(group, recipe, [(ps.step, ps.method.cls, [pt.target for pt in ps.targets]) for ps in active])
@@ -178,7 +178,8 @@ def apply_recipe(
     after = measure(watched, None if recipe.finalize else known)
     if compaction is not None:  # entries removed with their channels count as pruned, of the shape before
         after = {n: (kind, before[n][1], zeros + math.prod(before[n][1]) - math.prod(shape)) for n, (kind, shape, zeros) in after.items()}
-    return Report(_rows(watched, before, after), tuple(outcomes), bool(recipe.finalize), recipe.source, skipped, compaction)
+    used = None if batches is None else (drawn, (recipe.calibration or Calibration()).samples)
+    return Report(_rows(watched, before, after), tuple(outcomes), bool(recipe.finalize), recipe.source, skipped, compaction, used)
 
 
 T = TypeVar("T")
@@ -233,11 +234,14 @@ def _failure(recipe: Recipe, active: list[PlannedStep], current: Current, exc: E
     return ApplyError(recipe.problem(ps.step.path, f"{what} failed{on}: {detail}; the model was left unchanged", code="apply"))
 
 
-def _calibration_batches(model: nn.Module, recipe: Recipe, active: list[PlannedStep], calibration: Iterable[Any] | None) -> list[Batch] | None:
-    """The calibration batches, drawn and checked before anything changes (None when no step needs them)."""
+def _calibration_batches(
+    model: nn.Module, recipe: Recipe, active: list[PlannedStep], calibration: Iterable[Any] | None
+) -> tuple[list[Batch] | None, int]:
+    """The calibration batches and how many samples they hold, drawn and checked before
+    anything changes (None when no step needs them: the data is not even read)."""
     needing = [ps for ps in active if ps.calibrated]
     if not needing:
-        return None
+        return None, 0
     first = needing[0]
     if calibration is None:
         why = first.method.name if first.method.calibrated else f"importance {first.importance.name!r}" if first.importance else first.method.name
@@ -251,8 +255,7 @@ def _calibration_batches(model: nn.Module, recipe: Recipe, active: list[PlannedS
             )
         )
     where = ("calibration",) if recipe.calibration is not None else first.step.path
-    batches, _ = draw_batches(calibration, recipe, where, model)
-    return batches
+    return draw_batches(calibration, recipe, where, model)
 
 
 def _rows(watched: list[tuple[str, nn.Module, str]], before: dict[str, Any], after: dict[str, Any]) -> tuple[TargetSparsity, ...]:

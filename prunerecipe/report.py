@@ -63,6 +63,7 @@ class Report:
     recipe: str = ""
     skipped: tuple[str, ...] = field(default=())
     compaction: Compaction | None = None  # finalize: compact: what was removed, and the cost before and after
+    calibration: tuple[int, int] | None = None  # (samples used, samples asked for) when a step ran on calibration data
 
     @property
     def numel(self) -> int:
@@ -107,6 +108,7 @@ class Report:
             "skipped": list(self.skipped),
             "global": {"numel": self.numel, "sparsity_before": self.global_before, "sparsity_after": self.global_after},
             "compaction": None if self.compaction is None else self.compaction.to_dict(),
+            "calibration": None if self.calibration is None else {"samples": self.calibration[0], "asked": self.calibration[1]},
         }
 
     def __str__(self) -> str:
@@ -120,6 +122,9 @@ class Report:
                 lines.append(
                     f"{s.label}: {listing(f'rewrote the values of {len(s.rewritten)} tensor(s) (in *_orig; masks as usual)', s.rewritten, 4)}"
                 )
+        if self.calibration is not None:
+            used, asked = self.calibration
+            lines.append(f"calibration: {used} sample(s)" + (f", of the {asked} asked for: the data ran out" if used < asked else ""))
         for label in self.skipped:
             lines.append(f"{label}: skipped (has a schedule; runs during training)")
         if self.finalized:

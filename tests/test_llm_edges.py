@@ -182,3 +182,159 @@ def test_blocks_called_out_of_order_are_an_error_not_wrong_statistics():
     with pytest.raises(CalibrationError, match=r"calls its blocks in another order .*blocks\.2, blocks\.1, blocks\.0"):
         apply_recipe(model, recipe, calibration=[torch.randn(4, 8) for _ in range(4)])
     assert not _masks(model)
+
+
+# --- found in review: blocks that do not feed each other, a block called more than once,
+# blocks that change the width, keyword inputs, importances that write into their argument
+
+
+def _gpt2(layers=3):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=layers, n_embd=32, n_head=4, vocab_size=128, n_positions=64)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize(
+    ("blocks", "names", "says"),
+    [
+        ("transformer.h.*.mlp", "transformer.h.*.mlp.*", "transformer.h.1.mlp is not called on the output of block transformer.h.0.mlp"),
+        ("transformer.h.[02]", "transformer.h.[02].*", "transformer.h.2 is not called on the output of block transformer.h.0"),
+    ],
+)
+def test_blocks_that_do_not_feed_each_other_are_an_error_not_wrong_statistics(blocks, names, says):
+    model = _gpt2()
+    recipe = parse_recipe(
+        f"version: 1\nsequential: {{blocks: '{blocks}'}}\nsteps:\n  - {{select: {{types: [Conv1D], names: ['{names}']}}, method: sparsegpt, sparsity: 0.5}}\n"
+    )
+    with pytest.raises(CalibrationError, match=says):
+        apply_recipe(model, recipe, calibration=[torch.randint(0, 128, (16,)) for _ in range(4)])
+    assert not _masks(model)
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(8, 8), nn.Tanh())
+
+    def forward(self, x):
+        for _ in range(3):
+            x = self.block(x)
+        return x
+
+
+def test_a_block_the_model_calls_more_than_once_is_an_error():
+    recipe = parse_recipe("version: 1\nsequential: {blocks: block}\nsteps:\n  - {select: {types: [Linear]}, method: sparsegpt, sparsity: 0.5}\n")
+    model = Shared()
+    with pytest.raises(CalibrationError, match=r"not once each \(block, block, block\)"):
+        apply_recipe(model, recipe, calibration=[torch.randn(8) for _ in range(4)])
+    assert not _masks(model)
+
+
+class Widths(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Sequential(nn.Linear(32, 48), nn.ReLU()), nn.Sequential(nn.Linear(48, 32), nn.ReLU())])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_blocks_may_change_the_width_and_match_a_whole_model_run():
+    recipe = "version: 1\n%ssteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, sparsity: 0.5, importance: wanda}\n"
+    data = [torch.randn(32, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    torch.manual_seed(0)
+    by_block, whole = Widths(), Widths()
+    whole.load_state_dict(by_block.state_dict())
+    apply_recipe(by_block, parse_recipe(recipe % "sequential: {blocks: 'layers.*'}\n"), calibration=data)
+    # by hand: Wanda's score |W| * ||x_j|| with each layer's inputs from the dense model, each row pruned by half
+    # (the first layer is pruned before the second sees its inputs: take those from the pruned first block)
+    xs = torch.stack(data)
+    first = whole.layers[0][0]
+    norms = xs.norm(dim=0)
+    score = first.weight.detach().abs() * norms
+    keep = score.argsort(dim=1, stable=True)[:, score.shape[1] // 2 :]
+    mask = torch.zeros_like(score).scatter_(1, keep, 1.0)
+    assert torch.equal(by_block.layers[0][0].weight_mask, mask)
+    hidden = torch.relu(torch.nn.functional.linear(xs, first.weight.detach() * mask, first.bias.detach()))
+    second = whole.layers[1][0]
+    score = second.weight.detach().abs() * hidden.norm(dim=0)
+    keep = score.argsort(dim=1, stable=True)[:, score.shape[1] // 2 :]
+    assert torch.equal(by_block.layers[1][0].weight_mask, torch.zeros_like(score).scatter_(1, keep, 1.0))
+
+
+class Keyword(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.proj(input=x)
+
+
+def test_a_layer_called_with_a_keyword_input_gets_its_statistics():
+    model = Keyword()
+    recipe = parse_recipe("version: 1\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, sparsity: 0.5, importance: wanda}\n")
+    report = apply_recipe(model, recipe, calibration=[torch.randn(8) for _ in range(4)])
+    assert report.global_after == pytest.approx(0.5)
+
+
+def test_a_plugin_importance_writing_into_its_argument_does_not_change_the_model():
+    from prunerecipe import register_importance
+
+    def careless(weight):
+        weight.mul_(2)
+        return weight.abs()
+
+    register_importance("careless_test", careless, replace=True)
+    model = nn.Sequential(nn.Linear(4, 2))
+    before = model[0].weight.detach().clone()
+    recipe = parse_recipe("version: 1\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, sparsity: 0.5, importance: careless_test}\n")
+    apply_recipe(model, recipe)
+    assert torch.equal(model[0].weight_orig, before)
+
+
+def test_the_report_says_how_many_samples_ran_and_when_the_data_ran_out():
+    model = tiny_llama()
+    recipe = parse_recipe(
+        "version: 1\ncalibration: {samples: 16, batch_size: 4}\nsteps:\n"
+        "  - {select: {types: [Linear], names: ['model.layers.*']}, method: sparsegpt, sparsity: 0.5}\n"
+    )
+    report = apply_recipe(model, recipe, calibration=_ids(n=5))
+    assert report.calibration == (5, 16) and report.to_dict()["calibration"] == {"samples": 5, "asked": 16}
+    assert "calibration: 5 sample(s), of the 16 asked for: the data ran out" in str(report)
+
+
+def test_the_cli_does_not_call_the_calibration_function_when_no_step_needs_data(tmp_path):
+    from click.testing import CliRunner
+
+    from prunerecipe.cli import cli
+
+    (tmp_path / "cal.py").write_text("def data():\n    raise OSError('should not be called')\n")
+    (tmp_path / "r.yaml").write_text("version: 1\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5}\n")
+    out = tmp_path / "out.pt"
+    args = ["apply", str(tmp_path / "r.yaml"), "--model", "prunerecipe.zoo:LeNet", "--calibration", f"{tmp_path / 'cal.py'}:data", "-o", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    (tmp_path / "w.yaml").write_text(
+        "version: 1\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, sparsity: 0.5, importance: wanda}\n"
+    )
+    args[1], args[-1] = str(tmp_path / "w.yaml"), str(tmp_path / "out2.pt")
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "w.yaml" in result.output and "calibration" in result.output and "should not be called" in result.output
+
+
+def test_complex_samples_and_an_infinite_damp_are_refused():
+    from prunerecipe.errors import RecipeError
+
+    with pytest.raises(CalibrationError, match="complex64; samples are real"):
+        apply_recipe(
+            Keyword(),
+            parse_recipe("version: 1\nsteps:\n  - {select: {types: [Linear]}, method: sparsegpt, sparsity: 0.5}\n"),
+            calibration=[torch.randn(8, dtype=torch.complex64)] * 2,
+        )
+    with pytest.raises(RecipeError, match="damp must be a finite number"):
+        parse_recipe("version: 1\nsteps:\n  - {select: {types: [Linear]}, method: sparsegpt, sparsity: 0.5, args: {damp: .inf}}\n")

@@ -121,7 +121,9 @@ def draw_batches(data: Any, recipe: Recipe, where: KeyPath, model: nn.Module | N
     try:
         for i, item in enumerate(itertools.islice(iter(data), settings.samples)):
             taken.append(_checked(item, i, fail))
-    except CalibrationError:
+    except CalibrationError as exc:
+        if all(p.path is None for p in exc.problems):  # the calibration function's own: located at the data's key
+            raise fail("; ".join(p.message for p in exc.problems)) from None
         raise
     except Exception as exc:
         raise fail(f"reading calibration sample {len(taken)} raised {type(exc).__name__}: {exc}") from exc
@@ -175,6 +177,8 @@ def _checked_tensor(t: torch.Tensor, what: str, fail: Callable[[str], Calibratio
         raise fail(f"{what} is a 0-dimensional tensor; a sample has at least one dimension (token ids: (seq_len,)), and no batch dimension")
     if t.numel() == 0:
         raise fail(f"{what} is empty (shape {tuple(t.shape)})")
+    if t.is_complex():
+        raise fail(f"{what} is {str(t.dtype).replace('torch.', '')}; samples are real (token ids, or float inputs)")
     if t.is_floating_point() or t.is_complex():
         bad = int((~torch.isfinite(t)).sum().item())
         if bad:

@@ -96,14 +96,33 @@ def _without_cache(kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _hidden_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return args[0] if args else kwargs.get("hidden_states")
+
+
 def check_order(model: nn.Module, blocks: Blocks, batch: Batch, current: Current) -> None:
     """Run one batch through the whole model and check that it calls the blocks once each, in
-    their order: each block is replayed on the previous one's outputs, which is the model's own
-    computation only then."""
-    if blocks.whole_model or len(blocks.modules) < 2:
+    their order, each on the previous one's output: each block is replayed on the previous
+    one's outputs, which is the model's own computation only then."""
+    if blocks.whole_model:
         return
     order: list[int] = []
-    handles = [m.register_forward_pre_hook(lambda _m, _a, i=i: order.append(i)) for i, m in enumerate(blocks.modules)]
+    last: list[Any] = [None]  # the previous block's output, while the next one is awaited
+    unchained: list[int] = []
+
+    def before(i: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        order.append(i)
+        if i > 0 and not unchained and not _same(last[0], _hidden_of(args, kwargs)):
+            unchained.append(i)
+        last[0] = None
+
+    def after(output: Any) -> None:
+        last[0] = output[0] if isinstance(output, (tuple, list)) and output else output
+
+    handles = []
+    for i, m in enumerate(blocks.modules):
+        handles.append(m.register_forward_pre_hook(lambda _m, a, k, i=i: before(i, a, k), with_kwargs=True))
+        handles.append(m.register_forward_hook(lambda _m, _a, out: after(out)))
     current.where = "calibration batch 0"
     moved = batch_to(batch, model_device(model))
     try:
@@ -118,9 +137,25 @@ def check_order(model: nn.Module, blocks: Blocks, batch: Batch, current: Current
     if order != list(range(len(blocks.modules))):
         seen = ", ".join(blocks.names[i] for i in order[:8]) + (", ..." if len(order) > 8 else "")
         raise CalibrationError(
-            f"the model calls its blocks in another order than {blocks.describe()} ({seen}): calibration-based steps replay each "
-            "block on the previous one's outputs, which needs each block called once, in order; name them with sequential.blocks"
+            f"the model calls its blocks in another order than {blocks.describe()}, or not once each ({seen or 'never'}): "
+            "calibration-based steps replay each block on the "
+            "previous one's outputs, which needs each block called once, in order; name them with sequential.blocks"
         )
+    if unchained:
+        i = unchained[0]
+        raise CalibrationError(
+            f"block {blocks.names[i]} is not called on the output of block {blocks.names[i - 1]} (the model changes it in between): "
+            "calibration-based steps replay each block on the previous one's output; name blocks that follow one another "
+            "directly in sequential.blocks (whole transformer layers, say, not their MLPs alone)"
+        )
+
+
+def _same(output: Any, hidden: Any) -> bool:
+    if output is hidden:
+        return True
+    if not isinstance(output, torch.Tensor) or not isinstance(hidden, torch.Tensor) or output.shape != hidden.shape:
+        return False
+    return bool(torch.equal(output.to(hidden.dtype), hidden))
 
 
 def capture(model: nn.Module, blocks: Blocks, batches: Sequence[Batch], current: Current) -> list[BlockInputs]:
@@ -289,12 +324,11 @@ def _forward(
         out = block(*inp.args, **inp.kwargs)
         if not replace:
             continue
-        hidden = out[0] if isinstance(out, (tuple, list)) else out
-        if not isinstance(hidden, torch.Tensor) or hidden.shape != inp.hidden.shape:
-            got = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+        hidden = out[0] if isinstance(out, (tuple, list)) and out else out
+        if not isinstance(hidden, torch.Tensor):
             raise CalibrationError(
-                f"block {name} returned {got} for hidden states of shape {tuple(inp.hidden.shape)}: the blocks of "
-                "sequential.blocks must run one after another, each taking the previous one's output"
+                f"block {name} returned {type(hidden).__name__}: the blocks of sequential.blocks must return the hidden states "
+                "(a tensor, or a tuple holding it first) that the next one takes"
             )
         if not bool(torch.isfinite(hidden).all()):
             raise CalibrationError(f"block {name} produced NaN or inf on calibration batch {i}")

@@ -16,11 +16,11 @@ import torch.nn.utils.prune as prune
 
 from ..amounts import checked_nparams
 from ..layout import from_canonical, input_dim, to_canonical
-from ..methods import ImportanceSpec, InputStats, SparseGPT
+from ..methods import BUILTIN, ImportanceSpec, InputStats, SparseGPT
 from ..methods.ranking import prune_smallest_in_rows, split_count
 from ..plan import PlannedStep
 from ..select import Target
-from ..torchprune import attach, attach_rewritten, effective, match_mask_dtype, original, owned_mask
+from ..torchprune import attach, attach_rewritten, effective, is_pruned, match_mask_dtype, original, owned_mask
 from .sparsegpt import sparsegpt
 
 
@@ -32,6 +32,8 @@ def importance_scores(importance: ImportanceSpec, target: Target, stats: InputSt
         ValueError: the function raised, or gave scores of another shape or not finite.
     """
     tensor = effective(target.module, target.param)
+    if importance.origin != BUILTIN and not is_pruned(target.module, target.param):
+        tensor = tensor.clone()  # the parameter's own data: a plugin that writes into its argument must not change the model
     dim = input_dim(target.module, target.param, tensor.dim())
     canonical = to_canonical(tensor, dim)
     try:

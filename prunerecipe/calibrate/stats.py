@@ -73,7 +73,7 @@ class StatsCollector:
 
     def __enter__(self) -> StatsCollector:
         for module in self._modules:
-            self._handles.append(module.register_forward_pre_hook(self._hook))
+            self._handles.append(module.register_forward_pre_hook(self._hook, with_kwargs=True))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -88,9 +88,9 @@ class StatsCollector:
     def of(self, module: nn.Module) -> LayerStats:
         return self.stats[id(module)]
 
-    def _hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         st = self.stats[id(module)]
-        x = args[0] if args else None
+        x = args[0] if args else next(iter(kwargs.values()), None)  # nn.Linear(input=x), Conv1D(x=x)
         if not isinstance(x, torch.Tensor) or x.shape[-1] != st.in_features:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{type(module).__name__} got an input of shape {shape}; expected a last dimension of {st.in_features}")

@@ -181,12 +181,20 @@ def _calibration_fn(spec: str | None) -> Callable[[Any, Any], Any] | None:
     from ..spec import Calibration
 
     fn = load_calibration(spec)
+    name = spec
 
-    def samples(recipe: Any, model: Any) -> Any:
-        settings = recipe.calibration or Calibration()
-        return call_calibration(fn, model=model, samples=settings.samples, spec=spec)
+    class Samples:
+        """The function's samples, asked for only when a step reads them (a recipe that needs
+        no data does not call it)."""
 
-    return samples
+        def __init__(self, recipe: Any, model: Any) -> None:
+            self.recipe, self.model = recipe, model
+
+        def __iter__(self) -> Any:
+            settings = self.recipe.calibration or Calibration()
+            return iter(call_calibration(fn, model=self.model, samples=settings.samples, spec=name))
+
+    return Samples
 
 
 @click.group(context_settings=CONTEXT, epilog=EXAMPLES)

@@ -119,7 +119,7 @@ class Catalog(Generic[Spec]):
         eps = self.entry_points().get(name, ())
         if name in self.builtins and eps:
             raise MethodError(
-                f"{self.kind} {name!r} is built in, but {', '.join(dist_label(ep) for ep in eps)} also register it; "
+                f"{self.kind} {name!r} is built in, but {', '.join(dist_label(ep) for ep in eps)} also {'registers' if len(eps) == 1 else 'register'} it; "
                 f"uninstall the conflicting plugin or rename its {self.kind}"
             )
         if name in self.builtins:

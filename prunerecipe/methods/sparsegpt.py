@@ -7,6 +7,7 @@ rewrites the weights as well as the mask) runs in :mod:`prunerecipe.calibrate`, 
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -66,8 +67,8 @@ class SparseGPT(prune.BasePruningMethod):
             raise ValueError(f"amount must be a count >= 0 or a fraction in [0, 1], got {amount!r}")
         if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
             raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
-        if not isinstance(damp, numbers.Real) or isinstance(damp, bool) or not damp >= 0:
-            raise ValueError(f"damp must be a number >= 0, got {damp!r}")
+        if not isinstance(damp, numbers.Real) or isinstance(damp, bool) or not 0 <= damp < math.inf:
+            raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
         self.amount = amount
         self.block_size = block_size
         self.damp = float(damp)
