@@ -33,7 +33,17 @@ from .spec import Calibration, Recipe
 from .structured import Compaction, compact
 from .structured.masks import apply_masks, member_masks, rank
 from .structured.planning import example_tensors
-from .torchprune import ModelSnapshot, finalize, kept_entries, make_copyable, match_mask_dtype, pruned_parameters, pruning_hooks
+from .torchprune import (
+    ModelSnapshot,
+    apply_any_layout,
+    finalize,
+    global_unstructured,
+    kept_entries,
+    make_copyable,
+    match_mask_dtype,
+    pruned_parameters,
+    pruning_hooks,
+)
 
 Key = tuple[int, str]  # (id(module), parameter name)
 
@@ -352,7 +362,7 @@ def _run_targets(
         if not targets:
             return StepOutcome(step.label, spec.name, names)
         if not spec.takes_amount:
-            prune.global_unstructured(params, pruning_method=spec.cls, **kwargs)
+            global_unstructured(params, spec.cls, **kwargs)
             return StepOutcome(step.label, spec.name, names)
         amount = ps.live_amount(targets)
         assert amount is not None
@@ -362,11 +372,11 @@ def _run_targets(
             magnitude.l1_global(params, amount, zeros, finite=True)  # the preflight checked
         elif ps.importance is not None:
             scores = {(t.module, t.param): scores_for(t, importance_scores(ps.importance, t, None)) for t in targets}
-            prune.global_unstructured(params, pruning_method=spec.cls, importance_scores=scores, amount=amount, **kwargs)
+            global_unstructured(params, spec.cls, importance_scores=scores, amount=amount, **kwargs)
             for t in targets:
                 match_mask_dtype(t.module, t.param)
         else:
-            prune.global_unstructured(params, pruning_method=spec.cls, amount=amount, **kwargs)
+            global_unstructured(params, spec.cls, amount=amount, **kwargs)
         return StepOutcome(step.label, spec.name, names)
 
     noops: list[str] = []
@@ -386,7 +396,7 @@ def _run_targets(
         elif ps.importance is not None:
             prune_scored(ps, t, importance_scores(ps.importance, t, None), amount)
         else:
-            spec.cls.apply(t.module, t.param, **call)
+            apply_any_layout(spec.cls, t.module, t.param, **call)
     current.target = None
     if fast:
         magnitude.l1_local_many(fast, zeros, finite=True)  # the preflight checked

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
+import torch.nn as nn
 import torch.nn.utils.prune as prune
 
-from prunerecipe import apply_recipe, load_recipe
+from prunerecipe import apply_recipe, load_recipe, parse_recipe
 from prunerecipe.zoo import LeNet
 
 from .conftest import ROOT, assert_same_pruning, make_lenet, pruning_history
@@ -294,3 +296,35 @@ def test_torchvision_style_resnet_selection_and_equivalence(write_recipe):
     assert_same_pruning(ours, theirs)
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("scope", ["", ", scope: global"])
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_random_unstructured_on_weights_torch_cannot_flatten_draws_as_for_contiguous_ones(scope, layout):
+    """torch's random_unstructured fails on a channels_last or transposed weight (view(-1)); ours
+    gives the masks torch gives a contiguous copy, from the same draws."""
+
+    def build():
+        torch.manual_seed(5)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3))
+
+    ours, theirs = build(), build()
+    if layout == "channels_last":
+        ours = ours.to(memory_format=torch.channels_last)
+    else:
+        for layer in ours:
+            layer.weight = nn.Parameter(layer.weight.detach().transpose(0, 1).contiguous().transpose(0, 1))
+    torch.manual_seed(0)
+    step = "{select: {types: [Conv2d]}, method: random_unstructured, amount: 0.3" + scope + "}"
+    apply_recipe(ours, parse_recipe("version: 1\nsteps:\n  - " + step + "\n"))
+    after_ours = torch.get_rng_state()
+    torch.manual_seed(0)
+    if scope:
+        prune.global_unstructured([(layer, "weight") for layer in theirs], pruning_method=prune.RandomUnstructured, amount=0.3)
+    else:
+        for layer in theirs:
+            prune.random_unstructured(layer, "weight", amount=0.3)
+    assert torch.equal(after_ours, torch.get_rng_state())
+    for a, b in zip(ours, theirs):
+        assert not a.weight_orig.is_contiguous() and torch.equal(a.weight_mask, b.weight_mask)
+        assert [type(h).__name__ for h in a._forward_pre_hooks.values()] == [type(h).__name__ for h in b._forward_pre_hooks.values()]

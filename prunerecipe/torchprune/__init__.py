@@ -29,7 +29,19 @@ from .naming import (
     pruning_hooks,
     unpruned_name,
 )
-from .reparam import attach, attach_rewritten, effective, finalize, match_mask_dtype, move_to_end, pruned_parameters, refresh, restore_mask
+from .reparam import (
+    apply_any_layout,
+    attach,
+    attach_rewritten,
+    effective,
+    finalize,
+    global_unstructured,
+    match_mask_dtype,
+    move_to_end,
+    pruned_parameters,
+    refresh,
+    restore_mask,
+)
 from .snapshot import ModelSnapshot
 
 # Pickles of pruned models (``torch.save(model)``) name this class: keep the path they were
@@ -41,12 +53,14 @@ __all__ = [
     "ORIG",
     "ModelSnapshot",
     "PrunedGetState",
+    "apply_any_layout",
     "attach",
     "attach_rewritten",
     "count_zeros",
     "effective",
     "finalize",
     "fold_state_dict",
+    "global_unstructured",
     "has_param",
     "hook_for",
     "is_pruned",

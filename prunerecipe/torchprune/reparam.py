@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.utils.prune as prune
 from torch import nn
@@ -162,3 +164,52 @@ def finalize(model: nn.Module) -> list[str]:
         if isinstance(module.__dict__.get("__getstate__"), PrunedGetState) and not pruning_hooks(module):
             del module.__dict__["__getstate__"]
     return done
+
+
+def apply_any_layout(method: type[prune.BasePruningMethod], module: nn.Module, name: str, **kwargs: Any) -> None:
+    """``method.apply(module, name, **kwargs)``; for torch's own unstructured methods on a
+    tensor that is not contiguous (channels_last, transposed), ranked from a contiguous copy
+    (entries in their logical order): torch flattens with ``view(-1)``, which fails there."""
+    tensor = getattr(module, name)
+    if method.__module__ == prune.__name__ and getattr(method, "PRUNING_TYPE", None) == "unstructured" and not tensor.is_contiguous():
+        prune.BasePruningMethod.apply.__func__(method, module, name, importance_scores=tensor.contiguous(), **kwargs)  # type: ignore[attr-defined]
+        return
+    method.apply(module, name, **kwargs)
+
+
+def global_unstructured(
+    parameters: list[tuple[nn.Module, str]],
+    pruning_method: type[prune.BasePruningMethod],
+    importance_scores: dict[Any, torch.Tensor] | None = None,
+    **kwargs: Any,
+) -> None:
+    """``prune.global_unstructured``, for tensors of any memory layout: torch's own flattens with
+    ``view(-1)``, which fails for a channels_last or transposed weight. Where every tensor is
+    contiguous this is torch's function itself; otherwise the same steps on contiguous copies
+    (entries in their logical order), the masks installed with ``custom_from_mask`` as there."""
+    scores = importance_scores or {}
+    tensors = [scores.get((m, n), getattr(m, n)) for m, n in parameters]
+    if all(t.is_contiguous() for t in tensors) and all(getattr(m, n).is_contiguous() for m, n in parameters):
+        prune.global_unstructured(parameters, pruning_method=pruning_method, importance_scores=importance_scores, **kwargs)
+        return
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    default = torch.cat([_mask_or_ones(m, n).reshape(-1) for m, n in parameters])
+    container = prune.PruningContainer()
+    container._tensor_name = "temp"
+    method = pruning_method(**kwargs)
+    method._tensor_name = "temp"
+    kind = getattr(method, "PRUNING_TYPE", None)
+    if kind != "unstructured":
+        raise TypeError(f'Only "unstructured" PRUNING_TYPE supported for the `pruning_method`. Found method {pruning_method} of type {kind}')
+    container.add_pruning_method(method)
+    final = container.compute_mask(flat, default)
+    start = 0
+    for module, name in parameters:
+        param = getattr(module, name)
+        prune.custom_from_mask(module, name, mask=final[start : start + param.numel()].view(param.shape))
+        start += param.numel()
+
+
+def _mask_or_ones(module: nn.Module, name: str) -> torch.Tensor:
+    mask = getattr(module, name + MASK, None)
+    return mask if isinstance(mask, torch.Tensor) else torch.ones_like(getattr(module, name), memory_format=torch.contiguous_format)

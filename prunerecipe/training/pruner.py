@@ -246,7 +246,7 @@ class Pruner:
         self._adopt(state)
 
     def _digest(self) -> str:
-        """What a saved state depends on: every step's selection, method and schedule."""
+        """What a saved state depends on: every step's selection, method, schedule and seed."""
         import hashlib
         import json
 
@@ -263,6 +263,7 @@ class Pruner:
                 dict(s.args),
                 None if s.schedule is None else dataclasses.astuple(s.schedule),
             ]
+            + ([self.recipe.step_seed(s)] if self.recipe.step_seed(s) is not None else [])  # digests of unseeded recipes as before
             for s in self.recipe.steps
         ]
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()[:16]
@@ -272,7 +273,7 @@ class Pruner:
             raise RecipeError(f"not a prunerecipe Pruner state (version {STATE_VERSION}): {type(state).__name__}")
         if state.get("schedule_digest") not in (None, self._digest()):
             raise RecipeError(
-                "the saved Pruner state was made with a different recipe (its steps, selections or schedules differ); "
+                "the saved Pruner state was made with a different recipe (its steps, selections, schedules or seeds differ); "
                 "resume with the recipe the run started with"
             )
         try:
@@ -291,6 +292,11 @@ class Pruner:
         initial = state.get("lottery_initial")
         if self.recipe.lottery_ticket and not initial:
             raise RecipeError("the recipe asks for lottery_ticket, but the saved Pruner state has no initial weights")
+        if initial and not self.recipe.lottery_ticket:
+            raise RecipeError(
+                "the saved Pruner state rewinds weights to their initial values (lottery_ticket: true), but this recipe has "
+                "lottery_ticket: false; resume with the recipe the run started with"
+            )
         return {"next": nexts, "unscheduled_done": bool(state.get("unscheduled_done", True))}
 
     def _adopt(self, state: Mapping[str, Any]) -> None:
