@@ -372,8 +372,8 @@ def stream_plan(
                     problems.append(
                         recipe.problem(
                             ps.step.path,
-                            f"a streamed global step over more than {RESIDENT_UP_TO} entries needs its targets in one of "
-                            f"float16, bfloat16, float32, float64; they are {', '.join(sorted(map(str, dtypes)))}",
+                            f"a streamed global step over more than {RESIDENT_UP_TO} entries needs all its targets in one dtype, "
+                            f"float16, bfloat16, float32 or float64; they are {', '.join(sorted(str(d).replace('torch.', '') for d in dtypes))}",
                             code="stream",
                         )
                     )
