@@ -44,6 +44,17 @@ def is_folder_spec(spec: str, base: str | None = None) -> bool:
     return is_hf_folder(resolve(spec, base))
 
 
+def check_spec(spec: str, base: str | None = None) -> None:
+    """Refuse a model spec of no known form (before anything else is checked or loaded).
+
+    Raises:
+        ModelSpecError: neither a Hugging Face model folder nor ``pkg.module:attr`` /
+            ``path/to/file.py:attr``.
+    """
+    if not is_folder_spec(spec, base):
+        _split(spec)
+
+
 def _split(spec: str, what: str = "model spec", error: type[RecipeError] = ModelSpecError) -> tuple[str, str]:
     where, sep, attr = spec.rpartition(":")
     if not sep or not where or not attr or not all(p.isidentifier() for p in attr.split(".")):

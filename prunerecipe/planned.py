@@ -159,6 +159,8 @@ class Plan:
     #: figures computed from the weights (``prunerecipe.preview``), not projected
     computed: bool = False
     blocks: Blocks | None = None  # where calibration-based steps run, block by block
+    #: zero entries no mask covers, in the targets as computed (a finalized or dense checkpoint's)
+    unmasked_zeros: int = 0
 
     @property
     def needs_calibration(self) -> bool:
@@ -228,6 +230,7 @@ class Plan:
             "sparsity_before": before,
             "sparsity_after": after,
             "computed": self.computed,
+            "unmasked_zeros": self.unmasked_zeros,
             "blocks": list(self.blocks.names) if self.blocks is not None else None,
         }
 
@@ -276,6 +279,11 @@ class Plan:
         lines.append("")
         how = "computed from the weights" if self.computed else "projected"
         lines.append(f"targeted entries masked: {'?' if before is None else pct(before)} -> {'?' if after is None else pct(after)} ({how})")
+        if self.unmasked_zeros:
+            lines.append(
+                f"note: the weights already hold {self.unmasked_zeros} zero entries that no mask covers (a finalized or dense checkpoint): "
+                "the figures above count masks; apply's report counts zeros, these included"
+            )
         if not self.computed and (before is None or after is None or any(pt.known_after is None for ps in self.steps for pt in ps.targets)):
             lines.append("?: depends on the weights (global steps, structured methods, methods without an amount); plan with real weights shows them")
         if self.blocks is not None and self.needs_calibration:

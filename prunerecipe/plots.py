@@ -14,7 +14,9 @@ from .checkpoint.files import atomic_file
 from .errors import RecipeError, problem
 
 
-def sparsity_chart(path: str, rows: Sequence[tuple[str, float | None]], *, title: str, before: Sequence[float | None] | None = None) -> None:
+def sparsity_chart(
+    path: str, rows: Sequence[tuple[str, float | None]], *, title: str, before: Sequence[float | None] | None = None, measure: str = "0 or masked"
+) -> None:
     """Draw per-tensor sparsity into ``path`` (``.png`` or ``.svg``), atomically.
 
     Args:
@@ -22,6 +24,7 @@ def sparsity_chart(path: str, rows: Sequence[tuple[str, float | None]], *, title
         rows: ``(tensor name, sparsity after)`` in model order; None where it is not known.
         title: the figure's title (say the global figure there).
         before: the sparsity before, per row, when there is one.
+        measure: what a bar counts, for the axis ("0 or masked"; a plan's: "masked").
 
     Raises:
         RecipeError: matplotlib is missing or the suffix is neither .png nor .svg.
@@ -55,7 +58,7 @@ def sparsity_chart(path: str, rows: Sequence[tuple[str, float | None]], *, title
     ax.set_yticklabels([name for name, _ in rows], fontsize=7 if n <= 300 else 5)
     ax.invert_yaxis()  # model order from the top
     ax.set_xlim(0, 100)
-    ax.set_xlabel("sparsity (% of entries that are 0 or masked)")
+    ax.set_xlabel(f"sparsity (% of entries that are {measure})")
     ax.grid(axis="x", alpha=0.3)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()

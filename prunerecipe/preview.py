@@ -65,11 +65,12 @@ def preview(model: nn.Module, plan: Plan) -> Plan:
                 steps.append(ps if ps.scheduled else _step(plan, ps, masks, unknown, counted))
     finally:
         torch.set_rng_state(rng)
+    unmasked = sum(zero_entries(t.original, t.mask) - _masked(t.mask) for t in plan.targets)
     final = {}
     for key, mask in masks.items():
         t = next(t for t in plan.targets if (id(t.module), t.param) == key)
         final[key] = (t.original.numel(), counted.get(key, float(_masked(mask))))
-    return dataclasses.replace(plan, steps=tuple(steps), _final_entries=final, _final_exact=not unknown, computed=True)
+    return dataclasses.replace(plan, steps=tuple(steps), _final_entries=final, _final_exact=not unknown, computed=True, unmasked_zeros=unmasked)
 
 
 def _ones_or(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

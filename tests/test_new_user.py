@@ -116,7 +116,7 @@ def test_json_errors_from_validate_plan_and_apply(tmp_path):
     ):
         done = run(*args, stdin=bad if args[0] != "validate" else bad.replace("l1_unstructured", "l1_unstructure"))
         assert done.exit_code == 1, done.output
-        (error,) = json.loads(done.output)["errors"]
+        (error,) = json.loads(done.output)  # a JSON list of {file, line, col, path, code, message}
         assert set(error) == {"file", "line", "col", "path", "code", "message"} and error["file"] == "<stdin>" and error["line"] == 3
 
 

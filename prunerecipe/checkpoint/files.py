@@ -67,6 +67,36 @@ def check_output(path: str, *, force: bool, folder: bool = False, inputs: tuple[
     for source in inputs:
         if source and os.path.exists(source) and os.path.exists(full) and os.path.samefile(source, full) and not force:
             raise _fail(path, "is an input of this run; refusing to overwrite it (use --force)")
+    if folder and force and os.path.isdir(full) and not os.path.islink(full):
+        _check_replaceable(path, full, inputs)
+
+
+#: what a model folder holds; --force replaces a folder only when it is one (or empty)
+_MODEL_FOLDER_MARKS = ("config.json", "prunerecipe.json")
+
+
+def _check_replaceable(path: str, full: str, inputs: tuple[str, ...]) -> None:
+    """``--force`` deletes the folder it replaces: refuse a folder holding an input of this
+    run, or one that is not a model folder (subfolders, or neither ``config.json`` nor
+    ``prunerecipe.json``), whose other files would be lost."""
+    real = os.path.realpath(full)
+    for source in inputs:
+        if source and os.path.exists(source):
+            inner = os.path.realpath(source)
+            if inner != real and os.path.commonpath([inner, real]) == real:
+                raise _fail(path, f"holds {source}, an input of this run: --force would delete it with the folder; write elsewhere")
+    try:
+        entries = sorted(os.listdir(full))
+    except OSError as exc:
+        raise _fail(path, f"cannot be read ({exc.strerror or exc})") from None
+    folders = [e + "/" for e in entries if os.path.isdir(os.path.join(full, e))]
+    if entries and (folders or not any(mark in entries for mark in _MODEL_FOLDER_MARKS)):
+        shown = ", ".join((folders + [e for e in entries if e + "/" not in folders])[:5]) + (", ..." if len(entries) > 5 else "")
+        raise _fail(
+            path,
+            f"is a folder that is not a model folder (it holds {shown}): --force replaces a model folder (or an empty one) "
+            "with all its files; choose another path, or remove it yourself",
+        )
 
 
 def _temp_name(target: str) -> str:
@@ -91,6 +121,29 @@ def failures_named(path: str) -> Iterator[None]:
         yield
     except OSError as exc:
         raise _fail(path, f"cannot write it: {exc.strerror or exc}") from exc
+    except Exception as exc:
+        if not _write_failure(exc):
+            raise
+        raise _fail(path, f"cannot write it: {_write_reason(exc, path)}") from exc
+
+
+def _write_failure(exc: Exception) -> bool:
+    """An error of a writer library that reports a failed write in its own way: safetensors'
+    ``SafetensorError`` (an I/O error underneath), ``torch.save``'s zip writer."""
+    text = str(exc)
+    if type(exc).__name__ == "SafetensorError":
+        return "I/O error" in text or "os error" in text
+    return isinstance(exc, RuntimeError) and any(s in text for s in ("PytorchStreamWriter", "inline_container", "file write failed"))
+
+
+def _write_reason(exc: Exception, path: str) -> str:
+    try:
+        full = os.statvfs(os.path.dirname(os.path.abspath(path))).f_bavail == 0
+    except OSError:
+        full = False
+    if full or "No space left" in str(exc):
+        return "No space left on device"
+    return f"{type(exc).__name__}: {exc}"
 
 
 @contextlib.contextmanager
@@ -146,7 +199,7 @@ def atomic_folder(path: str, *, force: bool) -> Iterator[str]:
             if not force:
                 raise _fail(path, "already exists; refusing to overwrite it (use --force)")
             old = _temp_name(target)
-            os.rename(target, old)
+            os.rename(target, old)  # a symlink is moved as the link, and then removed as one
         try:
             os.rename(tmp, target)
         except OSError:
@@ -158,4 +211,7 @@ def atomic_folder(path: str, *, force: bool) -> Iterator[str]:
         if os.path.lexists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            if os.path.islink(old):
+                os.unlink(old)
+            else:
+                shutil.rmtree(old, ignore_errors=True)

@@ -112,11 +112,14 @@ def _torch_load(path: str) -> Any:
 
 
 _SAFE_MODULES = ("torch", "collections", "builtins", "_codecs", "numpy")
+#: of ``builtins``, only data types: ``exec``, ``eval``, ``getattr``, ``__import__`` are code
+_SAFE_BUILTINS = {"set", "frozenset", "bytearray", "bytes", "slice", "complex", "int", "float", "str", "tuple", "list", "dict", "bool", "range"}
 
 
 def _code_reference(path: str) -> str | None:
     """The first global a pickle refers to outside torch's and Python's data types, found by
-    reading its opcodes (``pickletools``: nothing is constructed or run); None if there is none."""
+    reading its opcodes (``pickletools``: nothing is constructed or run); None if there is none.
+    Every pickle of the file is read: torch's legacy format holds several, one after another."""
     try:
         if zipfile.is_zipfile(path):
             with zipfile.ZipFile(path) as zf:
@@ -125,20 +128,34 @@ def _code_reference(path: str) -> str | None:
         else:
             with open(path, "rb") as fh:
                 data = fh.read(64 << 20)
-        strings: list[str] = []
-        for op, arg, _ in pickletools.genops(io.BytesIO(data)):
-            if isinstance(arg, str):
-                strings.append(arg)
-            if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
-                module, _, name = arg.partition(" ")
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                module, name = strings[-2], strings[-1]
-            else:
-                continue
-            if module.split(".")[0] not in _SAFE_MODULES:
-                return f"{module}.{name}"
-    except Exception:  # not a pickle we can read: the caller reports it as unreadable
+        stream = io.BytesIO(data)
+        while stream.tell() < len(data):
+            start = stream.tell()
+            found = _first_code(stream)
+            if found is not None:
+                return found
+            if stream.tell() == start:
+                break
+    except Exception:  # not a pickle we can read (or past the last one): the caller reports it as unreadable
         return None
+    return None
+
+
+def _first_code(stream: io.BytesIO) -> str | None:
+    """Read one pickle's opcodes from ``stream`` (up to its STOP); the first code it names."""
+    strings: list[str] = []
+    for op, arg, _ in pickletools.genops(stream):
+        if isinstance(arg, str):
+            strings.append(arg)
+        if op.name in ("GLOBAL", "INST") and isinstance(arg, str):
+            module, _, name = arg.partition(" ")
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            module, name = strings[-2], strings[-1]
+        else:
+            continue
+        root = module.split(".")[0]
+        if root not in _SAFE_MODULES or (root == "builtins" and name not in _SAFE_BUILTINS):
+            return f"{module}.{name}"
     return None
 
 

@@ -60,6 +60,8 @@ def fit_prefix(state_dict: Mapping[str, torch.Tensor], model: nn.Module, strip: 
         CheckpointError: ``strip`` is given but no key starts with it.
     """
     keys = list(state_dict)
+    if strip and not strip.endswith(".") and any(k.startswith(strip + ".") for k in keys):
+        strip += "."  # "net" means the module prefix "net.", not keys that happen to start with those letters
     if strip:
         if not any(k.startswith(strip) for k in keys):
             raise CheckpointError(
@@ -116,6 +118,24 @@ def tied_aliases(model: nn.Module, expected: Mapping[str, torch.Tensor], state_d
     return out
 
 
+def _tie_conflicts(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names the model ties (one tensor) that the checkpoint gives different values: loading
+    would keep whichever came last, silently (``from_pretrained`` keeps the first)."""
+    by_tensor: dict[int, list[str]] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        by_tensor.setdefault(id(value), []).append(key)
+    out = []
+    for names in by_tensor.values():
+        present = [n for n in names if n in state_dict and state_dict[n].device.type != "meta"]
+        first = state_dict[present[0]] if present else None
+        for other in present[1:]:
+            value = state_dict[other]
+            assert first is not None
+            if value.shape != first.shape or value.dtype != first.dtype or not torch.equal(value, first):
+                out.append(f"{present[0]} and {other} are one tensor in the model (tied), but the checkpoint holds different values for them")
+    return out
+
+
 class Fit(NamedTuple):
     """How a checkpoint fits a model: what :func:`check_fit` found, for loading it."""
 
@@ -163,6 +183,7 @@ def check_fit(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strip
             expected[qual + ORIG] = tensor
             expected[qual + MASK] = tensor
     state_dict = dict(state_dict)
+    problems += _tie_conflicts(model, state_dict)
     for alias, source in tied_aliases(model, expected, state_dict).items():
         state_dict[alias] = state_dict[source]  # the model's own tie: the same tensor under both names
     missing = [k for k in expected if k not in state_dict]

@@ -93,7 +93,7 @@ def apply(
     from ..apply import apply_recipe
     from ..checkpoint import check_output, parse_size, write_output
     from ..checkpoint.write import output_suffix
-    from ..modelspec import is_folder_spec, resolve
+    from ..modelspec import check_spec, is_folder_spec, resolve
 
     overrides = _parse_sets(sets)
     recipe = _load(recipe_path, overrides)
@@ -106,8 +106,11 @@ def apply(
         return
     # Everything about the output is checked before the model is built or pruned.
     spec, base = _model_spec(recipe, model_spec)
+    check_spec(spec, base)
     from_folder = is_folder_spec(spec, base)
     fmt = fmt or ("hf" if from_folder else "torch")
+    if fmt != "hf" and click.get_current_context().get_parameter_source("max_shard_size") is not click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--max-shard-size sets the shard size of --format hf; this run writes one file")
     output_suffix(output, fmt)
     parse_size(max_shard_size)
     inputs = tuple(p for p in (weights, resolve(spec, base) if from_folder else None, recipe_path) if p)

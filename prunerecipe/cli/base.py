@@ -74,8 +74,9 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as exc:
             from ..errors import RecipeError
 
-            if kwargs.get("as_json") and isinstance(exc, RecipeError) and not _debug():
-                click.echo(json.dumps({"errors": exc.to_list()}, indent=2))
+            if kwargs.get("as_json") and not _debug():  # a JSON list of problems, whatever failed
+                unlocated = {"file": None, "line": None, "col": None, "path": None, "code": "error", "message": f"{type(exc).__name__}: {exc}"}
+                click.echo(json.dumps(exc.to_list() if isinstance(exc, RecipeError) else [unlocated], indent=2))
                 raise SystemExit(EXIT_INPUT) from None
             _fail(exc)
 

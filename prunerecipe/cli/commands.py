@@ -94,6 +94,7 @@ def plan(
             [(name, pt.known_after) for name, pt in rows.items()],
             before=[firsts[name].known_before for name in rows],
             title=f"{recipe.source}: targeted entries masked after the recipe: {where}",
+            measure="masked",
         )
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else str(result))
     if plot and not as_json:
@@ -128,7 +129,7 @@ def validate(recipe_paths: tuple[str, ...], sets: tuple[str, ...], as_json: bool
             if not as_json:
                 click.echo(f"{'<stdin>' if path == '-' else path}: ok")
     if as_json:
-        click.echo(json.dumps({"errors": errors}, indent=2))
+        click.echo(json.dumps(errors, indent=2))
         if failed:
             raise SystemExit(EXIT_INPUT)
         return
@@ -177,6 +178,10 @@ def report(model_spec: str | None, weights: str, strip_prefix: str | None, plot:
         modules = dict(model.named_modules())
         names = [n[: -len("_orig")] if n.endswith("_orig") else n for n, _ in model.named_parameters()]
         types = {n: type(modules[n.rpartition(".")[0]]).__name__ for n in names}
+    elif strip_prefix:  # no model to fit: the prefix is removed as given
+        import torch.nn as nn
+
+        state, _ = fit_prefix(state, nn.Module(), strip_prefix)
     rows = state_dict_sparsity(state, names)
     # The global figure counts the weights of the kinds pruning works on (tensors with masks, and
     # matrices and kernels: two or more dimensions); biases and norm parameters are listed, not summed.

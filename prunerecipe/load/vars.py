@@ -36,7 +36,7 @@ def substitute(doc: Document, overrides: Mapping[str, Any], problems: list[Probl
     values: dict[str, Any] = dict(declared) if isinstance(declared, dict) else {}
     values.update(overrides)
     used: set[str] = set()
-    for name, value in (declared.items() if isinstance(declared, dict) else ()):
+    for name, value in declared.items() if isinstance(declared, dict) else ():
         for path, text in _walk_strings(value, ("vars", name)):
             if _PLACEHOLDER.search(text) and not all(m.group(1) for m in _PLACEHOLDER.finditer(text)) and name not in overrides:
                 problems.append(doc.problem(path, f"{short(text)}: a var cannot refer to another var; give it a value", code="var"))
