@@ -158,7 +158,10 @@ def _model_for(
     recipe: Any, model_spec: str | None, weights: str | None, strip_prefix: str | None = None, meta_ok: bool = False
 ) -> tuple[Any, str | None]:
     """The model, its weights loaded; and the Hugging Face folder it came from (or None)."""
+    import dataclasses
+
     from ..checkpoint import fit_prefix, load_pruned_state_dict, read_state_dict
+    from ..errors import CheckpointError
     from ..modelspec import is_folder_spec, load_model, resolve
 
     spec, base = _model_spec(recipe, model_spec)
@@ -169,7 +172,10 @@ def _model_for(
         state, removed = fit_prefix(state, model, strip_prefix)
         if removed and not strip_prefix:
             click.echo(f"note: {weights}: removed the key prefix {removed!r}, which every key had and the model has not", err=True)
-        load_pruned_state_dict(model, state)
+        try:
+            load_pruned_state_dict(model, state)
+        except CheckpointError as exc:  # name the checkpoint the message is about
+            raise CheckpointError([p if p.source else dataclasses.replace(p, source=weights) for p in exc.problems]) from None
     return model, folder
 
 
