@@ -166,3 +166,31 @@ def test_usage_mistakes_are_reported_first(tmp_path, folder, recipe):
     assert done.exit_code == 1 and "is not 'pkg.module:attr'" in done.output
     done = run("apply", recipe, "--model", folder, "--format", "dense", "-o", tmp_path / "d.safetensors", "--max-shard-size", "1MB")
     assert done.exit_code == 2 and "--max-shard-size sets the shard size of --format hf" in done.output
+
+
+def test_a_tensor_in_two_shards_is_refused_in_memory_and_streaming(tmp_path):
+    from safetensors.torch import save_file
+
+    from prunerecipe import read_state_dict
+    from prunerecipe.errors import CheckpointError
+
+    a, b = torch.ones(4), torch.zeros(4)
+    save_file({"x": a, "y": a.clone()}, tmp_path / "s1.safetensors")
+    save_file({"x": b}, tmp_path / "s2.safetensors")
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"x": "s2.safetensors", "y": "s1.safetensors"}}))
+    with pytest.raises(CheckpointError, match=r"tensors stored in two shards: x \(s1.safetensors, s2.safetensors\)"):
+        read_state_dict(str(index))
+    from prunerecipe.stream.format import Source
+
+    with pytest.raises(CheckpointError, match="tensors stored in two shards"):
+        Source(str(index))
+
+
+def test_sparse_tensors_in_a_checkpoint_are_named(tmp_path):
+    from prunerecipe import read_state_dict
+    from prunerecipe.errors import CheckpointError
+
+    torch.save({"w": torch.eye(3).to_sparse()}, tmp_path / "s.pt")
+    with pytest.raises(CheckpointError, match=r"not dense .*w \(sparse_coo\)"):
+        read_state_dict(str(tmp_path / "s.pt"))

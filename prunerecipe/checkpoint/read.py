@@ -203,9 +203,15 @@ def _read_sharded(path: str) -> dict[str, torch.Tensor]:
     weight_map, shards = read_index(path)
     folder = os.path.dirname(os.path.abspath(path))
     out: dict[str, torch.Tensor] = {}
+    seen: dict[str, str] = {}
+    twice = []
     for shard in shards:
         part = read_state_dict(os.path.join(folder, shard))
-        out.update({k: v for k, v in part.items() if weight_map.get(k, shard) == shard or k not in out})
+        twice += [f"{k} ({seen[k]}, {shard})" for k in part if k in seen]
+        seen.update(dict.fromkeys(part, shard))
+        out.update(part)
+    if twice:  # loaders disagree on which copy wins (transformers takes another one than the index names)
+        raise _fail(path, listing("tensors stored in two shards", twice))
     missing = [k for k in weight_map if k not in out]
     if missing:
         raise _fail(path, listing("the index names tensors its shards lack", missing))
@@ -252,4 +258,7 @@ def _check_values(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.
     empty = [k for k, v in state.items() if v.device.type == "meta"]
     if empty:
         raise _fail(path, listing("tensors without data (meta device)", empty))
+    sparse = [f"{k} ({str(v.layout).replace('torch.', '')})" for k, v in state.items() if v.layout != torch.strided]
+    if sparse:
+        raise _fail(path, listing("tensors that are not dense (prunerecipe reads dense weights; .to_dense() them)", sparse))
     return state

@@ -135,8 +135,13 @@ class Source:
         self.metadata.append(meta)
         self._handles.append(handle)
         shard = os.path.basename(path)
+        twice = [
+            f"{key} ({os.path.basename(self.files[self.tensors[key].file])}, {shard})" for key in found if key in self.tensors and prefer is not None
+        ]
+        if twice:  # as in memory: loaders disagree on which copy wins
+            raise _fail(path, listing("tensors stored in two shards", twice))
         for key, stored in found.items():
-            if key not in self.tensors or (prefer is not None and prefer.get(key) == shard):
+            if key not in self.tensors:
                 self.tensors[key] = stored
         tied = meta.get(TIED_METADATA)
         if tied:
