@@ -341,8 +341,13 @@ def _plan_group_step(model: nn.Module, recipe: Recipe, step: Step, spec: MethodS
         st = proj.state(t)
         before = st.entries
         after = before + (st.numel - before) * (1.0 - gt.kept_fraction)
+        # a fact only where what is masked already is whole channels (the step picks among the
+        # others); entries masked one by one may or may not fall in the channels it picks
+        aligned = before == 0 or before == pg.done * (st.numel // pg.group.channels)
         rows.append(
-            PlannedTarget(t, pg.group.channels, "channels (group)", pg.done, pg.to_prune, int(before), after, st.numel, st.entries_exact, exact)
+            PlannedTarget(
+                t, pg.group.channels, "channels (group)", pg.done, pg.to_prune, int(before), after, st.numel, st.entries_exact, exact and aligned
+            )
         )
         st.entries, st.entries_exact, st.slices, st.touched = after, False, {}, True
     return PlannedStep(step, spec, tuple(rows), False, groups=found.groups, skipped_groups=found.skipped)

@@ -127,3 +127,22 @@ def test_a_pruned_fp16_linear_runs_as_semi_structured_sparse_with_the_same_outpu
         layer.weight = nn.Parameter(torch.sparse.to_sparse_semi_structured(layer.weight))
         sparse_out = layer(x)
     assert torch.allclose(sparse_out, dense_out, rtol=1e-3, atol=1e-3)
+
+
+def test_conv_masks_are_contiguous_and_reload_to_the_same_outputs():
+    """A permuted mask would spread its layout to the weight: the same values, other rounding in a conv."""
+    from prunerecipe import load_pruned_state_dict
+    from prunerecipe.zoo import ResNet
+
+    torch.manual_seed(0)
+    model = ResNet(width=8).eval()
+    apply_recipe(
+        model, parse_recipe("version: 1\nsteps:\n  - {select: {types: [Conv2d], names: ['layer2.*']}, method: semi_structured, args: {n: 2, m: 4}}\n")
+    )
+    masks = {n: b for n, b in model.named_buffers() if n.endswith("_mask")}
+    assert masks and all(m.is_contiguous() for m in masks.values())
+    fresh = ResNet(width=8).eval()
+    load_pruned_state_dict(fresh, model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))

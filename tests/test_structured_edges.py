@@ -304,3 +304,19 @@ def test_half_precision_models_compact_within_their_own_resolution():
         model, parse_recipe("version: 1\ninputs: [{shape: [2, 3, 32, 32], dtype: float16}]\nfinalize: compact\nsteps:\n  - " + GROUP % "" + "\n")
     )
     assert report.compaction is not None and report.compaction.tolerance == pytest.approx(4 * torch.finfo(torch.float16).eps)
+
+
+def test_a_group_step_over_entries_masked_one_by_one_is_not_planned_as_a_fact():
+    from prunerecipe.preview import preview
+
+    model = nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 24), nn.BatchNorm1d(24), nn.ReLU(), nn.Linear(24, 5)).eval()
+    recipe = parse_recipe(
+        "version: 1\ninputs: [{shape: [2, 12]}]\nsteps:\n"
+        "  - {select: {names: ['4']}, params: [weight], method: random_unstructured, amount: 0.25, seed: 1}\n"
+        "  - {select: {types: [Linear]}, method: ln_structured, args: {n: 1, dim: 0}, amount: 2, scope: group}\n"
+    )
+    for plan in (plan_recipe(model, recipe), preview(model, plan_recipe(model, recipe))):
+        row = next(pt for pt in plan.steps[1].targets if pt.target.qualname == "4.weight")
+        assert not row.exact_after and row.known_after is None
+    untouched = next(pt for pt in plan_recipe(model, recipe).steps[1].targets if pt.target.qualname == "0.weight")
+    assert untouched.exact_after  # nothing masked there before: the count is a fact

@@ -85,4 +85,6 @@ class SemiStructured(prune.BasePruningMethod):
         shape = scores.shape
         keep = (default_mask != 0).movedim(dim, -1).reshape(-1, shape[-1])
         new = prune_n_of_m(scores.reshape(-1, shape[-1]), keep, self.n, self.m)
-        return new.reshape(shape).movedim(-1, dim).to(dtype=default_mask.dtype)
+        # contiguous, as torch's own masks are (movedim leaves a permuted view; a conv's weight
+        # times it would then take that layout too)
+        return new.reshape(shape).movedim(-1, dim).to(dtype=default_mask.dtype, memory_format=torch.contiguous_format)

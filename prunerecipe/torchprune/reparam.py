@@ -61,7 +61,7 @@ def attach(module: nn.Module, name: str, method: prune.BasePruningMethod, mask: 
         orig = module._parameters[name]
         module.register_parameter(name + ORIG, orig)
         del module._parameters[name]
-    module.register_buffer(name + MASK, mask)
+    module.register_buffer(name + MASK, mask.contiguous())  # torch's masks are contiguous (a permuted one would spread its layout)
     setattr(module, name, hook.apply_mask(module))
     module.register_forward_pre_hook(hook)
     return hook
