@@ -42,6 +42,8 @@ _EXPORTS = {
     "unregister_importance": "methods",
     "unregister_method": "methods",
     "load_model": "modelspec",
+    "RecipeWarning": "errors",
+    "preview": "preview",
     "Plan": "plan",
     "PlannedStep": "plan",
     "PlannedTarget": "plan",
@@ -73,13 +75,14 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    helpers = {"Any", "TYPE_CHECKING", "annotations", "importlib"}  # this module's own imports, not the API
+    return sorted((set(globals()) - helpers) | set(__all__))
 
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .apply import apply_recipe
     from .checkpoint import load_pruned_state_dict, read_state_dict, save_state_dict
-    from .errors import ApplyError, CalibrationError, CheckpointError, MethodError, ModelSpecError, Problem, RecipeError
+    from .errors import ApplyError, CalibrationError, CheckpointError, MethodError, ModelSpecError, Problem, RecipeError, RecipeWarning
     from .load import load_recipe, parse_recipe, recipe_from_dict, recipe_schema
     from .methods import (
         MethodSpec,
@@ -95,6 +98,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     )
     from .modelspec import load_model
     from .plan import Plan, PlannedStep, PlannedTarget, plan_recipe
+    from .preview import preview
     from .report import Report
     from .schedule import Event
     from .select import Target

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -16,14 +17,14 @@ from torch import nn
 
 from .amounts import is_count, normalize_dim, nparams_to_prune
 from .blocks import Blocks, calibration_target_problem, find_blocks
-from .errors import MethodError, Problem, RecipeError, SelectorError
+from .errors import MethodError, Problem, RecipeError, RecipeWarning, SelectorError
 from .layout import input_dim
 from .load import load_recipe
 from .methods import MethodSpec, get_importance, get_method
 from .methods.binding import argument_default, importance_problem
 from .methods.semi_structured import nm_problem
 from .planned import Plan, PlannedStep, PlannedTarget, pruned_entries, pruned_slices
-from .select import Target, param_owners, resolve_targets
+from .select import Target, param_owners, resolve_targets, unused_entries
 from .spec import Recipe, Step
 from .structured.planning import GroupProblem, compaction_problems, plan_groups
 from .text import shape_text, short
@@ -83,7 +84,9 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, sp
             union of every process's targets when it runs.
 
     Returns:
-        The :class:`Plan`; ``str(plan)`` is the dry-run table the CLI prints.
+        The :class:`Plan`; ``str(plan)`` is the dry-run table, with projected figures (``?``
+        where they depend on the weights; :func:`~prunerecipe.preview.preview` computes
+        them from real weights, as ``prunerecipe plan`` prints them).
 
     Raises:
         RecipeError: listing every step that resolves to no target, names a tied parameter,
@@ -131,6 +134,10 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, sp
             key = (step.select, step.params)
             if key not in resolved:  # recipes often repeat a selector
                 resolved[key] = resolve_targets(modules, step.select, step.params, allow_empty=spread)
+                if not spread:  # one rank may hold none of what an entry names
+                    for part, message in unused_entries(modules, step.select, step.params, resolved[key]):
+                        at = recipe.problem(step.path + (("params",) if part == "params" else ("select", part)), message, code="select")
+                        warnings.warn(RecipeWarning(str(at)), stacklevel=2)
             targets = resolved[key]
         except SelectorError as exc:
             problems.append(recipe.problem(step.path + ("select",), _named(step, str(exc)), code="no-targets"))

@@ -285,7 +285,10 @@ class Plan:
                 "the figures above count masks; apply's report counts zeros, these included"
             )
         if not self.computed and (before is None or after is None or any(pt.known_after is None for ps in self.steps for pt in ps.targets)):
-            lines.append("?: depends on the weights (global steps, structured methods, methods without an amount); plan with real weights shows them")
+            lines.append(
+                "?: depends on the weights (global steps, structured methods, methods without an amount); with real weights, "
+                "prunerecipe plan computes them (prunerecipe.preview(model, plan) in code)"
+            )
         if self.blocks is not None and self.needs_calibration:
             calibration = self.recipe.calibration or Calibration()
             lines.append(

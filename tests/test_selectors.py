@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch.nn.utils.prune as prune
 from torch import nn
@@ -149,3 +151,37 @@ def test_a_module_registered_twice_can_be_selected_by_either_name():
     assert [t.qualname for t in plan_recipe(model, recipe).targets] == ["alias.weight"]
     both = parse_recipe("version: 1\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5}\n")
     assert [t.qualname for t in plan_recipe(model, both).targets] == ["first.weight"]
+
+
+@pytest.mark.parametrize(
+    ("select", "says"),
+    [
+        ("{types: [Conv2d, Linear]}, params: [weight, bais]", "steps[0].params: no selected module has a parameter 'bais' (did you mean 'bias'?)"),
+        ("{names: [fc1, fc_2]}", "steps[0].select.names: no module name matches 'fc_2' (did you mean 'fc2'?)"),
+        ("{types: [Conv2d, Linaer]}", "steps[0].select.types: no module is a 'Linaer' (did you mean 'Linear'?)"),
+        (
+            "{types: [Linear], exclude: {names: [fc_3]}}",
+            "steps[0].select.exclude: exclude names: no module name matches 'fc_3' (did you mean 'fc3'?); it excludes nothing",
+        ),
+    ],
+)
+def test_a_typo_beside_a_working_entry_is_a_located_warning(select, says):
+    from prunerecipe.errors import RecipeWarning
+    from prunerecipe.zoo import LeNet
+
+    recipe = parse_recipe(f"version: 1\nsteps:\n  - {{select: {select}, method: l1_unstructured, amount: 0.1}}\n", "r.yaml")
+    with pytest.warns(RecipeWarning, match=re.escape(says)):
+        plan_recipe(LeNet(), recipe)
+
+
+def test_entries_a_model_family_lacks_are_not_warned_about():
+    import warnings
+
+    from prunerecipe.zoo import LeNet
+
+    recipe = parse_recipe(
+        "version: 1\nsteps:\n  - {select: {types: [Linear, Embedding], names: ['fc*', 'model.layers.*'], exclude: {names: [lm_head]}}, method: l1_unstructured, amount: 0.1}\n"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan_recipe(LeNet(), recipe)

@@ -215,6 +215,28 @@ def cli(ctx: click.Context, debug: bool) -> None:
     method, how much, in which order. The result equals the hand-written torch code.
     """
     ctx.obj = {"debug": debug}
+    _recipe_warnings_as_lines()
+
+
+def _recipe_warnings_as_lines() -> None:
+    """Warnings about a recipe (an entry that selects nothing, say) print as ``warning: ...``
+    lines on stderr, as the loader's do, rather than with a source line of prunerecipe."""
+    import warnings
+
+    from ..errors import RecipeWarning
+
+    shown = warnings.showwarning
+    if getattr(shown, "_prunerecipe", False):
+        return
+
+    def show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+        if issubclass(category, RecipeWarning):
+            click.echo(f"warning: {message}", err=True)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    show._prunerecipe = True  # type: ignore[attr-defined]
+    warnings.showwarning = show
 
 
 model_option = click.option(
