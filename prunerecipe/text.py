@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -49,3 +50,12 @@ def format_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[s
 def shape_text(shape: Sequence[int]) -> str:
     """``(6, 1, 3, 3)`` -> ``"6x1x3x3"``; a scalar is ``"scalar"``."""
     return "x".join(map(str, shape)) or "scalar"
+
+
+def shown_path(path: str) -> str:
+    """``path`` relative to the current folder when it lies inside it (as a user would type it)."""
+    try:
+        rel = os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return path
+    return rel if not rel.startswith("..") else path

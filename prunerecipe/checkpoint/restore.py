@@ -98,8 +98,10 @@ def _prefix_hint(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, 
     if keys and _fits(keys, model_keys) == 0:
         prefix = common_prefix(keys)
         model_prefix = common_prefix(list(model_keys))
-        seen = f"every key starts with {prefix!r}" if prefix else "no key shares a name with the model"
-        return f" ({seen}; the model's keys start with {model_prefix or '(no common prefix)'!r}; see --strip-prefix)"
+        if not prefix:  # nothing to strip: most likely the checkpoint of another model
+            return " (no key of the checkpoint names a parameter of the model: is it the checkpoint of another model?)"
+        theirs = f"the model's keys start with {model_prefix!r}" if model_prefix else "the model's keys have no common prefix"
+        return f" (every key starts with {prefix!r}, {theirs}; see --strip-prefix)"
     return ""
 
 
@@ -166,15 +168,18 @@ def check_fit(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strip
     restored = pruned_keys(state_dict)
     to_prune: dict[tuple[int, str], tuple[nn.Module, str, str]] = {}
     problems: list[str] = []
+    strays = []
     for qual in restored:
         mod_name, _, pname = qual.rpartition(".")
         module = modules.get(mod_name)
         if module is None or not has_param(module, pname):
-            problems.append(f"{qual}{ORIG}: the model has no parameter {qual}")
+            strays.append(qual)
             continue
         if not is_pruned(module, pname):
             to_prune.setdefault((id(module), pname), (module, pname, qual))
 
+    if strays:
+        problems.append(listing("pruned parameters (*_orig/*_mask) the model does not have", strays))
     expected = dict(model.state_dict())
     for module, pname, _ in to_prune.values():
         for prefix in names_of[id(module)]:

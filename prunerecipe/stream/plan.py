@@ -39,6 +39,7 @@ from ..magnitude import EXACT_TIES_UP_TO, supported
 from ..plan import Plan, PlannedStep, plan_recipe
 from ..rng import is_random
 from ..spec import Recipe
+from ..text import shown_path
 from .format import DTYPES, Source, nbytes
 from .refusals import random_draws, unstreamable
 
@@ -170,7 +171,9 @@ class StreamPlan:
         """The streaming section of ``plan --stream``: passes, tensors and the memory bound."""
         total = sum(e.nbytes for e in self.entries.values())
         read = sum(e.read_bytes for e in self.entries.values())
-        lines = [f"streaming: {self.weights or '(the checkpoint given at apply)'} -> --format {self.fmt}, one tensor at a time"]
+        lines = [
+            f"streaming: {shown_path(self.weights) if self.weights else '(the checkpoint given at apply)'} -> --format {self.fmt}, one tensor at a time"
+        ]
         n = 1
         for cut in self.cuts:
             ps = self.steps[cut.position]
