@@ -281,7 +281,8 @@ class Plan:
         lines.append(f"targeted entries masked: {'?' if before is None else pct(before)} -> {'?' if after is None else pct(after)} ({how})")
         if self.unmasked_zeros:
             lines.append(
-                f"note: the weights already hold {self.unmasked_zeros} zero entries that no mask covers (a finalized or dense checkpoint): "
+                f"note: the weights already hold {self.unmasked_zeros} zero entries that no mask covers (zeros of the weights themselves: "
+                "a finalized checkpoint's, zero-initialized biases): "
                 "the figures above count masks; apply's report counts zeros, these included"
             )
         if not self.computed and (before is None or after is None or any(pt.known_after is None for ps in self.steps for pt in ps.targets)):

@@ -272,7 +272,7 @@ def test_verbose_logs_model_pruning_style_lines(tmp_path, caplog):
     assert events[0].startswith(f"Applied `L1Unstructured`. Pruned: 0/{total} (0.00%) -> ")
     final = round(0.75 * total)
     assert events[-1].endswith(f"-> {final}/{total} ({final / total:.2%}) (step 'gradual')")
-    per_parameter = [line for line in lines if line.startswith("Applied `L1Unstructured` to `net.fc1`.weight with sparsity=")]
+    per_parameter = [line for line in lines if line.startswith("Applied `L1Unstructured` to `net.fc1`.weight with amount=")]
     assert per_parameter and " Pruned: 0 (0.00%) -> " in per_parameter[0]  # verbose=2: per parameter
     with pytest.raises(ValueError, match="verbose"):
         RecipePruning(parse_recipe(RECIPE), verbose=3)

@@ -338,3 +338,26 @@ def test_complex_samples_and_an_infinite_damp_are_refused():
         )
     with pytest.raises(RecipeError, match="damp must be a finite number"):
         parse_recipe("version: 1\nsteps:\n  - {select: {types: [Linear]}, method: sparsegpt, sparsity: 0.5, args: {damp: .inf}}\n")
+
+
+def test_the_cli_names_a_calibration_function_that_returns_one_dict(tmp_path):
+    from click.testing import CliRunner
+
+    from prunerecipe.cli import cli
+
+    (tmp_path / "cal.py").write_text("import torch\ndef data():\n    return {'input': torch.randn(4, 8)}\n")
+    (tmp_path / "w.yaml").write_text(
+        "version: 1\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, sparsity: 0.5, importance: wanda}\n"
+    )
+    args = [
+        "apply",
+        str(tmp_path / "w.yaml"),
+        "--model",
+        "prunerecipe.zoo:LeNet",
+        "--calibration",
+        f"{tmp_path / 'cal.py'}:data",
+        "-o",
+        str(tmp_path / "o.pt"),
+    ]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "calibration data is one dict; give an iterable of samples" in result.output

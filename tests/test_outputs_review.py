@@ -194,3 +194,15 @@ def test_sparse_tensors_in_a_checkpoint_are_named(tmp_path):
     torch.save({"w": torch.eye(3).to_sparse()}, tmp_path / "s.pt")
     with pytest.raises(CheckpointError, match=r"not dense .*w \(sparse_coo\)"):
         read_state_dict(str(tmp_path / "s.pt"))
+
+
+def test_raw_tensor_bytes_after_a_legacy_pickle_are_not_taken_for_code(tmp_path):
+    import numpy as np
+
+    from prunerecipe import read_state_dict
+    from prunerecipe.errors import CheckpointError
+
+    torch.save({"w": torch.full((99,), 10, dtype=torch.uint8), "meta": np.arange(3)}, tmp_path / "l.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError) as err:
+        read_state_dict(str(tmp_path / "l.pt"))
+    assert "references code" not in str(err.value)

@@ -165,7 +165,7 @@ def test_empty_example_inputs_are_refused():
     model = nn.Sequential(nn.Linear(6, 8), nn.Sigmoid(), nn.Linear(8, 2)).eval()
     torch.nn.utils.prune.ln_structured(model[0], "weight", amount=0.5, n=2, dim=0)
     torch.nn.utils.prune.custom_from_mask(model[0], "bias", model[0].weight_mask[:, 0])
-    with pytest.raises(RecipeError, match="example inputs .* are empty"):
+    with pytest.raises(RecipeError, match="outputs on the example inputs are empty"):
         compact(model, torch.empty(0, 6))
     assert hasattr(model[0], "weight_orig")  # nothing changed
 
@@ -320,3 +320,33 @@ def test_a_group_step_over_entries_masked_one_by_one_is_not_planned_as_a_fact():
         assert not row.exact_after and row.known_after is None
     untouched = next(pt for pt in plan_recipe(model, recipe).steps[1].targets if pt.target.qualname == "0.weight")
     assert untouched.exact_after  # nothing masked there before: the count is a fact
+
+
+def test_a_self_written_attention_with_a_parameter_free_helper_is_still_attention():
+    class ScaledDotProductAttention(nn.Module):  # a helper with no projections of its own
+        def forward(self, q, k, v):
+            return torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+
+    class Mix(Heads):
+        def __init__(self):
+            super().__init__()
+            self.attend = ScaledDotProductAttention()
+
+    model = nn.Sequential(Mix())
+    with pytest.raises(RecipeError, match="attention"):
+        plan_recipe(model, _group("{names: ['0.q']}", "[2, 5, 32]"))
+
+
+def test_an_empty_output_beside_real_ones_does_not_stop_compaction():
+    class WithNothing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(6, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.l2(torch.relu(self.l1(x))), torch.zeros(0)  # no auxiliary losses this time
+
+    torch.manual_seed(0)
+    model = WithNothing().eval()
+    report = apply_recipe(model, _group("{names: [l1]}", "[4, 6]", "compact"))
+    assert report.compaction is not None and model.l1.out_features == 8

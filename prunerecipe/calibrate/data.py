@@ -89,6 +89,18 @@ def call_calibration(fn: Callable[..., Any], *, model: nn.Module, samples: int, 
     return result
 
 
+class LazySamples:
+    """A calibration function's samples, asked for only when a step reads them (a recipe that
+    needs no data does not call it): ``draw_batches`` calls :meth:`resolve` and checks what it gives."""
+
+    def __init__(self, fn: Callable[..., Any], *, model: nn.Module, samples: int, spec: str = "") -> None:
+        self.fn, self.model, self.samples, self.spec = fn, model, samples, spec
+
+    def resolve(self) -> Any:
+        """What the function returns (see :func:`call_calibration`)."""
+        return call_calibration(self.fn, model=self.model, samples=self.samples, spec=self.spec)
+
+
 def draw_batches(data: Any, recipe: Recipe, where: KeyPath, model: nn.Module | None = None) -> tuple[list[Batch], int]:
     """The first ``samples`` samples of ``data``, checked and stacked into batches.
 
@@ -112,6 +124,12 @@ def draw_batches(data: Any, recipe: Recipe, where: KeyPath, model: nn.Module | N
 
     def fail(message: str) -> CalibrationError:
         return CalibrationError(recipe.problem(where, message, code="calibration"))
+
+    if isinstance(data, LazySamples):
+        try:
+            data = data.resolve()
+        except CalibrationError as exc:  # the function's own failure: located at the data's key
+            raise fail("; ".join(p.message for p in exc.problems)) from None
 
     if isinstance(data, Mapping):
         raise fail("calibration data is one dict; give an iterable of samples (a list of dicts, say)")

@@ -116,6 +116,11 @@ _SAFE_MODULES = ("torch", "collections", "builtins", "_codecs", "numpy")
 _SAFE_BUILTINS = {"set", "frozenset", "bytearray", "bytes", "slice", "complex", "int", "float", "str", "tuple", "list", "dict", "bool", "range"}
 
 
+#: pickles at the start of torch's legacy format: magic number, protocol, system info, the
+#: data, the storage keys (raw storage bytes follow)
+_LEGACY_PICKLES = 5
+
+
 def _code_reference(path: str) -> str | None:
     """The first global a pickle refers to outside torch's and Python's data types, found by
     reading its opcodes (``pickletools``: nothing is constructed or run); None if there is none.
@@ -129,8 +134,10 @@ def _code_reference(path: str) -> str | None:
             with open(path, "rb") as fh:
                 data = fh.read(64 << 20)
         stream = io.BytesIO(data)
-        while stream.tell() < len(data):
+        for _ in range(_LEGACY_PICKLES):  # then raw tensor bytes, which are not opcodes
             start = stream.tell()
+            if start >= len(data):
+                break
             found = _first_code(stream)
             if found is not None:
                 return found

@@ -184,24 +184,17 @@ def _calibration_fn(spec: str | None) -> Callable[[Any, Any], Any] | None:
     the samples (checked by apply_recipe)."""
     if not spec:
         return None
-    from ..calibrate import call_calibration, load_calibration
+    from ..calibrate.data import LazySamples, load_calibration
     from ..spec import Calibration
 
     fn = load_calibration(spec)
     name = spec
 
-    class Samples:
-        """The function's samples, asked for only when a step reads them (a recipe that needs
-        no data does not call it)."""
+    def samples(recipe: Any, model: Any) -> Any:
+        settings = recipe.calibration or Calibration()
+        return LazySamples(fn, model=model, samples=settings.samples, spec=name)
 
-        def __init__(self, recipe: Any, model: Any) -> None:
-            self.recipe, self.model = recipe, model
-
-        def __iter__(self) -> Any:
-            settings = self.recipe.calibration or Calibration()
-            return iter(call_calibration(fn, model=self.model, samples=settings.samples, spec=name))
-
-    return Samples
+    return samples
 
 
 @click.group(context_settings=CONTEXT, epilog=EXAMPLES)

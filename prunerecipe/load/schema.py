@@ -91,8 +91,11 @@ def _explain(doc: Document, path: KeyPath, err: Any) -> list[Problem]:
         return [doc.problem(path, f"{short(err.instance)} is not a valid name (letters, digits and '_')")]
     if (kind == "minItems" and err.validator_value == 1) or kind == "minProperties":
         return [doc.problem(path, "must not be empty")]
+    if kind == "enum" and isinstance(err.instance, str):
+        return [doc.problem(path, str(err.message) + suggest(err.instance, [str(c) for c in err.validator_value]))]
     if "x-message" in err.schema:
-        return [doc.problem(path, f"{short(err.instance)}: {err.schema['x-message']}")]
+        hint = suggest(err.instance, [str(c) for c in _choices(err.schema)]) if isinstance(err.instance, str) else ""
+        return [doc.problem(path, f"{short(err.instance)}: {err.schema['x-message']}{hint}")]
     if kind == "pattern" and path[-1:] == ("model",):
         return [doc.problem(path, f"{short(err.instance)} is not a model spec; write 'pkg.module:attr' or 'path/to/file.py:attr'")]
     if kind == "pattern":
@@ -101,6 +104,14 @@ def _explain(doc: Document, path: KeyPath, err: Any) -> list[Problem]:
     if len(message) > 200:
         message = f"{short(err.instance)} is invalid here ({kind})"
     return [doc.problem(path, message)]
+
+
+def _choices(schema: Any) -> list[Any]:
+    """The string values a schema (or its anyOf branches) allows, for a "did you mean"."""
+    found = list(schema.get("enum", [])) + ([schema["const"]] if "const" in schema else [])
+    for branch in schema.get("anyOf", []) + schema.get("oneOf", []):
+        found += _choices(branch)
+    return [c for c in found if isinstance(c, str)]
 
 
 def _any_of_message(err: Any) -> str:
@@ -117,6 +128,8 @@ def _any_of_message(err: Any) -> str:
             return f"{short(first.instance)} is not a valid name (letters, digits and '_')"
         if "x-message" in first.schema:
             return f"{short(first.instance)}: {first.schema['x-message']}"
+        if first.validator == "enum" and isinstance(first.instance, str):  # a misspelt choice: say which was meant
+            return str(first.message) + suggest(first.instance, [str(c) for c in first.validator_value])
         return str(first.message)
     wanted: list[str] = []
     for c in branches:

@@ -38,7 +38,7 @@ def _default_time_limit() -> float:
         seconds = float(text)
     except ValueError:
         seconds = math.nan
-    if not 0 < seconds < math.inf:
+    if not seconds > 0:  # inf: no limit
         warnings.warn(f"PRUNERECIPE_TRACE_TIMEOUT={text!r} is not a positive number of seconds; using 300", stacklevel=2)
         return 300.0
     return seconds

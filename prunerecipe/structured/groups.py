@@ -133,10 +133,11 @@ def attention_owner(model: nn.Module, name: str) -> tuple[str, str] | None:
             continue
         if _is_attention_class(owner):
             return prefix, type(owner).__name__
-        # a head count on a block that holds an attention module is that module's (a
-        # transformer layer's MLP beside it is not attention)
+        # a head count on a block that holds an attention module with projections of its own
+        # is that module's (a transformer layer's MLP beside it is not attention); a helper
+        # without parameters (ScaledDotProductAttention) does not take it over
         counts_heads = any(isinstance(getattr(owner, a, None), int) and not isinstance(getattr(owner, a), bool) for a in HEAD_ATTRIBUTES)
-        if counts_heads and not any(_is_attention_class(m) for m in owner.modules() if m is not owner):
+        if counts_heads and not any(_is_attention_class(m) and any(True for _ in m.parameters()) for m in owner.modules() if m is not owner):
             return prefix, type(owner).__name__
     return None
 

@@ -207,6 +207,10 @@ def global_unstructured(
     for module, name in parameters:
         param = getattr(module, name)
         prune.custom_from_mask(module, name, mask=final[start : start + param.numel()].view(param.shape))
+        mask = module._buffers[name + MASK]
+        assert mask is not None
+        module._buffers[name + MASK] = mask.contiguous()  # not the weight's layout: as attach() registers
+        refresh(module, name)
         start += param.numel()
 
 

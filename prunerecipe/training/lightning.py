@@ -155,7 +155,7 @@ class RecipePruning(Callback):
             )
             if self.verbose == 2:
                 event = result.event
-                how = f"sparsity={event.sparsity:g}" if event.sparsity is not None else f"amount={event.amount}"
+                how = f"amount={event.amount}" if event.amount is not None else f"amount={event.sparsity:g} (a sparsity target)"
                 for r in rows:
                     module, _, param = r.name.rpartition(".")
                     rank_zero_info(

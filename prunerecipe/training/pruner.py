@@ -245,10 +245,16 @@ class Pruner:
         self._creation_snapshot = None
         self._adopt(state)
 
-    def _digest(self) -> str:
-        """What a saved state depends on: every step's selection, method, schedule and seed."""
+    def _digest(self, seeds: bool = True) -> str:
+        """What a saved state depends on: every step's selection, method and schedule, and the
+        seed of each random step (``seeds=False``: the digest states saved before seeds counted
+        carry, still accepted)."""
         import hashlib
         import json
+
+        from ..rng import is_random
+
+        random = {ps.step.index for ps in self.plan.steps if is_random(ps.method.cls)} if seeds else set()
 
         parts = [
             [
@@ -263,7 +269,7 @@ class Pruner:
                 dict(s.args),
                 None if s.schedule is None else dataclasses.astuple(s.schedule),
             ]
-            + ([self.recipe.step_seed(s)] if self.recipe.step_seed(s) is not None else [])  # digests of unseeded recipes as before
+            + ([self.recipe.step_seed(s)] if s.index in random and self.recipe.step_seed(s) is not None else [])
             for s in self.recipe.steps
         ]
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()[:16]
@@ -271,7 +277,7 @@ class Pruner:
     def _validated(self, state: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
             raise RecipeError(f"not a prunerecipe Pruner state (version {STATE_VERSION}): {type(state).__name__}")
-        if state.get("schedule_digest") not in (None, self._digest()):
+        if state.get("schedule_digest") not in (None, self._digest(), self._digest(seeds=False)):
             raise RecipeError(
                 "the saved Pruner state was made with a different recipe (its steps, selections, schedules or seeds differ); "
                 "resume with the recipe the run started with"
