@@ -62,7 +62,7 @@ class RecipePruning(Callback):
         on: when ``unit: epoch`` events run: ``"train_epoch_end"`` (default) or
             ``"validation_end"`` (``ModelPruning(prune_on_train_epoch_end=False)``; not
             during the sanity check).
-        verbose: ``1``: log ``Applied `L1Unstructured`. Pruned: 0/1088 (0.00%) ->
+        verbose: ``1``: log ``Applied L1Unstructured (step 'name'): pruned 0/1088 (0.00%) ->
             326/1088 (29.96%)`` after each event; ``2``: and a line per parameter
             (``ModelPruning(verbose=...)``). Logged on rank 0 through Lightning's logger.
     """
@@ -148,19 +148,14 @@ class RecipePruning(Callback):
             rows = result.report.targets
             total = sum(r.numel for r in rows)
             before, after = sum(r.zeros_before for r in rows), sum(r.zeros_after for r in rows)
-            # ModelPruning's own lines, word for word, the step named at the end
             rank_zero_info(
-                f"Applied `{method}`. Pruned: {before}/{total} ({before / total if total else 0:.2%}) -> "
-                f"{after}/{total} ({after / total if total else 0:.2%}) (step {step.name or step.label!r})"
+                f"Applied {method} (step {step.name or step.label!r}): pruned "
+                f"{before}/{total} ({before / total if total else 0:.2%}) -> {after}/{total} ({after / total if total else 0:.2%})"
             )
             if self.verbose == 2:
-                event = result.event
-                how = f"amount={event.amount}" if event.amount is not None else f"amount={event.sparsity:g} (a sparsity target)"
                 for r in rows:
-                    module, _, param = r.name.rpartition(".")
                     rank_zero_info(
-                        f"Applied `{method}` to `{module}`.{param} with {how}. Pruned: {r.zeros_before} ({r.before:.2%}) -> "
-                        f"{r.zeros_after} ({r.after:.2%})"
+                        f"Applied {method} to {r.name}: pruned {r.zeros_before}/{r.numel} ({r.before:.2%}) -> {r.zeros_after}/{r.numel} ({r.after:.2%})"
                     )
 
     def _log(self, trainer: Any, pl_module: Any, *, from_hook: bool = True, on_step: bool = False) -> None:
