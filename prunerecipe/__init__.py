@@ -27,6 +27,7 @@ _EXPORTS = {
     "load_pruned_state_dict": "checkpoint",
     "read_state_dict": "checkpoint",
     "save_state_dict": "checkpoint",
+    "write_output": "checkpoint",
     "load_recipe": "load",
     "parse_recipe": "load",
     "recipe_from_dict": "load",
@@ -81,7 +82,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs
     from .apply import apply_recipe
-    from .checkpoint import load_pruned_state_dict, read_state_dict, save_state_dict
+    from .checkpoint import load_pruned_state_dict, read_state_dict, save_state_dict, write_output
     from .errors import ApplyError, CalibrationError, CheckpointError, MethodError, ModelSpecError, Problem, RecipeError, RecipeWarning
     from .load import load_recipe, parse_recipe, recipe_from_dict, recipe_schema
     from .methods import (

@@ -206,3 +206,19 @@ def test_raw_tensor_bytes_after_a_legacy_pickle_are_not_taken_for_code(tmp_path)
     with pytest.raises(CheckpointError) as err:
         read_state_dict(str(tmp_path / "l.pt"))
     assert "references code" not in str(err.value)
+
+
+def test_write_output_gives_a_folder_from_pretrained_loads_as_the_masked_model(tmp_path):
+    from prunerecipe import apply_recipe, parse_recipe, write_output
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64, n_positions=16, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    apply_recipe(model, parse_recipe(RECIPE))
+    line = write_output(model, str(tmp_path / "out"), fmt="hf")
+    assert "from_pretrained" in line
+    loaded, info = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not any(info.values())
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(ids).logits, model(ids).logits)

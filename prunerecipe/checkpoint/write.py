@@ -214,6 +214,10 @@ def write_output(
 
     Raises:
         CheckpointError: a bad format, location or size; nothing is written then.
+
+    Example:
+        >>> write_output(model, "gpt2-pruned", fmt="hf", source="gpt2-folder")  # doctest: +SKIP
+        "wrote gpt2-pruned/: Hugging Face folder, ...; load with transformers.AutoModelForCausalLM.from_pretrained('gpt2-pruned')"
     """
     if fmt not in FORMATS:
         raise CheckpointError(problem(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}", source="--format", code="usage"))
