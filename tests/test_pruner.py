@@ -294,3 +294,40 @@ def test_a_deterministic_recipe_resumes_whatever_its_seed_and_old_digests_are_ac
     Pruner(LeNet(), parse_recipe(base.replace("SEED", "2")), state=state)  # L1 draws nothing: the seed does not matter
     state["schedule_digest"] = first._digest(seeds=False)  # as states saved before seeds counted carry
     Pruner(LeNet(), parse_recipe(base.replace("SEED", "1")), state=state)
+
+
+def _two_linears(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+
+
+def test_pruner_then_checkpoint_then_state_keeps_the_checkpoints_masks():
+    """The model's checkpoint copied into the tensors the Pruner just pruned (same objects): kept."""
+    recipe = parse_recipe(
+        "version: 1\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, sparsity: 0.5}\n"
+        "  - {name: later, select: {types: [Linear]}, method: l1_unstructured, sparsity: 0.75, schedule: {start: 5, end: 5}}\n"
+    )
+    saved = _two_linears(0)
+    pruner = Pruner(saved, recipe)
+    checkpoint = {k: v.clone() for k, v in saved.state_dict().items()}
+    state = pruner.state_dict()
+    model = _two_linears(1)
+    resumed = Pruner(model, recipe)
+    load_pruned_state_dict(model, checkpoint)
+    resumed.load_state_dict(state)
+    assert model.state_dict().keys() == checkpoint.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in checkpoint.items())
+
+
+def test_checkpoint_then_pruner_then_state_does_not_prune_a_finalized_model_twice():
+    recipe = parse_recipe("version: 1\nfinalize: true\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5}\n")
+    saved = _two_linears(0)
+    pruner = Pruner(saved, recipe)
+    with torch.no_grad():
+        saved[0].weight.add_(torch.randn(8, 8) * 0.01)  # training after finalize fills the zeros in
+    checkpoint = {k: v.clone() for k, v in saved.state_dict().items()}
+    model = _two_linears(1)
+    load_pruned_state_dict(model, checkpoint)
+    resumed = Pruner(model, recipe)
+    resumed.load_state_dict(pruner.state_dict())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in checkpoint.items())

@@ -111,11 +111,12 @@ class Pruner:
         if unscheduled:
             self._creation_snapshot = ModelSnapshot([t.module for t in self.plan.targets])
             apply_recipe(model, dataclasses.replace(self.recipe, steps=tuple(unscheduled), finalize=False), process_group=group)
-            self._creation_state = self._creation_snapshot.structure()
         self._unscheduled_done = True
         if not self.events and self.recipe.finalize:
             finalize(model)
             self.finalized = True
+        if self._creation_snapshot is not None:  # the model as this constructor leaves it, finalize included
+            self._creation_state = self._creation_snapshot.structure()
 
     # --- driving ------------------------------------------------------------------------
 
