@@ -331,3 +331,28 @@ def test_checkpoint_then_pruner_then_state_does_not_prune_a_finalized_model_twic
     resumed = Pruner(model, recipe)
     resumed.load_state_dict(pruner.state_dict())
     assert all(torch.equal(model.state_dict()[k], v) for k, v in checkpoint.items())
+
+
+def test_a_train_mode_forward_between_pruner_and_state_does_not_count_as_a_loaded_checkpoint():
+    """BatchNorm's running statistics are written in place by a training forward pass: the
+    model's checkpoint was still loaded before the Pruner, so its re-run steps are undone."""
+    recipe = parse_recipe(
+        "version: 1\nsteps:\n  - {select: {types: [Conv2d, BatchNorm2d]}, method: l1_unstructured, amount: 0.5}\n"
+        "  - {name: later, select: {types: [Conv2d]}, method: l1_unstructured, sparsity: 0.9, schedule: {start: 5, end: 5}}\n"
+    )
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+
+    saved = net(0)
+    state = Pruner(saved, recipe).state_dict()
+    checkpoint = {k: v.clone() for k, v in saved.state_dict().items()}
+    model = net(1)
+    load_pruned_state_dict(model, checkpoint)
+    pruner = Pruner(model, recipe)
+    model.train()
+    model(torch.randn(2, 3, 8, 8))
+    pruner.load_state_dict(state)
+    masks = {k: int((v == 0).sum()) for k, v in model.state_dict().items() if k.endswith("_mask")}
+    assert masks == {k: int((v == 0).sum()) for k, v in checkpoint.items() if k.endswith("_mask")}

@@ -102,15 +102,13 @@ class ModelSnapshot:
         self.close()
 
     def structure(self) -> list[tuple[Any, ...]]:
-        """Identity of what pruning changes on the saved modules, and the version counters of
-        their tensors, now (to tell whether anyone touched them, or wrote into them)."""
+        """Identity of what pruning changes on the saved modules, now (to tell whether anyone touched them)."""
         out = []
         for module, *_ in self._saved:
             out.append(
                 (
-                    # the version counters tell a checkpoint copied into the same tensors
-                    tuple((k, id(v), v._version if v is not None else -1) for k, v in module._parameters.items()),
-                    tuple((k, id(v), v._version if v is not None else -1) for k, v in module._buffers.items()),
+                    tuple((k, id(v)) for k, v in module._parameters.items()),
+                    tuple((k, id(v)) for k, v in module._buffers.items()),
                     tuple((k, id(v), len(v) if isinstance(v, prune.PruningContainer) else -1) for k, v in module._forward_pre_hooks.items()),
                 )
             )

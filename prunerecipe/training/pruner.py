@@ -20,7 +20,7 @@ from ..report import Report
 from ..schedule import Event, step_events
 from ..select import Target
 from ..spec import Recipe
-from ..torchprune import ModelSnapshot, finalize, refresh
+from ..torchprune import ModelSnapshot, finalize, original, owned_mask, refresh
 
 STATE_VERSION = 1
 
@@ -116,7 +116,7 @@ class Pruner:
             finalize(model)
             self.finalized = True
         if self._creation_snapshot is not None:  # the model as this constructor leaves it, finalize included
-            self._creation_state = self._creation_snapshot.structure()
+            self._creation_state = [self._creation_snapshot.structure(), self._written()]
 
     # --- driving ------------------------------------------------------------------------
 
@@ -241,10 +241,33 @@ class Pruner:
         if self._stepped:
             raise RuntimeError("load_state_dict() must come before the first step(); or pass state= to Pruner()")
         adopted = self._validated(state)  # check everything before changing anything
-        if self._creation_snapshot is not None and adopted["unscheduled_done"] and self._creation_snapshot.structure() == self._creation_state:
+        created = self._creation_state
+        untouched = created is not None and self._creation_snapshot is not None and self._creation_snapshot.structure() == created[0]
+        if untouched and created is not None and self._rewritten(created[1]):
+            untouched = False  # a checkpoint was copied into the very tensors the constructor pruned
+        if self._creation_snapshot is not None and adopted["unscheduled_done"] and untouched:
             self._creation_snapshot.restore()
         self._creation_snapshot = None
         self._adopt(state)
+
+    def _written(self) -> list[tuple[int, float, float]]:
+        """Per pruned tensor of the targets (``*_orig``, ``*_mask``, or the plain parameter): its
+        version counter and two float64 sums. A checkpoint loaded into the same tensors moves both;
+        a DDP wrap's broadcast or a train-mode BatchNorm moves counters or other tensors only."""
+        out = []
+        for t in self.plan.targets:
+            for tensor in (original(t.module, t.param), owned_mask(t.module, t.param)):
+                if tensor is not None and tensor.device.type != "meta":
+                    flat = tensor.detach().reshape(-1)
+                    total = float(flat.sum(dtype=torch.float64))
+                    norm = float(torch.linalg.vector_norm(flat, dtype=torch.float64)) if flat.is_floating_point() else total
+                    out.append((tensor._version, total, norm))
+        return out
+
+    def _rewritten(self, before: list[tuple[int, float, float]]) -> bool:
+        """Whether a tensor :meth:`_written` listed was written since with other values."""
+        now = self._written()
+        return len(now) != len(before) or any(a[0] != b[0] and a[1:] != b[1:] for a, b in zip(now, before))
 
     def _digest(self, seeds: bool = True) -> str:
         """What a saved state depends on: every step's selection, method and schedule, and the
