@@ -24,7 +24,7 @@ from .methods import MethodSpec, get_importance, get_method
 from .methods.binding import argument_default, importance_problem
 from .methods.semi_structured import nm_problem
 from .planned import Plan, PlannedStep, PlannedTarget, pruned_entries, pruned_slices
-from .select import Target, param_owners, resolve_targets, unused_entries
+from .select import NameIndex, Target, param_owners, resolve_targets, unused_entries
 from .spec import Recipe, Step
 from .structured.planning import GroupProblem, compaction_problems, plan_groups
 from .text import shape_text, short
@@ -105,6 +105,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, sp
     modules = list(model.named_modules(remove_duplicate=False))
     owners: dict[int, list[str]] | None = None
     resolved: dict[tuple, list[Target]] = {}
+    index: NameIndex | None = None  # built when a selector first needs it
     shared: dict[tuple[Any, ...], list[tuple[str, list[str], list[str]]]] = {}  # selector -> its tied targets and their owners
     proj = _Projection()
     problems: list[Problem] = []
@@ -135,7 +136,8 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, sp
             if key not in resolved:  # recipes often repeat a selector
                 resolved[key] = resolve_targets(modules, step.select, step.params, allow_empty=spread)
                 if not spread:  # one rank may hold none of what an entry names
-                    for part, message in unused_entries(modules, step.select, step.params, resolved[key]):
+                    index = index or NameIndex(modules)
+                    for part, message in unused_entries(index, step.select, step.params, resolved[key]):
                         at = recipe.problem(step.path + (("params",) if part == "params" else ("select", part)), message, code="select")
                         warnings.warn(RecipeWarning(str(at)), stacklevel=2)
             targets = resolved[key]

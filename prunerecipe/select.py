@@ -186,49 +186,110 @@ def _select(modules: Sequence[tuple[str, nn.Module]], selector: Selector) -> lis
     return out
 
 
-def unused_entries(
-    modules: Sequence[tuple[str, nn.Module]], selector: Selector, params: Sequence[str], targets: Sequence[Target]
-) -> list[tuple[str, str]]:
+class NameIndex:
+    """A model's module names by shape (numbers collapsed) and its classes: what
+    :func:`unused_entries` compares entries with, built once per plan."""
+
+    def __init__(self, modules: Sequence[tuple[str, nn.Module]]) -> None:
+        self.modules = modules
+        self.shapes: dict[str, list[str]] = {}  # "model.layers.#.mlp" -> the real names of that shape
+        for n, _ in modules:
+            if n:
+                self.shapes.setdefault(_collapsed(n), []).append(n)
+        self.classes = {type(m) for _, m in modules}
+        self.type_names = sorted({c.__name__ for cls in self.classes for c in cls.__mro__ if c not in (nn.Module, object)})
+
+
+def unused_entries(index: NameIndex, selector: Selector, params: Sequence[str], targets: Sequence[Target]) -> list[tuple[str, str]]:
     """Entries of a selector's lists that take no part although the selector as a whole selects
-    something, and that look like a typo of something the model has (``Linaer``, ``fc_3``,
-    ``bais``): ``(key, message)`` per entry, the key naming the list. Entries with no near
-    miss are left alone: a recipe written for several model families names some that one
-    family lacks (``model.layers.*`` and ``transformer.h.*``)."""
+    something, and that are a typo away (one or two edits) from something the model has that
+    no other entry of the list covers (``Linaer``, ``fc_3``, ``bais``): ``(key, message)`` per
+    entry, the key naming the list. Anything further off stays silent: a recipe written for
+    several model families names modules one family lacks (``model.layers.*`` and
+    ``transformer.h.*``). Module names are compared with their numbers collapsed, so a model of
+    thousands of layers has a few dozen shapes of name to compare with."""
     out: list[tuple[str, str]] = []
-    names = [n for n, _ in modules if n]
-    classes = {type(m) for _, m in modules}
-    all_types = sorted({c.__name__ for cls in classes for c in cls.__mro__ if c not in (nn.Module, object)})
+    modules, shapes, classes, type_names = index.modules, index.shapes, index.classes, index.type_names
 
-    def typo_of_type(entry: str) -> str:
+    def type_typo(entry: str, others: Sequence[str]) -> str | None:
         if any(_type_matches(entry, cast(Any, cls)) for cls in classes):
-            return ""
-        return suggest(entry.rsplit(".", 1)[-1], all_types)
+            return None
+        near = _near(entry.rsplit(".", 1)[-1], type_names)
+        return near if near is not None and not any(_type_matches(o, cast(Any, c)) for o in others for c in classes if c.__name__ == near) else None
 
-    def typo_of_name(entry: str) -> str:
+    def name_typo(entry: str, others: Sequence[str]) -> str | None:
         test = check_name_pattern(entry)
-        return "" if any(test(n) for n in names) else suggest(entry, names)
+        if any(test(names[0]) for names in shapes.values()):
+            return None
+        if entry.startswith("re:") or any(ch in "?[" for ch in entry):
+            if any(test(n) for n, _ in modules if n):
+                return None
+        elif any(ch.isdigit() for ch in entry):  # particular numbers: only names of a shape the entry fits can match
+            fits = check_name_pattern(_collapsed(entry))
+            if any(test(n) for key, names in shapes.items() if fits(key) for n in names):
+                return None
+        key = _near(_collapsed(entry.replace("*", "0").replace("?", "0")), list(shapes))
+        if key is None:
+            return None
+        names = shapes[key]  # the name of that shape nearest the entry itself (fc_3 -> fc3, not fc1)
+        real = (_near(entry, names) if len(names) <= 64 else None) or names[0]
+        return real if not any(check_name_pattern(o)(real) for o in others) else None
 
-    for key, entries, fix, what, rest in (
-        ("types", selector.types or (), typo_of_type, "no module is a", "the other types select"),
-        ("names", selector.names or (), typo_of_name, "no module name matches", "the other names select"),
-        ("exclude", selector.exclude_types, typo_of_type, "exclude types: no module is a", "it excludes nothing"),
-        ("exclude", selector.exclude_names, typo_of_name, "exclude names: no module name matches", "it excludes nothing"),
+    for key, entries, typo, what, rest, alone_ok in (
+        ("types", selector.types or (), type_typo, "no module is a", "the other types select", False),
+        ("names", selector.names or (), name_typo, "no module name matches", "the other names select", False),
+        ("exclude", selector.exclude_types, type_typo, "exclude types: no module is a", "it excludes nothing", True),
+        ("exclude", selector.exclude_names, name_typo, "exclude names: no module name matches", "it excludes nothing", True),
     ):
-        if key in ("types", "names") and len(entries) < 2:
+        if not alone_ok and len(entries) < 2:
             continue  # a lone entry that matches nothing leaves nothing selected: an error says so
         for entry in entries:
-            hint = fix(entry)
-            if hint:
-                out.append((key, f"{what} {short(entry)}{hint}; {rest}"))
+            near = typo(entry, [o for o in entries if o != entry])
+            if near is not None:
+                out.append((key, f"{what} {short(entry)} (did you mean {near!r}?); {rest}"))
     if len(params) > 1:
         had = {t.param for t in targets}
-        selected = {id(t.module): t.module for t in targets}
-        have = sorted({unpruned_name(p) for m in selected.values() for p, _ in own_parameters(m)})
+        have = sorted({unpruned_name(p) for m in {id(t.module): t.module for t in targets}.values() for p, _ in own_parameters(m)})
         for p in params:
-            hint = suggest(p, have) if p not in had else ""
-            if hint:
-                out.append(("params", f"no selected module has a parameter {short(p)}{hint}; the other params are pruned"))
+            near = _near(p, [h for h in have if h not in params]) if p not in had else None
+            if near is not None:
+                out.append(("params", f"no selected module has a parameter {short(p)} (did you mean {near!r}?); the other params are pruned"))
     return out
+
+
+_DIGITS = re.compile(r"\d+")
+
+
+def _collapsed(name: str) -> str:
+    return _DIGITS.sub("#", name)
+
+
+def _near(word: str, candidates: Sequence[str]) -> str | None:
+    """The candidate one or two edits (insert, delete, replace, swap neighbours) from ``word``,
+    or None; among several, the closest, then the first."""
+    best: tuple[int, str] | None = None
+    for c in candidates:
+        if abs(len(c) - len(word)) > 2 or c == word:
+            continue
+        d = _edits(word, c)
+        if d <= 2 and (best is None or d < best[0]):
+            best = (d, c)
+    return None if best is None else best[1]
+
+
+def _edits(a: str, b: str) -> int:
+    """Optimal-string-alignment distance between ``a`` and ``b`` (short strings)."""
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        cur = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            cost = a[i - 1] != b[j - 1]
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + cost)
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                cur[j] = min(cur[j], prev2[j - 2] + 1)
+        prev2, prev = prev, cur
+    return prev[len(b)]
 
 
 def _explain_empty(
