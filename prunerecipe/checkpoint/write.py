@@ -222,6 +222,13 @@ def write_output(
     if fmt not in FORMATS:
         raise CheckpointError(problem(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}", source="--format", code="usage"))
     output_suffix(path, fmt)
+    config = getattr(model, "config", None)
+    if fmt == "hf" and (config is None or not hasattr(config, "to_json_file")):  # before any folder exists
+        raise CheckpointError(
+            problem(
+                f"format hf needs a Hugging Face model (one with a transformers config); {type(model).__name__} has none", source=path, code="output"
+            )
+        )
     state = model.state_dict(keep_vars=True)
     aliases = hf.tied_aliases(model, list(state))
     plain = {k: v.detach() for k, v in state.items()}
