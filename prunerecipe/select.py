@@ -212,8 +212,8 @@ def unused_entries(index: NameIndex, selector: Selector, params: Sequence[str], 
     modules, shapes, classes, type_names = index.modules, index.shapes, index.classes, index.type_names
 
     def type_typo(entry: str, others: Sequence[str]) -> str | None:
-        if any(_type_matches(entry, cast(Any, cls)) for cls in classes):
-            return None
+        if "." in entry or any(_type_matches(entry, cast(Any, cls)) for cls in classes):
+            return None  # a dotted type was imported as written: a class this model lacks, not a typo
         near = _near(entry.rsplit(".", 1)[-1], type_names)
         return near if near is not None and not any(_type_matches(o, cast(Any, c)) for o in others for c in classes if c.__name__ == near) else None
 
