@@ -262,8 +262,6 @@ def test_long_step_schedules_cost_nothing_per_idle_call():
 
 
 def test_a_lottery_ticket_state_is_refused_by_a_recipe_without_lottery_ticket():
-    from prunerecipe.zoo import LeNet
-
     base = "version: 1\nlottery_ticket: LT\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.2, schedule: {start: 0, end: 3}}\n"
     model = LeNet()
     first = Pruner(model, parse_recipe(base.replace("LT", "true")))
@@ -274,8 +272,6 @@ def test_a_lottery_ticket_state_is_refused_by_a_recipe_without_lottery_ticket():
 
 
 def test_a_state_saved_under_another_seed_is_refused():
-    from prunerecipe.zoo import LeNet
-
     base = "version: 1\nseed: SEED\nsteps:\n  - {select: {types: [Linear]}, method: random_unstructured, amount: 0.2, schedule: {start: 0, end: 3}}\n"
     model = LeNet()
     first = Pruner(model, parse_recipe(base.replace("SEED", "1")))

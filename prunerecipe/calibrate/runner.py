@@ -45,7 +45,7 @@ class BlockInputs:
 
     @property
     def hidden(self) -> torch.Tensor:
-        value = self.args[0] if self.args else self.kwargs.get("hidden_states")
+        value = _hidden_of(self.args, self.kwargs)
         assert isinstance(value, torch.Tensor)
         return value
 
@@ -188,7 +188,7 @@ def capture(model: nn.Module, blocks: Blocks, batches: Sequence[Batch], current:
     current.where = ""
     if not blocks.whole_model:
         inputs = captured[0]
-        value = inputs.args[0] if inputs.args else inputs.kwargs.get("hidden_states")
+        value = _hidden_of(inputs.args, inputs.kwargs)
         if not isinstance(value, torch.Tensor):
             raise CalibrationError(
                 f"block {blocks.names[0]} is called without a tensor as its first argument (or hidden_states=): "

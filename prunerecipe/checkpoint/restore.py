@@ -105,13 +105,21 @@ def _prefix_hint(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, 
     return ""
 
 
-def tied_aliases(model: nn.Module, expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Keys the checkpoint lacks whose tensor the model shares with a key it has: ``{missing: present}``."""
+def tie_groups(model: nn.Module) -> list[list[str]]:
+    """The model's state_dict names, grouped by the tensor they name (a tied pair is one group)."""
     by_tensor: dict[int, list[str]] = {}
     for key, value in model.state_dict(keep_vars=True).items():
         by_tensor.setdefault(id(value), []).append(key)
+    return list(by_tensor.values())
+
+
+def tied_aliases(
+    model: nn.Module, expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], groups: list[list[str]] | None = None
+) -> dict[str, str]:
+    """Keys the checkpoint lacks whose tensor the model shares with a key it has: ``{missing: present}``
+    (``groups``: :func:`tie_groups` of the model, when already made)."""
     out = {}
-    for names in by_tensor.values():
+    for names in tie_groups(model) if groups is None else groups:
         present = [n for n in names if n in state_dict]
         if present:
             for name in names:
@@ -120,14 +128,11 @@ def tied_aliases(model: nn.Module, expected: Mapping[str, torch.Tensor], state_d
     return out
 
 
-def _tie_conflicts(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+def _tie_conflicts(groups: list[list[str]], state_dict: Mapping[str, torch.Tensor]) -> list[str]:
     """Names the model ties (one tensor) that the checkpoint gives different values: loading
     would keep whichever came last, silently (``from_pretrained`` keeps the first)."""
-    by_tensor: dict[int, list[str]] = {}
-    for key, value in model.state_dict(keep_vars=True).items():
-        by_tensor.setdefault(id(value), []).append(key)
     out = []
-    for names in by_tensor.values():
+    for names in groups:
         present = [n for n in names if n in state_dict and state_dict[n].device.type != "meta"]
         first = state_dict[present[0]] if present else None
         for other in present[1:]:
@@ -188,8 +193,9 @@ def check_fit(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, strip
             expected[qual + ORIG] = tensor
             expected[qual + MASK] = tensor
     state_dict = dict(state_dict)
-    problems += _tie_conflicts(model, state_dict)
-    for alias, source in tied_aliases(model, expected, state_dict).items():
+    groups = tie_groups(model)
+    problems += _tie_conflicts(groups, state_dict)
+    for alias, source in tied_aliases(model, expected, state_dict, groups).items():
         state_dict[alias] = state_dict[source]  # the model's own tie: the same tensor under both names
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
