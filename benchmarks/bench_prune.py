@@ -1,8 +1,12 @@
 """prunerecipe vs torch.nn.utils.prune on large MLP stacks: time and peak memory, quiet and busy.
 
-Every case runs in a fresh subprocess (so peak RSS is honest): the model is built, the
-resident-set high-water mark is reset (/proc/self/clear_refs), the operation is timed, and
-the peak RSS over the model's own is read from /proc/self/status (VmHWM).
+Every case runs in a fresh subprocess (so peak RSS is honest): the same case runs first on
+a small model (warm-up), the model is built, the process is settled (every page of the loaded
+libraries made resident, the C heap's free pages handed back), the resident-set high-water
+mark is reset (/proc/self/clear_refs), the operation is timed, and the peak RSS over the
+settled process's is read from /proc/self/status (VmHWM). Settling makes the peak count data:
+without it, code of libtorch that a case runs for the first time (0.7-2 MB here) and free
+heap left over from building the model (0-5 MB, a matter of chance) move the figure.
 
     python benchmarks/bench_prune.py                 # 92M weights, 3 runs per case (medians)
     python benchmarks/bench_prune.py --busy 2        # also with 2 CPU-bound processes running
@@ -89,6 +93,31 @@ def _floor(linears) -> float:
     return time.perf_counter() - start
 
 
+def _settle() -> None:
+    """Every page of every file mapped readable (the libraries' code and data) made resident,
+    and the C heap's free pages handed back: the same for torch's cases and ours (Linux with
+    glibc; elsewhere whatever part is available)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+    madvise = getattr(libc, "madvise", None)
+    if madvise is not None and sys.platform.startswith("linux"):
+        madvise.argtypes, madvise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+        with open("/proc/self/maps") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) > 5 and fields[5].startswith("/") and fields[1].startswith("r"):
+                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                    madvise(lo, hi - lo, 22)  # MADV_POPULATE_READ (Linux 5.14+; refused harmlessly before)
+    trim = getattr(libc, "malloc_trim", None)
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+        trim(0)
+
+
 def child(case: str, size: str, warm: bool = True) -> dict:
     import torch
     import torch.nn.utils.prune as prune
@@ -106,6 +135,7 @@ def child(case: str, size: str, warm: bool = True) -> dict:
     recipe = None
     if case.startswith("ours_"):
         recipe = prunerecipe.parse_recipe("version: 1\n" + RECIPES[case[len("ours_") :]])
+    _settle()
     base_kb = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # reset VmHWM to the current RSS

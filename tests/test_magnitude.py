@@ -106,6 +106,61 @@ def test_ties_in_large_tensors_prune_exactly_the_requested_count_earliest_first(
     assert pruned_count(same) == 37 and m.weight_mask.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_ties_across_chunks_prune_the_earliest_in_masks_and_folds(dtype, scope, monkeypatch):
+    monkeypatch.setattr(masks, "EXACT_TIES_UP_TO", 0)  # as if the tensors were large (torch picks below it)
+    # A few levels only, so the cut's level holds entries in every chunk: the tie quota runs
+    # across chunks, written in place of the masks and in the fold (finalize's values * keep)
+    n = 3 * workers.CHUNK + 5
+    levels = torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=dtype)
+    values = levels[torch.randint(0, 4, (n,), generator=torch.Generator().manual_seed(5))]
+    values = torch.where(torch.arange(n) % 3 == 0, -values, values)
+    params = [holder(values), holder(values.flip(0))]
+    k = n // 3  # inside the 0.5 level
+    if scope == "local":
+        fp.l1_local_many([(m, "weight", k) for m in params])
+        expected = [_earliest_k(m.weight_orig, k) for m in params]
+    else:
+        fp.l1_global([(m, "weight") for m in params], 2 * k)
+        both = _earliest_k(torch.cat([m.weight_orig.view(-1) for m in params]), 2 * k)
+        expected = [both[:n], both[n:]]
+    for m, keep in zip(params, expected):
+        assert torch.equal(m.weight_mask.view(-1), keep.to(dtype))
+    # the fold gives values * keep for the same cut, bit for bit
+    piece = pcs.Piece(values)
+    (cut,) = sel.select([([piece], k)])
+    out = torch.empty_like(values)
+    masks.fold_into(piece, cut, 0, out)
+    assert torch.equal(out, values * _earliest_k(values, k).to(dtype))
+
+
+def _earliest_k(t: torch.Tensor, k: int) -> torch.Tensor:
+    """1 to keep / 0 to prune: the k smallest magnitudes, ties broken by position."""
+    order = torch.sort(t.abs().float().view(-1), stable=True).indices
+    keep = torch.ones(t.numel(), dtype=torch.bool)
+    keep[order[:k]] = False
+    return keep
+
+
+def test_arena_lends_one_whole_tensor_per_worker_or_splits_the_largest():
+    masks_ = [torch.empty(1000), torch.empty(4000), torch.empty(2000)]
+    whole = workers.Arena(masks_, 2)
+    assert [r[0].numel() for r in whole.regions] == [16000, 8000]  # bytes: the two largest
+    split = workers.Arena(masks_[:1], 2)
+    assert [r[0].numel() for r in split.regions] == [1984, 1984]  # halves, 64-byte aligned
+    assert workers.Arena([], 2).regions == [] and workers.Arena([torch.empty(0)], 1).regions == []
+    scratch = whole.scratch(0)
+    buf = workers.buffer(scratch, "x", 10, torch.int64, "cpu", least=10)
+    assert buf.data_ptr() == masks_[1].data_ptr()  # carved from the lent tensor
+    kept = workers.stash(scratch, torch.arange(5, dtype=torch.int16), dtype=torch.int32)
+    assert kept.dtype == torch.int32 and kept.tolist() == [0, 1, 2, 3, 4]
+    assert masks_[1].data_ptr() < kept.data_ptr() < masks_[1].data_ptr() + 16000
+    full = workers.Arena([torch.empty(16)], 1).scratch(0)
+    reused = torch.arange(100)
+    assert workers.stash(full, reused, copy=True).data_ptr() != reused.data_ptr()  # no room: a copy
+
+
 def test_nan_ranks_above_every_number_as_in_topk():
     t = torch.tensor([float("nan"), 1.0, -3.0, float("inf"), 0.5])
     ours, theirs = holder(t), holder(t)

@@ -36,7 +36,7 @@ _DIGIT = 16
 
 
 def select(
-    groups: Sequence[tuple[Sequence[Piece], int]], count_zeros: bool = False, finite: bool = False, arena: torch.Tensor | None = None
+    groups: Sequence[tuple[Sequence[Piece], int]], count_zeros: bool = False, finite: bool = False, arena: Sequence[torch.Tensor] = ()
 ) -> list[Threshold]:
     """The cut that prunes exactly the ``k`` smallest-magnitude eligible entries, per group.
 
@@ -46,7 +46,7 @@ def select(
         count_zeros: also count each fully eligible piece's zero entries (``Threshold.zeros``).
         finite: the caller has checked that every value is finite (else it is checked here,
             and non-finite data is ranked on the exact path, as ``topk`` ranks it).
-        arena: a tensor not written yet (a mask to be built) whose memory the scans may use
+        arena: tensors not written yet (masks to be built) whose memory the scans may use
             as scratch until this returns.
 
     Returns:
@@ -66,13 +66,10 @@ def select(
             out[j] = _direct(pieces, k)
         else:
             sampled.append((j, pieces, k))
-    brackets: list[tuple[int, int]] = [(0, 0)] * len(sampled)
-
-    def bracket(i: int, _scratch: Any) -> None:
-        brackets[i] = _sampled_bracket(sampled[i][1], sampled[i][2])
-
-    if sampled:  # each group's sample drawn and ranked on the worker threads too
-        workers.run(bracket, len(sampled), sampled[0][1][0].values.device)
+    # Samples are drawn and ranked in this thread: what torch allocates for them (kthvalue
+    # copies its input) then comes from this thread's heap, which trim_heap hands back whole;
+    # a worker thread's heap keeps its top resident (glibc trims only the main arena's top).
+    brackets = [_sampled_bracket(pieces, k) for _, pieces, k in sampled]
     scans = [Scan(j, pieces, k, *b, count_zeros=count_zeros, verify=not finite) for (j, pieces, k), b in zip(sampled, brackets)]
     scan_all(scans, arena)
     retry = []

@@ -25,7 +25,7 @@ from ..amounts import checked_nparams
 from ..torchprune import attach, move_to_end, original, owned_mask
 from . import workers
 from .cuts import select
-from .pieces import KEY_DTYPES, SMALLEST_NORMAL_KEY, Piece, Threshold, eligible_part, flushes_subnormals
+from .pieces import KEY_DTYPES, SMALLEST_NORMAL_KEY, Piece, Threshold, eligible_part, float_of, flushes_subnormals
 from .workers import buffer
 
 #: Up to this many entries (a tensor, or a global group), a tie at the cut is broken by
@@ -62,11 +62,21 @@ def _floor(below: int, dtype: torch.dtype) -> float:
     return float(torch.tensor([below - 1], dtype=KEY_DTYPES[dtype][0]).view(dtype).item())
 
 
-def _split_ties(values: torch.Tensor, key: int, quota: int, keep: torch.Tensor, eligible: torch.Tensor | None) -> int:
+def _split_ties(values: torch.Tensor, key: int, quota: int, keep: torch.Tensor, eligible: torch.Tensor | None, fast: bool = False) -> int:
     """Prune (set ``keep`` to 0 at) the first ``quota`` eligible entries whose key is ``key``;
-    returns how many of the quota are left for later chunks."""
+    returns how many of the quota are left for later chunks. ``fast``: as for
+    :func:`_keep_flags`, which wrote ``keep`` (then the ties are found in ``keep`` itself)."""
     if quota <= 0:
         return 0
+    if fast and eligible is None and keep.dtype == values.dtype and 0 < key <= KEY_DTYPES[values.dtype][1]:
+        # No chunk-sized temporaries (on a worker thread, its heap would keep them resident):
+        # |x| where the key is at least ``key``, then 1 where it is exactly that, then the flags again
+        floor = _floor(key, values.dtype)
+        torch.eq(torch.hardshrink(values, floor, out=keep).abs_(), float_of(key, values.dtype), out=keep)
+        at = torch.nonzero(keep).view(-1)[:quota]
+        torch.hardshrink(values, floor, out=keep).sign_().abs_()
+        keep.index_fill_(0, at, 0)
+        return quota - at.numel()
     int_dtype, clear = KEY_DTYPES[values.dtype]
     ties = torch.bitwise_and(values.view(int_dtype), clear) == key
     if eligible is not None:
@@ -125,7 +135,7 @@ def _write_chunk(
     keep = buffer(scratch, "keep", b - a, out.dtype, out.device) if multiply else out[a:b]
     _keep_flags(values, below, keep, fast)
     eligible = eligible_part(piece, a, b, keep.dtype)
-    quota = _split_ties(values, below, quota, keep, eligible)
+    quota = _split_ties(values, below, quota, keep, eligible, fast)
     if eligible is not None:  # entries torch could not prune keep their old mask value
         keep.mul_(eligible).add_(eligible.neg().add_(1))
     if multiply:
@@ -195,11 +205,9 @@ def l1_local_many(items: Sequence[tuple[nn.Module, str, int | float]], zeros: di
     """:func:`l1_local` for each ``(module, name, amount)``, in order, with every cut found in
     one scan over all of them. The parameters must be distinct."""
     pieces = [piece_for(m, n) for m, n, _ in items]
-    masks = [blank_mask(p.values) for p in pieces]  # the select's scratch lives in the largest until they are written
-    lent = max(masks, key=lambda m: m.numel() * m.element_size()) if masks else None
+    masks = [blank_mask(p.values) for p in pieces]  # the select's scratch lives in them until they are written
     groups = [([p], checked_nparams(amount, p.eligible_count())) for p, (_, _, amount) in zip(pieces, items)]
-    cuts = select(groups, finite=finite, arena=lent)
-    del lent
+    cuts = select(groups, finite=finite, arena=masks)
     _release(pieces)
     torch_picks = [c.quotas is not None and p.numel <= EXACT_TIES_UP_TO for p, c in zip(pieces, cuts)]
     write_all([(p, c, 0, m.view(-1), False) for p, c, m, theirs in zip(pieces, cuts, masks, torch_picks) if not theirs])
@@ -222,12 +230,11 @@ def l1_global(
     ``CustomFromMask`` histories, without concatenating the parameters. ``zeros`` and
     ``finite`` as for :func:`l1_local`."""
     pieces = [piece_for(m, n) for m, n in params]
-    masks = [blank_mask(p.values) for p in pieces]  # the select's scratch lives in the largest until it is written
-    lent = max(masks, key=lambda m: m.numel() * m.element_size())
-    (threshold,) = select([(pieces, checked_nparams(amount, sum(p.eligible_count() for p in pieces)))], finite=finite, arena=lent)
+    masks = [blank_mask(p.values) for p in pieces]  # the select's scratch lives in them until they are written
+    (threshold,) = select([(pieces, checked_nparams(amount, sum(p.eligible_count() for p in pieces)))], finite=finite, arena=masks)
     _release(pieces)
     if threshold.quotas is not None and sum(p.numel for p in pieces) <= EXACT_TIES_UP_TO:
-        del masks, lent
+        del masks
         prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)  # ties: torch picks
         return
     apply_global_cut(params, threshold, zeros, pieces, masks)

@@ -133,9 +133,14 @@ def make_cut(t: int, k: int, below: Sequence[int], ties: Sequence[int], zeros: t
     return Threshold(t, tuple(quotas), pruned=tuple(b + q for b, q in zip(below, quotas)), zeros=zeros, ties=tuple(ties), finite=finite)
 
 
+def stored_dtype(key_dtype: torch.dtype) -> torch.dtype:
+    """The dtype candidate keys are kept in until the pick: int32 (int64 for float64 keys)."""
+    return torch.int64 if key_dtype == torch.int64 else torch.int32
+
+
 def stored(keys: torch.Tensor) -> torch.Tensor:
-    """Candidate keys as kept until the pick: int32 (int64 for float64 keys)."""
-    return keys if keys.dtype == torch.int64 else keys.to(torch.int32)
+    """Candidate keys as kept until the pick (:func:`stored_dtype`)."""
+    return keys.to(stored_dtype(keys.dtype))
 
 
 def jobs_for(pieces: Sequence[Piece]) -> list[list[tuple[int, int, int]]]:

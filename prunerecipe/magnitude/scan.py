@@ -8,12 +8,13 @@ float ops only (``hardshrink`` keeps ``|x| > lambda``); the robust one compares 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from . import workers
-from .pieces import KEY_DTYPES, Piece, Threshold, float_of, flushes_subnormals, gather, jobs_for, keys_of, make_cut, positions, stored
+from .pieces import KEY_DTYPES, Piece, Threshold, float_of, flushes_subnormals, gather, jobs_for, keys_of, make_cut, positions, stored, stored_dtype
 from .workers import buffer, stash
 
 _DIGIT = 16
@@ -79,11 +80,17 @@ class Scan:
             at = positions(flags.view(torch.uint8))
             self.found[j] = (stash(scratch, stored(size.index_select(0, at).view(int_dtype))), stash(scratch, self._piece_of(j, at)))
             return
-        # eight flags at a time as one int64: only the groups of eight with a candidate are read
-        hit = torch.nonzero(flags.view(torch.uint8).view(torch.int64)).view(-1)
-        groups = size.view(-1, 8).index_select(0, hit)
-        chosen = torch.masked_select(groups, flags.view(-1, 8).index_select(0, hit))
-        self.found[j] = (stash(scratch, stored(chosen.view(int_dtype))), job[0][0])
+        # Eight flags at a time as one int64: only the groups of eight with a candidate are
+        # read. Every result goes into this thread's buffers (out=, sized for the worst case):
+        # a worker thread's own heap would keep what such temporaries touched resident.
+        device = values.device
+        hit = torch.nonzero(flags.view(torch.uint8).view(torch.int64), out=buffer(scratch, "hit", n // 8, torch.int64, device, n // 8)[:0])
+        hit = hit.view(-1)
+        groups = torch.index_select(size.view(-1, 8), 0, hit, out=over_hi[:0])  # over_hi is free again
+        marks = torch.index_select(flags.view(-1, 8), 0, hit, out=buffer(scratch, "marks", n, torch.bool, device)[:0])
+        inner = torch.nonzero(marks.view(-1), out=buffer(scratch, "inner", n, torch.int64, device)[:0]).view(-1)
+        chosen = torch.index_select(groups.view(-1), 0, inner, out=over_lo[:0])  # and so is over_lo
+        self.found[j] = (stash(scratch, chosen.view(int_dtype), copy=True, dtype=stored_dtype(int_dtype)), job[0][0])
 
     def _robust(self, j: int, values: torch.Tensor, eligible: torch.Tensor | None) -> None:
         keys = keys_of(values)
@@ -163,11 +170,12 @@ def kth(keys: torch.Tensor, r: int) -> int:
     return int(torch.kthvalue(keys, r).values.item())
 
 
-def scan_all(scans: list[Scan], arena: torch.Tensor | None = None) -> None:
-    """Every group's scan, one parallel run per device (one pass over all their chunks)."""
+def scan_all(scans: list[Scan], arena: Sequence[torch.Tensor] = ()) -> None:
+    """Every group's scan, one parallel run per device (one pass over all their chunks), with
+    scratch memory lent by the tensors in ``arena`` (see :class:`.workers.Arena`)."""
     by_device: dict[torch.device, list[tuple[Scan, int]]] = {}
     for s in scans:
         by_device.setdefault(s.pieces[0].values.device, []).extend((s, j) for j in range(len(s.jobs)))
     for device, jobs in by_device.items():
-        lent = workers.Arena(arena if arena is not None and arena.device == device else None, workers.worker_count(device, len(jobs)))
+        lent = workers.Arena([t for t in arena if t.device == device], workers.worker_count(device, len(jobs)))
         workers.run_each([functools.partial(scan.run, j) for scan, j in jobs], device, lent.scratch)

@@ -66,17 +66,23 @@ def trim_heap() -> None:
 
 
 class Arena:
-    """Scratch memory carved from a tensor that is allocated for later use and not written yet
-    (a mask about to be built, say): work done before that tensor is written then needs no
-    memory of its own, so peak memory stays what the result itself takes. Split into one
-    region per worker thread; a region that runs out falls back to ordinary allocations."""
+    """Scratch memory carved from tensors that are allocated for later use and not written yet
+    (masks about to be built, say): work done before they are written then needs no memory of
+    its own, so peak memory stays what the result itself takes. One region per worker thread:
+    a whole tensor each when there are enough of them, else the largest split; a region that
+    runs out falls back to ordinary allocations."""
 
-    def __init__(self, storage: torch.Tensor | None, parts: int) -> None:
+    def __init__(self, storage: torch.Tensor | Sequence[torch.Tensor] | None, parts: int) -> None:
         self.regions: list[tuple[torch.Tensor, list[int]]] = []
-        if storage is None or not storage.is_contiguous() or storage.numel() == 0:
+        whole = [storage] if isinstance(storage, torch.Tensor) else list(storage or [])
+        whole = sorted((t for t in whole if t.is_contiguous() and t.numel()), key=lambda t: t.numel() * t.element_size(), reverse=True)
+        if not whole or parts < 1:
             return
-        raw = storage.view(-1).view(torch.uint8)
-        size = raw.numel() // max(parts, 1) // 64 * 64
+        if len(whole) >= parts > 1:
+            self.regions = [(t.view(-1).view(torch.uint8), [0]) for t in whole[:parts]]
+            return
+        raw = whole[0].view(-1).view(torch.uint8)
+        size = raw.numel() // parts // 64 * 64
         self.regions = [(raw[i * size : (i + 1) * size], [0]) for i in range(parts)] if size else []
 
     def scratch(self, index: int) -> dict[Any, Any]:
@@ -97,21 +103,28 @@ def _carve(scratch: dict[Any, Any], nbytes: int, device: torch.device | str) -> 
     return room[start : start + nbytes]
 
 
-def stash(scratch: dict[Any, Any], t: torch.Tensor) -> torch.Tensor:
-    """``t`` copied into the lent arena region when there is room (else ``t`` itself): results
-    kept past the scan then leave no small tensors behind in the thread's heap, which could
-    not be handed back to the system around them."""
-    room = _carve(scratch, t.numel() * t.element_size(), t.device)
-    return t if room is None else room.view(t.dtype).copy_(t.reshape(-1)).view(t.shape)
+def stash(scratch: dict[Any, Any], t: torch.Tensor, copy: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``t`` copied into the lent arena region when there is room (else ``t`` itself, or a copy
+    with ``copy``: when ``t`` lives in a buffer the next chunk reuses), converted to ``dtype``
+    when given: results kept past the scan then leave no small tensors behind in the thread's
+    heap, which could not be handed back to the system around them."""
+    dtype = t.dtype if dtype is None else dtype
+    room = _carve(scratch, t.numel() * torch.empty((), dtype=dtype).element_size(), t.device)
+    if room is None:
+        return t.to(dtype, copy=copy)
+    return room.view(dtype).copy_(t.reshape(-1)).view(t.shape)
 
 
-def buffer(scratch: dict[Any, Any], name: str, n: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    """A flat scratch tensor of ``n`` entries kept in ``scratch`` for reuse (one chunk at least),
-    carved from the lent arena region when there is room."""
+def buffer(scratch: dict[Any, Any], name: str, n: int, dtype: torch.dtype, device: torch.device | str, least: int = CHUNK) -> torch.Tensor:
+    """A flat scratch tensor of ``n`` entries kept in ``scratch`` for reuse (``least`` entries at
+    least: one chunk's worth by default), carved from the lent arena region when there is room.
+
+    Its storage always holds ``max(n, least)`` entries from its start, so an op may write a
+    result of up to that many entries into ``buffer(...)[:0]`` (``out=``) without allocating."""
     key = (name, dtype)
     buf = scratch.get(key)
     if buf is None or buf.numel() < n:
-        entries = max(n, CHUNK)
+        entries = max(n, least)
         room = _carve(scratch, entries * torch.empty((), dtype=dtype).element_size(), device)
         buf = scratch[key] = torch.empty(entries, dtype=dtype, device=device) if room is None else room.view(dtype)
     return buf[:n]

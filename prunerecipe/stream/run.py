@@ -299,7 +299,7 @@ class Run:
                 except ValueError as exc:
                     raise self._fail(ps, member.qualname, exc) from exc
             out = self._buffers.take(entry.dtype, entry.shape)  # the other buffer may still be being written
-            (threshold,) = select([([Piece(raw)], k)], count_zeros=True, arena=out)  # its scratch lives in the buffer until the fold
+            (threshold,) = select([([Piece(raw)], k)], count_zeros=True, arena=[out])  # its scratch lives in the buffer until the fold
             if threshold.quotas is not None and numel <= EXACT_TIES_UP_TO:
                 return None  # ties in a small tensor: torch's own topk picks them, on the regular path
             if not threshold.finite:
