@@ -7,7 +7,8 @@ float ops only (``hardshrink`` keeps ``|x| > lambda``); the robust one compares 
 
 from __future__ import annotations
 
-import functools
+import bisect
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -173,9 +174,16 @@ def kth(keys: torch.Tensor, r: int) -> int:
 def scan_all(scans: list[Scan], arena: Sequence[torch.Tensor] = ()) -> None:
     """Every group's scan, one parallel run per device (one pass over all their chunks), with
     scratch memory lent by the tensors in ``arena`` (see :class:`.workers.Arena`)."""
-    by_device: dict[torch.device, list[tuple[Scan, int]]] = {}
+    by_device: dict[torch.device, list[Scan]] = {}
     for s in scans:
-        by_device.setdefault(s.pieces[0].values.device, []).extend((s, j) for j in range(len(s.jobs)))
-    for device, jobs in by_device.items():
-        lent = workers.Arena([t for t in arena if t.device == device], workers.worker_count(device, len(jobs)))
-        workers.run_each([functools.partial(scan.run, j) for scan, j in jobs], device, lent.scratch)
+        by_device.setdefault(s.pieces[0].values.device, []).append(s)
+    for device, group in by_device.items():
+        # item i is job i - starts[g] of scan g: no object per job (their memory would stay resident)
+        starts = list(itertools.accumulate((len(s.jobs) for s in group), initial=0))
+
+        def job(i: int, scratch: dict[Any, torch.Tensor], group: list[Scan] = group, starts: list[int] = starts) -> None:
+            g = bisect.bisect_right(starts, i) - 1
+            group[g].run(i - starts[g], scratch)
+
+        lent = workers.Arena([t for t in arena if t.device == device], workers.worker_count(device, starts[-1]))
+        workers.run(job, starts[-1], device, lent.scratch)
