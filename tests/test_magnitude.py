@@ -143,6 +143,40 @@ def _earliest_k(t: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
+def test_a_cut_among_the_nans_prunes_every_finite_entry_even_in_all_finite_chunks():
+    # NaN ranks above everything (as in topk): a cut that falls among them prunes all finite
+    # entries; a chunk holding finite values only used to be ranked with a NaN floor (kept whole)
+    n = 2**20 + 1
+    w = torch.full((n,), float("nan"))
+    w[: 2**18] = torch.linspace(0.1, 1.0, 2**18)
+    ours, theirs = holder(w), holder(w)
+    fp.l1_local(ours, "weight", n - 5)
+    prune.l1_unstructured(theirs, "weight", amount=n - 5)
+    assert int((ours.weight_mask == 0).sum()) == n - 5 == int((theirs.weight_mask == 0).sum())
+    assert int(ours.weight_mask[: 2**18].sum()) == 0
+    finite, nans = holder(torch.linspace(0.1, 1.0, 2**18)), holder(torch.full((2**20,), float("nan")))
+    fp.l1_global([(finite, "weight"), (nans, "weight")], 2**18 + 10)
+    assert int(finite.weight_mask.sum()) == 0 and int((nans.weight_mask == 0).sum()) == 10
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_ties_in_small_non_contiguous_weights_are_left_to_torch_on_a_contiguous_copy(scope):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randint(-2, 3, conv.weight.shape).float())  # few levels: ties at the cut
+    ref = nn.Conv2d(4, 8, 3)
+    ref.load_state_dict(conv.state_dict())
+    recipe = "version: 1\nsteps:\n  - {select: {types: [Conv2d]}, method: l1_unstructured, amount: 0.5, scope: %s}\n" % scope
+    apply_recipe(conv, parse_recipe(recipe))
+    # torch's own functions fail on channels_last (view(-1)); on the same weights made contiguous:
+    if scope == "local":
+        prune.l1_unstructured(ref, "weight", amount=0.5)
+    else:
+        prune.global_unstructured([(ref, "weight")], pruning_method=prune.L1Unstructured, amount=0.5)
+    assert torch.equal(conv.weight_mask, ref.weight_mask)
+
+
 def test_arena_lends_one_whole_tensor_per_worker_or_splits_the_largest():
     masks_ = [torch.empty(1000), torch.empty(4000), torch.empty(2000)]
     whole = workers.Arena(masks_, 2)

@@ -22,10 +22,10 @@ import torch.nn.utils.prune as prune
 from torch import nn
 
 from ..amounts import checked_nparams
-from ..torchprune import attach, move_to_end, original, owned_mask
+from ..torchprune import apply_any_layout, attach, global_unstructured, move_to_end, original, owned_mask
 from . import workers
 from .cuts import select
-from .pieces import KEY_DTYPES, SMALLEST_NORMAL_KEY, Piece, Threshold, eligible_part, float_of, flushes_subnormals
+from .pieces import INF_KEY, KEY_DTYPES, SMALLEST_NORMAL_KEY, Piece, Threshold, eligible_part, float_of, flushes_subnormals
 from .workers import buffer
 
 #: Up to this many entries (a tensor, or a global group), a tie at the cut is broken by
@@ -50,7 +50,9 @@ def _keep_flags(values: torch.Tensor, below: int, out: torch.Tensor, fast: bool)
         return out.zero_()
     int_dtype = KEY_DTYPES[values.dtype][0]
     floor = _floor(below, values.dtype)
-    if fast or (below - 1 >= SMALLEST_NORMAL_KEY[values.dtype] and torch.isfinite(values).all()):
+    # a chunk of finite values ranks by float ops as well, unless the cut itself lies among the
+    # NaN keys (its floor would be NaN) or the subnormals (which may be flushed)
+    if fast or (SMALLEST_NORMAL_KEY[values.dtype] <= below - 1 <= INF_KEY[values.dtype] and torch.isfinite(values).all()):
         # keys >= below are exactly the |x| > floor; such x are never 0, so sign() is 1 there
         return torch.hardshrink(values, floor, out=out).sign_().abs_()
     keys = torch.bitwise_and(values.view(int_dtype), clear)  # NaN, or a subnormal cut with flush-to-zero: compare keys
@@ -216,7 +218,7 @@ def l1_local_many(items: Sequence[tuple[nn.Module, str, int | float]], zeros: di
     _release(pieces)  # before the masked weights are made
     for (module, name, amount), mask, count, theirs in zip(items, masks, counts, torch_picks):
         if theirs:  # ties in a small tensor: let torch pick, as by hand
-            prune.L1Unstructured.apply(module, name, amount=amount)
+            apply_any_layout(prune.L1Unstructured, module, name, amount=amount)
             continue
         _keep_old(mask, owned_mask(module, name))
         _note(zeros, module, name, count)
@@ -235,7 +237,7 @@ def l1_global(
     _release(pieces)
     if threshold.quotas is not None and sum(p.numel for p in pieces) <= EXACT_TIES_UP_TO:
         del masks
-        prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)  # ties: torch picks
+        global_unstructured(list(params), pruning_method=prune.L1Unstructured, amount=amount)  # ties: torch picks (any layout)
         return
     apply_global_cut(params, threshold, zeros, pieces, masks)
 

@@ -26,6 +26,8 @@ KEY_DTYPES = {
 }
 # float dtype -> the key of its smallest normal number: keys below it are zero or subnormal
 SMALLEST_NORMAL_KEY = {torch.float16: 0x0400, torch.bfloat16: 0x0080, torch.float32: 0x00800000, torch.float64: 0x0010000000000000}
+# float dtype -> the key of infinity: keys above it are NaN
+INF_KEY = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80, torch.float32: 0x7F800000, torch.float64: 0x7FF0000000000000}
 
 
 #: Groups up to this many entries are selected directly (one ``kthvalue`` over their keys).
