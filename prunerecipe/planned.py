@@ -218,7 +218,7 @@ class Plan:
                             "shape": list(pt.target.shape),
                             "units": pt.units,
                             "unit": pt.unit,
-                            "to_prune": pt.to_prune,
+                            "to_prune": pt.to_prune if pt.exact_before else None,  # as the text's "?"
                             "sparsity_before": pt.known_before,
                             "sparsity_after": pt.known_after,
                         }

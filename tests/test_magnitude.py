@@ -167,7 +167,7 @@ def test_ties_in_small_non_contiguous_weights_are_left_to_torch_on_a_contiguous_
         conv.weight.copy_(torch.randint(-2, 3, conv.weight.shape).float())  # few levels: ties at the cut
     ref = nn.Conv2d(4, 8, 3)
     ref.load_state_dict(conv.state_dict())
-    recipe = "version: 1\nsteps:\n  - {select: {types: [Conv2d]}, method: l1_unstructured, amount: 0.5, scope: %s}\n" % scope
+    recipe = "version: 1\nsteps:\n  - {select: {types: [Conv2d]}, method: l1_unstructured, amount: 0.5, scope: " + scope + "}\n"
     apply_recipe(conv, parse_recipe(recipe))
     # torch's own functions fail on channels_last (view(-1)); on the same weights made contiguous:
     if scope == "local":

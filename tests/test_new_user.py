@@ -164,3 +164,49 @@ def test_a_plot_of_hundreds_of_layers_stays_readable(tmp_path):
 
     height, width = imread(str(tmp_path / "tall.png")).shape[:2]
     assert width == 1000 and height >= 240 * 20  # about 20 pixels per layer: labels do not overlap
+
+
+def test_plan_plot_bars_follow_the_model_and_json_leaves_projected_counts_unknown(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import prunerecipe.plots
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(prunerecipe.plots, "sparsity_chart", lambda path, rows, **kw: seen.append([name for name, _ in rows]))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "version: 1\nmodel: prunerecipe.zoo:LeNet\nsteps:\n"
+        "  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.3, scope: global}\n"
+        "  - {select: {types: [Conv2d, Linear]}, method: l1_unstructured, sparsity: 0.5}\n"
+    )
+    done = run("plan", str(recipe), "--plot", str(tmp_path / "p.png"))
+    assert done.exit_code == 0, done.output
+    assert seen == [["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight", "fc3.weight"]]  # not step order
+    # what the text shows as "?" (a sparsity step after a global one, on the meta device: it
+    # depends on the cut) is null in the JSON, not a projection presented as a count
+    import torch
+
+    from prunerecipe import load_recipe, plan_recipe
+    from prunerecipe.zoo import LeNet
+
+    with torch.device("meta"):
+        model = LeNet()
+    plan = plan_recipe(model, load_recipe(recipe))
+    rows = [line.split() for line in str(plan).splitlines() if line.strip().startswith("fc")][3:]
+    assert [r[5] for r in rows] == ["?", "?", "?"], str(plan)
+    second = plan.to_dict()["steps"][1]["targets"]
+    assert [t["to_prune"] for t in second if t["name"].startswith("fc")] == [None, None, None]
+
+
+def test_plan_refuses_nan_weights_as_apply_does(tmp_path):
+    import torch
+
+    from prunerecipe.zoo import LeNet
+
+    sd = LeNet().state_dict()
+    sd["fc1.weight"][0, :5] = float("nan")
+    torch.save(sd, tmp_path / "nan.pt")
+    recipe = str(ROOT / "recipes" / "lenet-global-l1.yaml")
+    for command in (["plan", recipe], ["apply", recipe, "-o", str(tmp_path / "o.pt")]):
+        done = run(*command, "--weights", str(tmp_path / "nan.pt"))
+        assert done.exit_code == 1 and "fc1.weight has 5 NaN" in done.output, done.output
+    assert not (tmp_path / "o.pt").exists()

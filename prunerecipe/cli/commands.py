@@ -76,13 +76,20 @@ def plan(
     model, _ = _model_for(recipe, model_spec, weights, strip_prefix, meta_ok=True)
     result = plan_recipe(model, recipe)
     if not any(t.original.device.type == "meta" for t in result.targets):
+        from ..oneshot import finite_zeros, usable
         from ..preview import preview
 
+        active = [ps for ps in result.steps if not ps.scheduled]
+        if active:
+            finite_zeros(recipe, usable(recipe, active))  # NaN or inf: refused here as apply refuses them
         result = preview(model, result)  # with real weights: the figures are computed, not projected
     if plot:
         from ..plots import sparsity_chart
 
-        rows = {pt.qualname: pt for ps in result.steps for pt in ps.targets}  # each target's last step
+        where_in = {id(m): i for i, m in enumerate(model.modules())}
+        last = {pt.qualname: pt for ps in result.steps for pt in ps.targets}  # each target's last step
+        # bars in model order: by module, then parameter name
+        rows = dict(sorted(last.items(), key=lambda kv: (where_in.get(id(kv[1].target.module), -1), kv[1].target.param)))
         firsts: dict[str, Any] = {}
         for ps in result.steps:
             for pt in ps.targets:
