@@ -279,6 +279,11 @@ class Plan:
         lines.append("")
         how = "computed from the weights" if self.computed else "projected"
         lines.append(f"targeted entries masked: {'?' if before is None else pct(before)} -> {'?' if after is None else pct(after)} ({how})")
+        if self.steps and all(ps.scheduled for ps in self.steps):
+            lines.append(
+                "note: every step has a schedule: this recipe prunes during training (prunerecipe.Pruner, the Lightning "
+                "callback RecipePruning); a one-shot apply refuses it"
+            )
         if self.unmasked_zeros:
             lines.append(
                 f"note: the weights already hold {self.unmasked_zeros} zero entries that no mask covers (zeros of the weights themselves: "

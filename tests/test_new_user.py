@@ -210,3 +210,9 @@ def test_plan_refuses_nan_weights_as_apply_does(tmp_path):
         done = run(*command, "--weights", str(tmp_path / "nan.pt"))
         assert done.exit_code == 1 and "fc1.weight has 5 NaN" in done.output, done.output
     assert not (tmp_path / "o.pt").exists()
+
+
+def test_plan_of_a_training_only_recipe_says_apply_refuses_it():
+    done = run("plan", str(ROOT / "recipes" / "digits-gradual.yaml"))
+    assert done.exit_code == 0 and "every step has a schedule" in done.output and "apply refuses it" in done.output
+    assert run("apply", str(ROOT / "recipes" / "digits-gradual.yaml"), "-o", "/nonexistent/x.pt").exit_code != 0
