@@ -276,6 +276,33 @@ def test_verbose_logs_model_pruning_style_lines(tmp_path, caplog):
         RecipePruning(parse_recipe(RECIPE), verbose=3)
 
 
+def test_verbose_counts_masked_entries_as_model_pruning_does_not_zero_weights(tmp_path, caplog):
+    import logging
+
+    from lightning.pytorch.callbacks import ModelPruning
+
+    recipe = parse_recipe(
+        "version: 1\nsteps:\n  - {select: {types: [Linear]}, params: [bias], method: l1_unstructured, amount: 0.25, "
+        "schedule: {start: 0, end: 0}}\n"
+    )
+    lines = {}
+    for name, callback in (
+        ("ours", RecipePruning(recipe, verbose=1, finalize_on_fit_end=False)),
+        ("theirs", ModelPruning("l1_unstructured", amount=0.25, parameter_names=["bias"], verbose=1, make_pruning_permanent=False)),
+    ):
+        module = Module()
+        with torch.no_grad():  # zeros of the weights themselves: not pruned, not masked
+            module.net.fc1.bias[:6] = 0
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            trainer(tmp_path / name, 1, [callback]).fit(module, loader())
+        lines[name] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Applied")]
+    ours, theirs = lines["ours"][0], lines["theirs"][0]
+    # ModelPruning (here over every module's bias) starts from 0 despite the 6 zero biases; so do we
+    assert theirs.split(" Pruned: ")[1].startswith("0/"), theirs
+    assert ours.endswith(": pruned 0/74 (0.00%) -> 18/74 (24.32%)"), ours  # 25% of each Linear bias: 16 + 2
+
+
 LOTTERY = RECIPE.replace("name: lightning-test", "name: lightning-test\nlottery_ticket: true")
 
 

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from ..load import load_recipe
 from ..spec import Recipe
-from ..torchprune import MASK, ORIG, count_zeros, fold_state_dict, pruned_parameters, pruning_hooks, restore_mask
+from ..torchprune import MASK, ORIG, count_zeros, fold_state_dict, owned_mask, pruned_parameters, pruning_hooks, restore_mask
 from .pruner import EventResult, Pruner
 
 try:  # the unified package first, then the standalone one
@@ -95,6 +95,7 @@ class RecipePruning(Callback):
         self.verbose = verbose
         self.pruner: Pruner | None = None
         self._restored: dict[str, Any] | None = None
+        self._masked: dict[tuple[int, str], int] = {}  # masked entries per target, as the last log line saw them
 
     # --- fitting ------------------------------------------------------------------------
 
@@ -109,6 +110,8 @@ class RecipePruning(Callback):
         else:
             self.pruner = Pruner(pl_module, self.recipe, resample=self.resample)
             self._log(trainer, pl_module, from_hook=False)
+        if self.verbose:
+            self._count_masked()
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.on == "train_epoch_end":
@@ -138,25 +141,42 @@ class RecipePruning(Callback):
             self.pruner.finalize()
 
     def _say(self, ran: list[EventResult]) -> None:
-        """ModelPruning's log lines: one per event, and with verbose=2 one per parameter."""
+        """ModelPruning's log lines: one per event, and with verbose=2 one per parameter. As
+        there, "pruned" counts masked entries (zeros of the weights themselves are not pruned)."""
         if not self.verbose:
             return
         assert self.pruner is not None
         for result in ran:
             step = self.recipe.steps[result.event.step]
-            method = self.pruner.plan.steps[result.event.step].method.cls.__name__
-            rows = result.report.targets
-            total = sum(r.numel for r in rows)
-            before, after = sum(r.zeros_before for r in rows), sum(r.zeros_after for r in rows)
+            planned = self.pruner.plan.steps[result.event.step]
+            method = planned.method.cls.__name__
+            rows = []
+            for pt in planned.targets:
+                t = pt.target
+                key = (id(t.module), t.param)
+                mask = owned_mask(t.module, t.param)
+                masked = 0 if mask is None else int((mask == 0).sum().item())
+                rows.append((t.qualname, self._masked.get(key, 0), masked, t.original.numel()))
+                self._masked[key] = masked
+            total = sum(n for *_, n in rows)
+            before, after = sum(r[1] for r in rows), sum(r[2] for r in rows)
             rank_zero_info(
                 f"Applied {method} (step {step.name or step.label!r}): pruned "
                 f"{before}/{total} ({before / total if total else 0:.2%}) -> {after}/{total} ({after / total if total else 0:.2%})"
             )
             if self.verbose == 2:
-                for r in rows:
+                for name, was, now, n in rows:
                     rank_zero_info(
-                        f"Applied {method} to {r.name}: pruned {r.zeros_before}/{r.numel} ({r.before:.2%}) -> {r.zeros_after}/{r.numel} ({r.after:.2%})"
+                        f"Applied {method} to {name}: pruned {was}/{n} ({was / n if n else 0:.2%}) -> {now}/{n} ({now / n if n else 0:.2%})"
                     )
+
+    def _count_masked(self) -> None:
+        """Masked entries of every target now: the "before" of the next event's log line."""
+        assert self.pruner is not None
+        self._masked = {}
+        for t in self.pruner.plan.targets:
+            mask = owned_mask(t.module, t.param)
+            self._masked[(id(t.module), t.param)] = 0 if mask is None else int((mask == 0).sum().item())
 
     def _log(self, trainer: Any, pl_module: Any, *, from_hook: bool = True, on_step: bool = False) -> None:
         if not self.log_sparsity or self.pruner is None:
