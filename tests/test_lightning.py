@@ -332,3 +332,12 @@ def test_resample_rewinds_to_fresh_values_from_reset_parameters(tmp_path):
     # the Pruner itself takes the option, and refuses it without a lottery ticket
     with pytest.raises(ValueError, match="lottery_ticket"):
         Pruner(DigitsNet(), parse_recipe(RECIPE.replace("net.", "")), resample=True)
+
+
+def test_a_fit_that_ends_before_the_schedule_says_so(tmp_path):
+    module = Module()
+    with pytest.warns(UserWarning, match=r"fitting ended with 2 pruning event\(s\) of the recipe not run \(the next: steps\[1\] \(gradual\) at epoch 2\)"):
+        trainer(tmp_path, 2, [RecipePruning(parse_recipe(RECIPE))]).fit(module, loader())
+    total = module.net.fc1.weight.numel() + module.net.fc2.weight.numel()
+    zeros = int((module.net.fc1.weight == 0).sum() + (module.net.fc2.weight == 0).sum())
+    assert zeros < 0.75 * total  # as it stands: the schedule's last events never ran

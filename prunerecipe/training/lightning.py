@@ -40,9 +40,9 @@ except ImportError:  # pragma: no cover - depends on what is installed
     except ImportError as exc:
         raise ImportError("prunerecipe.lightning needs Lightning: pip install 'prunerecipe[lightning]'") from exc
 try:
-    from lightning.pytorch.utilities.rank_zero import rank_zero_info
+    from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 except ImportError:  # pragma: no cover - depends on what is installed
-    from pytorch_lightning.utilities.rank_zero import rank_zero_info  # type: ignore[no-redef,unused-ignore]
+    from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn  # type: ignore[no-redef,unused-ignore]
 
 ON = ("train_epoch_end", "validation_end")
 
@@ -137,6 +137,15 @@ class RecipePruning(Callback):
                 self._log(trainer, pl_module, on_step=True)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.pruner is not None and not self.pruner.finalized and self.pruner.pending():
+            left = self.pruner.pending()
+            first = left[0]
+            rank_zero_warn(
+                f"fitting ended with {len(left)} pruning event(s) of the recipe not run (the next: "
+                f"{self.recipe.steps[first.step].label} at {first.unit} {first.time}): the model is less pruned than the "
+                "recipe's schedule ends (train until its 'end', or end the schedule sooner)"
+                + ("; pruning is made permanent as it stands" if self.finalize_on_fit_end else "")
+            )
         if self.finalize_on_fit_end and self.pruner is not None and not self.pruner.finalized:
             self.pruner.finalize()
 
