@@ -282,8 +282,7 @@ def test_verbose_counts_masked_entries_as_model_pruning_does_not_zero_weights(tm
     from lightning.pytorch.callbacks import ModelPruning
 
     recipe = parse_recipe(
-        "version: 1\nsteps:\n  - {select: {types: [Linear]}, params: [bias], method: l1_unstructured, amount: 0.25, "
-        "schedule: {start: 0, end: 0}}\n"
+        "version: 1\nsteps:\n  - {select: {types: [Linear]}, params: [bias], method: l1_unstructured, amount: 0.25, schedule: {start: 0, end: 0}}\n"
     )
     lines = {}
     for name, callback in (
@@ -336,7 +335,9 @@ def test_resample_rewinds_to_fresh_values_from_reset_parameters(tmp_path):
 
 def test_a_fit_that_ends_before_the_schedule_says_so(tmp_path):
     module = Module()
-    with pytest.warns(UserWarning, match=r"fitting ended with 2 pruning event\(s\) of the recipe not run \(the next: steps\[1\] \(gradual\) at epoch 2\)"):
+    with pytest.warns(
+        UserWarning, match=r"fitting ended with 2 pruning event\(s\) of the recipe not run \(the next: steps\[1\] \(gradual\) at epoch 2\)"
+    ):
         trainer(tmp_path, 2, [RecipePruning(parse_recipe(RECIPE))]).fit(module, loader())
     total = module.net.fc1.weight.numel() + module.net.fc2.weight.numel()
     zeros = int((module.net.fc1.weight == 0).sum() + (module.net.fc2.weight == 0).sum())

@@ -361,3 +361,29 @@ def test_the_cli_names_a_calibration_function_that_returns_one_dict(tmp_path):
     ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1 and "calibration data is one dict; give an iterable of samples" in result.output
+
+
+@pytest.mark.parametrize("arch", ["gemma2-sliding", "t5-encoder"])
+def test_blocks_given_their_own_arguments_are_refused_not_replayed_wrongly(arch):
+    # Gemma2 alternates sliding-window and full attention (a mask per layer); T5 passes block 0's
+    # position bias on to the next blocks: replaying every block with the first one's arguments
+    # gave silently wrong statistics (4 of 14 Wanda masks differed)
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if arch == "gemma2-sliding":
+        config = transformers.Gemma2Config(
+            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, sliding_window=4,
+        )  # fmt: skip
+        model = transformers.Gemma2ForCausalLM(config).eval()
+    else:
+        config = transformers.T5Config(vocab_size=128, d_model=32, d_ff=64, num_layers=2, num_heads=4, d_kv=8)
+        model = transformers.T5EncoderModel(config).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recipe = parse_recipe(
+        "version: 1\ncalibration: {samples: 8, batch_size: 4}\nsteps:\n"
+        "  - {select: {types: [Linear], names: ['*.layers.*', '*.block.*']}, method: l1_unstructured, importance: wanda, sparsity: 0.5}\n"
+    )
+    with pytest.raises(CalibrationError, match=r"is called with another '.+' than block .+: calibration-based steps replay"):
+        apply_recipe(model, recipe, calibration=[torch.randint(3, 128, (16,)) for _ in range(8)])
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing changed

@@ -109,12 +109,22 @@ def check_order(model: nn.Module, blocks: Blocks, batch: Batch, current: Current
     order: list[int] = []
     last: list[Any] = [None]  # the previous block's output, while the next one is awaited
     unchained: list[int] = []
+    first_rest: list[dict[str, Any]] = []  # the first block's other arguments
+    differing: list[tuple[int, str]] = []
 
     def before(i: int, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         order.append(i)
         if i > 0 and not unchained and not _same(last[0], _hidden_of(args, kwargs)):
             unchained.append(i)
         last[0] = None
+        rest = {f"argument {n + 2}": a for n, a in enumerate(args[1:])} if args else {}
+        rest.update((k, v) for k, v in kwargs.items() if args or k != "hidden_states")
+        if i == 0:
+            first_rest.append(rest)
+        elif first_rest and not differing:
+            name = next((k for k in sorted(set(rest) | set(first_rest[0])) if not _alike(rest.get(k), first_rest[0].get(k))), None)
+            if name is not None:
+                differing.append((i, name))
 
     def after(output: Any) -> None:
         last[0] = output[0] if isinstance(output, (tuple, list)) and output else output
@@ -141,6 +151,14 @@ def check_order(model: nn.Module, blocks: Blocks, batch: Batch, current: Current
             "calibration-based steps replay each block on the "
             "previous one's outputs, which needs each block called once, in order; name them with sequential.blocks"
         )
+    if differing:
+        i, name = differing[0]
+        raise CalibrationError(
+            f"block {blocks.names[i]} is called with another {name!r} than block {blocks.names[0]}: calibration-based steps "
+            "replay every block with the first block's other arguments (attention mask, position embeddings), which is the "
+            "model's own computation only when every block gets the same; this model gives its blocks their own (attention "
+            "windows per layer, or a position bias passed on from block to block), so its blocks cannot be replayed"
+        )
     if unchained:
         i = unchained[0]
         raise CalibrationError(
@@ -148,6 +166,26 @@ def check_order(model: nn.Module, blocks: Blocks, batch: Batch, current: Current
             "calibration-based steps replay each block on the previous one's output; name blocks that follow one another "
             "directly in sequential.blocks (whole transformer layers, say, not their MLPs alone)"
         )
+
+
+def _alike(a: Any, b: Any, depth: int = 0) -> bool:
+    """Whether two blocks' call arguments are the same: equal tensors, equal containers of
+    them, the same object or equal plain values."""
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        return a.device == b.device and bool(torch.equal(a, b))
+    if depth > 8:
+        return False
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_alike(x, y, depth + 1) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_alike(a[k], b[k], depth + 1) for k in a)
+    if isinstance(a, (int, float, str, bool, type(None))) and isinstance(b, (int, float, str, bool, type(None))):
+        return bool(a == b)
+    return False  # two different objects of another kind (a cache per layer, say): not known to be alike
 
 
 def _same(output: Any, hidden: Any) -> bool:
