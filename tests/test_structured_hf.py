@@ -154,3 +154,31 @@ def test_bert_intermediate_compacts_and_the_attention_output_is_refused(tmp_path
     with torch.no_grad():
         got = transformers.AutoModel.from_pretrained(tmp_path)(ids).last_hidden_state
     assert torch.allclose(got, want, atol=1e-5 * float(want.abs().max()), rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["distilbert", "bart-encoder"])
+def test_other_width_keys_are_updated_so_from_pretrained_loads_the_compacted_folder(tmp_path, arch):
+    # DistilBERT keeps its MLP width in hidden_dim; BART has one per stack (encoder_ffn_dim,
+    # decoder_ffn_dim): only the encoder's is changed when only its MLPs were compacted
+    torch.manual_seed(0)
+    if arch == "distilbert":
+        config = transformers.DistilBertConfig(vocab_size=128, dim=32, hidden_dim=64, n_layers=2, n_heads=4)
+        model, glob, expected = transformers.DistilBertModel(config).eval(), "transformer.layer.*.ffn.*", {"hidden_dim": 32}
+    else:
+        config = transformers.BartConfig(
+            vocab_size=128, d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=4, decoder_attention_heads=4,
+        )  # fmt: skip
+        model, glob = transformers.BartModel(config).eval(), "encoder.layers.*.fc?"
+        expected = {"encoder_ffn_dim": 32, "decoder_ffn_dim": 64}
+    recipe = parse_recipe(
+        "version: 1\nfinalize: compact\nsteps:\n"
+        f"  - {{select: {{types: [Linear], names: ['{glob}']}}, method: ln_structured, amount: 0.5, scope: group, args: {{n: 2, dim: 0}}}}\n"
+    )
+    apply_recipe(model, recipe)
+    assert {k: getattr(model.config, k) for k in expected} == expected
+    model.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path).eval()
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).last_hidden_state, again(input_ids=ids).last_hidden_state, atol=1e-6)

@@ -22,7 +22,7 @@ from .inputs import is_hugging_face
 from .record import RECORD_KEY
 
 #: config keys that hold an MLP's hidden width, by the model families that use them
-WIDTH_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size", "inner_dim")
+WIDTH_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size", "inner_dim", "hidden_dim", "encoder_ffn_dim", "decoder_ffn_dim")
 
 
 def _width_keys(config: Any, old: int) -> list[str]:
@@ -71,20 +71,24 @@ def update_config(model: nn.Module, widths: Sequence[tuple[int, int]]) -> tuple[
     if not keys:
         return {}, f"model.config was not updated: no key of it holds the compacted width {old} (looked for {', '.join(WIDTH_KEYS)})"
     saved = {k: getattr(config, k) for k in keys}
-    for k in keys:
-        setattr(config, k, new)
-    try:
-        wrong = mismatches(model)
-    except Exception as exc:  # a model class that cannot be built from its config alone
-        wrong = [f"building {type(model).__name__} from its config failed ({type(exc).__name__}: {exc})"]
-    if wrong:
+    # every key that holds the old width, else one of them alone (BART's encoder_ffn_dim when
+    # only the encoder's MLPs were compacted): the first choice that describes the model
+    wrong: list[str] = []
+    for chosen in [keys] + ([[k] for k in keys] if len(keys) > 1 else []):
+        for k in chosen:
+            setattr(config, k, new)
+        try:
+            wrong = mismatches(model)
+        except Exception as exc:  # a model class that cannot be built from its config alone
+            wrong = [f"building {type(model).__name__} from its config failed ({type(exc).__name__}: {exc})"]
+        if not wrong:
+            return {k: new for k in chosen}, None
         for k, v in saved.items():
             setattr(config, k, v)
-        return {}, (
-            "model.config was not updated: "
-            + listing(
-                f"with {', '.join(keys)} = {new} the config would not describe this model (a Hugging Face config holds one width for every layer)",
-                wrong,
-            )
+    return {}, (
+        "model.config was not updated: "
+        + listing(
+            f"with {', '.join(keys)} = {new} the config would not describe this model (a Hugging Face config holds one width for every layer)",
+            wrong,
         )
-    return {k: new for k in keys}, None
+    )
