@@ -387,3 +387,26 @@ def test_blocks_given_their_own_arguments_are_refused_not_replayed_wrongly(arch)
     with pytest.raises(CalibrationError, match=r"is called with another '.+' than block .+: calibration-based steps replay"):
         apply_recipe(model, recipe, calibration=[torch.randint(3, 128, (16,)) for _ in range(8)])
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing changed
+
+
+def test_an_encoder_decoder_sample_may_have_a_decoder_sequence_of_its_own_length():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BartConfig(
+        vocab_size=128, d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=2, decoder_layers=2,
+        encoder_attention_heads=4, decoder_attention_heads=4,
+    )  # fmt: skip
+    model = transformers.BartForConditionalGeneration(config).eval()
+    recipe = parse_recipe(
+        "version: 1\ncalibration: {samples: 4, batch_size: 2}\nsequential: {blocks: 'model.encoder.layers.*'}\nsteps:\n"
+        "  - {select: {types: [Linear], names: ['model.encoder.layers.*']}, method: l1_unstructured, importance: wanda, sparsity: 0.5}\n"
+    )
+    g = torch.Generator().manual_seed(1)
+    samples = [
+        {"input_ids": torch.randint(3, 128, (16,), generator=g), "decoder_input_ids": torch.randint(3, 128, (8,), generator=g)} for _ in range(4)
+    ]
+    apply_recipe(model, recipe, calibration=samples)
+    assert abs(float((model.model.encoder.layers[0].fc1.weight == 0).float().mean()) - 0.5) < 1e-6
+    bad = [dict(s, decoder_attention_mask=torch.ones(16, dtype=torch.long)) for s in samples]  # its own length is 8
+    with pytest.raises(CalibrationError, match=r"\['decoder_attention_mask'\] has shape \(16,\), its decoder_input_ids \(8,\)"):
+        apply_recipe(transformers.BartForConditionalGeneration(config).eval(), recipe, calibration=bad)

@@ -185,9 +185,14 @@ def _token_sample(item: Batch, index: int, fail: Callable[[str], CalibrationErro
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise fail(f"{where} is {str(ids.dtype).replace('torch.', '')}; token ids are integers")
     if isinstance(item, dict):
+        # an encoder-decoder's decoder_* entries go with decoder_input_ids, whose length is its own
+        decoder = item.get("decoder_input_ids")
         for key, value in item.items():
-            if key != "input_ids" and value.dim() >= 1 and value.shape[0] != ids.shape[0]:
-                raise fail(f"{what}[{key!r}] has shape {tuple(value.shape)}, its input_ids {tuple(ids.shape)}: they must have one length")
+            if key in ("input_ids", "decoder_input_ids") or value.dim() < 1:
+                continue
+            owner, name = (decoder, "decoder_input_ids") if key.startswith("decoder_") and decoder is not None else (ids, "input_ids")
+            if owner.dim() >= 1 and value.shape[0] != owner.shape[0]:
+                raise fail(f"{what}[{key!r}] has shape {tuple(value.shape)}, its {name} {tuple(owner.shape)}: they must have one length")
 
 
 def _checked_tensor(t: torch.Tensor, what: str, fail: Callable[[str], CalibrationError]) -> torch.Tensor:
