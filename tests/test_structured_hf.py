@@ -182,3 +182,18 @@ def test_other_width_keys_are_updated_so_from_pretrained_loads_the_compacted_fol
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.allclose(model(input_ids=ids).last_hidden_state, again(input_ids=ids).last_hidden_state, atol=1e-6)
+
+
+def test_a_model_whose_code_cannot_run_on_meta_is_told_to_plan_with_weights():
+    config = transformers.BartConfig(
+        vocab_size=128, d_model=32, encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=4, decoder_attention_heads=4,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = transformers.BartModel(config)
+    recipe = parse_recipe(
+        "version: 1\nsteps:\n"
+        "  - {select: {types: [Linear], names: ['encoder.layers.*.fc?']}, method: ln_structured, amount: 0.5, scope: group, args: {n: 2, dim: 0}}\n"
+    )
+    with pytest.raises(RecipeError, match="meta device.*plan it with --weights"):
+        plan_recipe(model, recipe)

@@ -134,7 +134,9 @@ def _discover(model: nn.Module, recipe: Recipe, step: Step, roots: list[tuple[st
         raise GroupProblem(step.path + ("scope",), f"{exc} (raise PRUNERECIPE_TRACE_TIMEOUT, or select fewer layers)", "timeout") from None
     except Exception as exc:
         where: KeyPath = ("inputs",) if recipe.inputs else step.path + ("scope",)
-        raise GroupProblem(where, f"tracing the model with inputs {describe(specs)} failed: {type(exc).__name__}: {exc}") from None
+        on_meta = any(p.device.type == "meta" for p in model.parameters())
+        hint = " (the model is on the meta device, shapes only, which this model's code cannot run on: plan it with --weights)" if on_meta else ""
+        raise GroupProblem(where, f"tracing the model with inputs {describe(specs)} failed: {type(exc).__name__}: {exc}{hint}") from None
 
 
 def group_key(group: ChannelGroup) -> tuple[str, ...]:
