@@ -216,3 +216,13 @@ def test_plan_of_a_training_only_recipe_says_apply_refuses_it():
     done = run("plan", str(ROOT / "recipes" / "digits-gradual.yaml"))
     assert done.exit_code == 0 and "every step has a schedule" in done.output and "apply refuses it" in done.output
     assert run("apply", str(ROOT / "recipes" / "digits-gradual.yaml"), "-o", "/nonexistent/x.pt").exit_code != 0
+
+
+def test_a_recipe_s_own_model_key_is_located_when_it_fails(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nmodel: mymodel.py:broken\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5}\n")
+    done = run("plan", str(recipe), "--json")
+    assert done.exit_code == 1
+    (problem,) = json.loads(done.output)
+    assert (problem["file"], problem["line"], problem["col"], problem["path"], problem["code"]) == (str(recipe), 2, 8, "model", "model")
+    assert f"{recipe}:2:8: model: " in run("plan", str(recipe)).output

@@ -161,12 +161,18 @@ def _model_for(
     import dataclasses
 
     from ..checkpoint import fit_prefix, load_pruned_state_dict, read_state_dict
-    from ..errors import CheckpointError
+    from ..errors import CheckpointError, ModelSpecError
     from ..modelspec import is_folder_spec, load_model, resolve
 
     spec, base = _model_spec(recipe, model_spec)
-    folder = resolve(spec, base) if is_folder_spec(spec, base) else None
-    model = load_model(spec, base=base, weights=not weights, meta=meta_ok and folder is not None and not weights)
+    try:
+        folder = resolve(spec, base) if is_folder_spec(spec, base) else None
+        model = load_model(spec, base=base, weights=not weights, meta=meta_ok and folder is not None and not weights)
+    except ModelSpecError as exc:
+        if model_spec or recipe is None:
+            raise
+        # the recipe's own model: key: located there
+        raise ModelSpecError([recipe.problem(("model",), p.message, code=p.code) for p in exc.problems]) from None
     if weights:
         state = read_state_dict(weights)
         state, removed = fit_prefix(state, model, strip_prefix)
