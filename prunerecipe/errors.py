@@ -7,6 +7,7 @@ and ``to_dict()`` for machine-readable output (``--json``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,14 @@ class Problem:
     message: str
     code: str = "invalid"
 
+    def __post_init__(self) -> None:
+        # a value pasted whole into a key or a message (a 3,000-character method name, say) is
+        # shown cut: enough to recognize it, not a screenful
+        object.__setattr__(self, "message", _LONG_WORD.sub(_cut, self.message))
+        if self.path is not None and any(isinstance(k, str) and len(k) > _WORD_LIMIT for k in self.path):
+            cut = tuple(k[: _WORD_LIMIT - 3] + "..." if isinstance(k, str) and len(k) > _WORD_LIMIT else k for k in self.path)
+            object.__setattr__(self, "path", cut)
+
     def __str__(self) -> str:
         where = self.source
         if self.line is not None:
@@ -64,6 +73,15 @@ class Problem:
             "code": self.code,
             "message": self.message,
         }
+
+
+_WORD_LIMIT = 80
+_LONG_WORD = re.compile(r"[^\s,;()\[\]/\\]{" + str(_WORD_LIMIT + 41) + ",}")  # paths are left whole (each part is short)
+
+
+def _cut(match: re.Match[str]) -> str:
+    word = match.group(0)
+    return f"{word[:_WORD_LIMIT]}...({len(word)} characters)"
 
 
 def problem(message: str, *, source: str = "", code: str = "invalid") -> Problem:

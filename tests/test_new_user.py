@@ -226,3 +226,19 @@ def test_a_recipe_s_own_model_key_is_located_when_it_fails(tmp_path):
     (problem,) = json.loads(done.output)
     assert (problem["file"], problem["line"], problem["col"], problem["path"], problem["code"]) == (str(recipe), 2, 8, "model", "model")
     assert f"{recipe}:2:8: model: " in run("plan", str(recipe)).output
+
+
+def test_long_values_are_shown_cut_in_messages_but_paths_whole(tmp_path):
+    from prunerecipe import RecipeError, parse_recipe
+
+    for text in (
+        "version: 1\nsteps:\n  - {select: {types: [Linear]}, method: %s, amount: 0.5}\n" % ("x" * 3000),
+        "version: 1\n%s: 1\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5}\n" % ("k" * 1000),
+        "version: 1\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: '${%s}'}\n" % ("v" * 2000),
+    ):
+        with pytest.raises(RecipeError) as info:
+            parse_recipe(text)
+        assert all(len(str(p)) < 600 for p in info.value.problems), str(info.value)[:200]
+    deep = tmp_path.joinpath(*["d" * 60] * 4) / "missing.pt"
+    done = run("report", "--weights", str(deep))
+    assert done.exit_code != 0 and str(deep) in done.output
