@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from ..load import load_recipe
 from ..spec import Recipe
-from ..torchprune import MASK, ORIG, count_zeros, fold_state_dict, owned_mask, pruned_parameters, pruning_hooks, restore_mask
+from ..torchprune import MASK, ORIG, count_zeros, fold_state_dict, kept_entries, owned_mask, pruned_parameters, pruning_hooks, restore_mask
 from .pruner import EventResult, Pruner
 
 try:  # the unified package first, then the standalone one
@@ -137,8 +137,8 @@ class RecipePruning(Callback):
                 self._log(trainer, pl_module, on_step=True)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.pruner is not None and not self.pruner.finalized and self.pruner.pending():
-            left = self.pruner.pending()
+        left = self.pruner.pending() if self.pruner is not None and not self.pruner.finalized else []
+        if left:
             first = left[0]
             rank_zero_warn(
                 f"fitting ended with {len(left)} pruning event(s) of the recipe not run (the next: "
@@ -163,8 +163,7 @@ class RecipePruning(Callback):
             for pt in planned.targets:
                 t = pt.target
                 key = (id(t.module), t.param)
-                mask = owned_mask(t.module, t.param)
-                masked = 0 if mask is None else int((mask == 0).sum().item())
+                masked = _masked(t.module, t.param)
                 rows.append((t.qualname, self._masked.get(key, 0), masked, t.original.numel()))
                 self._masked[key] = masked
             total = sum(n for *_, n in rows)
@@ -182,10 +181,7 @@ class RecipePruning(Callback):
     def _count_masked(self) -> None:
         """Masked entries of every target now: the "before" of the next event's log line."""
         assert self.pruner is not None
-        self._masked = {}
-        for t in self.pruner.plan.targets:
-            mask = owned_mask(t.module, t.param)
-            self._masked[(id(t.module), t.param)] = 0 if mask is None else int((mask == 0).sum().item())
+        self._masked = {(id(t.module), t.param): _masked(t.module, t.param) for t in self.pruner.plan.targets}
 
     def _log(self, trainer: Any, pl_module: Any, *, from_hook: bool = True, on_step: bool = False) -> None:
         if not self.log_sparsity or self.pruner is None:
@@ -251,3 +247,9 @@ class AcceptFolded:
 
 
 __all__ = ["AcceptFolded", "RecipePruning"]
+
+
+def _masked(module: Any, name: str) -> int:
+    """Masked entries of ``module.<name>`` (0 when it has no mask), as ModelPruning counts them."""
+    mask = owned_mask(module, name)
+    return 0 if mask is None else mask.numel() - kept_entries(mask)
