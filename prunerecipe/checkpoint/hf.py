@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import CheckpointError, problem
 from ..text import clip
+from .hfnames import to_checkpoint_names
 from .read import HF_WEIGHTS, is_hf_folder
 
 #: files of an input folder that a written folder does not copy (it writes its own)
@@ -178,7 +179,8 @@ def write_folder(
     Args:
         folder: the (empty) folder to fill.
         model: the pruned model (its ``config`` is written).
-        state: the dense state_dict to store, tied aliases already left out.
+        state: the dense state_dict to store, tied aliases already left out; stored under the
+            names ``save_pretrained`` would give them (:func:`.hfnames.to_checkpoint_names`).
         source: the input model folder, whose other files are copied.
         summary: what ``prunerecipe.json`` holds (also in each shard's ``__metadata__``).
         max_shard_bytes: the largest shard.
@@ -189,7 +191,7 @@ def write_folder(
     from safetensors.torch import save_file
 
     write_folder_files(folder, model, source)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    tensors = {k: v.detach().contiguous().cpu() for k, v in to_checkpoint_names(model, state).items()}
     parts = shard({k: v.numel() * v.element_size() for k, v in tensors.items()}, max_shard_bytes)
     files = shard_files(len(parts))
     for name, part in zip(files, parts):

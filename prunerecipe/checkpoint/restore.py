@@ -25,6 +25,7 @@ from ..torchprune import (
     restore_mask,
     unpruned_name,
 )
+from .hfnames import checkpoint_names, to_model_names
 
 
 def _base(key: str) -> str:
@@ -49,9 +50,14 @@ def common_prefix(keys: list[str]) -> str:
     return ".".join(parts) + "." if parts else ""
 
 
-def fit_prefix(state_dict: Mapping[str, torch.Tensor], model: nn.Module, strip: str | None = None) -> tuple[dict[str, torch.Tensor], str | None]:
+def fit_prefix(
+    state_dict: Mapping[str, torch.Tensor], model: nn.Module, strip: str | None = None, *, convert: bool = True
+) -> tuple[dict[str, torch.Tensor], str | None]:
     """Remove a key prefix the model does not have: ``strip`` when given, else the common
-    prefix of all keys when no key fits as it is and all fit without it.
+    prefix of all keys when no key fits as it is and all fit without it. Then, for a Hugging
+    Face model, turn the names its checkpoints store into its own names, as ``from_pretrained``
+    does (:mod:`.hfnames`: GPT-NeoX's ``embed_out``, ViT's attention, MoE experts; with
+    ``convert=False``, tensors that transformers merges on loading keep their names).
 
     Returns:
         The state_dict (keys renamed) and the prefix removed (None when none was).
@@ -62,25 +68,26 @@ def fit_prefix(state_dict: Mapping[str, torch.Tensor], model: nn.Module, strip: 
     keys = list(state_dict)
     if strip and not strip.endswith(".") and any(k.startswith(strip + ".") for k in keys):
         strip += "."  # "net" means the module prefix "net.", not keys that happen to start with those letters
-    if strip:
-        if not any(k.startswith(strip) for k in keys):
-            raise CheckpointError(
-                f"no key of the checkpoint starts with {strip!r} (--strip-prefix); its keys start with {common_prefix(keys) or '(no common prefix)'!r}"
-            )
-        return _stripped(state_dict, strip), strip
+    if strip and not any(k.startswith(strip) for k in keys):
+        raise CheckpointError(
+            f"no key of the checkpoint starts with {strip!r} (--strip-prefix); its keys start with {common_prefix(keys) or '(no common prefix)'!r}"
+        )
     model_keys = {_base(k) for k in model.state_dict()}
+    if strip:
+        return to_model_names(model, _stripped(state_dict, strip), model_keys, convert=convert), strip
     # a compaction record fits wherever the model has a module (a fresh model has none yet)
     model_keys |= {f"{name}.{RECORD_KEY}" if name else RECORD_KEY for name, _ in model.named_modules()}
+    stored = model_keys | set(checkpoint_names(model, model_keys)[0].values())  # names a key may have in a file
     named = [k for k in keys if k != RECORD_KEY]  # a wrapper's own record: at its root, names inside prefixed
     prefix = common_prefix(named)
-    if named and prefix and _fits(named, model_keys) == 0:
+    if named and prefix and _fits(named, stored) == 0:
         stripped = [k[len(prefix) :] for k in named]
-        while prefix and _fits(stripped, model_keys) < len(stripped):  # the whole common prefix may be too much
+        while prefix and _fits(stripped, stored) < len(stripped):  # the whole common prefix may be too much
             prefix = ".".join(prefix.split(".")[:-2]) + "." if prefix.count(".") > 1 else ""
             stripped = [k[len(prefix) :] for k in named]
-        if prefix and _fits(stripped, model_keys) == len(stripped):
-            return _stripped(state_dict, prefix), prefix
-    return dict(state_dict), None
+        if prefix and _fits(stripped, stored) == len(stripped):
+            return to_model_names(model, _stripped(state_dict, prefix), model_keys, convert=convert), prefix
+    return to_model_names(model, state_dict, model_keys, convert=convert), None
 
 
 def _stripped(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

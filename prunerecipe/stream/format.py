@@ -173,14 +173,16 @@ class Source:
         self._handles = []
 
 
-def _header(entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None) -> bytes:
+def _header(
+    entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], metadata: Mapping[str, str] | None, names: Mapping[str, str] | None = None
+) -> bytes:
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
     offset = 0
     for name, dtype, shape in entries:
         size = nbytes(dtype, shape)
-        header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[names.get(name, name) if names else name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     return json.dumps(header, separators=(",", ":")).encode()
 
@@ -197,10 +199,16 @@ class Writer:
             is held the header's blocks, which are rewritten at the end).
         entries: ``(name, dtype, shape)`` of every tensor, in the order they will be written.
         room: metadata as long as the final metadata can be (None: no metadata).
+        names: the name each entry is stored under in the file, where it differs from its name
+            here (a Hugging Face folder stores checkpoint names).
     """
 
     def __init__(
-        self, fh: BinaryIO | DirectFile, entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]], room: Mapping[str, str] | None = None
+        self,
+        fh: BinaryIO | DirectFile,
+        entries: Sequence[tuple[str, torch.dtype, tuple[int, ...]]],
+        room: Mapping[str, str] | None = None,
+        names: Mapping[str, str] | None = None,
     ) -> None:
         if sys.byteorder != "little":  # pragma: no cover - safetensors is little-endian
             raise RuntimeError("writing safetensors tensor by tensor needs a little-endian machine")
@@ -209,14 +217,15 @@ class Writer:
             raise ValueError(listing("safetensors has no dtype for", unknown))
         self.fh = fh
         self.entries = list(entries)
+        self.names = dict(names or {})
         self._next = 0
-        self._room = len(_header(self.entries, room))
+        self._room = len(_header(self.entries, room, self.names))
         self._room += -(8 + self._room) % 8
         keep = getattr(fh, "keep_head", None)  # a direct-I/O file holds the header until it is final
         if keep is not None:
             keep(8 + self._room)
         fh.write(self._room.to_bytes(8, "little"))
-        fh.write(_header(self.entries, room).ljust(self._room, b" "))
+        fh.write(_header(self.entries, room, self.names).ljust(self._room, b" "))
         self.data_start = 8 + self._room
 
     @property
@@ -251,7 +260,7 @@ class Writer:
         """Check every tensor was written, and put the final metadata in the header."""
         if self._next != len(self.entries):
             raise ValueError(f"{len(self.entries) - self._next} tensor(s) were not written")
-        header = _header(self.entries, metadata)
+        header = _header(self.entries, metadata, self.names)
         if len(header) > self._room:
             raise ValueError(f"the final metadata needs {len(header)} header bytes; {self._room} were set aside")
         self.fh.flush()

@@ -74,7 +74,7 @@ def execute(
             stage.close()
         if sp.fmt == "hf":
             hf_files.write_folder_files(tmp, sp.model, source_folder)
-            hf_files.write_index(tmp, files, parts, total)
+            hf_files.write_index(tmp, files, [[sp.stored.get(n, n) for n in part] for part in parts], total)
             hf_files.write_summary(tmp, info)
     run.finish_rng()
     return run.report(), len(parts)
@@ -107,7 +107,7 @@ def open_writer(run: Run, fh: DirectFile, names: list[str], room: dict[str, str]
     sp = run.sp
     order = entries_in_file_order([(n, sp.entries[n].dtype, sp.entries[n].shape) for n in names])
     order.sort(key=lambda e: (-torch.empty((), dtype=e[1]).element_size(), e[0] in sp.members))
-    return Writer(fh, order, room)
+    return Writer(fh, order, room, sp.stored)
 
 
 def write_untouched(run: Run, writers: list[Writer]) -> None:

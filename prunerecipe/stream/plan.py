@@ -32,9 +32,10 @@ import torch.nn.utils.prune as prune
 from torch import nn
 
 from ..checkpoint.hf import tied_aliases
+from ..checkpoint.hfnames import checkpoint_names
 from ..checkpoint.read import SAFETENSORS_SUFFIX, suffix_of
 from ..checkpoint.restore import check_fit, fit_prefix
-from ..errors import CheckpointError, RecipeError, problem
+from ..errors import CheckpointError, Problem, RecipeError, problem
 from ..magnitude import EXACT_TIES_UP_TO, supported
 from ..plan import Plan, PlannedStep, plan_recipe
 from ..rng import is_random
@@ -122,6 +123,7 @@ class StreamPlan:
     weights: str | None = None
     fmt: str = "dense"
     note: str | None = None  # e.g. a key prefix removed
+    stored: dict[str, str] = field(default_factory=dict)  # entry -> the name an hf folder stores it under, where it differs
 
     @property
     def largest(self) -> Entry:
@@ -310,9 +312,12 @@ def stream_plan(
     note = None
     keys: dict[str, str | None] = {name: None for name in state}
     stored: dict[str, torch.dtype] = {name: t.dtype for name, t in state.items()}
+    stored_as, joined = checkpoint_names(model, [n for n in state if n not in aliases])
     if source is not None:
         shapes = source.shapes()
-        fitted, removed = fit_prefix(shapes, model, strip_prefix)
+        fitted, removed = fit_prefix(shapes, model, strip_prefix, convert=False)
+        if any(n not in fitted for n in joined):
+            raise CheckpointError(_joined(joined, weights or ""))
         if removed and not strip_prefix:
             note = f"removed the key prefix {removed!r}, which every key had and the model has not"
         fit = check_fit(model, fitted)
@@ -330,6 +335,8 @@ def stream_plan(
             value = fit.state_dict[name]
             keys[name] = by_id[id(value)]
             stored[name] = value.dtype
+    if joined and fmt == "hf":
+        raise CheckpointError(_joined(joined, out or ""))
     entries = {name: Entry(name, t.dtype, tuple(t.shape), keys[name], stored[name]) for name, t in state.items() if name not in aliases}
     unknown = [f"{e.name} ({e.dtype})" for e in entries.values() if e.dtype not in DTYPES]
     if unknown:
@@ -414,6 +421,18 @@ def stream_plan(
         weights,
         fmt,
         note,
+        {n: c for n, c in stored_as.items() if c != n and fmt == "hf"},
+    )
+
+
+def _joined(names: list[str], where: str) -> Problem:
+    """The refusal of tensors transformers stores as several (a MoE layer's experts)."""
+    return problem(
+        f"--stream reads and writes one tensor at a time, but a checkpoint of this model stores {names[0]}"
+        f"{f' (and {len(names) - 1} more)' if len(names) > 1 else ''} as several tensors that transformers joins on loading; "
+        "apply it in memory (without --stream)",
+        source=where,
+        code="stream",
     )
 
 
