@@ -276,6 +276,32 @@ def test_verbose_logs_model_pruning_style_lines(tmp_path, caplog):
         RecipePruning(parse_recipe(RECIPE), verbose=3)
 
 
+def test_verbose_logs_the_steps_that_run_at_fit_start(tmp_path, caplog):
+    """Steps without a schedule run as the Pruner is created (fit start): one line for them."""
+    import logging
+
+    recipe = parse_recipe(
+        "version: 1\nsteps:\n"
+        "  - {name: once, select: {types: [Linear]}, method: l1_unstructured, amount: 0.5}\n"
+        "  - {name: again, select: {names: [net.fc1]}, method: random_unstructured, amount: 0.5, seed: 0}\n"
+        "  - {name: later, select: {types: [Linear]}, method: l1_unstructured, amount: 0.2, schedule: {start: 0, end: 0}}\n"
+    )
+    module = Module()
+    with caplog.at_level(logging.INFO):
+        trainer(tmp_path, 1, [RecipePruning(recipe, verbose=2, finalize_on_fit_end=False)]).fit(module, loader())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Applied")]
+    fc1, fc2 = module.net.fc1.weight.numel(), module.net.fc2.weight.numel()
+    # fc1: half, then half of the rest (3/4); fc2: half
+    at_start = round(0.5 * fc1) + round(0.5 * round(0.5 * fc1)) + round(0.5 * fc2)
+    total = fc1 + fc2
+    assert lines[0] == (
+        f"Applied L1Unstructured, RandomUnstructured (unscheduled steps 'once', 'again', at fit start): "
+        f"pruned 0/{total} (0.00%) -> {at_start}/{total} ({at_start / total:.2%})"
+    )
+    assert lines[1].startswith("Applied L1Unstructured, RandomUnstructured to net.fc1.weight: pruned 0/")
+    assert lines[3].startswith(f"Applied L1Unstructured (step 'later'): pruned {at_start}/{total} ")
+
+
 def test_verbose_counts_masked_entries_as_model_pruning_does_not_zero_weights(tmp_path, caplog):
     import logging
 

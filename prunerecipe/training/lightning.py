@@ -63,7 +63,8 @@ class RecipePruning(Callback):
             ``"validation_end"`` (``ModelPruning(prune_on_train_epoch_end=False)``; not
             during the sanity check).
         verbose: ``1``: log ``Applied L1Unstructured (step 'name'): pruned 0/1088 (0.00%) ->
-            326/1088 (29.96%)`` after each event; ``2``: and a line per parameter
+            326/1088 (29.96%)`` after each event, and one line for the steps without a
+            schedule (they run at fit start); ``2``: and a line per parameter
             (``ModelPruning(verbose=...)``). Logged on rank 0 through Lightning's logger.
     """
 
@@ -108,8 +109,10 @@ class RecipePruning(Callback):
                 restore_mask(pl_module.get_submodule(module_name), param, mask)
             self.pruner = Pruner(pl_module, self.recipe, state=self._restored["pruner"], resample=self.resample)
         else:
+            before = _masked_now(pl_module) if self.verbose else {}
             self.pruner = Pruner(pl_module, self.recipe, resample=self.resample)
             self._log(trainer, pl_module, from_hook=False)
+            self._say_created(before)
         if self.verbose:
             self._count_masked()
 
@@ -177,6 +180,27 @@ class RecipePruning(Callback):
                     rank_zero_info(
                         f"Applied {method} to {name}: pruned {was}/{n} ({was / n if n else 0:.2%}) -> {now}/{n} ({now / n if n else 0:.2%})"
                     )
+
+    def _say_created(self, before: dict[tuple[int, str], int]) -> None:
+        """The log line of the steps without a schedule, which ran as the Pruner was created
+        (at fit start): one line for them together, since they ran as one apply."""
+        assert self.pruner is not None
+        now = [i for i, step in enumerate(self.recipe.steps) if step.schedule is None]
+        if not self.verbose or not now:
+            return
+        targets = {(id(pt.target.module), pt.target.param): pt.target for i in now for pt in self.pruner.plan.steps[i].targets}
+        rows = [(t.qualname, before.get(key, 0), _masked(t.module, t.param), t.original.numel()) for key, t in targets.items()]
+        total = sum(n for *_, n in rows)
+        was, after = sum(r[1] for r in rows), sum(r[2] for r in rows)
+        names = ", ".join(repr(self.recipe.steps[i].name or self.recipe.steps[i].label) for i in now)
+        methods = ", ".join(dict.fromkeys(self.pruner.plan.steps[i].method.cls.__name__ for i in now))
+        rank_zero_info(
+            f"Applied {methods} (unscheduled step{'s' if len(now) > 1 else ''} {names}, at fit start): pruned "
+            f"{was}/{total} ({was / total if total else 0:.2%}) -> {after}/{total} ({after / total if total else 0:.2%})"
+        )
+        if self.verbose == 2:
+            for name, old, new, n in rows:
+                rank_zero_info(f"Applied {methods} to {name}: pruned {old}/{n} ({old / n if n else 0:.2%}) -> {new}/{n} ({new / n if n else 0:.2%})")
 
     def _count_masked(self) -> None:
         """Masked entries of every target now: the "before" of the next event's log line."""
@@ -247,6 +271,11 @@ class AcceptFolded:
 
 
 __all__ = ["AcceptFolded", "RecipePruning"]
+
+
+def _masked_now(model: Any) -> dict[tuple[int, str], int]:
+    """Masked entries of every parameter of ``model`` that has a mask, by (module id, name)."""
+    return {(id(m), name): _masked(m, name) for _, m, name in pruned_parameters(model)}
 
 
 def _masked(module: Any, name: str) -> int:
