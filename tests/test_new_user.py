@@ -152,6 +152,15 @@ def test_plots_of_report_and_plan(tmp_path, suffix):
         assert data.startswith(b"\x89PNG\r\n\x1a\n") if suffix == "png" else b"<svg" in data[:2000]
     done = run("report", "--weights", str(out), "--plot", str(tmp_path / "x.gif"))
     assert done.exit_code == 2 and ".png or .svg" in done.output
+    # an existing picture is replaced with --force only, and checked before any work
+    picture = tmp_path / f"plan.{suffix}"
+    picture.write_bytes(b"mine")
+    for command in (["report", "--weights", str(out)], ["plan", RECIPE]):
+        done = run(*command, "--plot", str(picture))
+        assert done.exit_code != 0 and "already exists; refusing to overwrite it (use --force)" in done.output, done.output
+        assert picture.read_bytes() == b"mine"
+    done = run("plan", RECIPE, "--plot", str(picture), "--force")
+    assert done.exit_code == 0 and picture.read_bytes() != b"mine", done.output
 
 
 def test_a_plot_of_hundreds_of_layers_stays_readable(tmp_path):

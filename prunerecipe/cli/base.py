@@ -128,13 +128,14 @@ def _load(path: str, overrides: dict[str, Any]) -> Any:
     return recipe
 
 
-def _plot_target(path: str) -> None:
-    """Check a --plot file before any work: a suffix matplotlib writes, a place to write it."""
+def _plot_target(path: str, force: bool) -> None:
+    """Check a --plot file before any work: a suffix matplotlib writes, a place to write it,
+    and no file there unless ``force`` (an existing picture is not replaced silently)."""
     from ..checkpoint import check_output
 
     if os.path.splitext(path)[1].lower() not in (".png", ".svg"):
         raise click.BadParameter(f"{path!r}: the picture is .png or .svg", param_hint="'--plot'")
-    check_output(path, force=True)
+    check_output(path, force=force)
 
 
 def _progress() -> Callable[[str], None] | None:

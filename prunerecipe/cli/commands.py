@@ -34,6 +34,7 @@ from .base import (
 @set_option
 @prefix_option
 @click.option("--plot", metavar="FILE", help="Also draw per-tensor sparsity before and after as a bar chart (.png or .svg; needs prunerecipe[plot]).")
+@click.option("--force", is_flag=True, help="Overwrite the --plot FILE if it exists.")
 @click.option(
     "--stream",
     is_flag=True,
@@ -48,6 +49,7 @@ def plan(
     sets: tuple[str, ...],
     strip_prefix: str | None,
     plot: str | None,
+    force: bool,
     stream: bool,
     as_json: bool,
 ) -> None:
@@ -59,6 +61,8 @@ def plan(
 
     if stream and plot:
         raise click.UsageError("--plot draws the in-memory plan's figures; leave out --stream to draw them")
+    if plot:
+        _plot_target(plot, force)
     recipe = _load(recipe_path, _parse_sets(sets))
     if stream:
         from ..stream import meta_model, stream_plan
@@ -159,9 +163,10 @@ def validate(recipe_paths: tuple[str, ...], sets: tuple[str, ...], as_json: bool
 )
 @prefix_option
 @click.option("--plot", metavar="FILE", help="Also draw per-tensor sparsity as a bar chart (.png or .svg; needs prunerecipe[plot]).")
+@click.option("--force", is_flag=True, help="Overwrite the --plot FILE if it exists.")
 @json_option
 @_guard
-def report(model_spec: str | None, weights: str, strip_prefix: str | None, plot: str | None, as_json: bool) -> None:
+def report(model_spec: str | None, weights: str, strip_prefix: str | None, plot: str | None, force: bool, as_json: bool) -> None:
     """Per-layer and global sparsity of a checkpoint, pruned (masks) or finalized.
 
     Without --model every floating-point tensor is listed (a model folder is its own model);
@@ -172,7 +177,7 @@ def report(model_spec: str | None, weights: str, strip_prefix: str | None, plot:
     from ..text import format_table, pct, shape_text
 
     if plot:
-        _plot_target(plot)
+        _plot_target(plot, force)
     state = read_state_dict(weights)
     names = None
     types: dict[str, str] = {}
