@@ -174,3 +174,20 @@ def test_streaming_renames_and_refuses_what_it_cannot_join(saved, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_report_of_a_folder_lists_every_tensor_it_holds(saved, tmp_path):
+    """A folder is its own model: a tensor the model has no parameter for is listed too, not dropped."""
+    from safetensors.torch import save_file
+
+    _, folder, _, _ = saved
+    state = {k: v.contiguous() for k, v in read_state_dict(str(folder)).items()}
+    state["extra.scale"] = torch.zeros(3)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "config.json").write_text((folder / "config.json").read_text())
+    save_file(state, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    done = CliRunner().invoke(cli, ["report", "--weights", str(copy), "--json"])
+    assert done.exit_code == 0, done.output
+    listed = {t["name"]: t for t in json.loads(done.output)["tensors"]}
+    assert "extra.scale" in listed and listed["extra.scale"]["type"] is None

@@ -189,7 +189,10 @@ def report(model_spec: str | None, weights: str, strip_prefix: str | None, plot:
         state, _ = fit_prefix(state, model, strip_prefix)
         modules = dict(model.named_modules())
         names = [n[: -len("_orig")] if n.endswith("_orig") else n for n, _ in model.named_parameters()]
-        types = {n: type(modules[n.rpartition(".")[0]]).__name__ for n in names}
+        if not model_spec:  # a folder is its own model: every tensor it holds is listed, the parameters first
+            known = set(names)
+            names += [k for k in (k[: -len("_orig")] if k.endswith("_orig") else k for k in state) if k not in known and not k.endswith("_mask")]
+        types = {n: type(modules[n.rpartition(".")[0]]).__name__ for n in names if n.rpartition(".")[0] in modules}
     elif strip_prefix:  # no model to fit: the prefix is removed as given
         import torch.nn as nn
 
