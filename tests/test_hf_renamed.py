@@ -191,3 +191,16 @@ def test_report_of_a_folder_lists_every_tensor_it_holds(saved, tmp_path):
     assert done.exit_code == 0, done.output
     listed = {t["name"]: t for t in json.loads(done.output)["tensors"]}
     assert "extra.scale" in listed and listed["extra.scale"]["type"] is None
+
+
+def test_a_stored_name_and_its_renamed_twin_are_not_merged_silently(tmp_path):
+    """``embed_out.weight`` and ``lm_head.weight`` both in one GPT-NeoX checkpoint: which one is
+    the model's is not guessed; the extra one is reported."""
+    model, _ = neox()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state["embed_out.weight"] = state["lm_head.weight"].clone()
+    from prunerecipe.errors import CheckpointError
+
+    fresh, _ = neox()
+    with pytest.raises(CheckpointError, match=r"not in the model: embed_out\.weight"):
+        load_pruned_state_dict(fresh, state)

@@ -94,7 +94,8 @@ def to_model_names(
         if renamed not in wanted:
             continue
         if pattern is None:
-            named[key] = renamed
+            if renamed not in state_dict and renamed not in named.values():  # never two tensors under one name: the fit check names the other
+                named[key] = renamed
         elif convert:
             merged.setdefault(renamed, copy.deepcopy(by_pattern[pattern])).add_tensor(renamed, key, pattern, state_dict[key])
             merged_from[key] = renamed
