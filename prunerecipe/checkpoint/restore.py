@@ -240,7 +240,9 @@ def load_pruned_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tens
     onto it. When no key fits the model but all do once one common prefix is removed
     (``module.`` from DataParallel/DDP, ``model.``/``net.`` from Lightning), it is removed.
     A key the checkpoint lacks is accepted when the model ties that tensor to one the
-    checkpoint has (as Hugging Face leaves ``lm_head.weight`` out). Keys, shapes and values
+    checkpoint has (as Hugging Face leaves ``lm_head.weight`` out). A Hugging Face model's
+    checkpoint names are turned into its own as ``from_pretrained`` turns them (GPT-NeoX's
+    ``embed_out`` is ``lm_head``; a MoE layer's experts are stacked). Keys, shapes and values
     are checked and converted before anything changes; on any mismatch the model is left
     as it was.
 
