@@ -162,7 +162,7 @@ def test_streaming_renames_and_refuses_what_it_cannot_join(saved, tmp_path):
         assert "experts" in done.output and "apply it in memory (without --stream)" in done.output
         assert "Traceback" not in done.output
         plan = runner.invoke(cli, ["plan", str(recipe), "--model", str(folder), "--stream"])
-        assert plan.exit_code != 0 and "joins on loading" in plan.output
+        assert plan.exit_code != 0 and "joins or splits" in plan.output
         return
     assert done.exit_code == 0, done.output
     assert stored_keys(out) == stored_keys(folder)
@@ -204,3 +204,65 @@ def test_a_stored_name_and_its_renamed_twin_are_not_merged_silently(tmp_path):
     fresh, _ = neox()
     with pytest.raises(CheckpointError, match=r"not in the model: embed_out\.weight"):
         load_pruned_state_dict(fresh, state)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "net.", "model."])
+def test_any_wrapper_prefix_before_stored_names(saved, prefix):
+    """DDP's ``module.``, a LightningModule's ``net.``: found and removed whatever the stored
+    names are (renamed ones, or per-expert tensors that transformers merges)."""
+    name, folder, _, inputs = saved
+    state = {prefix + k: v for k, v in read_state_dict(str(folder)).items()}
+    fresh, _ = MODELS[name]()
+    load_pruned_state_dict(fresh, state)
+    theirs = type(fresh).from_pretrained(folder)
+    torch.testing.assert_close(outputs(fresh, inputs), outputs(theirs, inputs), rtol=0, atol=0)
+
+
+def test_a_llava_checkpoint_under_a_prefix_some_of_whose_keys_look_like_model_names():
+    """``model.`` + Llava's stored names: ``model.vision_tower.*`` happens to be a model name
+    already, so the prefix is there although not every key lacks a fit."""
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48, image_size=16, patch_size=8
+    )
+    text = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, intermediate_size=48
+    )
+    torch.manual_seed(0)
+    model = transformers.LlavaForConditionalGeneration(transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=63))
+    from prunerecipe.checkpoint.hfnames import to_checkpoint_names
+
+    stored = to_checkpoint_names(model, model.state_dict())
+    assert set(stored) != set(model.state_dict())
+    fresh = transformers.LlavaForConditionalGeneration(model.config)
+    load_pruned_state_dict(fresh, {"model." + k: v for k, v in stored.items()})
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_a_moe_checkpoint_holding_experts_twice_is_refused():
+    """Per-expert tensors and the merged one in one checkpoint: which is meant is not guessed."""
+    from prunerecipe.checkpoint.hfnames import to_checkpoint_names
+    from prunerecipe.errors import CheckpointError
+
+    model, _ = mixtral()
+    state = to_checkpoint_names(model, model.state_dict())
+    merged = "model.layers.0.mlp.experts.gate_up_proj"
+    state[merged] = torch.zeros_like(model.state_dict()[merged])
+    fresh, _ = mixtral()
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"not in the model: model\.layers\.0\.block_sparse_moe\.experts\.0\.w1\.weight"):
+        load_pruned_state_dict(fresh, state)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())  # nothing changed
+
+
+def test_pruned_entries_under_stored_names_are_renamed_with_their_parameter():
+    """``embed_out.weight_orig``/``_mask`` (a pruned checkpoint written where that was the model's
+    name) come back as ``lm_head``'s pruning."""
+    model, _ = neox()
+    state = {("embed_out.weight" if k == "lm_head.weight" else k): v.clone() for k, v in model.state_dict().items()}
+    weight = state.pop("embed_out.weight")
+    mask = (torch.rand(weight.shape, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    state["embed_out.weight_orig"], state["embed_out.weight_mask"] = weight, mask
+    fresh, _ = neox()
+    assert load_pruned_state_dict(fresh, state) == ["lm_head.weight"]
+    assert torch.equal(fresh.lm_head.weight_mask, mask) and torch.equal(fresh.lm_head.weight, weight * mask)

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import CheckpointError, problem
 from ..text import clip
+from ..torchprune import MASK, ORIG
 
 
 def _transforms(model: nn.Module, *, saving: bool) -> tuple[list[Any], list[Any]] | None:
@@ -53,6 +54,53 @@ def _transforms(model: nn.Module, *, saving: bool) -> tuple[list[Any], list[Any]
     return (renamings, converters) if renamings or converters else None
 
 
+def _suffixed(key: str) -> tuple[str, str]:
+    """``(name, suffix)``: a pruned entry's ``*_orig``/``*_mask`` suffix split off."""
+    for suffix in (ORIG, MASK):
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix
+    return key, ""
+
+
+def _name_plan(
+    model: nn.Module, keys: Iterable[str], wanted: dict[str, Any], found: tuple[list[Any], list[Any]]
+) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """How each of ``keys`` fits the model: ``({key: model name}`` for a renamed key (a pruned
+    entry keeps its suffix), ``{key: (first target, converter pattern)})`` for one a converter
+    takes. Keys that are model names already, or that nothing turns into one, are in neither."""
+    from transformers.core_model_loading import rename_source_key
+
+    renamings, converters = found
+    prefix = getattr(model, "base_model_prefix", None) or None
+    renamed: dict[str, str] = {}
+    converted: dict[str, tuple[str, str]] = {}
+    for key in keys:
+        base, suffix = _suffixed(key)
+        if base in wanted:
+            continue
+        name, pattern = rename_source_key(base, renamings, [] if suffix else converters, prefix, wanted)
+        if name not in wanted:
+            continue
+        if pattern is None:
+            renamed[key] = name + suffix
+        else:
+            converted[key] = (name, pattern)
+    return renamed, converted
+
+
+def fitting(model: nn.Module, keys: Iterable[str], expected: Iterable[str]) -> set[str]:
+    """Those of ``keys`` that name a tensor of ``model``, as they are or once transformers'
+    loading transforms turn them into its names (names only: nothing is converted)."""
+    keys = list(keys)
+    wanted = dict.fromkeys(expected, True)
+    fit = {k for k in keys if _suffixed(k)[0] in wanted}
+    found = _transforms(model, saving=False)
+    if found is not None:
+        renamed, converted = _name_plan(model, keys, wanted, found)
+        fit |= set(renamed) | set(converted)
+    return fit
+
+
 def to_model_names(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor], expected: Iterable[str], *, convert: bool = True
 ) -> dict[str, torch.Tensor]:
@@ -60,13 +108,14 @@ def to_model_names(
     turns them.
 
     A key that is already one of ``expected`` stays; so does one that no transform turns into
-    an expected name (the fit check reports it). Tensors a converter merges (a MoE layer's
-    experts) are merged.
+    an expected name, and one whose model name the checkpoint holds already (the fit check
+    reports them). Tensors a converter merges (a MoE layer's experts) are merged; a pruned
+    entry (``*_orig``/``*_mask``) is renamed as its parameter is.
 
     Args:
         model: the model the checkpoint is for.
         state_dict: the checkpoint.
-        expected: the model's state_dict keys.
+        expected: the model's state_dict keys (without ``*_orig``/``*_mask`` suffixes).
         convert: merge tensors a converter names; when False, their keys stay (a stream reads
             tensors one by one and refuses them).
 
@@ -79,27 +128,26 @@ def to_model_names(
     found = _transforms(model, saving=False)
     if found is None:
         return dict(state_dict)
-    from transformers.core_model_loading import dot_natural_key, rename_source_key
+    from transformers.core_model_loading import dot_natural_key
 
-    renamings, converters = found
     wanted = dict.fromkeys(expected, True)
-    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    by_pattern = {p: c for c in found[1] for p in c.source_patterns}
+    keys = sorted(state_dict, key=dot_natural_key)  # (a converter stacks experts in this order)
+    renamed, converted = _name_plan(model, keys, wanted, found)
+    taken = set(state_dict)
     named: dict[str, str] = {}
+    for key, name in renamed.items():
+        if name not in taken:  # never two tensors under one name: the fit check names the other
+            named[key] = name
+            taken.add(name)
     merged: dict[str, Any] = {}  # first target name -> its converter, collecting tensors
-    merged_from: dict[str, str] = {}  # source key -> the first target name it goes into
-    for key in sorted(state_dict, key=dot_natural_key):  # (a converter stacks experts in this order)
-        if key in wanted:
-            continue
-        renamed, pattern = rename_source_key(key, renamings, converters, getattr(model, "base_model_prefix", None) or None, wanted)
-        if renamed not in wanted:
-            continue
-        if pattern is None:
-            if renamed not in state_dict and renamed not in named.values():  # never two tensors under one name: the fit check names the other
-                named[key] = renamed
-        elif convert:
-            merged.setdefault(renamed, copy.deepcopy(by_pattern[pattern])).add_tensor(renamed, key, pattern, state_dict[key])
-            merged_from[key] = renamed
+    sources: dict[str, list[str]] = {}
+    if convert:
+        for key, (first, pattern) in converted.items():
+            merged.setdefault(first, copy.deepcopy(by_pattern[pattern])).add_tensor(first, key, pattern, state_dict[key])
+            sources.setdefault(first, []).append(key)
     realized: dict[str, dict[str, torch.Tensor]] = {}
+    merged_from: dict[str, str] = {}  # source key -> the first target name it goes into
     for first, converter in merged.items():
         try:
             values = converter.convert(first, model=model, config=getattr(model, "config", None))
@@ -109,7 +157,12 @@ def to_model_names(
                     f"transformers could not convert the checkpoint's tensors into {first} ({type(exc).__name__}: {clip(str(exc), 160)})", code="load"
                 )
             ) from exc
-        realized[first] = {name: value[0] if isinstance(value, list) else value for name, value in values.items()}
+        values = {name: value[0] if isinstance(value, list) else value for name, value in values.items()}
+        if any(name in taken for name in values):  # the checkpoint has the merged tensor too: not guessed
+            continue
+        taken |= set(values)
+        realized[first] = values
+        merged_from.update(dict.fromkeys(sources[first], first))
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if key in merged_from:
@@ -178,4 +231,4 @@ def checkpoint_names(model: nn.Module, names: Iterable[str]) -> tuple[dict[str, 
     return out, joined
 
 
-__all__ = ["checkpoint_names", "to_checkpoint_names", "to_model_names"]
+__all__ = ["checkpoint_names", "fitting", "to_checkpoint_names", "to_model_names"]

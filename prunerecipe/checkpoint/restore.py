@@ -25,7 +25,7 @@ from ..torchprune import (
     restore_mask,
     unpruned_name,
 )
-from .hfnames import checkpoint_names, to_model_names
+from .hfnames import fitting, to_model_names
 
 
 def _base(key: str) -> str:
@@ -54,7 +54,7 @@ def fit_prefix(
     state_dict: Mapping[str, torch.Tensor], model: nn.Module, strip: str | None = None, *, convert: bool = True
 ) -> tuple[dict[str, torch.Tensor], str | None]:
     """Remove a key prefix the model does not have: ``strip`` when given, else the common
-    prefix of all keys when no key fits as it is and all fit without it. Then, for a Hugging
+    prefix of all keys when not every key fits as it is and all fit without it. Then, for a Hugging
     Face model, turn the names its checkpoints store into its own names, as ``from_pretrained``
     does (:mod:`.hfnames`: GPT-NeoX's ``embed_out``, ViT's attention, MoE experts; with
     ``convert=False``, tensors that transformers merges on loading keep their names).
@@ -77,15 +77,18 @@ def fit_prefix(
         return to_model_names(model, _stripped(state_dict, strip), model_keys, convert=convert), strip
     # a compaction record fits wherever the model has a module (a fresh model has none yet)
     model_keys |= {f"{name}.{RECORD_KEY}" if name else RECORD_KEY for name, _ in model.named_modules()}
-    stored = model_keys | set(checkpoint_names(model, model_keys)[0].values())  # names a key may have in a file
+
+    def fits(keys: list[str]) -> int:  # as they are, or as transformers' stored names of the model's
+        return len(fitting(model, keys, model_keys))
+
     named = [k for k in keys if k != RECORD_KEY]  # a wrapper's own record: at its root, names inside prefixed
     prefix = common_prefix(named)
-    if named and prefix and _fits(named, stored) == 0:
+    if named and prefix and fits(named) < len(named):
         stripped = [k[len(prefix) :] for k in named]
-        while prefix and _fits(stripped, stored) < len(stripped):  # the whole common prefix may be too much
+        while prefix and fits(stripped) < len(stripped):  # the whole common prefix may be too much
             prefix = ".".join(prefix.split(".")[:-2]) + "." if prefix.count(".") > 1 else ""
             stripped = [k[len(prefix) :] for k in named]
-        if prefix and _fits(stripped, stored) == len(stripped):
+        if prefix and fits(stripped) == len(stripped):
             return to_model_names(model, _stripped(state_dict, prefix), model_keys, convert=convert), prefix
     return to_model_names(model, state_dict, model_keys, convert=convert), None
 

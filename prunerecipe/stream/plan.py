@@ -426,11 +426,11 @@ def stream_plan(
 
 
 def _joined(names: list[str], where: str) -> Problem:
-    """The refusal of tensors transformers stores as several (a MoE layer's experts)."""
+    """The refusal of tensors a checkpoint does not store one by one (a MoE layer's experts)."""
     return problem(
-        f"--stream reads and writes one tensor at a time, but a checkpoint of this model stores {names[0]}"
-        f"{f' (and {len(names) - 1} more)' if len(names) > 1 else ''} as several tensors that transformers joins on loading; "
-        "apply it in memory (without --stream)",
+        f"--stream reads and writes one tensor at a time, but a checkpoint of this model does not store {names[0]}"
+        f"{f' (and {len(names) - 1} more)' if len(names) > 1 else ''} as a tensor of its own: transformers joins or splits "
+        "such tensors on loading (a MoE layer's experts, say); apply it in memory (without --stream)",
         source=where,
         code="stream",
     )
