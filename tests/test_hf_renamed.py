@@ -266,3 +266,19 @@ def test_pruned_entries_under_stored_names_are_renamed_with_their_parameter():
     fresh, _ = neox()
     assert load_pruned_state_dict(fresh, state) == ["lm_head.weight"]
     assert torch.equal(fresh.lm_head.weight_mask, mask) and torch.equal(fresh.lm_head.weight, weight * mask)
+
+
+def test_report_of_a_folder_checks_its_tensors_against_its_config(tmp_path):
+    """A Mixtral folder missing an expert: report says so rather than list a 3-expert tensor."""
+    from safetensors.torch import save_file
+
+    from prunerecipe.checkpoint.hfnames import to_checkpoint_names
+
+    model, _ = mixtral()
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    state = {k: v.contiguous() for k, v in to_checkpoint_names(model, model.state_dict()).items() if ".experts.3." not in k}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    done = CliRunner().invoke(cli, ["report", "--weights", str(folder)])
+    assert done.exit_code != 0 and "Traceback" not in done.output
+    assert "the weights do not fit the folder's own config: model.layers.0.mlp.experts.gate_up_proj is 3x96x32" in done.output

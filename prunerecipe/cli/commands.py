@@ -190,6 +190,7 @@ def report(model_spec: str | None, weights: str, strip_prefix: str | None, plot:
         modules = dict(model.named_modules())
         names = [n[: -len("_orig")] if n.endswith("_orig") else n for n, _ in model.named_parameters()]
         if not model_spec:  # a folder is its own model: every tensor it holds is listed, the parameters first
+            _check_shapes(weights, model, state)
             known = set(names)
             names += [k for k in (k[: -len("_orig")] if k.endswith("_orig") else k for k in state) if k not in known and not k.endswith("_mask")]
         types = {n: type(modules[n.rpartition(".")[0]]).__name__ for n in names if n.rpartition(".")[0] in modules}
@@ -387,3 +388,19 @@ def schema() -> None:
     from ..load import recipe_schema
 
     click.echo(json.dumps(recipe_schema(), indent=2))
+
+
+def _check_shapes(weights: str, model: Any, state: dict[str, Any]) -> None:
+    """A folder's tensors against the shapes its own config gives them (report reads the folder
+    without loading it into the model, so nothing else checks them)."""
+    from ..errors import CheckpointError, problem
+    from ..text import listing, shape_text
+
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    wrong = [
+        f"{n} is {shape_text(tuple(v.shape))} where config.json gives {shape_text(shapes[n])}"
+        for n, v in state.items()
+        if n in shapes and tuple(v.shape) != shapes[n]
+    ]
+    if wrong:
+        raise CheckpointError(problem(listing("the weights do not fit the folder's own config", wrong), source=weights, code="load"))
