@@ -56,6 +56,7 @@ RECIPES = {
     "local": (
         "  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.3}\n"
         "  - {select: {types: [Linear]}, params: [bias], method: l1_unstructured, sparsity: 0.5}\n"
+        "  - {select: {types: [Linear]}, method: l1_unstructured, sparsity: 0.2}\n"  # a no-op, said as in memory
     ),
     # small global groups (pruned whole: torch breaks ties), random steps replayed, structured steps
     "random": (
@@ -66,6 +67,7 @@ RECIPES = {
         "  - {select: {names: [fc2, fc3]}, params: [bias], method: random_unstructured, amount: 2}\n"
         "  - {select: {types: [Linear]}, method: l1_unstructured, sparsity: 0.8}\n"
         "  - {select: {types: [Linear]}, params: [bias], method: random_unstructured, amount: 0.5, scope: global}\n"
+        "  - {select: {names: [fc1, fc2]}, method: l1_unstructured, sparsity: 0.5, scope: global}\n"  # a no-op on a small group
     ),
     # a global identity step holds no group together: each tensor alone, then the steps after it
     "identity": (

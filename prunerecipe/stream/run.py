@@ -68,6 +68,7 @@ class Run:
         self.progress = progress
         self.cuts: dict[int, Threshold | None] = {}  # step position -> its group's cut (None: a no-op)
         self.notes: dict[int, str] = {}
+        self.noops: dict[int, set[str]] = {}  # per step: the targets a sparsity left as they were
         self.states: dict[tuple[int, str | None], torch.Tensor] = {}
         self.zeros_before: dict[str, int] = {}
         self.zeros_after: dict[str, int] = {}
@@ -149,11 +150,15 @@ class Run:
                             apply_global_cut([(targets[n].module, targets[n].param)], cut.part(i, 1))
                 elif ps.step.scope == "global":  # a small group, whole in this unit
                     self._set_rng(p, None)
-                    run_step(self.plain, dataclasses.replace(plain, targets=tuple(ps.targets[i]._replace(target=targets[n]) for i, n in mine)))
+                    done = run_step(self.plain, dataclasses.replace(plain, targets=tuple(ps.targets[i]._replace(target=targets[n]) for i, n in mine)))
+                    if done.note:
+                        self.notes[p] = done.note
                 else:
                     for i, n in mine:
                         self._set_rng(p, n)
-                        run_step(self.plain, dataclasses.replace(plain, targets=(ps.targets[i]._replace(target=targets[n]),)))
+                        done = run_step(self.plain, dataclasses.replace(plain, targets=(ps.targets[i]._replace(target=targets[n]),)))
+                        if done.note and done.note.startswith("no-op"):  # told once for the step, as in memory
+                            self.noops.setdefault(p, set()).add(sp.members[n].qualname)
             except RecipeError:
                 raise
             except Exception as exc:
@@ -339,10 +344,20 @@ class Run:
         order = {m.qualname: i for i, m in enumerate(first_seen(sp))}
         rows.sort(key=lambda r: order[r.name])
         outcomes = tuple(
-            StepOutcome(ps.step.label, ps.method.name, tuple(pt.target.qualname for pt in ps.targets), self.notes.get(p, ps.note))
+            StepOutcome(ps.step.label, ps.method.name, tuple(pt.target.qualname for pt in ps.targets), self._note(p, ps))
             for p, ps in enumerate(sp.steps)
         )
         return Report(tuple(rows), outcomes, bool(self.recipe.finalize), self.recipe.source, ())
+
+    def _note(self, position: int, ps: PlannedStep) -> str | None:
+        """A step's note in the words of the in-memory run."""
+        if position in self.notes:
+            return self.notes[position]
+        noops = self.noops.get(position)
+        if noops:
+            names = [pt.target.qualname for pt in ps.targets if pt.target.qualname in noops]
+            return f"no-op on {', '.join(names)}: already at or above sparsity {ps.step.sparsity:g}"
+        return None
 
 
 def first_seen(sp: StreamPlan) -> list[Any]:
