@@ -197,3 +197,37 @@ def test_a_model_whose_code_cannot_run_on_meta_is_told_to_plan_with_weights():
     )
     with pytest.raises(RecipeError, match="meta device.*plan it with --weights"):
         plan_recipe(model, recipe)
+
+
+def test_a_refused_group_names_norm_scales_by_their_parameter_in_model_order():
+    """An RMSNorm's scale is a bare parameter to torch-pruning (its own placeholder name,
+    'UnwrappedParameter_3'): the refusal names it as the model does, in model order."""
+    model = tiny_llama()
+    recipe = parse_recipe(
+        "version: 1\ninputs: [{shape: [1, 16], dtype: int64}]\nfinalize: compact\nsteps:\n"
+        "  - {select: {names: ['model.layers.*.mlp.down_proj']}, method: ln_structured, amount: 0.25, args: {n: 2, dim: 0}}\n"
+    )
+    with pytest.raises(RecipeError) as caught:
+        apply_recipe(model, recipe)
+    message = str(caught.value)
+    assert "UnwrappedParameter" not in message
+    norms = [
+        f"model.layers.{i}.{n}.weight (a parameter used outside a layer)" for i in (0, 1) for n in ("input_layernorm", "post_attention_layernorm")
+    ]
+    positions = [message.index(n) for n in [*norms, "model.norm.weight (a parameter used outside a layer)"]]
+    assert positions == sorted(positions) and message.index("model.embed_tokens (Embedding)") < positions[0]
+
+
+def test_a_trace_failure_with_default_inputs_says_so_and_not_meta():
+    """A ViT traced with the default batch of token ids: the message points at 'inputs:', and
+    does not send the user to --weights (the same failure happens with real weights)."""
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=8)
+    recipe = parse_recipe(
+        "version: 1\nsteps:\n  - {select: {names: ['vit.layers.*.mlp.fc1', 'vit.layers.*.mlp.fc2']}, method: ln_structured, amount: 0.5, scope: group, args: {n: 2}}\n"
+    )
+    for device in ("meta", "cpu"):
+        with torch.device(device):
+            model = transformers.ViTForImageClassification(config)
+        with pytest.raises(RecipeError) as caught:
+            plan_recipe(model, recipe)
+        assert "the recipe has no 'inputs:'" in str(caught.value) and "--weights" not in str(caught.value), device

@@ -224,6 +224,18 @@ def tensors_in(value: Any) -> list[torch.Tensor]:
     return [t for v in items for t in tensors_in(v)]
 
 
+def module_names(model: nn.Module) -> dict[int, str]:
+    """Qualified names by object id, in model order: every module, and each parameter right
+    after its module (torch-pruning gives a parameter used outside a layer, such as an RMSNorm's
+    scale, a node of its own: named so, it reads ``model.norm.weight``)."""
+    names: dict[int, str] = {}
+    for name, module in model.named_modules():
+        names.setdefault(id(module), name)
+        for pname, param in module.named_parameters(recurse=False):
+            names.setdefault(id(param), f"{name}.{pname}" if name else pname)
+    return names
+
+
 def trace(
     module: nn.Module,
     args: Sequence[Any],
@@ -272,6 +284,6 @@ def trace(
         for m, mode in modes:
             m.training = mode
     if names is None:
-        names = {id(m): n for n, m in module.named_modules()}
+        names = module_names(module)
     order = {key: i for i, key in enumerate(names)}
     return Graph(dg, dict(names), tuple(outputs), tuple(stand_ins), tp, order)

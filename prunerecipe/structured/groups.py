@@ -175,7 +175,7 @@ def read_group(graph: Graph, name: str, root: nn.Module, chosen: set[int]) -> Re
     group = dg.get_pruning_group(root, pruner.prune_out_channels, list(range(count)))
     members: dict[tuple[int, str], tuple[nn.Module, str, int, list[int], list[int]]] = {}
     boundary = None
-    unsupported: list[str] = []
+    unsupported: list[tuple[int, str]] = []  # (model order, text)
     placeholders = tuple(
         getattr(tp.ops, n)
         for n in ("_ElementWiseOp", "_ReshapeOp", "_ConcatOp", "_SplitOp", "_SliceOp", "_ExpandOp", "_UnbindOp")
@@ -194,7 +194,7 @@ def read_group(graph: Graph, name: str, root: nn.Module, chosen: set[int]) -> Re
         if isinstance(module, splits):
             # torch-pruning 1.6 maps the parts of a split/chunk in reverse order (checked against
             # slicing): the consumers would get the wrong channels, so such a group is refused
-            unsupported.append(f"torch.split/chunk of these channels ({type(module).__name__.strip('_')}; its parts are not mapped reliably)")
+            unsupported.append((-1, f"torch.split/chunk of these channels ({type(module).__name__.strip('_')}; its parts are not mapped reliably)"))
             continue
         if isinstance(module, (*placeholders, tp.ops._OutputOp)):
             continue
@@ -202,7 +202,13 @@ def read_group(graph: Graph, name: str, root: nn.Module, chosen: set[int]) -> Re
         kind = layer_role(module)
         if kind is None:
             plain = isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.affine
-            unsupported.append(f"{member_name} ({type(module).__name__}{', affine=False: no scale or shift to zero' if plain else ''})")
+            what = "a parameter used outside a layer" if isinstance(module, nn.Parameter) else type(module).__name__
+            unsupported.append(
+                (
+                    graph.order.get(id(module), len(graph.order)),
+                    f"{member_name} ({what}{', affine=False: no scale or shift to zero' if plain else ''})",
+                )
+            )
             continue
         out_dim, in_dim = channel_dims(module)
         if kind == NORM:
@@ -233,7 +239,7 @@ def read_group(graph: Graph, name: str, root: nn.Module, chosen: set[int]) -> Re
         )
     built.sort(key=lambda m: (graph.order.get(id(m.module), 0), m.role))
     result = ChannelGroup(name, count, tuple(built))
-    return Read(result, boundary, [m.name for m in result.producers if not m.selected], unsupported)
+    return Read(result, boundary, [m.name for m in result.producers if not m.selected], [text for _, text in sorted(dict.fromkeys(unsupported))])
 
 
 __all__ = ["CONSUMER", "NORM", "PRODUCER", "ChannelGroup", "Found", "Member", "Read", "attention_owner", "read_group"]

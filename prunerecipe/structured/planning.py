@@ -134,8 +134,10 @@ def _discover(model: nn.Module, recipe: Recipe, step: Step, roots: list[tuple[st
         raise GroupProblem(step.path + ("scope",), f"{exc} (raise PRUNERECIPE_TRACE_TIMEOUT, or select fewer layers)", "timeout") from None
     except Exception as exc:
         where: KeyPath = ("inputs",) if recipe.inputs else step.path + ("scope",)
-        on_meta = any(p.device.type == "meta" for p in model.parameters())
+        on_meta = any(p.device.type == "meta" for p in model.parameters()) and "meta" in str(exc).lower()
         hint = " (the model is on the meta device, shapes only, which this model's code cannot run on: plan it with --weights)" if on_meta else ""
+        if not recipe.inputs:
+            hint += f" (the recipe has no 'inputs:', so {describe(specs)} was used: describe what this model's forward takes with 'inputs:')"
         raise GroupProblem(where, f"tracing the model with inputs {describe(specs)} failed: {type(exc).__name__}: {exc}{hint}") from None
 
 

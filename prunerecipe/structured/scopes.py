@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..text import listing
-from .graph import TIME_LIMIT, Graph, TimeLimitExceeded, time_limit, trace
+from .graph import TIME_LIMIT, Graph, TimeLimitExceeded, module_names, time_limit, trace
 from .groups import Found, read_group
 
 
@@ -70,7 +70,7 @@ def discover(
         TimeLimitExceeded: past ``seconds`` in all (default ``PRUNERECIPE_TRACE_TIMEOUT``, 300).
         Exception: tracing the whole model failed for a layer whose parent is the model.
     """
-    names = {id(m): n for n, m in model.named_modules()}
+    names = module_names(model)
     parent: dict[int, nn.Module] = {}
     for module in model.modules():
         for child in module.children():
