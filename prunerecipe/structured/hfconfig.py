@@ -69,7 +69,10 @@ def update_config(model: nn.Module, widths: Sequence[tuple[int, int]]) -> tuple[
     old, new = pairs[0]
     keys = _width_keys(config, old)
     if not keys:
-        return {}, f"model.config was not updated: no key of it holds the compacted width {old} (looked for {', '.join(WIDTH_KEYS)})"
+        return (
+            {},
+            f"model.config was not updated: no key of it holds the width {old} that compaction changed to {new} (looked for {', '.join(WIDTH_KEYS)})",
+        )
     saved = {k: getattr(config, k) for k in keys}
     # every key that holds the old width, else one of them alone (BART's encoder_ffn_dim when
     # only the encoder's MLPs were compacted): the first choice that describes the model

@@ -78,7 +78,10 @@ def check_step(model: nn.Module, step: Step, spec: MethodSpec, targets: Sequence
     """
     if tuple(step.params) != ("weight",):
         raise GroupProblem(
-            step.path + ("params",), "scope: group masks the weights and biases of every layer in a group itself; remove 'params'", "method-args"
+            step.path + ("params",),
+            "scope: group masks the weights and biases of every layer in a group itself (Linear, Conv, norm layers; weights a module "
+            "holds as bare parameters, such as a MoE layer's stacked experts, cannot be pruned by group); remove 'params'",
+            "method-args",
         )
     dim = step.args.get("dim", 0)
     if dim != 0:
