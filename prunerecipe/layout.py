@@ -39,6 +39,13 @@ def input_dim(module: nn.Module, name: str, ndim: int) -> int:
     return 1
 
 
+def input_dim_known(module: nn.Module, ndim: int) -> bool:
+    """Whether :func:`input_dim` knows the layout: a matrix or vector, or a convolution's
+    kernel. A tensor of more dimensions on another module (a MoE layer's stacked experts,
+    ``(experts, out, in)`` used as ``F.linear(x, W[e])``) has its input dimension anywhere."""
+    return ndim <= 2 or isinstance(module, nn.modules.conv._ConvNd)
+
+
 def to_canonical(t: torch.Tensor, dim: int) -> torch.Tensor:
     """A view of ``t`` with its input dimension ``dim`` moved to dim 1 (1-D tensors unchanged)."""
     return t if t.dim() <= 1 or dim == 1 else t.movedim(dim, 1)

@@ -18,7 +18,7 @@ from torch import nn
 from .amounts import is_count, normalize_dim, nparams_to_prune
 from .blocks import Blocks, calibration_target_problem, find_blocks
 from .errors import MethodError, Problem, RecipeError, RecipeWarning, SelectorError
-from .layout import input_dim
+from .layout import input_dim, input_dim_known
 from .load import load_recipe
 from .methods import MethodSpec, get_importance, get_method
 from .methods.binding import argument_default, importance_problem
@@ -372,6 +372,13 @@ def _plan_n_of_m(step: Step, spec: MethodSpec, t: Target, st: _TensorState, patt
     arg = spec.input_dim_arg
     dim = step.args.get(arg) if arg is not None else None
     if dim is None:
+        if not input_dim_known(t.module, len(shape)):
+            raise _PlanProblem(
+                "args",
+                f"{t.qualname} is a {len(shape)}-D parameter (shape {shape_text(shape)}) of {type(t.module).__name__}, whose input "
+                f"dimension cannot be told from the module (a MoE layer's stacked experts are (experts, out, in)): give it with "
+                f"args: {{{arg}: ...}}",
+            )
         dim = input_dim(t.module, t.param, len(shape))
     if not isinstance(dim, int) or isinstance(dim, bool) or not -len(shape) <= dim < len(shape):
         raise _PlanProblem("args", f"dim {dim!r} is out of range for {t.qualname} of shape {shape}")

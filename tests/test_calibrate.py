@@ -100,7 +100,7 @@ def assert_unchanged(model, before):
         ([{"input_ids": torch.zeros(4, dtype=torch.long)}, {"ids": torch.zeros(4, dtype=torch.long)}], "calibration sample 1 has the keys ['ids']"),
         ([torch.tensor([1.0, float("nan"), float("inf")])], "calibration sample 0 has 1 NaN and 1 infinite values"),
         ((1 / 0 for _ in range(3)), "calibration: reading calibration sample 0 raised ZeroDivisionError: division by zero"),
-        ([torch.full((6,), 99)], "calibration: calibration batch 0: IndexError: index out of range in self; the model was left unchanged"),
+        ([torch.full((6,), 99)], "calibration: calibration sample 0 holds the token id 99; the model's vocabulary has ids 0 to 39"),
     ],
     ids=["empty", "int", "one-dict", "str", "0-d", "shapes", "keys", "nan", "raises", "out-of-vocab"],
 )

@@ -146,3 +146,26 @@ def test_conv_masks_are_contiguous_and_reload_to_the_same_outputs():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
+
+
+class StackedExperts(nn.Module):
+    """A MoE layer as transformers 5 stores it: one (experts, out, in) tensor, used as F.linear(x, W[e])."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(3, 8, 16, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(nn.functional.linear(x, self.gate_up_proj[e]) for e in range(3))
+
+
+def test_a_stacked_parameter_of_an_unknown_module_needs_its_input_dimension_named():
+    """Its input dimension is 2 here, not the dim 1 of a Linear: guessing would group the
+    output dimension silently, so the step asks for ``dim``; given, the groups run along it."""
+    model = nn.Sequential(StackedExperts())
+    step = "  - {select: {types: [StackedExperts]}, params: [gate_up_proj], method: semi_structured, args: {n: 2, m: 4%s}}\n"
+    with pytest.raises(RecipeError, match=r"0\.gate_up_proj is a 3-D parameter .* of StackedExperts.*give it with args: \{dim: \.\.\.\}"):
+        plan_recipe(model, parse_recipe("version: 1\nsteps:\n" + step % ""))
+    apply_recipe(model, parse_recipe("version: 1\nsteps:\n" + step % ", dim: 2"))
+    w, mask = model[0].gate_up_proj_orig, model[0].gate_up_proj_mask
+    assert torch.equal(mask.bool(), direct_n_of_m(w, 2, 4))  # groups of 4 along the last (input) dimension

@@ -149,8 +149,10 @@ def draw_batches(data: Any, recipe: Recipe, where: KeyPath, model: nn.Module | N
         raise fail("calibration data is empty: it yielded no sample")
     batches = [_stack(taken, start, settings.batch_size, fail) for start in range(0, len(taken), settings.batch_size)]
     if model is not None and getattr(model, "main_input_name", None) == "input_ids" and hasattr(getattr(model, "config", None), "to_dict"):
+        get = getattr(model, "get_input_embeddings", None)
+        vocab = getattr(get(), "num_embeddings", None) if callable(get) else None
         for i, item in enumerate(taken):
-            _token_sample(item, i, fail)
+            _token_sample(item, i, fail, vocab if isinstance(vocab, int) else None)
     return batches, len(taken)
 
 
@@ -172,8 +174,9 @@ def _checked(item: Any, index: int, fail: Callable[[str], CalibrationError]) -> 
     raise fail(f"{what} is a {type(item).__name__}; each sample is a tensor or a dict of tensors")
 
 
-def _token_sample(item: Batch, index: int, fail: Callable[[str], CalibrationError]) -> None:
-    """A language model's sample: token ids ``(seq_len,)``, and other entries of that length."""
+def _token_sample(item: Batch, index: int, fail: Callable[[str], CalibrationError], vocab: int | None = None) -> None:
+    """A language model's sample: token ids ``(seq_len,)`` in ``range(vocab)``, int64 or int32
+    (what an embedding takes), and other entries of that length."""
     what = f"calibration sample {index}"
     ids = item if isinstance(item, torch.Tensor) else item.get("input_ids")
     if ids is None:
@@ -184,6 +187,13 @@ def _token_sample(item: Batch, index: int, fail: Callable[[str], CalibrationErro
         raise fail(f"{where} has shape {tuple(ids.shape)}; the model takes token ids, one sample of shape (seq_len,){extra}")
     if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise fail(f"{where} is {str(ids.dtype).replace('torch.', '')}; token ids are integers")
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise fail(f"{where} is {str(ids.dtype).replace('torch.', '')}; token ids are int64 (or int32), as an embedding takes them")
+    if ids.numel() and vocab is not None:
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= vocab:
+            bad = low if low < 0 else high
+            raise fail(f"{where} holds the token id {bad}; the model's vocabulary has ids 0 to {vocab - 1}")
     if isinstance(item, dict):
         # an encoder-decoder's decoder_* entries go with decoder_input_ids, whose length is its own
         decoder = item.get("decoder_input_ids")
