@@ -282,3 +282,19 @@ def test_report_of_a_folder_checks_its_tensors_against_its_config(tmp_path):
     done = CliRunner().invoke(cli, ["report", "--weights", str(folder)])
     assert done.exit_code != 0 and "Traceback" not in done.output
     assert "the weights do not fit the folder's own config: model.layers.0.mlp.experts.gate_up_proj is 3x96x32" in done.output
+
+
+def test_a_converter_failing_on_write_is_a_clear_error_and_writes_nothing(tmp_path, monkeypatch):
+    from transformers.core_model_loading import WeightConverter
+
+    from prunerecipe.checkpoint import write_output
+    from prunerecipe.errors import CheckpointError
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("split failed")
+
+    model, _ = mixtral()
+    monkeypatch.setattr(WeightConverter, "convert", broken)
+    with pytest.raises(CheckpointError, match=r"transformers could not split .*experts.* \(RuntimeError: split failed\)"):
+        write_output(model, str(tmp_path / "out"), fmt="hf")
+    assert list(tmp_path.iterdir()) == []

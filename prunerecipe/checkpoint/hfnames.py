@@ -195,7 +195,15 @@ def to_checkpoint_names(model: nn.Module, state_dict: Mapping[str, torch.Tensor]
             merged_from[key] = renamed
     realized: dict[str, dict[str, torch.Tensor]] = {}
     for first, converter in merged.items():
-        values = converter.convert(first, model=model, config=getattr(model, "config", None))
+        try:
+            values = converter.convert(first, model=model, config=getattr(model, "config", None))
+        except Exception as exc:
+            raise CheckpointError(
+                problem(
+                    f"transformers could not split {first} into the tensors a checkpoint stores ({type(exc).__name__}: {clip(str(exc), 160)})",
+                    code="output",
+                )
+            ) from exc
         realized[first] = {
             apply_renamings(name, renamings): (value[0] if isinstance(value, list) else value).contiguous() for name, value in values.items()
         }
