@@ -149,27 +149,13 @@ def to_model_names(
     realized: dict[str, dict[str, torch.Tensor]] = {}
     merged_from: dict[str, str] = {}  # source key -> the first target name it goes into
     for first, converter in merged.items():
-        try:
-            values = converter.convert(first, model=model, config=getattr(model, "config", None))
-        except Exception as exc:
-            raise CheckpointError(
-                problem(
-                    f"transformers could not convert the checkpoint's tensors into {first} ({type(exc).__name__}: {clip(str(exc), 160)})", code="load"
-                )
-            ) from exc
-        values = {name: value[0] if isinstance(value, list) else value for name, value in values.items()}
+        values = _converted(model, first, converter, f"convert the checkpoint's tensors into {first}", "load")
         if any(name in taken for name in values):  # the checkpoint has the merged tensor too: not guessed
             continue
         taken |= set(values)
         realized[first] = values
         merged_from.update(dict.fromkeys(sources[first], first))
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if key in merged_from:
-            out.update(realized.pop(merged_from[key], {}))
-        else:
-            out[named.get(key, key)] = value
-    return out
+    return _in_order(state_dict, named, merged_from, realized)
 
 
 def to_checkpoint_names(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -195,24 +181,31 @@ def to_checkpoint_names(model: nn.Module, state_dict: Mapping[str, torch.Tensor]
             merged_from[key] = renamed
     realized: dict[str, dict[str, torch.Tensor]] = {}
     for first, converter in merged.items():
-        try:
-            values = converter.convert(first, model=model, config=getattr(model, "config", None))
-        except Exception as exc:
-            raise CheckpointError(
-                problem(
-                    f"transformers could not split {first} into the tensors a checkpoint stores ({type(exc).__name__}: {clip(str(exc), 160)})",
-                    code="output",
-                )
-            ) from exc
-        realized[first] = {
-            apply_renamings(name, renamings): (value[0] if isinstance(value, list) else value).contiguous() for name, value in values.items()
-        }
+        values = _converted(model, first, converter, f"split {first} into the tensors a checkpoint stores", "output")
+        realized[first] = {apply_renamings(name, renamings): value.contiguous() for name, value in values.items()}
+    return _in_order(state_dict, named, merged_from, realized)
+
+
+def _converted(model: nn.Module, first: str, converter: Any, what: str, code: str) -> dict[str, torch.Tensor]:
+    """``converter``'s tensors by name (transformers' own ``convert``); its failure a located error."""
+    try:
+        values = converter.convert(first, model=model, config=getattr(model, "config", None))
+    except Exception as exc:
+        raise CheckpointError(problem(f"transformers could not {what} ({type(exc).__name__}: {clip(str(exc), 160)})", code=code)) from exc
+    return {name: value[0] if isinstance(value, list) else value for name, value in values.items()}
+
+
+def _in_order(
+    state_dict: Mapping[str, torch.Tensor], named: Mapping[str, str], merged_from: Mapping[str, str], realized: dict[str, dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """The state_dict in its own order: each key under its new name, and converted tensors
+    where the first of their sources stood."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state_dict.items():
         if key in merged_from:
             out.update(realized.pop(merged_from[key], {}))
         else:
-            out[named[key]] = value
+            out[named.get(key, key)] = value
     return out
 
 
