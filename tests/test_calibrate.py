@@ -101,8 +101,13 @@ def assert_unchanged(model, before):
         ([torch.tensor([1.0, float("nan"), float("inf")])], "calibration sample 0 has 1 NaN and 1 infinite values"),
         ((1 / 0 for _ in range(3)), "calibration: reading calibration sample 0 raised ZeroDivisionError: division by zero"),
         ([torch.full((6,), 99)], "calibration: calibration sample 0 holds the token id 99; the model's vocabulary has ids 0 to 39"),
+        (
+            [torch.zeros(20, dtype=torch.long)],
+            "calibration batch 0: IndexError: index out of range in self; the samples have 20 tokens and the model's config allows "
+            "16 positions (n_positions): give shorter calibration samples (seq_len <= 16); the model was left unchanged",
+        ),
     ],
-    ids=["empty", "int", "one-dict", "str", "0-d", "shapes", "keys", "nan", "raises", "out-of-vocab"],
+    ids=["empty", "int", "one-dict", "str", "0-d", "shapes", "keys", "nan", "raises", "out-of-vocab", "too-long"],
 )
 def test_bad_calibration_data_is_a_clear_error_and_changes_nothing(data, message):
     model = gpt2()

@@ -134,12 +134,8 @@ def check_order(model: nn.Module, blocks: Blocks, batch: Batch, current: Current
         handles.append(m.register_forward_pre_hook(lambda _m, a, k, i=i: before(i, a, k), with_kwargs=True))
         handles.append(m.register_forward_hook(lambda _m, _a, out: after(out)))
     current.where = "calibration batch 0"
-    moved = batch_to(batch, model_device(model))
     try:
-        if isinstance(moved, dict):
-            model(**moved, **_call_kwargs(model))
-        else:
-            model(moved, **_call_kwargs(model))
+        _call(model, batch_to(batch, model_device(model)), _call_kwargs(model))
     finally:
         for h in handles:
             h.remove()
@@ -196,6 +192,34 @@ def _same(output: Any, hidden: Any) -> bool:
     return bool(torch.equal(output.to(hidden.dtype), hidden))
 
 
+#: Config keys that bound a model's sequence length where positions are learned (GPT-2, BERT, OPT, ...).
+_POSITION_KEYS = ("n_positions", "max_position_embeddings", "n_ctx", "max_source_positions")
+
+
+def _call(model: nn.Module, batch: Batch, extra: dict[str, Any]) -> None:
+    """The model on one calibration batch; a failure on samples longer than the model's
+    config allows says so (rotary models run past that number, so it is not checked before)."""
+    try:
+        if isinstance(batch, dict):
+            model(**batch, **extra)
+        else:
+            model(batch, **extra)
+    except _Stop:
+        raise
+    except Exception as exc:
+        ids = batch.get("input_ids") if isinstance(batch, dict) else batch
+        config = getattr(model, "config", None)
+        length = ids.shape[-1] if isinstance(ids, torch.Tensor) and ids.dim() else None
+        limits = [(k, v) for k in _POSITION_KEYS if isinstance(v := getattr(config, k, None), int) and not isinstance(v, bool)]
+        if length is not None and limits and length > limits[0][1]:
+            key, limit = limits[0]
+            raise CalibrationError(
+                f"{type(exc).__name__}: {exc}; the samples have {length} tokens and the model's config allows {limit} positions "
+                f"({key}): give shorter calibration samples (seq_len <= {limit})"
+            ) from exc
+        raise
+
+
 def capture(model: nn.Module, blocks: Blocks, batches: Sequence[Batch], current: Current) -> list[BlockInputs]:
     """The arguments the first block is called with, per batch (the model stops right there)."""
     first = blocks.modules[0]
@@ -211,12 +235,8 @@ def capture(model: nn.Module, blocks: Blocks, batches: Sequence[Batch], current:
     try:
         for i, batch in enumerate(batches):
             current.where = f"calibration batch {i}"
-            moved = batch_to(batch, device)
             try:
-                if isinstance(moved, dict):
-                    model(**moved, **extra)
-                else:
-                    model(moved, **extra)
+                _call(model, batch_to(batch, device), extra)
             except _Stop:
                 pass
             else:
