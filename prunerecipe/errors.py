@@ -160,6 +160,13 @@ class SelectorError(RecipeError):
     code = "select"
 
 
+class ReparametrizedError(SelectorError):
+    """A selected parameter is computed by something other than torch's pruning (a
+    ``torch.nn.utils.parametrize`` parametrization, ``weight_norm``, ``spectral_norm``)."""
+
+    code = "reparametrized"
+
+
 class StructuredError(ApplyError):
     """Dependency groups or compaction could not be carried out (inconsistent group masks,
     unsupported layers, a failed output check, a time limit); the model was left unchanged."""

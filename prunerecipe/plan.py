@@ -142,7 +142,8 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, sp
                         warnings.warn(RecipeWarning(str(at)), stacklevel=2)
             targets = resolved[key]
         except SelectorError as exc:
-            problems.append(recipe.problem(step.path + ("select",), _named(step, str(exc)), code="no-targets"))
+            code = "no-targets" if type(exc) is SelectorError else exc.code
+            problems.append(recipe.problem(step.path + ("select",), _named(step, str(exc)), code=code))
             continue
         saved = [t for t in targets if unpruned_name(t.param) != t.param and is_pruned(t.module, unpruned_name(t.param))]
         if saved:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import importlib
+import json
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, cast
@@ -17,10 +18,10 @@ from typing import Any, NamedTuple, cast
 import torch
 from torch import nn
 
-from .errors import SelectorError
+from .errors import ReparametrizedError, SelectorError
 from .spec import Selector
 from .text import clip, short, suggest
-from .torchprune import has_param, is_pruned, original, own_parameters, owned_mask, unpruned_name
+from .torchprune import foreign_reparam, has_param, is_pruned, original, own_parameters, owned_mask, unpruned_name
 
 
 @functools.cache
@@ -156,6 +157,13 @@ def resolve_targets(modules: Sequence[tuple[str, nn.Module]], selector: Selector
     targets = []
     for n, m in matched:
         for p in params:
+            how = foreign_reparam(m, p)
+            if how is not None:  # torch's prune would fail on it (KeyError) or leave it be: say so
+                qualname, shown = (f"{n}.{p}", json.dumps(n)) if n else (p, '""')
+                raise ReparametrizedError(
+                    f"{qualname} ({type(m).__name__}) is computed by {how}, which torch.nn.utils.prune cannot re-parametrize: "
+                    f"remove it first (or fold it into a plain parameter), or leave the module out (exclude: {{names: [{shown}]}})"
+                )
             if has_param(m, p):
                 targets.append(Target(n, p, m))
     if not targets and not allow_empty:

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
+import torch
 import torch.nn.utils.prune as prune
 from torch import nn
 
-from prunerecipe import RecipeError, parse_recipe, plan_recipe
+from prunerecipe import RecipeError, apply_recipe, parse_recipe, plan_recipe
 from prunerecipe.errors import SelectorError
 from prunerecipe.select import param_owners, resolve_targets, resolve_type, selects
 from prunerecipe.spec import Selector
@@ -185,3 +187,36 @@ def test_entries_a_model_family_lacks_are_not_warned_about():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plan_recipe(LeNet(), recipe)
+
+
+@pytest.mark.parametrize(
+    ("wrap", "how"),
+    [
+        (torch.nn.utils.parametrizations.weight_norm, "a torch.nn.utils.parametrize parametrization (WeightNorm)"),
+        (torch.nn.utils.parametrizations.spectral_norm, "a torch.nn.utils.parametrize parametrization (SpectralNorm)"),
+        (torch.nn.utils.weight_norm, "torch.nn.utils.weight_norm"),
+        (torch.nn.utils.spectral_norm, "torch.nn.utils.spectral_norm"),
+    ],
+    ids=["parametrize-weight-norm", "parametrize-spectral-norm", "old-weight-norm", "old-spectral-norm"],
+)
+def test_a_weight_computed_by_another_reparametrization_is_a_located_error_not_skipped(wrap, how):
+    # torch's prune raises KeyError on these (or, for the old spectral_norm, mistakes weight_orig
+    # for its own); a type selector used to skip them silently
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the old functions are deprecated
+        wrap(model[1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recipe = parse_recipe("version: 1\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5}\n", "r.yaml")
+    with pytest.raises(RecipeError) as info:
+        plan_recipe(model, recipe)
+    assert str(info.value) == (
+        f"r.yaml:3:14: steps[0].select: 1.weight ({type(model[1]).__name__}) is computed by {how}, which torch.nn.utils.prune "
+        'cannot re-parametrize: remove it first (or fold it into a plain parameter), or leave the module out (exclude: {names: ["1"]})'
+    )
+    assert info.value.problems[0].code == "reparametrized"
+    # what the message suggests works
+    excluded = parse_recipe('version: 1\nsteps:\n  - {select: {types: [Linear], exclude: {names: ["1"]}}, method: l1_unstructured, amount: 0.5}\n')
+    apply_recipe(model, excluded)
+    assert prune.is_pruned(model[0]) and not hasattr(model[1], "weight_mask")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items() if k.startswith("1."))

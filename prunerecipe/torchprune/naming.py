@@ -30,6 +30,20 @@ def has_param(module: nn.Module, name: str) -> bool:
     return own.get(name) is not None or own.get(name + ORIG) is not None
 
 
+def foreign_reparam(module: nn.Module, name: str) -> str | None:
+    """What computes ``module.<name>`` when something other than torch's pruning does (a
+    ``torch.nn.utils.parametrize`` parametrization, the old ``weight_norm``/``spectral_norm``
+    hooks), else None: torch's pruning cannot re-parametrize such a tensor."""
+    found = getattr(module, "parametrizations", None)
+    if isinstance(found, nn.ModuleDict) and name in found:
+        kinds = ", ".join(dict.fromkeys(type(p).__name__.lstrip("_") for p in found[name].children()))
+        return f"a torch.nn.utils.parametrize parametrization ({kinds})"
+    for hook in module._forward_pre_hooks.values():
+        if getattr(hook, "name", None) == name and type(hook).__name__ in ("WeightNorm", "SpectralNorm"):
+            return f"torch.nn.utils.{'weight_norm' if type(hook).__name__ == 'WeightNorm' else 'spectral_norm'}"
+    return None
+
+
 def own_parameters(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` of the module's own registered parameters (``*_orig`` included), in
     registration order, every name listed even when one object sits under two names."""
