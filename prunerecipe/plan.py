@@ -316,9 +316,11 @@ def _plan_step(
             else:
                 k, after = None, None
                 st.slices = {}
-            st.entries_exact = False
+            # whole fresh slices on a mask of whole slices (or none): k * slice entries, exactly
+            exact_after = k is not None and exact and before_exact and entries_before == done * (numel // units)
+            st.entries_exact = exact_after
             st.touched = True
-            rows.append(PlannedTarget(t, units, f"slices (dim {d})", done, k, int(entries_before), after, numel, exact and before_exact, False))
+            rows.append(PlannedTarget(t, units, f"slices (dim {d})", done, k, int(entries_before), after, numel, exact and before_exact, exact_after))
         elif takes_amount:
             done = int(entries_before)
             exact = st.entries_exact

@@ -62,6 +62,7 @@ RECIPES = {
     "random": (
         "  - {select: {names: [conv1]}, method: random_unstructured, amount: 0.3}\n"
         "  - {select: {names: [conv2]}, method: random_structured, amount: 0.5, args: {dim: 0}}\n"
+        "  - {select: {names: [conv2]}, method: random_unstructured, amount: 0.2}\n"  # after whole slices: a known count left
         "  - {select: {types: [Linear, Conv2d]}, method: l1_unstructured, amount: 0.4, scope: global}\n"
         "  - {select: {names: [fc1]}, method: ln_structured, amount: 0.25, args: {n: 2, dim: 0}}\n"
         "  - {select: {names: [fc2, fc3]}, params: [bias], method: random_unstructured, amount: 2}\n"
