@@ -119,6 +119,11 @@ class RecipeError(Exception):
         return [p.to_dict() for p in self.problems]
 
 
+class Terminated(SystemExit):
+    """A stop asked from outside (the command line's SIGTERM handler raises it): never reported
+    as a failure of the code that happened to run (a model factory, a plugin's import)."""
+
+
 class RecipeWarning(UserWarning):
     """Something in a recipe that works, but likely not as meant (the CLI prints these)."""
 

@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 
 from .checkpoint import build_model, is_hf_folder, load_pruned_state_dict, read_state_dict, weights_file
-from .errors import ModelSpecError, RecipeError
+from .errors import ModelSpecError, RecipeError, Terminated
 from .text import clip, suggest
 
 SPEC_FORMS = "'pkg.module:attr', 'path/to/file.py:attr' or a Hugging Face model folder"
@@ -88,6 +88,8 @@ def _import_file(path: str, spec: str, what: str, error: type[RecipeError]) -> A
     try:
         with _importable(os.path.dirname(os.path.abspath(path))):  # so the file can import its neighbours
             module_spec.loader.exec_module(module)
+    except Terminated:
+        raise
     except (Exception, SystemExit) as exc:
         sys.modules.pop(name, None)
         raise error(f"{what} {clip(spec)!r}: importing {clip(path)!r} raised {type(exc).__name__}: {clip(str(exc), 200)}") from exc
@@ -101,6 +103,8 @@ def _import_module(name: str, spec: str, base: str | None, what: str, error: typ
             return importlib.import_module(name)
     except ModuleNotFoundError as exc:
         raise error(f"{what} {clip(spec)!r}: cannot import module {clip(name)!r} ({exc})") from exc
+    except Terminated:
+        raise
     except (Exception, SystemExit) as exc:
         raise error(f"{what} {clip(spec)!r}: importing {clip(name)!r} raised {type(exc).__name__}: {clip(str(exc), 200)}") from exc
 
@@ -179,6 +183,8 @@ def load_model(spec: str, *, base: str | None = None, weights: bool = True, meta
         raise ModelSpecError(f"model spec {clip(spec)!r}: {spec.rpartition(':')[2]!r} is a {type(obj).__name__}, not an nn.Module or a factory")
     try:
         model = obj()
+    except Terminated:
+        raise
     except (Exception, SystemExit) as exc:
         raise ModelSpecError(
             f"model spec {clip(spec)!r}: calling {spec.rpartition(':')[2]}() raised {type(exc).__name__}: {clip(str(exc), 200)}"

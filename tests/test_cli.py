@@ -361,3 +361,26 @@ def test_a_model_file_that_exits_is_an_error_not_an_exit(tmp_path):
     before = files(tmp_path)
     result = CliRunner().invoke(cli, ["plan", GLOBAL, "--model", f"{tmp_path}/quits.py:build"])
     assert_clean_failure(result, tmp_path, before, "importing", "raised SystemExit: 7")
+
+
+@pytest.mark.parametrize("where", ["import", "factory"])
+def test_sigterm_while_the_model_spec_runs_exits_143_and_does_not_blame_the_model(tmp_path, where):
+    """The SIGTERM handler's exit is a stop, not an error of the code that happened to run: a
+    model module being imported or its factory being called."""
+    body = "os.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(5)\n"
+    (tmp_path / "slowmod.py").write_text(
+        "import os, signal, time\nfrom torch import nn\n"
+        + (body if where == "import" else "")
+        + "def build():\n"
+        + textwrap.indent(body if where == "factory" else "pass\n", "    ")
+        + "    return nn.Sequential(nn.Linear(4, 4))\n"
+    )
+    (tmp_path / "r.yaml").write_text(
+        "version: 1\nmodel: slowmod:build\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: 0.5}\n"
+    )
+    code = "import sys\nfrom prunerecipe.cli import main\nmain(sys.argv[1:])\n"
+    done = subprocess.run([sys.executable, "-c", code, "apply", "r.yaml", "-o", "out.pt"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 143, done.stderr
+    assert "terminated (SIGTERM)" in done.stderr
+    assert "model spec" not in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out.pt").exists()

@@ -10,6 +10,7 @@ import sys
 import threading
 from types import FrameType
 
+from ..errors import Terminated
 from . import apply, commands  # noqa: F401  (they register their commands on the group)
 from .apply import _stream_progress
 from .base import EXIT_INPUT, EXIT_OK, EXIT_USAGE, _closed_stdout, cli
@@ -22,7 +23,7 @@ def _terminated(signum: int, frame: FrameType | None) -> None:
     """SIGTERM (``kill``, a job scheduler's time limit) unwinds like Ctrl-C: the model is rolled
     back and temp files beside the outputs are removed, where the default action would leave them."""
     print("prunerecipe: terminated (SIGTERM)", file=sys.stderr)
-    raise SystemExit(EXIT_TERMINATED)
+    raise Terminated(EXIT_TERMINATED)
 
 
 def main(argv: list[str] | None = None) -> None:

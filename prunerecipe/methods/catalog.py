@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from importlib import metadata
 from typing import Any, Generic, TypeVar
 
-from ..errors import MethodError
+from ..errors import MethodError, Terminated
 from ..text import suggest
 
 BUILTIN = "built-in"
@@ -135,6 +135,8 @@ class Catalog(Generic[Spec]):
             what = f"{self.kind} {name!r} (entry point '{ep.name} = {ep.value}' from {dist_label(ep)})"
             try:
                 obj = ep.load()
+            except Terminated:
+                raise
             except (Exception, SystemExit) as exc:  # a broken plugin must be reported, whatever it raises
                 raise MethodError(f"{what} failed to import: {type(exc).__name__}: {exc}") from exc
             return self.load(name, obj, dist_label(ep), what)
