@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 import torch.nn.utils.prune as prune
@@ -163,3 +166,73 @@ def test_an_explicit_key_prefix_is_removed_and_a_wrong_one_is_named(tmp_path):
     assert load_pruned_state_dict(LeNet(), state, strip_prefix="model.") == []
     with pytest.raises(CheckpointError, match=r"no key of the checkpoint starts with 'net\.'.*start with 'model\.'"):
         fit_prefix(state, model, "net.")
+
+
+@pytest.mark.parametrize("shard", [".", "", "..", "model.safetensors.index.json", "other.index.json", "notes.txt"])
+def test_an_index_naming_no_weights_file_of_its_folder_is_refused_never_followed(tmp_path, shard):
+    # '.' and the index itself recursed without end; '..' read the parent folder's weights
+    import json
+
+    from safetensors.torch import save_file
+
+    save_file({"v": torch.full((2,), 7.0)}, tmp_path / "model.safetensors")  # outside the index's folder
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    save_file({"w": torch.ones(2)}, folder / "a.safetensors")
+    (folder / "other.index.json").write_text(json.dumps({"weight_map": {"w": "a.safetensors"}}))
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"w": "a.safetensors", "v": shard}}))
+    with pytest.raises(CheckpointError, match=f"{index}: shard {shard!r} is not a (file name in this folder|weights file)"):
+        read_state_dict(index)
+
+
+def test_tampered_tied_metadata_is_a_checkpoint_error(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "t.safetensors"
+    save_file({"w": torch.ones(2)}, path, metadata={"prunerecipe.tied": '{"alias": ["w"]}'})
+    with pytest.raises(CheckpointError, match="its 'prunerecipe.tied' metadata is not valid"):
+        read_state_dict(path)
+
+
+def test_a_pickled_model_or_a_torch_function_is_named_as_what_torch_refused(tmp_path):
+    import pickle
+
+    whole = tmp_path / "whole.pt"
+    torch.save(nn.Sequential(nn.Linear(2, 2)), whole)  # protocol 2: builtins spelled __builtin__
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(whole)
+    assert "references code (torch.nn.modules.container.Sequential)" in str(info.value)
+    assert "a pickled object, not a state_dict: save model.state_dict() instead" in str(info.value)
+
+    class Hub:
+        def __reduce__(self):
+            return (torch.hub.load, ("x/y", "z"))
+
+    hub = tmp_path / "hub.pt"
+    hub.write_bytes(pickle.dumps({"w": Hub()}))
+    with pytest.raises(CheckpointError, match=r"references code \(torch\.hub\.load\).*Nothing in it was run"):
+        read_state_dict(hub)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_a_device_named_as_weights_is_refused_before_reading(tmp_path):
+    link = tmp_path / "x.pt"
+    link.symlink_to("/dev/zero")  # read whole, it would never end
+    with pytest.raises(CheckpointError, match="is not a regular file"):
+        read_state_dict(link)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="non-UTF-8 file names are a Linux thing")
+def test_safetensors_under_a_path_that_is_not_utf8_are_read(tmp_path):
+    from safetensors.torch import save_file
+
+    folder = os.path.join(os.fsencode(tmp_path), b"w\xff")
+    try:
+        os.mkdir(folder)
+    except OSError:
+        pytest.skip("this file system refuses such names")
+    path = os.fsdecode(os.path.join(folder, b"w.safetensors"))
+    save_file({"w": torch.arange(4.0)}, os.path.join(os.fsdecode(tmp_path), "plain.safetensors"))
+    os.replace(os.path.join(os.fsdecode(tmp_path), "plain.safetensors"), path)
+    assert torch.equal(read_state_dict(path)["w"], torch.arange(4.0))

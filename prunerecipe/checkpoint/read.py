@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import json
 import os
@@ -82,6 +84,17 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         return read_state_dict(found)
     if path.endswith(".index.json"):
         return _read_sharded(path)
+    return _read_file(path)
+
+
+def _read_file(path: str) -> dict[str, torch.Tensor]:
+    """One weights file (a shard index's shards too: never a folder or another index)."""
+    if not os.path.lexists(path):
+        raise _fail(path, "no such file")
+    if os.path.isdir(path):
+        raise _fail(path, "is a folder, not a weights file")
+    if not os.path.isfile(path):  # a device (/dev/zero would be read without end) or a pipe
+        raise _fail(path, "is not a regular file (a device, a pipe or a dangling link?)")
     suffix = suffix_of(path)
     if suffix == SAFETENSORS_SUFFIX:
         return _read_safetensors(path)
@@ -100,8 +113,15 @@ def _torch_load(path: str) -> Any:
     except pickle.UnpicklingError as exc:
         code = _code_reference(path)
         if code is not None:
+            module, _, name = code.rpartition(".")
+            whole = (
+                " (a pickled object, not a state_dict: save model.state_dict() instead)"
+                if module.startswith("torch.nn.") or module.startswith("lightning") or name[:1].isupper()
+                else ""
+            )
             raise _fail(
-                path, f"refused to load: the file references code ({clip(code, 60)}), not only tensors and plain containers. Nothing in it was run."
+                path,
+                f"refused to load: the file references code ({clip(code, 60)}), not only tensors and plain containers{whole}. Nothing in it was run.",
             ) from exc
         lines = [line.strip() for line in str(exc).splitlines() if line.strip() and "Weights only load failed" not in line]
         detail = next((line for line in lines if "Unsupported" in line or "GLOBAL" in line), lines[0] if lines else "")
@@ -111,9 +131,26 @@ def _torch_load(path: str) -> Any:
         raise _fail(path, f"not a readable torch checkpoint, perhaps truncated or corrupted ({type(exc).__name__}: {clip(first, 120)})") from exc
 
 
-_SAFE_MODULES = ("torch", "collections", "builtins", "_codecs", "numpy")
 #: of ``builtins``, only data types: ``exec``, ``eval``, ``getattr``, ``__import__`` are code
 _SAFE_BUILTINS = {"set", "frozenset", "bytearray", "bytes", "slice", "complex", "int", "float", "str", "tuple", "list", "dict", "bool", "range"}
+
+
+@functools.lru_cache(maxsize=1)
+def _data_globals() -> frozenset[str]:
+    """``module.name`` of the globals ``torch.load(weights_only=True)`` accepts (torch's own
+    allowlist, and what ``torch.serialization.add_safe_globals`` added): tensors, storages,
+    dtypes, plain containers. Anything else a pickle names is why torch refused it."""
+    names = {"collections.OrderedDict", "collections.Counter", "_codecs.encode"}
+    try:
+        from torch import _weights_only_unpickler
+
+        names.update(_weights_only_unpickler._get_allowed_globals())
+    except (ImportError, AttributeError):  # a torch without the private table: every torch.* counts as data
+        pass
+    for g in getattr(torch.serialization, "get_safe_globals", list)():
+        obj = g[0] if isinstance(g, tuple) else g
+        names.add(f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', getattr(obj, '__name__', ''))}")
+    return frozenset(names)
 
 
 #: pickles at the start of torch's legacy format: magic number, protocol, system info, the
@@ -160,10 +197,33 @@ def _first_code(stream: io.BytesIO) -> str | None:
             module, name = strings[-2], strings[-1]
         else:
             continue
-        root = module.split(".")[0]
-        if root not in _SAFE_MODULES or (root == "builtins" and name not in _SAFE_BUILTINS):
-            return f"{module}.{name}"
+        if module in ("builtins", "__builtin__"):  # pickle protocol 2 spells it __builtin__
+            if name not in _SAFE_BUILTINS:
+                return f"builtins.{name}"
+            continue
+        full = f"{module}.{name}"
+        known = _data_globals()
+        if full not in known and not (module.split(".")[0] == "torch" and not any(k.startswith("torch.") for k in known)):
+            return full
     return None
+
+
+@contextlib.contextmanager
+def utf8_path(path: str) -> Iterator[str]:
+    """``path`` as safetensors can open it. Its Rust code takes only UTF-8 paths, and a Linux
+    path may be any bytes: such a file is opened here and named by its ``/proc/self/fd`` entry
+    (UTF-8) while the caller opens it (an open memory map outlives the descriptor)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            proc = f"/proc/self/fd/{fd}"
+            yield proc if os.path.exists(proc) else path
+        finally:
+            os.close(fd)
+    else:
+        yield path
 
 
 def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
@@ -173,7 +233,7 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
         raise _fail(path, "reading .safetensors needs the 'safetensors' package: pip install 'prunerecipe[hf]'") from None
     try:
         out: dict[str, torch.Tensor] = {}
-        with safe_open(path, "pt", device="cpu") as fh:
+        with utf8_path(path) as openable, safe_open(openable, "pt", device="cpu") as fh:
             for key in fh.keys():  # noqa: SIM118 - safe_open is not a mapping
                 out[key] = fh.get_tensor(key).clone()  # a copy: not a view over the file's memory map
             meta = fh.metadata() or {}
@@ -183,9 +243,11 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
     if tied:
         try:
             for alias, stored in json.loads(tied).items():
+                if not isinstance(stored, str):
+                    raise ValueError(alias)
                 if stored in out and alias not in out:
                     out[alias] = out[stored]
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, TypeError):
             raise _fail(path, f"its {TIED_METADATA!r} metadata is not valid") from None
     return out
 
@@ -201,8 +263,11 @@ def read_index(path: str) -> tuple[dict[str, str], list[str]]:
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise _fail(path, f"not a readable shard index ({type(exc).__name__}: {clip(str(exc), 100)})") from exc
     for shard in shards:
-        if not isinstance(shard, str) or os.path.basename(shard) != shard:
+        plain = isinstance(shard, str) and os.path.basename(shard) == shard and shard not in ("", ".", "..")
+        if not plain:
             raise _fail(path, f"shard {clip(str(shard), 60)!r} is not a file name in this folder")
+        if suffix_of(shard) not in (SAFETENSORS_SUFFIX, *TORCH_SUFFIXES) or shard.endswith(".index.json"):
+            raise _fail(path, f"shard {clip(shard, 60)!r} is not a weights file (.safetensors, .bin, .pt, .pth, .ckpt)")
     return {str(k): v for k, v in weight_map.items()}, shards
 
 
@@ -213,7 +278,7 @@ def _read_sharded(path: str) -> dict[str, torch.Tensor]:
     seen: dict[str, str] = {}
     twice = []
     for shard in shards:
-        part = read_state_dict(os.path.join(folder, shard))
+        part = _read_file(os.path.join(folder, shard))
         twice += [f"{k} ({seen[k]}, {shard})" for k in part if k in seen]
         seen.update(dict.fromkeys(part, shard))
         out.update(part)

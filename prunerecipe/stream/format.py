@@ -22,7 +22,7 @@ from typing import Any, BinaryIO, NamedTuple
 
 import torch
 
-from ..checkpoint.read import SAFETENSORS_SUFFIX, TIED_METADATA, read_index, suffix_of, weights_file
+from ..checkpoint.read import SAFETENSORS_SUFFIX, TIED_METADATA, read_index, suffix_of, utf8_path, weights_file
 from ..errors import CheckpointError, problem
 from ..text import clip, listing
 from .direct import DirectFile
@@ -120,7 +120,8 @@ class Source:
             raise _fail(path, "reading .safetensors needs the 'safetensors' package: pip install 'prunerecipe[hf]'") from None
         index = len(self.files)
         try:
-            handle = safe_open(path, "pt", device="cpu")
+            with utf8_path(path) as openable:
+                handle = safe_open(openable, "pt", device="cpu")
             found = {}
             for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                 part = handle.get_slice(key)
