@@ -246,6 +246,7 @@ def _plan_step(
             done = int(proj.entries_of(t))
             exact = proj.state(t).entries_exact
             rows.append(PlannedTarget(t, t.original.numel(), "entries", done, None, done, None, t.original.numel(), exact, False))
+        _check_scheduled_count(step, spec, rows)
         return PlannedStep(step, spec, tuple(rows), True)
 
     if step.scope == "global" and spec.name == "identity":  # masks of ones: every count stays what it was
@@ -399,6 +400,23 @@ def _plan_n_of_m(step: Step, spec: MethodSpec, t: Target, st: _TensorState, patt
     st.slices = {}
     st.touched = True
     return PlannedTarget(t, numel, f"entries ({n}:{m})", int(before), to_prune, int(before), after if exact else None, numel, before_exact, exact)
+
+
+def _check_scheduled_count(step: Step, spec: MethodSpec, rows: list[PlannedTarget]) -> None:
+    """A scheduled step's int ``amount`` larger than what its tensors have unpruned now (masked
+    entries only ever grow) cannot run at any event: refused now, not mid-training."""
+    amount = step.amount
+    if amount is None or not is_count(amount) or spec.pruning_type == "structured":
+        return
+    left = [(pt.target.qualname, pt.units - (pt.pruned_before if pt.exact_before else 0)) for pt in rows]
+    if step.scope == "global":
+        total = sum(n for _, n in left)
+        if amount > total:
+            raise _PlanProblem("amount", f"amount {amount} is more than the {total} unpruned entries of the {len(left)} targets together")
+        return
+    for name, n in left:
+        if amount > n:
+            raise _PlanProblem("amount", f"amount {amount} is more than the {n} unpruned entries of {name}")
 
 
 def _count(step: Step, units: int, done: int, what: Callable[[], str], how: str, exact: bool) -> tuple[int, str | None]:

@@ -217,6 +217,23 @@ steps:
     assert "steps[0].schedule.curve: 'quadratic' is not one of ['cubic', 'linear', 'constant']" in text
 
 
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_a_scheduled_count_no_event_could_prune_is_refused_when_the_pruner_is_made(scope):
+    # it used to pass creation and fail at the first event, mid-training
+    model = make_lenet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    recipe = parse_recipe(
+        "version: 1\nsteps:\n  - select: {names: [conv1]}\n    method: l1_unstructured\n    amount: 100\n"
+        f"    scope: {scope}\n    schedule: {{start: 3, end: 5}}\n",
+        "s.yaml",
+    )
+    with pytest.raises(RecipeError) as err:
+        Pruner(model, recipe)
+    of = "of conv1.weight" if scope == "local" else "of the 1 targets together"
+    assert f"s.yaml:5:13: steps[0].amount: amount 100 is more than the 54 unpruned entries {of}" in str(err.value)
+    assert list(model.state_dict()) == list(before) and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
 def test_model_checkpoint_loaded_between_creation_and_load_state_dict_is_kept(tmp_path):
     # the usual torch order: build everything, then load every state (found in review)
     recipe = parse_recipe(GRADUAL)
