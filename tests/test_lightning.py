@@ -156,6 +156,26 @@ def test_validate_best_checkpoint_after_fit_and_copy_after_resume(tmp_path):
     copy.deepcopy(resumed)  # restored masks are copyable too
 
 
+class GettingWorse(WithValidation):
+    def validation_step(self, batch, _):
+        self.net(batch[0])
+        self.log("val_loss", float(self.current_epoch))  # the first epoch's checkpoint stays the best
+
+
+def test_validate_a_best_checkpoint_saved_before_the_layers_got_their_masks(tmp_path):
+    # the best checkpoint predates fc1's first mask: the live module must still take it
+    recipe = parse_recipe(RECIPE.replace("schedule: {start: 0,", "schedule: {start: 1,"))
+    module = GettingWorse()
+    checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_loss", save_top_k=1)
+    t = trainer(tmp_path, 3, [RecipePruning(recipe, finalize_on_fit_end=False), checkpoint])
+    t.fit(module, loader(), loader())
+    assert checkpoint.best_model_path.endswith("epoch=0-step=3.ckpt") and prune.is_pruned(module.net.fc1)
+    best = torch.load(checkpoint.best_model_path, weights_only=False)["state_dict"]
+    assert bool((best["net.fc1.weight"] != 0).all())  # saved before fc1 was pruned
+    results = t.validate(module, loader(), ckpt_path="best")
+    assert results and torch.equal(module.net.fc1.weight, best["net.fc1.weight"])
+
+
 def test_a_callback_checkpoint_is_read_by_report_and_apply(tmp_path):
     from click.testing import CliRunner
 

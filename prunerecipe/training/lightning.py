@@ -151,6 +151,7 @@ class RecipePruning(Callback):
             )
         if self.finalize_on_fit_end and self.pruner is not None and not self.pruner.finalized:
             self.pruner.finalize()
+        _accept_folded(pl_module)  # modules first pruned after the last checkpoint was saved
 
     def _say(self, ran: list[EventResult]) -> None:
         """ModelPruning's log lines: one per event, and with verbose=2 one per parameter. As
@@ -247,10 +248,7 @@ class RecipePruning(Callback):
         The live, still-pruned module learns to accept such a checkpoint too (for
         ``trainer.validate/test(ckpt_path="best")`` after fitting): see :class:`AcceptFolded`.
         """
-        for _, module, _ in pruned_parameters(pl_module):
-            if not module.__dict__.get("_prunerecipe_accepts_folded"):
-                module._register_load_state_dict_pre_hook(AcceptFolded(), with_module=True)
-                module.__dict__["_prunerecipe_accepts_folded"] = True
+        _accept_folded(pl_module)
         state = checkpoint.get("state_dict")
         if isinstance(state, dict):
             checkpoint["state_dict"] = fold_state_dict(state)
@@ -271,6 +269,16 @@ class AcceptFolded:
 
 
 __all__ = ["AcceptFolded", "RecipePruning"]
+
+
+def _accept_folded(model: Any) -> None:
+    """Every pruned module of ``model`` accepts this callback's plain checkpoints (see
+    :class:`AcceptFolded`): also those saved before the module got its first mask, which
+    ``trainer.validate/test(ckpt_path="best")`` may load after fitting."""
+    for _, module, _ in pruned_parameters(model):
+        if not module.__dict__.get("_prunerecipe_accepts_folded"):
+            module._register_load_state_dict_pre_hook(AcceptFolded(), with_module=True)
+            module.__dict__["_prunerecipe_accepts_folded"] = True
 
 
 def _masked_now(model: Any) -> dict[tuple[int, str], int]:
