@@ -14,6 +14,7 @@ from .blocks import Blocks
 from .layout import input_dim
 from .methods import ImportanceSpec, MethodSpec
 from .methods.binding import argument_default
+from .rng import is_random
 from .schedule import step_events
 from .select import Target
 from .spec import Calibration, Recipe, Step
@@ -278,7 +279,15 @@ class Plan:
         before, after = self.projected_sparsity()
         lines.append("")
         how = "computed from the weights" if self.computed else "projected"
+        if any(ps.scheduled for ps in self.steps):
+            how += "; before the scheduled steps, which run during training"
         lines.append(f"targeted entries masked: {'?' if before is None else pct(before)} -> {'?' if after is None else pct(after)} ({how})")
+        unseeded = [ps.step.label for ps in self.steps if not ps.scheduled and is_random(ps.method.cls) and self.recipe.step_seed(ps.step) is None]
+        if self.computed and unseeded:
+            lines.append(
+                f"note: {', '.join(unseeded)} {'is' if len(unseeded) == 1 else 'are'} random without a seed: apply draws other numbers than "
+                "this plan did, so per-tensor figures from there on may differ (give the step or the recipe a seed: to repeat them)"
+            )
         if self.steps and all(ps.scheduled for ps in self.steps):
             lines.append(
                 "note: every step has a schedule: this recipe prunes during training (prunerecipe.Pruner, the Lightning "

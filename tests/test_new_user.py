@@ -105,6 +105,27 @@ def test_an_int_override_of_a_float_var_warns_that_an_int_is_a_count(tmp_path):
     done = CliRunner().invoke(cli, ["apply", str(ROOT / "recipes" / "lenet-layerwise-l1.yaml"), "--set", "linear_amount=1", "-o", str(out)])
     assert done.exit_code == 0
     assert "warning:" in done.stderr and "an int amount is a count of entries, not a fraction: write 1.0 for a fraction" in done.stderr
+    # 3.0 would be refused (a fraction is at most 1): the advice is only given where it fits
+    done = CliRunner().invoke(cli, ["plan", str(ROOT / "recipes" / "lenet-layerwise-l1.yaml"), "--set", "conv_amount=3"])
+    assert done.exit_code == 0
+    assert "not a fraction (a fraction is a float from 0.0 to 1.0)" in done.stderr and "3.0" not in done.stderr
+
+
+def test_plan_says_what_its_figures_leave_out_unseeded_draws_and_scheduled_steps(tmp_path):
+    from prunerecipe import save_state_dict
+    from prunerecipe.zoo import LeNet
+
+    weights = tmp_path / "w.pt"
+    save_state_dict(LeNet().state_dict(), str(weights))
+    recipe = tmp_path / "r.yaml"
+    step = "  - {select: {names: [fc1]}, method: random_unstructured, amount: 0.5%s}\n"
+    recipe.write_text("version: 1\nmodel: prunerecipe.zoo:LeNet\nsteps:\n" + step % "")
+    text = run("plan", str(recipe), "--weights", str(weights)).output
+    assert "note: steps[0] is random without a seed: apply draws other numbers than this plan did" in text
+    recipe.write_text("version: 1\nmodel: prunerecipe.zoo:LeNet\nsteps:\n" + step % ", seed: 1")
+    assert "random without a seed" not in run("plan", str(recipe), "--weights", str(weights)).output
+    text = run("plan", str(ROOT / "recipes" / "digits-gradual.yaml")).output
+    assert "-> 0.00% (computed from the weights; before the scheduled steps, which run during training)" in text
 
 
 def test_json_errors_from_validate_plan_and_apply(tmp_path):

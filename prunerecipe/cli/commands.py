@@ -104,7 +104,8 @@ def plan(
             plot,
             [(name, pt.known_after) for name, pt in rows.items()],
             before=[firsts[name].known_before for name in rows],
-            title=f"{recipe.source}: targeted entries masked after the recipe: {where}",
+            title=f"{recipe.source}: targeted entries masked after the recipe: {where}"
+            + (" (before its scheduled steps, which run during training)" if any(ps.scheduled for ps in result.steps) else ""),
             measure="masked",
         )
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else str(result))

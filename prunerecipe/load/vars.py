@@ -76,7 +76,8 @@ def substitute(doc: Document, overrides: Mapping[str, Any], problems: list[Probl
             warnings.warn(
                 RecipeWarning(
                     f"{str(where).rstrip(': ')}: the override {name}={value} is an int where the recipe's var is a float ({old}); "
-                    f"an int amount is a count of entries, not a fraction: write {value}.0 for a fraction"
+                    "an int amount is a count of entries, not a fraction"
+                    + (f": write {value}.0 for a fraction" if value in (0, 1) else " (a fraction is a float from 0.0 to 1.0)")
                 ),
                 stacklevel=2,
             )
