@@ -272,3 +272,20 @@ def test_long_values_are_shown_cut_in_messages_but_paths_whole(tmp_path):
     deep = tmp_path.joinpath(*["d" * 60] * 4) / "missing.pt"
     done = run("report", "--weights", str(deep))
     assert done.exit_code != 0 and str(deep) in done.output
+
+
+def test_report_on_a_safetensors_file_lists_numbered_tensors_in_number_order(tmp_path):
+    # safetensors keeps its keys sorted as strings (1, 10, 11, 2, ...); masked pairs stay one row
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from prunerecipe import apply_recipe, parse_recipe
+
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(12)])
+    apply_recipe(model, parse_recipe("version: 1\nsteps:\n  - {select: {names: ['1', '10']}, method: l1_unstructured, amount: 0.5}\n"))
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    data = json.loads(run("report", "--weights", str(path), "--json").output)
+    names = [t["name"] for t in data["tensors"]]
+    assert names == [f"{i}.{p}" for i in range(12) for p in ("bias", "weight")]
+    assert [t["masked"] for t in data["tensors"] if t["name"] in ("1.weight", "2.weight", "10.weight")] == [True, False, True]
