@@ -60,6 +60,19 @@ def test_an_override_that_matches_nothing_is_an_error():
     )
 
 
+def test_a_var_or_override_standing_for_a_placeholder_is_one_located_error_with_no_follow_on():
+    text = "version: 1\nvars: {a: 0.2}\nsteps:\n  - {select: {types: [Linear]}, method: l1_unstructured, amount: '${a}'}\n"
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(text, "r.yaml", overrides={"a": "${x}"})
+    assert str(err.value) == (
+        "r.yaml:4:66: steps[0].amount: ${a} stands for '${x}', itself a placeholder: a var (or a --set value) cannot refer to "
+        "another var; give it a value"
+    )
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(text.replace("{a: 0.2}", "{a: '${b}', b: 0.3}"), "r.yaml")
+    assert [p.path for p in err.value.problems] == [("vars", "a"), ("steps", 0, "amount")]  # no TypeError from the method
+
+
 def test_dollar_dollar_escapes_a_literal_placeholder():
     r = parse_recipe("version: 1\nname: cost-$${x}\nsteps:\n  - {select: {}, method: identity}\n")
     assert r.name == "cost-${x}"

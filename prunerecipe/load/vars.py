@@ -126,7 +126,21 @@ def _check_var(doc: Document, path: KeyPath, name: str, values: Mapping[str, Any
             )
         )
         return False
+    value = values[name]
+    if any(not m.group(1) for text in _strings_in(value) for m in _PLACEHOLDER.finditer(text)):
+        problems.append(
+            doc.problem(
+                path,
+                f"${{{name}}} stands for {short(value)}, itself a placeholder: a var (or a --set value) cannot refer to another var; give it a value",
+                code="var",
+            )
+        )
+        return False
     return True
+
+
+def _strings_in(value: Any) -> Iterator[str]:
+    return (text for _, text in _walk_strings(value, ()))
 
 
 def _scalar_text(value: Any) -> str:
