@@ -206,6 +206,7 @@ def test_raw_tensor_bytes_after_a_legacy_pickle_are_not_taken_for_code(tmp_path)
     with pytest.raises(CheckpointError) as err:
         read_state_dict(str(tmp_path / "l.pt"))
     assert "references code" not in str(err.value)
+    assert "holds numpy data (numpy" in str(err.value) and "torch.from_numpy" in str(err.value)
 
 
 def test_write_output_gives_a_folder_from_pretrained_loads_as_the_masked_model(tmp_path):

@@ -112,6 +112,12 @@ def _torch_load(path: str) -> Any:
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         code = _code_reference(path)
+        if code is not None and _numpy_data(code):
+            raise _fail(
+                path,
+                f"holds numpy data ({clip(code, 60)}), which torch.load(weights_only=True) does not read: "
+                "save torch tensors instead (torch.from_numpy). Nothing in it was run.",
+            ) from exc
         if code is not None:
             module, _, name = code.rpartition(".")
             whole = (
@@ -133,6 +139,15 @@ def _torch_load(path: str) -> Any:
 
 #: of ``builtins``, only data types: ``exec``, ``eval``, ``getattr``, ``__import__`` are code
 _SAFE_BUILTINS = {"set", "frozenset", "bytearray", "bytes", "slice", "complex", "int", "float", "str", "tuple", "list", "dict", "bool", "range"}
+
+
+def _numpy_data(name: str) -> bool:
+    """Whether a pickle global is one of numpy's array, scalar or dtype constructors (data,
+    which torch's weights-only loader still does not read)."""
+    module, _, attr = name.rpartition(".")
+    if module == "numpy.dtypes":
+        return True
+    return module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray") and attr in ("_reconstruct", "scalar", "ndarray", "dtype")
 
 
 @functools.lru_cache(maxsize=1)
