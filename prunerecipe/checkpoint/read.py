@@ -161,7 +161,7 @@ def _data_globals() -> frozenset[str]:
 
         names.update(_weights_only_unpickler._get_allowed_globals())
     except (ImportError, AttributeError):  # a torch without the private table: every torch.* counts as data
-        pass
+        names.add("torch.*")
     for g in getattr(torch.serialization, "get_safe_globals", list)():
         obj = g[0] if isinstance(g, tuple) else g
         names.add(f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', getattr(obj, '__name__', ''))}")
@@ -216,9 +216,8 @@ def _first_code(stream: io.BytesIO) -> str | None:
             if name not in _SAFE_BUILTINS:
                 return f"builtins.{name}"
             continue
-        full = f"{module}.{name}"
-        known = _data_globals()
-        if full not in known and not (module.split(".")[0] == "torch" and not any(k.startswith("torch.") for k in known)):
+        full, known = f"{module}.{name}", _data_globals()
+        if full not in known and not ("torch.*" in known and module.split(".")[0] == "torch"):
             return full
     return None
 

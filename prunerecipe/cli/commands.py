@@ -200,13 +200,10 @@ def report(model_spec: str | None, weights: str, strip_prefix: str | None, plot:
         import torch.nn as nn
 
         state, _ = fit_prefix(state, nn.Module(), strip_prefix)
+    rows = state_dict_sparsity(state, names)
     if names is None and not weights.endswith((".pt", ".pth", ".bin", ".ckpt")):
         # safetensors files keep their tensors sorted as strings (h.1, h.10, h.2): numbers as numbers read in model order
-        plain = dict.fromkeys(
-            k[: -len("_orig")] if k.endswith("_orig") else k for k in state if not (k.endswith("_mask") and k[:-5] + "_orig" in state)
-        )
-        names = sorted(plain, key=lambda k: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", k)])
-    rows = state_dict_sparsity(state, names)
+        rows.sort(key=lambda r: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", r[0])])
     # The global figure counts the weights of the kinds pruning works on (tensors with masks, and
     # matrices and kernels: two or more dimensions); biases and norm parameters are listed, not summed.
     counted = [r for r in rows if r[3] or len(r[1]) >= 2]

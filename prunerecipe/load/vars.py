@@ -127,7 +127,7 @@ def _check_var(doc: Document, path: KeyPath, name: str, values: Mapping[str, Any
         )
         return False
     value = values[name]
-    if any(not m.group(1) for text in _strings_in(value) for m in _PLACEHOLDER.finditer(text)):
+    if any(not m.group(1) for _, text in _walk_strings(value, ()) for m in _PLACEHOLDER.finditer(text)):
         problems.append(
             doc.problem(
                 path,
@@ -137,10 +137,6 @@ def _check_var(doc: Document, path: KeyPath, name: str, values: Mapping[str, Any
         )
         return False
     return True
-
-
-def _strings_in(value: Any) -> Iterator[str]:
-    return (text for _, text in _walk_strings(value, ()))
 
 
 def _scalar_text(value: Any) -> str:
