@@ -25,6 +25,7 @@ from .distributed import Coordinator, PeerFailure, agreed, all_agree, resolve_gr
 from .errors import ApplyError, CalibrationError, RecipeError
 from .load import load_recipe
 from .methods.binding import argument_default
+from .methods.guard import guarded
 from .oneshot import Checked, can_fold, checked_cuts, fast_l1, finite_zeros, fold, usable
 from .plan import Plan, PlannedStep, plan_recipe, pruned_slices
 from .report import Report, StepOutcome, TargetSparsity, measure
@@ -362,7 +363,8 @@ def _run_targets(
         if not targets:
             return StepOutcome(step.label, spec.name, names)
         if not spec.takes_amount:
-            global_unstructured(params, spec.cls, **kwargs)
+            with guarded(spec, targets):
+                global_unstructured(params, spec.cls, **kwargs)
             return StepOutcome(step.label, spec.name, names)
         amount = ps.live_amount(targets)
         assert amount is not None
@@ -372,11 +374,13 @@ def _run_targets(
             magnitude.l1_global(params, amount, zeros, finite=True)  # the preflight checked
         elif ps.importance is not None:
             scores = {(t.module, t.param): scores_for(t, importance_scores(ps.importance, t, None)) for t in targets}
-            global_unstructured(params, spec.cls, importance_scores=scores, amount=amount, **kwargs)
+            with guarded(spec, targets):
+                global_unstructured(params, spec.cls, importance_scores=scores, amount=amount, **kwargs)
             for t in targets:
                 match_mask_dtype(t.module, t.param)
         else:
-            global_unstructured(params, spec.cls, amount=amount, **kwargs)
+            with guarded(spec, targets):
+                global_unstructured(params, spec.cls, amount=amount, **kwargs)
         return StepOutcome(step.label, spec.name, names)
 
     noops: list[str] = []
@@ -394,9 +398,11 @@ def _run_targets(
         if fast_l1(ps) and magnitude.supported(t.original):
             fast.append((t.module, t.param, call["amount"]))
         elif ps.importance is not None:
-            prune_scored(ps, t, importance_scores(ps.importance, t, None), amount)
+            with guarded(spec, [t]):
+                prune_scored(ps, t, importance_scores(ps.importance, t, None), amount)
         else:
-            apply_any_layout(spec.cls, t.module, t.param, **call)
+            with guarded(spec, [t]):
+                apply_any_layout(spec.cls, t.module, t.param, **call)
     current.target = None
     if fast:
         magnitude.l1_local_many(fast, zeros, finite=True)  # the preflight checked

@@ -210,3 +210,70 @@ def test_a_plugin_that_exits_on_import_is_reported(install):
         parse_recipe("version: 1\nsteps:\n  - {select: {}, method: exits}\n")
     result = CliRunner().invoke(cli, ["methods"])
     assert result.exit_code == 0 and "BROKEN" in result.stdout
+
+
+class _Twos(torch.nn.utils.prune.BasePruningMethod):
+    PRUNING_TYPE = "unstructured"
+
+    def compute_mask(self, t, default_mask):
+        return default_mask * 2.0  # not a mask: torch installs it anyway
+
+
+class _NaNs(torch.nn.utils.prune.BasePruningMethod):
+    PRUNING_TYPE = "unstructured"
+
+    def compute_mask(self, t, default_mask):
+        mask = default_mask.clone()
+        mask.view(-1)[0] = float("nan")
+        return mask
+
+
+class _Broadcasts(torch.nn.utils.prune.BasePruningMethod):
+    PRUNING_TYPE = "unstructured"
+
+    def compute_mask(self, t, default_mask):
+        return torch.ones(t.shape[-1])  # broadcasts against the weight: torch's apply accepts it
+
+
+class _Scales(torch.nn.utils.prune.BasePruningMethod):
+    PRUNING_TYPE = "unstructured"
+
+    def compute_mask(self, t, default_mask):
+        t.detach().mul_(10)  # writes into the weights it ranks
+        return default_mask
+
+
+@pytest.mark.parametrize(
+    ("cls", "scope", "message"),
+    [
+        (_Twos, "local", "computed a mask for fc1.weight that holds 48000 value(s) other than 0 and 1 (such as 2.0)"),
+        (_NaNs, "local", "computed a mask for fc1.weight that holds 1 value(s) other than 0 and 1 (such as nan)"),
+        (_Broadcasts, "local", "computed a mask for fc1.weight that has shape (400,), not the tensor's (120, 400)"),
+        (_Scales, "local", "changed the values of fc1.weight in place; a pruning method computes a mask from them"),
+        (_Twos, "global", "computed a mask for fc1.weight that holds 48000 value(s) other than 0 and 1 (such as 2.0)"),
+    ],
+    ids=["twos", "nan", "broadcast", "in-place", "twos-global"],
+)
+def test_a_plugin_mask_or_write_torch_would_accept_is_refused_and_the_model_restored(cls, scope, message):
+    # torch installs such masks (and keeps such writes); prunerecipe could not read the masks back,
+    # and its rollback restores tensors by reference: checked after each plugin method runs
+    from prunerecipe import ApplyError, register_method, unregister_method
+
+    register_method("misbehaving", cls)
+    try:
+        model = make_lenet()
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        recipe = parse_recipe(
+            "version: 1\nsteps:\n"
+            "  - {select: {names: [conv1]}, method: l1_unstructured, amount: 0.5}\n"
+            f"  - {{select: {{names: [fc1, fc2]}}, method: misbehaving, scope: {scope}}}\n",
+            "r.yaml",
+        )
+        with pytest.raises(ApplyError) as err:
+            apply_recipe(model, recipe)
+        assert f"method 'misbehaving' (in-process) {message}" in str(err.value)
+        assert str(err.value).endswith("the model was left unchanged")
+        after = model.state_dict()
+        assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    finally:
+        unregister_method("misbehaving")
