@@ -192,3 +192,13 @@ def test_without_a_schema_simple_annotations_check_argument_types():
     assert "steps[0].args.scale: True is not a number" in lines[1]
     assert "steps[0].args.mode: 'c' is not of type Literal['a', 'b']" in lines[2]
     assert "steps[0].args.tag: 3 is not of type Optional[str]" in lines[3]
+
+
+def test_an_invalid_args_schema_is_refused_when_the_method_is_registered():
+    # it used to fail inside jsonschema at the first recipe naming the method, unlocated
+    schema = {"type": "object", "properties": {"n": {"type": "nonsense"}}}
+    with pytest.raises(MethodError, match=r"method 'bad_schema' has an invalid args_schema at properties/n/type: 'nonsense' is not valid"):
+        register_method("bad_schema", prune.L1Unstructured, args_schema=schema)
+    with pytest.raises(MethodError, match=r"has an args_schema that is a list, not a JSON Schema"):
+        register_method("bad_schema", prune.L1Unstructured, args_schema=[1])  # type: ignore[arg-type]
+    assert "bad_schema" not in method_names()

@@ -139,9 +139,26 @@ def _check_method_class(obj: Any, what: str) -> type[prune.BasePruningMethod]:
 # --- the registry -------------------------------------------------------------------------
 
 
+def _check_args_schema(schema: Any, what: str) -> Mapping[str, Any] | None:
+    """``schema`` if it is a valid JSON Schema (or None); a bad one would otherwise fail inside
+    jsonschema when the first recipe naming the method is checked, with no location."""
+    if schema is None:
+        return None
+    if not isinstance(schema, Mapping):
+        raise MethodError(f"{what} has an args_schema that is a {type(schema).__name__}, not a JSON Schema (a mapping)")
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.exceptions.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path)
+        raise MethodError(f"{what} has an invalid args_schema{f' at {where}' if where else ''}: {exc.message}") from None
+    return schema
+
+
 def _loaded(name: str, obj: Any, origin: str, what: str) -> MethodSpec:
     cls = _check_method_class(obj, what)
-    return MethodSpec(name, cls, origin, getattr(cls, "args_schema", None))
+    return MethodSpec(name, cls, origin, _check_args_schema(getattr(cls, "args_schema", None), what))
 
 
 CATALOG: Catalog[MethodSpec] = Catalog(
@@ -182,7 +199,8 @@ def register_method(
     """
     CATALOG.check_name(name, replace)
     _check_method_class(cls, f"method {name!r}")
-    spec = MethodSpec(name, cls, IN_PROCESS, args_schema if args_schema is not None else getattr(cls, "args_schema", None))
+    schema = _check_args_schema(args_schema if args_schema is not None else getattr(cls, "args_schema", None), f"method {name!r}")
+    spec = MethodSpec(name, cls, IN_PROCESS, schema)
     CATALOG.add(name, spec)
     return spec
 
