@@ -175,6 +175,7 @@ def report(model_spec: str | None, weights: str, strip_prefix: str | None, plot:
     with it, only the model's parameters. A tensor tied to another is counted once.
     """
     from ..checkpoint import fit_prefix, is_hf_folder, read_state_dict, state_dict_sparsity
+    from ..checkpoint.read import TORCH_SUFFIXES, suffix_of
     from ..modelspec import load_model
     from ..text import format_table, pct, shape_text
 
@@ -201,7 +202,7 @@ def report(model_spec: str | None, weights: str, strip_prefix: str | None, plot:
 
         state, _ = fit_prefix(state, nn.Module(), strip_prefix)
     rows = state_dict_sparsity(state, names)
-    if names is None and not weights.endswith((".pt", ".pth", ".bin", ".ckpt")):
+    if names is None and suffix_of(weights) not in TORCH_SUFFIXES:
         # safetensors files keep their tensors sorted as strings (h.1, h.10, h.2): numbers as numbers read in model order
         rows.sort(key=lambda r: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", r[0])])
     # The global figure counts the weights of the kinds pruning works on (tensors with masks, and
