@@ -187,12 +187,31 @@ def test_arena_lends_one_whole_tensor_per_worker_or_splits_the_largest():
     scratch = whole.scratch(0)
     buf = workers.buffer(scratch, "x", 10, torch.int64, "cpu", least=10)
     assert buf.data_ptr() == masks_[1].data_ptr()  # carved from the lent tensor
-    kept = workers.stash(scratch, torch.arange(5, dtype=torch.int16), dtype=torch.int32)
-    assert kept.dtype == torch.int32 and kept.tolist() == [0, 1, 2, 3, 4]
-    assert masks_[1].data_ptr() < kept.data_ptr() < masks_[1].data_ptr() + 16000
-    full = workers.Arena([torch.empty(16)], 1).scratch(0)
-    reused = torch.arange(100)
-    assert workers.stash(full, reused, copy=True).data_ptr() != reused.data_ptr()  # no room: a copy
+    room = workers.carve(scratch, 100, "cpu")
+    assert room is not None and room.numel() == 100
+    assert room.data_ptr() == masks_[1].data_ptr() + 128  # after the buffer's 80 bytes, 64-byte aligned
+    assert workers.carve(scratch, 16000, "cpu") is None  # no room left for that
+    assert workers.carve({}, 8, "cpu") is None  # nothing lent
+
+
+def test_found_candidates_fill_blocks_in_order_carved_from_the_arena_else_allocated():
+    lent = torch.empty(1 << 20)  # 4 MiB
+    scratch = workers.Arena([lent], 1).scratch(0)
+    found = scan.Found(scratch, torch.int32, torch.device("cpu"))
+    found.add(torch.arange(5, dtype=torch.int16), 3)
+    found.add(torch.tensor([7, 8], dtype=torch.int16), torch.tensor([4, 5]))
+    found.add(torch.zeros(0, dtype=torch.int16), 9)  # nothing: no block
+    big = torch.arange(scan.Found.BLOCK + 1, dtype=torch.int32)
+    found.add(big, 6)  # does not fit what is left: a block of its own
+    assert len(found.blocks) == 2
+    (k1, o1, u1), (k2, o2, u2) = found.blocks
+    assert k1[: u1[0]].tolist() == [0, 1, 2, 3, 4, 7, 8] and o1[: u1[0]].tolist() == [3] * 5 + [4, 5]
+    assert torch.equal(k2[: u2[0]], big) and bool((o2[: u2[0]] == 6).all())
+    start, end = lent.data_ptr(), lent.data_ptr() + lent.numel() * 4
+    assert all(start <= t.data_ptr() < end for t in (k1, o1, k2, o2))  # carved from the lent tensor
+    alone = scan.Found({}, torch.int64, torch.device("cpu"))  # nothing lent: allocated
+    alone.add(torch.tensor([1, 2], dtype=torch.int16), 0)
+    assert alone.blocks[0][0].dtype == torch.int64 and alone.blocks[0][0][:2].tolist() == [1, 2]
 
 
 def test_nan_ranks_above_every_number_as_in_topk():
@@ -475,6 +494,39 @@ def test_thousands_of_small_tensors_are_packed_into_chunks():
     finally:
         sel.DIRECT_UP_TO = monkeypatch_free
     check_cut(pieces, total // 2, cut)
+
+
+def test_jobs_are_made_on_demand_and_number_their_segments():
+    chunk = workers.CHUNK
+    sizes = [chunk * 2 + 5, 10, 0, 20, chunk // 4, 7, chunk - 3, 3]
+    jobs = pcs.jobs_for([fp.Piece(torch.empty(n)) for n in sizes])
+    expected = [
+        [(0, 0, chunk)],  # a big piece (a quarter chunk or more): chunk by chunk
+        [(0, chunk, 2 * chunk)],
+        [(0, 2 * chunk, 2 * chunk + 5)],
+        [(4, 0, chunk // 4)],
+        [(6, 0, chunk - 3)],
+        [(1, 0, 10), (2, 0, 0), (3, 0, 20), (5, 0, 7), (7, 0, 3)],  # small ones packed together, last
+    ]
+    assert len(jobs) == len(expected) and list(jobs) == expected
+    assert [jobs.first_segment(j) for j in range(len(jobs))] == [0, 1, 2, 3, 4, 5]
+    assert jobs.segments == 10 and jobs.segment_pieces() == [0, 0, 0, 4, 6, 1, 2, 3, 5, 7]
+    with pytest.raises(IndexError):
+        jobs[len(jobs)]
+    assert len(pcs.jobs_for([fp.Piece(torch.empty(0))])) == 0
+
+
+def test_a_scan_keeps_its_candidates_in_a_few_blocks_not_one_tensor_per_chunk(monkeypatch):
+    monkeypatch.setattr(workers, "CHUNK", 4096)
+    torch.manual_seed(3)
+    pieces = [fp.Piece(torch.randn(150_000)), fp.Piece(torch.randn(60_000, dtype=torch.float64))]
+    k = 40_000
+    lo, hi = sel._sampled_bracket(pieces[:1], k)
+    scans = [scan.Scan(0, pieces[:1], k, lo, hi, count_zeros=True), scan.Scan(1, pieces[1:], 1000, *sel._sampled_bracket(pieces[1:], 1000))]
+    assert len(scans[0].jobs) > 30
+    scan.scan_all(scans, arena=[torch.empty(1 << 20)])
+    assert len(scans[0].found) <= 4 and len(scans[1].found) <= 4  # per thread's block, not per job
+    assert scans[0].finish() == sel._direct(pieces[:1], k) and scans[1].finish() == sel._direct(pieces[1:], 1000)
 
 
 def test_census_counts_zeros_and_non_finite_entries():

@@ -10,10 +10,11 @@ kept; beyond that, exactly the requested count is pruned, earliest entries first
 
 from __future__ import annotations
 
-import functools
+import bisect
+import itertools
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -102,25 +103,26 @@ def write_all(writes: Sequence[Write]) -> None:
     """:func:`write_keep` for many pieces, in one parallel run over all their chunks (a piece
     whose tie quota is split goes through its chunks in order, in one thread)."""
     flush = flushes_subnormals()
-    by_device: dict[torch.device, list[Callable[[Any], object]]] = {}
+    # per device: one record per piece; item i is chunk i - starts[r] of record r (or all of its
+    # chunks, in order, for a split tie quota): no object per chunk (its memory would stay resident)
+    by_device: dict[torch.device, list[tuple[Piece, int, int, torch.Tensor, bool, bool]]] = {}
     for piece, threshold, index, out, multiply in writes:
         below, quota = threshold.rule(index)
-        fast = threshold.finite and not flush
-        spans = workers.chunks(piece.numel)
-        jobs = by_device.setdefault(out.device, [])
-        if quota:  # the earliest ties go first
-            jobs.append(functools.partial(_write_in_order, piece, below, quota, out, multiply, fast, spans))
-        else:
-            jobs.extend(functools.partial(_write_chunk, piece, below, out, multiply, fast, a, b) for a, b in spans)
-    for device, jobs in by_device.items():
-        workers.run_each(jobs, device, lambda _: {})
+        by_device.setdefault(out.device, []).append((piece, below, quota, out, multiply, threshold.finite and not flush))
+    for device, records in by_device.items():
+        starts = list(itertools.accumulate((1 if r[2] else -(-r[0].numel // workers.CHUNK) for r in records), initial=0))
 
+        def job(i: int, scratch: dict[Any, Any], records: list = records, starts: list[int] = starts) -> None:
+            r = bisect.bisect_right(starts, i) - 1
+            piece, below, quota, out, multiply, fast = records[r]
+            if quota:  # the earliest ties go first
+                for a in range(0, piece.numel, workers.CHUNK):
+                    quota = _write_chunk(piece, below, out, multiply, fast, a, min(a + workers.CHUNK, piece.numel), scratch, quota)
+                return
+            a = (i - starts[r]) * workers.CHUNK
+            _write_chunk(piece, below, out, multiply, fast, a, min(a + workers.CHUNK, piece.numel), scratch)
 
-def _write_in_order(
-    piece: Piece, below: int, quota: int, out: torch.Tensor, multiply: bool, fast: bool, spans: list[tuple[int, int]], scratch: dict[Any, Any]
-) -> None:
-    for a, b in spans:
-        quota = _write_chunk(piece, below, out, multiply, fast, a, b, scratch, quota)
+        workers.run(job, starts[-1], device, lambda _: {})
 
 
 def _write_chunk(

@@ -7,6 +7,7 @@ values: ``|w|``'s key is ``w``'s bits with the sign bit cleared.
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -145,24 +146,80 @@ def stored(keys: torch.Tensor) -> torch.Tensor:
     return keys.to(stored_dtype(keys.dtype))
 
 
-def jobs_for(pieces: Sequence[Piece]) -> list[list[tuple[int, int, int]]]:
+Segment = tuple[int, int, int]  # (piece index, start, stop)
+
+
+class Jobs(Sequence[list[Segment]]):
     """The pieces cut into jobs of at most one chunk: a big piece alone, chunk by chunk; small
-    pieces packed together. Each job lists its segments ``(piece index, start, stop)``."""
-    jobs: list[list[tuple[int, int, int]]] = []
-    bundle: list[tuple[int, int, int]] = []
-    used = 0
-    for i, p in enumerate(pieces):
-        if p.numel >= workers.CHUNK // 4:
-            jobs.extend([[(i, a, b)] for a, b in workers.chunks(p.numel)])
-            continue
-        if used + p.numel > workers.CHUNK:
-            jobs.append(bundle)
-            bundle, used = [], 0
-        bundle.append((i, 0, p.numel))
-        used += p.numel
-    if bundle:
-        jobs.append(bundle)
-    return [job for job in jobs if sum(b - a for _, a, b in job)]
+    pieces packed together. Job ``j`` lists its segments ``(piece index, start, stop)``.
+
+    Jobs are made when asked for (``jobs[j]``), from one record per big piece or bundle: a scan
+    over a big model then keeps no object per chunk, whose memory would stay resident."""
+
+    def __init__(self, pieces: Sequence[Piece]) -> None:
+        self.chunk = workers.CHUNK
+        # runs: a big piece (its index and size, then its chunks are jobs) or a bundle (one job)
+        self._runs: list[tuple[int, int] | list[Segment]] = []
+        bundle: list[Segment] = []
+        used = 0
+        for i, p in enumerate(pieces):
+            if p.numel >= self.chunk // 4:
+                self._runs.append((i, p.numel))
+                continue
+            if used + p.numel > self.chunk:
+                self._runs.append(bundle)
+                bundle, used = [], 0
+            bundle.append((i, 0, p.numel))
+            used += p.numel
+        self._runs.append(bundle)
+        self._runs = [r for r in self._runs if (r[1] if isinstance(r, tuple) else sum(b - a for _, a, b in r))]
+        self._first: list[int] = []  # each run's first job
+        self._first_segment: list[int] = []  # and first segment
+        jobs = segments = 0
+        for r in self._runs:
+            self._first.append(jobs)
+            self._first_segment.append(segments)
+            n = -(-r[1] // self.chunk) if isinstance(r, tuple) else 1
+            jobs += n
+            segments += n if isinstance(r, tuple) else len(r)
+        self._count, self.segments = jobs, segments
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _locate(self, j: int) -> tuple[int, int]:
+        if not 0 <= j < self._count:
+            raise IndexError(j)
+        r = bisect.bisect_right(self._first, j) - 1
+        return r, j - self._first[r]
+
+    def __getitem__(self, j: int) -> list[Segment]:  # type: ignore[override]
+        r, c = self._locate(j)
+        run = self._runs[r]
+        if isinstance(run, list):
+            return run
+        i, numel = run
+        return [(i, c * self.chunk, min((c + 1) * self.chunk, numel))]
+
+    def segment_pieces(self) -> list[int]:
+        """The piece index of every segment, in order."""
+        out: list[int] = []
+        for run in self._runs:
+            if isinstance(run, list):
+                out.extend(i for i, _, _ in run)
+            else:
+                out.extend([run[0]] * -(-run[1] // self.chunk))
+        return out
+
+    def first_segment(self, j: int) -> int:
+        """The index of job ``j``'s first segment, counting the segments of every job before it."""
+        r, c = self._locate(j)
+        return self._first_segment[r] + c
+
+
+def jobs_for(pieces: Sequence[Piece]) -> Jobs:
+    """The pieces cut into jobs (see :class:`Jobs`)."""
+    return Jobs(pieces)
 
 
 def eligible_part(piece: Piece, a: int, b: int, dtype: torch.dtype) -> torch.Tensor | None:
@@ -227,7 +284,7 @@ def census(tensors: Sequence[torch.Tensor]) -> list[tuple[int, int]]:
         group = [pieces[i] for i in members]
         jobs = jobs_for(group)
 
-        def count(j: int, scratch: dict[Any, torch.Tensor], group: list[Piece] = group, jobs: list = jobs, members: list[int] = members) -> None:
+        def count(j: int, scratch: dict[Any, torch.Tensor], group: list[Piece] = group, jobs: Jobs = jobs, members: list[int] = members) -> None:
             values, _ = gather(group, jobs[j], scratch)
             seg = [(members[i], off, off + b - a) for (i, a, b), off in zip(jobs[j], _offsets(jobs[j]))]
             if bool(torch.isfinite(values.sum()).item()):  # (no scratch: census runs before any mask exists)

@@ -15,17 +15,61 @@ from typing import Any
 import torch
 
 from . import workers
-from .pieces import KEY_DTYPES, Piece, Threshold, float_of, flushes_subnormals, gather, jobs_for, keys_of, make_cut, positions, stored, stored_dtype
-from .workers import buffer, stash
+from .pieces import KEY_DTYPES, Piece, Segment, Threshold, float_of, flushes_subnormals, gather, jobs_for, keys_of, make_cut, positions
+from .workers import buffer
 
 _DIGIT = 16
+
+
+class Found:
+    """One worker thread's candidate keys, and their owners (piece numbers counted over every
+    scan of a :func:`scan_all` run), appended in the order of the thread's jobs.
+
+    They go into blocks carved from the lent arena region (else allocated), never into one
+    tensor per job: a scan over a big model then leaves no small objects behind. Jobs are
+    taken in increasing order, so owners never decrease within a thread's blocks."""
+
+    BLOCK = 1 << 16  # entries per block
+
+    def __init__(self, scratch: dict[Any, Any], key_dtype: torch.dtype, device: torch.device) -> None:
+        # the thread's lent region (shared with its buffers), not its scratch dict, which holds this
+        # object: no reference cycle, so nothing waits for the garbage collector
+        self.lent = {key: value for key, value in scratch.items() if key == "arena"}
+        self.key_dtype, self.device = key_dtype, device
+        self.blocks: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []  # (keys, owners, [used])
+
+    def add(self, keys: torch.Tensor, owners: torch.Tensor | int) -> None:
+        n = keys.numel()
+        if not n:
+            return
+        block = self.blocks[-1] if self.blocks else None
+        if block is None or block[2][0] + n > block[0].numel():
+            block = self._new_block(max(n, self.BLOCK))
+        at = block[2][0]
+        block[0][at : at + n].copy_(keys.view(-1))
+        place = block[1][at : at + n]
+        place.fill_(owners) if isinstance(owners, int) else place.copy_(owners)
+        block[2][0] = at + n
+
+    def _new_block(self, n: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        size = torch.empty((), dtype=self.key_dtype).element_size()
+        room = workers.carve(self.lent, n * (size + 4), self.device)
+        if room is None:
+            keys, owners = torch.empty(n, dtype=self.key_dtype, device=self.device), torch.empty(n, dtype=torch.int32, device=self.device)
+        else:  # keys first: their size is a multiple of the owners'
+            keys, owners = room[: n * size].view(self.key_dtype), room[n * size :].view(torch.int32)
+        block = (keys, owners, [0])
+        self.blocks.append(block)
+        return block
 
 
 class Scan:
     """One group's scan: per piece, entries at or below ``lo`` and the keys in ``(lo, hi]``.
 
     The fast flavour uses float ops only (``hardshrink`` keeps ``|x| > lambda``) and needs
-    finite data and no flushed subnormals; the robust one compares integer keys.
+    finite data and no flushed subnormals; the robust one compares integer keys. Per-job
+    results go into tensors made up front (counts per segment, sums per job) and the
+    thread's :class:`Found` blocks: nothing is kept per job.
     """
 
     def __init__(
@@ -33,53 +77,54 @@ class Scan:
     ) -> None:
         self.index, self.pieces, self.k, self.lo, self.hi = index, pieces, k, lo, hi
         self.count_zeros = count_zeros
-        self.verify = verify  # check each chunk for NaN/inf (the fast flavour cannot rank them)
         self.dtype = pieces[0].values.dtype
         self.robust = robust or flushes_subnormals()
         self.lo_value = float_of(lo, self.dtype) if lo >= 0 else -1.0
         self.hi_value = float_of(hi, self.dtype)
         self.jobs = jobs_for(pieces)
-        n = len(self.jobs)
-        self.le_lo: list[list[int]] = [[] for _ in range(n)]  # per segment
-        self.sums: list[torch.Tensor | None] = [None] * n
-        self.zeros: list[list[int]] = [[] for _ in range(n)]
-        # per job: (candidate keys, their piece: an index tensor, or one index for the whole job)
-        self.found: list[tuple[torch.Tensor, torch.Tensor | int] | None] = [None] * n
+        device = pieces[0].values.device
+        # row 0: entries at or below lo, row 1: zero entries; per segment (read in finish())
+        self.counts = torch.zeros(2, self.jobs.segments, dtype=torch.int64)
+        # per job, with verify: the sum of |x|, NaN/inf (or an overflow) sends the group to the exact path
+        total = torch.float32 if self.dtype.itemsize < 4 else self.dtype
+        self.sums = torch.zeros(len(self.jobs), dtype=total, device=device) if verify else None
+        self.first = 0  # this scan's first owner number (set by scan_all)
+        self.found: list[tuple[torch.Tensor, torch.Tensor]] = []  # (keys, owners) runs, set by scan_all
 
-    def run(self, j: int, scratch: dict[Any, torch.Tensor]) -> None:
+    def run(self, j: int, scratch: dict[Any, Any]) -> None:
         job = self.jobs[j]
         values, eligible = gather(self.pieces, job, scratch)
         if self.robust:
-            self._robust(j, values, eligible)
+            self._robust(j, job, values, eligible, scratch["found"])
         else:
-            self._fast(j, values, eligible, scratch)
+            self._fast(j, job, values, eligible, scratch)
 
-    def _fast(self, j: int, values: torch.Tensor, eligible: torch.Tensor | None, scratch: dict[Any, torch.Tensor]) -> None:
+    def _fast(self, j: int, job: list[Segment], values: torch.Tensor, eligible: torch.Tensor | None, scratch: dict[Any, Any]) -> None:
         # Few, chunk-sized ops: the Python between them holds the GIL, the ops do not.
         n = values.numel()
         size = torch.abs(values, out=buffer(scratch, "size", n, values.dtype, values.device))
-        if self.verify:  # read in finish(): NaN/inf (or huge values whose sum overflowed) send the group to the exact path
-            self.sums[j] = size.sum(dtype=torch.float32 if size.element_size() < 4 else None)
+        if self.sums is not None:
+            torch.sum(size, 0, dtype=self.sums.dtype, out=self.sums[j])
         if eligible is not None:  # ineligible entries become the largest float: above the bracket
             size.mul_(eligible).add_(eligible.neg().add_(1), alpha=torch.finfo(values.dtype).max)
         over_lo = buffer(scratch, "over_lo", n, values.dtype, values.device)
         over_hi = buffer(scratch, "over_hi", n, values.dtype, values.device)
         if self.count_zeros:
-            self.zeros[j] = self._per_segment(j, torch.sign(size, out=over_lo), complement=True)
+            self._per_segment(j, job, 1, torch.sign(size, out=over_lo), complement=True)
         # sizes are >= 0: hardshrink keeps those > lambda, and sign() makes them 1
         if self.lo_value < 0:
             over_lo.fill_(1)
         else:
             torch.hardshrink(size, self.lo_value, out=over_lo).sign_()
         torch.hardshrink(size, self.hi_value, out=over_hi).sign_()
-        self.le_lo[j] = self._per_segment(j, over_lo, complement=True)
+        self._per_segment(j, job, 0, over_lo, complement=True)
         over_lo.sub_(over_hi)  # 1 inside (lo, hi]
         flags = buffer(scratch, "flags", n, torch.bool, values.device).copy_(over_lo)
         int_dtype = KEY_DTYPES[values.dtype][0]
-        job = self.jobs[j]
+        found: Found = scratch["found"]
         if len(job) > 1 or n % 8:  # packed pieces, or a ragged tail: positions tell the pieces apart
             at = positions(flags.view(torch.uint8))
-            self.found[j] = (stash(scratch, stored(size.index_select(0, at).view(int_dtype))), stash(scratch, self._piece_of(j, at)))
+            found.add(size.index_select(0, at).view(int_dtype), self._owner_of(job, at))
             return
         # Eight flags at a time as one int64: only the groups of eight with a candidate are
         # read. Every result goes into this thread's buffers (out=, sized for the worst case):
@@ -91,9 +136,9 @@ class Scan:
         marks = torch.index_select(flags.view(-1, 8), 0, hit, out=buffer(scratch, "marks", n, torch.bool, device)[:0])
         inner = torch.nonzero(marks.view(-1), out=buffer(scratch, "inner", n, torch.int64, device)[:0]).view(-1)
         chosen = torch.index_select(groups.view(-1), 0, inner, out=over_lo[:0])  # and so is over_lo
-        self.found[j] = (stash(scratch, chosen.view(int_dtype), copy=True, dtype=stored_dtype(int_dtype)), job[0][0])
+        found.add(chosen.view(int_dtype), self.first + job[0][0])
 
-    def _robust(self, j: int, values: torch.Tensor, eligible: torch.Tensor | None) -> None:
+    def _robust(self, j: int, job: list[Segment], values: torch.Tensor, eligible: torch.Tensor | None, found: Found) -> None:
         keys = keys_of(values)
         ok = None if eligible is None else eligible != 0
         low = keys <= self.lo
@@ -103,56 +148,58 @@ class Scan:
             low &= ok
             inside &= ok
             zero &= ok
-        self.le_lo[j] = self._per_segment(j, low.to(torch.float32))
+        self._per_segment(j, job, 0, low.to(torch.float32))
         if self.count_zeros:
-            self.zeros[j] = self._per_segment(j, zero.to(torch.float32))
+            self._per_segment(j, job, 1, zero.to(torch.float32))
         at = torch.nonzero(inside).view(-1)
         if at.numel():
-            self.found[j] = (stored(keys.index_select(0, at)), self._piece_of(j, at))
+            found.add(keys.index_select(0, at), self._owner_of(job, at))
 
-    def _per_segment(self, j: int, flags: torch.Tensor, complement: bool = False) -> list[int]:
-        """Sums of 0/1 ``flags`` over each segment of job ``j`` (or of ``1 - flags``)."""
-        job = self.jobs[j]
+    def _per_segment(self, j: int, job: list[Segment], row: int, flags: torch.Tensor, complement: bool = False) -> None:
+        """Sums of 0/1 ``flags`` (or of ``1 - flags``) over each segment of job ``j``, into ``counts[row]``."""
+        first = self.jobs.first_segment(j)
         if len(job) == 1:  # float32 sums of 0/1 are exact up to 2**24, far above a chunk
             total = int(flags.sum(dtype=torch.float32).item())
-            return [flags.numel() - total if complement else total]
-        ends = torch.tensor([0] + [b - a for _, a, b in job], device=flags.device).cumsum(0)
+            self.counts[row, first] = flags.numel() - total if complement else total
+            return
+        lengths = [b - a for _, a, b in job]
+        ends = torch.tensor([0, *lengths], device=flags.device).cumsum(0)
         sums = torch.cat([flags.new_zeros(1, dtype=torch.float32), flags.cumsum(0, dtype=torch.float32)]).index_select(0, ends)
-        out = (sums[1:] - sums[:-1]).to(torch.int64).tolist()
-        return [(b - a) - s for (_, a, b), s in zip(job, out)] if complement else out
+        out = (sums[1:] - sums[:-1]).to(device="cpu", dtype=torch.int64)
+        if complement:
+            out = torch.tensor(lengths, dtype=torch.int64) - out
+        self.counts[row, first : first + len(job)] = out
 
-    def _piece_of(self, j: int, at: torch.Tensor) -> torch.Tensor:
-        job = self.jobs[j]
+    def _owner_of(self, job: list[Segment], at: torch.Tensor) -> torch.Tensor | int:
+        """The owner number of each candidate at positions ``at`` of a job."""
         if len(job) == 1:
-            return torch.full_like(at, job[0][0])
+            return self.first + job[0][0]
         starts = torch.tensor([0] + [b - a for _, a, b in job], device=at.device).cumsum(0)[1:-1]
         which = torch.bucketize(at, starts, right=True)
-        return torch.tensor([i for i, _, _ in job], device=at.device).index_select(0, which)
+        return torch.tensor([self.first + i for i, _, _ in job], device=at.device).index_select(0, which)
 
     def finish(self) -> Threshold | None:
         """The cut, or None when the bracket missed or a chunk was not finite."""
-        sums = [t for t in self.sums if t is not None]
-        if sums and not bool(torch.isfinite(torch.stack(sums)).all().item()):
+        if self.sums is not None and not bool(torch.isfinite(self.sums).all().item()):
             return None
         count = len(self.pieces)
-        le_lo = [0] * count
-        zeros: list[int | None] = [0 if p.eligible is None and self.count_zeros else None for p in self.pieces]
-        for job, lows, zs in zip(self.jobs, self.le_lo, self.zeros):
-            for (i, _, _), low in zip(job, lows):
-                le_lo[i] += low
-            for (i, _, _), z in zip(job, zs):
-                zi = zeros[i]
-                zeros[i] = None if zi is None else zi + z
-        found = [f for f in self.found if f is not None]
-        inside = sum(f[0].numel() for f in found)
+        owner_of_segment = torch.tensor(self.jobs.segment_pieces(), dtype=torch.int64)
+        per_piece = torch.zeros(2, count, dtype=torch.int64)
+        per_piece[0].index_add_(0, owner_of_segment, self.counts[0])
+        per_piece[1].index_add_(0, owner_of_segment, self.counts[1])
+        le_lo = per_piece[0].tolist()
+        zeros: tuple[int | None, ...] = tuple(
+            z if p.eligible is None and self.count_zeros else None for p, z in zip(self.pieces, per_piece[1].tolist())
+        )
+        inside = sum(keys.numel() for keys, _ in self.found)
         if not sum(le_lo) < self.k <= sum(le_lo) + inside:
             return None
-        keys = torch.cat([f[0] for f in found])
-        owner = torch.cat([f[1] if isinstance(f[1], torch.Tensor) else torch.full_like(f[0], f[1]) for f in found])
+        keys = torch.cat([keys for keys, _ in self.found])
+        owner = torch.cat([owners for _, owners in self.found]).to(torch.int64) - self.first
         t = kth(keys, self.k - sum(le_lo))
         below = torch.bincount(owner[keys < t], minlength=count).tolist()
         ties = torch.bincount(owner[keys == t], minlength=count).tolist()
-        return make_cut(t, self.k, [a + b for a, b in zip(le_lo, below)], ties, tuple(zeros), not self.robust)
+        return make_cut(t, self.k, [a + b for a, b in zip(le_lo, below)], ties, zeros, not self.robust)
 
 
 def kth(keys: torch.Tensor, r: int) -> int:
@@ -180,10 +227,33 @@ def scan_all(scans: list[Scan], arena: Sequence[torch.Tensor] = ()) -> None:
     for device, group in by_device.items():
         # item i is job i - starts[g] of scan g: no object per job (their memory would stay resident)
         starts = list(itertools.accumulate((len(s.jobs) for s in group), initial=0))
+        firsts = list(itertools.accumulate((len(s.pieces) for s in group), initial=0))
+        for s, first in zip(group, firsts):
+            s.first, s.found = first, []
+        key_dtype = torch.int64 if any(s.dtype == torch.float64 for s in group) else torch.int32
+        found: list[Found] = []
 
-        def job(i: int, scratch: dict[Any, torch.Tensor], group: list[Scan] = group, starts: list[int] = starts) -> None:
+        def job(i: int, scratch: dict[Any, Any], group: list[Scan] = group, starts: list[int] = starts) -> None:
             g = bisect.bisect_right(starts, i) - 1
             group[g].run(i - starts[g], scratch)
 
         lent = workers.Arena([t for t in arena if t.device == device], workers.worker_count(device, starts[-1]))
-        workers.run(job, starts[-1], device, lent.scratch)
+
+        def scratch(
+            index: int, lent: workers.Arena = lent, key_dtype: torch.dtype = key_dtype, device: torch.device = device, found: list[Found] = found
+        ) -> dict[Any, Any]:
+            state = lent.scratch(index)
+            state["found"] = Found(state, key_dtype, device)
+            found.append(state["found"])
+            return state
+
+        workers.run(job, starts[-1], device, scratch)
+        # hand each scan its runs of candidates: owners never decrease within a thread's blocks
+        bounds = torch.tensor(firsts, dtype=torch.int32, device=device)
+        for f in found:
+            for keys, owners, used in f.blocks:
+                owners, keys = owners[: used[0]], keys[: used[0]]
+                edges = torch.searchsorted(owners, bounds).tolist()
+                for s, a, b in zip(group, edges, edges[1:]):
+                    if b > a:
+                        s.found.append((keys[a:b], owners[a:b]))

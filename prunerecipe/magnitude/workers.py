@@ -90,7 +90,7 @@ class Arena:
         return {"arena": self.regions[index]} if index < len(self.regions) else {}
 
 
-def _carve(scratch: dict[Any, Any], nbytes: int, device: torch.device | str) -> torch.Tensor | None:
+def carve(scratch: dict[Any, Any], nbytes: int, device: torch.device | str) -> torch.Tensor | None:
     """``nbytes`` of the lent arena region (64-byte aligned), or None when it has no room."""
     region = scratch.get("arena")
     if region is None or region[0].device != torch.device(device):
@@ -103,18 +103,6 @@ def _carve(scratch: dict[Any, Any], nbytes: int, device: torch.device | str) -> 
     return room[start : start + nbytes]
 
 
-def stash(scratch: dict[Any, Any], t: torch.Tensor, copy: bool = False, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``t`` copied into the lent arena region when there is room (else ``t`` itself, or a copy
-    with ``copy``: when ``t`` lives in a buffer the next chunk reuses), converted to ``dtype``
-    when given: results kept past the scan then leave no small tensors behind in the thread's
-    heap, which could not be handed back to the system around them."""
-    dtype = t.dtype if dtype is None else dtype
-    room = _carve(scratch, t.numel() * torch.empty((), dtype=dtype).element_size(), t.device)
-    if room is None:
-        return t.to(dtype, copy=copy)
-    return room.view(dtype).copy_(t.reshape(-1)).view(t.shape)
-
-
 def buffer(scratch: dict[Any, Any], name: str, n: int, dtype: torch.dtype, device: torch.device | str, least: int = CHUNK) -> torch.Tensor:
     """A flat scratch tensor of ``n`` entries kept in ``scratch`` for reuse (``least`` entries at
     least: one chunk's worth by default), carved from the lent arena region when there is room.
@@ -125,7 +113,7 @@ def buffer(scratch: dict[Any, Any], name: str, n: int, dtype: torch.dtype, devic
     buf = scratch.get(key)
     if buf is None or buf.numel() < n:
         entries = max(n, least)
-        room = _carve(scratch, entries * torch.empty((), dtype=dtype).element_size(), device)
+        room = carve(scratch, entries * torch.empty((), dtype=dtype).element_size(), device)
         buf = scratch[key] = torch.empty(entries, dtype=dtype, device=device) if room is None else room.view(dtype)
     return buf[:n]
 
