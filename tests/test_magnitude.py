@@ -529,6 +529,13 @@ def test_a_scan_keeps_its_candidates_in_a_few_blocks_not_one_tensor_per_chunk(mo
     assert scans[0].finish() == sel._direct(pieces[:1], k) and scans[1].finish() == sel._direct(pieces[1:], 1000)
 
 
+def test_more_pieces_than_a_16_bit_owner_number_holds():
+    torch.manual_seed(6)
+    pieces = [fp.Piece(t) for t in torch.randn(33_000, 8).unbind(0)]  # 264,000 entries: the sampled path
+    (cut,) = fp.select([(pieces, 100_000)])
+    check_cut(pieces, 100_000, cut)
+
+
 def test_census_counts_zeros_and_non_finite_entries():
     a = torch.tensor([0.0, -0.0, 1.0, float("nan"), float("inf"), 2.0])
     b = torch.zeros(300_000)

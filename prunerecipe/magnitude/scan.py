@@ -31,11 +31,11 @@ class Found:
 
     BLOCK = 1 << 16  # entries per block
 
-    def __init__(self, scratch: dict[Any, Any], key_dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, scratch: dict[Any, Any], key_dtype: torch.dtype, device: torch.device, owner_dtype: torch.dtype = torch.int32) -> None:
         # the thread's lent region (shared with its buffers), not its scratch dict, which holds this
         # object: no reference cycle, so nothing waits for the garbage collector
         self.lent = {key: value for key, value in scratch.items() if key == "arena"}
-        self.key_dtype, self.device = key_dtype, device
+        self.key_dtype, self.owner_dtype, self.device = key_dtype, owner_dtype, device
         self.blocks: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []  # (keys, owners, [used])
 
     def add(self, keys: torch.Tensor, owners: torch.Tensor | int) -> None:
@@ -52,12 +52,12 @@ class Found:
         block[2][0] = at + n
 
     def _new_block(self, n: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-        size = torch.empty((), dtype=self.key_dtype).element_size()
-        room = workers.carve(self.lent, n * (size + 4), self.device)
+        size = self.key_dtype.itemsize
+        room = workers.carve(self.lent, n * (size + self.owner_dtype.itemsize), self.device)
         if room is None:
-            keys, owners = torch.empty(n, dtype=self.key_dtype, device=self.device), torch.empty(n, dtype=torch.int32, device=self.device)
+            keys, owners = torch.empty(n, dtype=self.key_dtype, device=self.device), torch.empty(n, dtype=self.owner_dtype, device=self.device)
         else:  # keys first: their size is a multiple of the owners'
-            keys, owners = room[: n * size].view(self.key_dtype), room[n * size :].view(torch.int32)
+            keys, owners = room[: n * size].view(self.key_dtype), room[n * size :].view(self.owner_dtype)
         block = (keys, owners, [0])
         self.blocks.append(block)
         return block
@@ -194,8 +194,11 @@ class Scan:
         inside = sum(keys.numel() for keys, _ in self.found)
         if not sum(le_lo) < self.k <= sum(le_lo) + inside:
             return None
-        keys = torch.cat([keys for keys, _ in self.found])
-        owner = torch.cat([owners for _, owners in self.found]).to(torch.int64) - self.first
+        # (one run: its views as they are; owners stay in their small dtype, as bincount takes them)
+        keys = self.found[0][0] if len(self.found) == 1 else torch.cat([keys for keys, _ in self.found])
+        owner = self.found[0][1] if len(self.found) == 1 else torch.cat([owners for _, owners in self.found])
+        if self.first:
+            owner = owner - self.first
         t = kth(keys, self.k - sum(le_lo))
         below = torch.bincount(owner[keys < t], minlength=count).tolist()
         ties = torch.bincount(owner[keys == t], minlength=count).tolist()
@@ -231,6 +234,7 @@ def scan_all(scans: list[Scan], arena: Sequence[torch.Tensor] = ()) -> None:
         for s, first in zip(group, firsts):
             s.first, s.found = first, []
         key_dtype = torch.int64 if any(s.dtype == torch.float64 for s in group) else torch.int32
+        owner_dtype = torch.int16 if firsts[-1] < 1 << 15 else torch.int32
         found: list[Found] = []
 
         def job(i: int, scratch: dict[Any, Any], group: list[Scan] = group, starts: list[int] = starts) -> None:
@@ -240,16 +244,21 @@ def scan_all(scans: list[Scan], arena: Sequence[torch.Tensor] = ()) -> None:
         lent = workers.Arena([t for t in arena if t.device == device], workers.worker_count(device, starts[-1]))
 
         def scratch(
-            index: int, lent: workers.Arena = lent, key_dtype: torch.dtype = key_dtype, device: torch.device = device, found: list[Found] = found
+            index: int,
+            lent: workers.Arena = lent,
+            key_dtype: torch.dtype = key_dtype,
+            owner_dtype: torch.dtype = owner_dtype,
+            device: torch.device = device,
+            found: list[Found] = found,
         ) -> dict[Any, Any]:
             state = lent.scratch(index)
-            state["found"] = Found(state, key_dtype, device)
+            state["found"] = Found(state, key_dtype, device, owner_dtype)
             found.append(state["found"])
             return state
 
         workers.run(job, starts[-1], device, scratch)
         # hand each scan its runs of candidates: owners never decrease within a thread's blocks
-        bounds = torch.tensor(firsts, dtype=torch.int32, device=device)
+        bounds = torch.tensor(firsts, dtype=owner_dtype, device=device)
         for f in found:
             for keys, owners, used in f.blocks:
                 owners, keys = owners[: used[0]], keys[: used[0]]
