@@ -136,14 +136,9 @@ def make_cut(t: int, k: int, below: Sequence[int], ties: Sequence[int], zeros: t
     return Threshold(t, tuple(quotas), pruned=tuple(b + q for b, q in zip(below, quotas)), zeros=zeros, ties=tuple(ties), finite=finite)
 
 
-def stored_dtype(key_dtype: torch.dtype) -> torch.dtype:
-    """The dtype candidate keys are kept in until the pick: int32 (int64 for float64 keys)."""
-    return torch.int64 if key_dtype == torch.int64 else torch.int32
-
-
 def stored(keys: torch.Tensor) -> torch.Tensor:
-    """Candidate keys as kept until the pick (:func:`stored_dtype`)."""
-    return keys.to(stored_dtype(keys.dtype))
+    """Sampled keys as ranked: int32 (int64 for float64 keys)."""
+    return keys.to(torch.int64 if keys.dtype == torch.int64 else torch.int32)
 
 
 Segment = tuple[int, int, int]  # (piece index, start, stop)

@@ -34,7 +34,7 @@ class Found:
     def __init__(self, scratch: dict[Any, Any], key_dtype: torch.dtype, device: torch.device, owner_dtype: torch.dtype = torch.int32) -> None:
         # the thread's lent region (shared with its buffers), not its scratch dict, which holds this
         # object: no reference cycle, so nothing waits for the garbage collector
-        self.lent = {key: value for key, value in scratch.items() if key == "arena"}
+        self.lent = {"arena": scratch["arena"]} if "arena" in scratch else {}
         self.key_dtype, self.owner_dtype, self.device = key_dtype, owner_dtype, device
         self.blocks: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []  # (keys, owners, [used])
 
