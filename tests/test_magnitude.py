@@ -4,7 +4,10 @@ big groups (sampled bracket, exact fallback), small tensors packed together, wor
 from __future__ import annotations
 
 import copy
+import json
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -567,6 +570,27 @@ def test_workers_share_the_items_restore_the_thread_count_and_pass_errors_on():
     with pytest.raises(RuntimeError, match="boom"):
         workers.run(boom, 20, "cpu")
     assert torch.get_num_threads() == before
+
+
+def test_worker_threads_run_their_ops_single_threaded():
+    # torch sets a thread's OpenMP thread count from its global setting at the thread's first
+    # split op: a worker that set 1 before that ran every op on a team of all cores (review finding).
+    code = (
+        "import threading, torch\n"
+        "from prunerecipe.magnitude import workers\n"
+        "torch.set_num_threads(2)\n"
+        "seen = set()\n"
+        "def job(i, state):\n"
+        "    torch.ones(1 << 20).add_(1)\n"
+        "    seen.add((threading.current_thread().name, torch.get_num_threads()))\n"
+        "workers.run(job, 64, 'cpu')\n"
+        "print(json.dumps([sorted({n for _, n in seen}), len(seen), torch.get_num_threads()]))\n"
+    )
+    if not workers._openmp():
+        pytest.skip("not torch's OpenMP backend: the work runs in the calling thread")
+    out = subprocess.run([sys.executable, "-c", "import json\n" + code], capture_output=True, text=True, check=True).stdout
+    counts, threads, after = json.loads(out)
+    assert counts == [1] and threads >= 1 and after == 2
 
 
 def test_report_counts_stay_true_when_subnormals_flush_to_zero():

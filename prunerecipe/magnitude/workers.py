@@ -166,10 +166,12 @@ class _Pool:
             torch.set_num_threads(threads_before)
 
     def _loop(self, index: int, started: threading.Barrier) -> None:
-        # Single-threaded ops in this thread; the tiny op makes torch adopt the setting for
-        # this thread now, before the caller restores the global one.
+        # Single-threaded ops in this thread. torch sets a thread's OpenMP thread count from its
+        # global setting the first time the thread asks for it (its first op big enough to be
+        # split), which would undo a setting made before: ask first, then set (the caller
+        # restores the global setting once every worker has set its own).
+        torch.get_num_threads()
         torch.set_num_threads(1)
-        torch.zeros(2).add_(1)
         started.wait()
         while True:
             with self.wake:
