@@ -217,6 +217,23 @@ def test_found_candidates_fill_blocks_in_order_carved_from_the_arena_else_alloca
     assert alone.blocks[0][0].dtype == torch.int64 and alone.blocks[0][0][:2].tolist() == [1, 2]
 
 
+@pytest.mark.parametrize("odd", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("k", [300_000, 1_000])  # a bracket inside the data; one from key 0 (half the data is 0)
+@pytest.mark.parametrize("packed", [False, True])  # big pieces, chunk by chunk; small ones packed together
+def test_the_sampled_scan_sends_nan_and_inf_to_the_exact_path(odd, k, packed):
+    torch.manual_seed(11)
+    data = torch.randn(600_000)
+    if k == 1_000:
+        data[::2] = 0
+    data[123_457] = float(odd)
+    pieces = [fp.Piece(t) for t in (data.split(1_000) if packed else data.split(300_000))]
+    (cut,) = fp.select([(pieces, k)], count_zeros=True)
+    assert not cut.finite and cut == sel._direct(pieces, k)
+    finite = [fp.Piece(p.values.nan_to_num(0.0, 0.0, 0.0)) for p in pieces]
+    (cut,) = fp.select([(finite, k)], count_zeros=True)
+    assert cut.finite and cut == sel._direct(finite, k)
+
+
 def test_nan_ranks_above_every_number_as_in_topk():
     t = torch.tensor([float("nan"), 1.0, -3.0, float("inf"), 0.5])
     ours, theirs = holder(t), holder(t)

@@ -83,11 +83,16 @@ class Scan:
         self.hi_value = float_of(hi, self.dtype)
         self.jobs = jobs_for(pieces)
         device = pieces[0].values.device
-        # row 0: entries at or below lo, row 1: zero entries; per segment (read in finish())
-        self.counts = torch.zeros(2, self.jobs.segments, dtype=torch.int64)
-        # per job, with verify: the sum of |x|, NaN/inf (or an overflow) sends the group to the exact path
+        # Per segment (read in finish()), float sums of 0/1 flags (exact: a segment is at most a
+        # chunk, far below 2**24). Row 0: eligible entries at or below lo (robust), or at or below
+        # hi (fast: those not among the candidates are at or below lo); row 1: zero entries
+        # (robust) or nonzero ones (fast).
+        self.counts = torch.zeros(2, self.jobs.segments, dtype=torch.float32, device=device)
+        # verify: the fast flavour finds NaN and inf among its candidates, except with a bracket
+        # from key 0 (lo < 0), where a sum of |x| per job checks instead (NaN, inf, or an overflow
+        # send the group to the exact path)
         total = torch.float32 if self.dtype.itemsize < 4 else self.dtype
-        self.sums = torch.zeros(len(self.jobs), dtype=total, device=device) if verify else None
+        self.sums = torch.zeros(len(self.jobs), dtype=total, device=device) if verify and lo < 0 else None
         self.first = 0  # this scan's first owner number (set by scan_all)
         self.found: list[tuple[torch.Tensor, torch.Tensor]] = []  # (keys, owners) runs, set by scan_all
 
@@ -100,26 +105,28 @@ class Scan:
             self._fast(j, job, values, eligible, scratch)
 
     def _fast(self, j: int, job: list[Segment], values: torch.Tensor, eligible: torch.Tensor | None, scratch: dict[Any, Any]) -> None:
-        # Few, chunk-sized ops: the Python between them holds the GIL, the ops do not.
+        # Few, chunk-sized ops (each a pass over the chunk in cache): the Python between them
+        # holds the GIL, the ops do not.
         n = values.numel()
-        size = torch.abs(values, out=buffer(scratch, "size", n, values.dtype, values.device))
-        if self.sums is not None:
-            torch.sum(size, 0, dtype=self.sums.dtype, out=self.sums[j])
+        device = values.device
+        size = torch.abs(values, out=buffer(scratch, "size", n, values.dtype, device))
         if eligible is not None:  # ineligible entries become the largest float: above the bracket
             size.mul_(eligible).add_(eligible.neg().add_(1), alpha=torch.finfo(values.dtype).max)
-        over_lo = buffer(scratch, "over_lo", n, values.dtype, values.device)
-        over_hi = buffer(scratch, "over_hi", n, values.dtype, values.device)
-        if self.count_zeros:
-            self._per_segment(j, job, 1, torch.sign(size, out=over_lo), complement=True)
-        # sizes are >= 0: hardshrink keeps those > lambda, and sign() makes them 1
-        if self.lo_value < 0:
-            over_lo.fill_(1)
+        if self.sums is not None:
+            torch.sum(size, 0, dtype=self.sums.dtype, out=self.sums[j])
+        # 1.0 where |x| is at or below hi (a comparison into a float tensor: as fast as a float op)
+        low = torch.le(size, self.hi_value, out=buffer(scratch, "low", n, values.dtype, device))
+        self._per_segment(j, job, 0, low)
+        inside = buffer(scratch, "inside", n, values.dtype, device)
+        if self.lo_value < 0:  # every key is above lo: the candidates are the entries at or below hi
+            flags = buffer(scratch, "flags", n, torch.bool, device).copy_(low)
         else:
-            torch.hardshrink(size, self.lo_value, out=over_lo).sign_()
-        torch.hardshrink(size, self.hi_value, out=over_hi).sign_()
-        self._per_segment(j, job, 0, over_lo, complement=True)
-        over_lo.sub_(over_hi)  # 1 inside (lo, hi]
-        flags = buffer(scratch, "flags", n, torch.bool, values.device).copy_(over_lo)
+            # |x| inside (lo, hi], else 0 (hardshrink keeps |x| > lambda). NaN stays NaN and inf
+            # gives inf * 0: both are candidates, whose keys lie above hi, and finish() sees them.
+            torch.hardshrink(torch.mul(size, low, out=inside), self.lo_value, out=inside)
+            flags = buffer(scratch, "flags", n, torch.bool, device).copy_(inside)  # nonzero: a candidate
+        if self.count_zeros:
+            self._per_segment(j, job, 1, torch.gt(size, 0, out=low))
         int_dtype = KEY_DTYPES[values.dtype][0]
         found: Found = scratch["found"]
         if len(job) > 1 or n % 8:  # packed pieces, or a ragged tail: positions tell the pieces apart
@@ -129,13 +136,12 @@ class Scan:
         # Eight flags at a time as one int64: only the groups of eight with a candidate are
         # read. Every result goes into this thread's buffers (out=, sized for the worst case):
         # a worker thread's own heap would keep what such temporaries touched resident.
-        device = values.device
         hit = torch.nonzero(flags.view(torch.uint8).view(torch.int64), out=buffer(scratch, "hit", n // 8, torch.int64, device, n // 8)[:0])
         hit = hit.view(-1)
-        groups = torch.index_select(size.view(-1, 8), 0, hit, out=over_hi[:0])  # over_hi is free again
+        groups = torch.index_select(size.view(-1, 8), 0, hit, out=low[:0])  # low is free again
         marks = torch.index_select(flags.view(-1, 8), 0, hit, out=buffer(scratch, "marks", n, torch.bool, device)[:0])
         inner = torch.nonzero(marks.view(-1), out=buffer(scratch, "inner", n, torch.int64, device)[:0]).view(-1)
-        chosen = torch.index_select(groups.view(-1), 0, inner, out=over_lo[:0])  # and so is over_lo
+        chosen = torch.index_select(groups.view(-1), 0, inner, out=inside[:0])  # and so is inside
         found.add(chosen.view(int_dtype), self.first + job[0][0])
 
     def _robust(self, j: int, job: list[Segment], values: torch.Tensor, eligible: torch.Tensor | None, found: Found) -> None:
@@ -155,20 +161,15 @@ class Scan:
         if at.numel():
             found.add(keys.index_select(0, at), self._owner_of(job, at))
 
-    def _per_segment(self, j: int, job: list[Segment], row: int, flags: torch.Tensor, complement: bool = False) -> None:
-        """Sums of 0/1 ``flags`` (or of ``1 - flags``) over each segment of job ``j``, into ``counts[row]``."""
+    def _per_segment(self, j: int, job: list[Segment], row: int, flags: torch.Tensor) -> None:
+        """Sums of 0/1 ``flags`` over each segment of job ``j``, into ``counts[row]``."""
         first = self.jobs.first_segment(j)
-        if len(job) == 1:  # float32 sums of 0/1 are exact up to 2**24, far above a chunk
-            total = int(flags.sum(dtype=torch.float32).item())
-            self.counts[row, first] = flags.numel() - total if complement else total
+        if len(job) == 1:
+            torch.sum(flags, 0, dtype=torch.float32, out=self.counts[row, first])
             return
-        lengths = [b - a for _, a, b in job]
-        ends = torch.tensor([0, *lengths], device=flags.device).cumsum(0)
+        ends = torch.tensor([0, *(b - a for _, a, b in job)], device=flags.device).cumsum(0)
         sums = torch.cat([flags.new_zeros(1, dtype=torch.float32), flags.cumsum(0, dtype=torch.float32)]).index_select(0, ends)
-        out = (sums[1:] - sums[:-1]).to(device="cpu", dtype=torch.int64)
-        if complement:
-            out = torch.tensor(lengths, dtype=torch.int64) - out
-        self.counts[row, first : first + len(job)] = out
+        self.counts[row, first : first + len(job)] = sums[1:] - sums[:-1]
 
     def _owner_of(self, job: list[Segment], at: torch.Tensor) -> torch.Tensor | int:
         """The owner number of each candidate at positions ``at`` of a job."""
@@ -183,22 +184,28 @@ class Scan:
         if self.sums is not None and not bool(torch.isfinite(self.sums).all().item()):
             return None
         count = len(self.pieces)
+        keys = owner = None
+        if self.found:  # (one run: its views as they are; owners stay in their small dtype, as bincount takes them)
+            keys = self.found[0][0] if len(self.found) == 1 else torch.cat([keys for keys, _ in self.found])
+            owner = self.found[0][1] if len(self.found) == 1 else torch.cat([owners for _, owners in self.found])
+            if self.first:
+                owner = owner - self.first
+            if not self.robust and int(keys.max().item()) > self.hi:  # NaN or inf (fast flavour): the exact path ranks them
+                return None
         owner_of_segment = torch.tensor(self.jobs.segment_pieces(), dtype=torch.int64)
-        per_piece = torch.zeros(2, count, dtype=torch.int64)
-        per_piece[0].index_add_(0, owner_of_segment, self.counts[0])
-        per_piece[1].index_add_(0, owner_of_segment, self.counts[1])
-        le_lo = per_piece[0].tolist()
-        zeros: tuple[int | None, ...] = tuple(
-            z if p.eligible is None and self.count_zeros else None for p, z in zip(self.pieces, per_piece[1].tolist())
-        )
-        inside = sum(keys.numel() for keys, _ in self.found)
-        if not sum(le_lo) < self.k <= sum(le_lo) + inside:
+        per_piece = torch.zeros(2, count, dtype=torch.float64)
+        per_piece.index_add_(1, owner_of_segment, self.counts.to(device="cpu", dtype=torch.float64))
+        first_row, second_row = ([int(x) for x in row] for row in per_piece.tolist())
+        if self.robust:  # at or below lo, zero entries
+            le_lo, zero_count = first_row, second_row
+        else:  # at or below hi, nonzero entries
+            inside_of = torch.bincount(owner, minlength=count).tolist() if owner is not None else [0] * count
+            le_lo = [a - c for a, c in zip(first_row, inside_of)]
+            zero_count = [p.numel - z for p, z in zip(self.pieces, second_row)]
+        zeros: tuple[int | None, ...] = tuple(z if p.eligible is None and self.count_zeros else None for p, z in zip(self.pieces, zero_count))
+        inside = 0 if keys is None else keys.numel()
+        if keys is None or owner is None or not sum(le_lo) < self.k <= sum(le_lo) + inside:
             return None
-        # (one run: its views as they are; owners stay in their small dtype, as bincount takes them)
-        keys = self.found[0][0] if len(self.found) == 1 else torch.cat([keys for keys, _ in self.found])
-        owner = self.found[0][1] if len(self.found) == 1 else torch.cat([owners for _, owners in self.found])
-        if self.first:
-            owner = owner - self.first
         t = kth(keys, self.k - sum(le_lo))
         below = torch.bincount(owner[keys < t], minlength=count).tolist()
         ties = torch.bincount(owner[keys == t], minlength=count).tolist()
