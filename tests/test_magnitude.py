@@ -610,6 +610,35 @@ def test_worker_threads_run_their_ops_single_threaded():
     assert counts == [1] and threads >= 1 and after == 2
 
 
+def test_a_process_that_exits_right_after_a_parallel_run_exits_cleanly():
+    # A worker that freed its scratch tensors after telling the caller it was done could still be
+    # freeing them while the interpreter exited: torch lets go of the GIL to free a tensor, the
+    # daemon thread was then killed inside torch, and the process aborted (exit status 134).
+    code = (
+        "import torch\n"
+        "from prunerecipe.magnitude import workers\n"
+        "torch.set_num_threads(2)\n"
+        "workers.run(lambda i, state: None, 2, 'cpu', lambda index: {'big': torch.ones(1 << 24)})\n"
+    )
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
+
+def test_the_worker_pool_stops_and_is_made_again():
+    pool = workers._get_pool(2)
+    pool.stop()
+    assert pool.stopping and not any(t.is_alive() for t in pool.threads)
+    seen = []
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        workers.run(lambda i, state: seen.append(i), 20, "cpu")
+    finally:
+        torch.set_num_threads(before)
+    assert sorted(seen) == list(range(20)) and workers._pool is not pool
+
+
 def test_report_counts_stay_true_when_subnormals_flush_to_zero():
     # With flush-to-zero, subnormal weights compare equal to 0: a cut among them must not be
     # turned into "every survivor is nonzero" (review finding).

@@ -13,6 +13,7 @@ one thread) the work runs in the calling thread, op by op, as torch would run it
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import os
@@ -130,6 +131,7 @@ class _Job:
         self.done = threading.Condition(self.lock)
 
     def work(self, index: int) -> None:
+        state = None
         try:
             torch.set_grad_enabled(self.grad)  # thread-local: each worker takes the caller's
             state = self.make(index)
@@ -142,28 +144,42 @@ class _Job:
         except BaseException as exc:
             self.failed.append(exc)
         finally:
+            # What this thread holds goes before it says it is done: once the caller has
+            # returned, the interpreter may be exiting, and a daemon thread that frees a tensor
+            # then (torch lets go of the GIL to do it) aborts the whole process.
+            state = None
             with self.lock:
                 self.left -= 1
+                if not self.left:  # the last thread: the closures (and the tensors they hold) go now
+                    self.fn, self.make = _nothing, _nothing
                 self.done.notify_all()
+
+
+def _nothing(*_args: object) -> None:
+    return None
 
 
 class _Pool:
     """Worker threads kept for the life of the process (as torch keeps its OpenMP threads):
-    started once, each with single-threaded torch ops, then given jobs. Re-made after a fork."""
+    started once, each with single-threaded torch ops, then given jobs. Re-made after a fork;
+    stopped and joined at exit (see :meth:`stop`)."""
 
     def __init__(self, size: int) -> None:
         self.pid = os.getpid()
         self.size = size
         self.jobs: list[list[_Job]] = [[] for _ in range(size)]
         self.wake = threading.Condition()
+        self.stopping = False
         started = threading.Barrier(size + 1)
         threads_before = torch.get_num_threads()
-        for index in range(size):
-            threading.Thread(target=self._loop, args=(index, started), name=f"prunerecipe-{index}", daemon=True).start()
+        self.threads = [threading.Thread(target=self._loop, args=(i, started), name=f"prunerecipe-{i}", daemon=True) for i in range(size)]
+        for thread in self.threads:
+            thread.start()
         try:
             started.wait()
         finally:
             torch.set_num_threads(threads_before)
+        atexit.register(self.stop)
 
     def _loop(self, index: int, started: threading.Barrier) -> None:
         # Single-threaded ops in this thread. torch sets a thread's OpenMP thread count from its
@@ -175,13 +191,29 @@ class _Pool:
         started.wait()
         while True:
             with self.wake:
-                while not self.jobs[index]:
+                while not self.jobs[index] and not self.stopping:
                     self.wake.wait()
+                if not self.jobs[index]:  # stopped
+                    return
                 job = self.jobs[index].pop(0)
             job.work(index)
             # An idle thread must not keep its last job: the job's closure holds the tensors it
             # worked on (views of weights), which would stay alive after their owners replaced them.
             del job
+
+    def stop(self) -> None:
+        """Let the threads end once their jobs are done, and wait for them. Run at exit (and
+        when a bigger pool replaces this one): a daemon thread still running when the
+        interpreter finalizes is killed wherever it is, which aborts the process if that is
+        inside torch."""
+        if self.pid != os.getpid():  # after a fork: this process never had these threads
+            return
+        with self.wake:
+            self.stopping = True
+            self.wake.notify_all()
+        for thread in self.threads:
+            if thread is not threading.current_thread():
+                thread.join()
 
     def submit(self, job: _Job, threads: int) -> None:
         with self.wake:
@@ -197,7 +229,9 @@ _pool_lock = threading.Lock()
 def _get_pool(size: int) -> _Pool:
     global _pool
     with _pool_lock:
-        if _pool is None or _pool.pid != os.getpid() or _pool.size < size:
+        if _pool is None or _pool.pid != os.getpid() or _pool.size < size or _pool.stopping:
+            if _pool is not None:
+                _pool.stop()
             _pool = _Pool(size)
         return _pool
 
@@ -233,8 +267,9 @@ def run(fn: Callable[[int, Any], object], items: int, device: torch.device | str
                 job.done.wait()
             except BaseException as exc:  # Ctrl-C while waiting: no new items; let the threads finish theirs
                 job.failed.append(exc)
-    if job.failed:
-        raise job.failed[0]
+    failed, job.failed = job.failed, []  # (a worker may still hold the job for a moment: not the errors)
+    if failed:
+        raise failed[0]
 
 
 def run_each(fns: Sequence[Callable[[Any], object]], device: torch.device | str, scratch: Callable[[int], Any] | None = None) -> None:
