@@ -193,8 +193,12 @@ def test_arena_lends_one_whole_tensor_per_worker_or_splits_the_largest():
     room = workers.carve(scratch, 100, "cpu")
     assert room is not None and room.numel() == 100
     assert room.data_ptr() == masks_[1].data_ptr() + 128  # after the buffer's 80 bytes, 64-byte aligned
-    assert workers.carve(scratch, 16000, "cpu") is None  # no room left for that
+    assert workers.carve(scratch, 15000, "cpu") is not None  # the rest of the first region
+    spare = workers.carve(scratch, 3000, "cpu")  # no room left there: the spare tensor, whole
+    assert spare is not None and spare.data_ptr() == masks_[0].data_ptr() and scratch["arena"][0].numel() == 4000
+    assert workers.carve(scratch, 16000, "cpu") is None  # no room anywhere for that
     assert workers.carve({}, 8, "cpu") is None  # nothing lent
+    assert workers.carve(split.scratch(1), 1984, "cpu") is not None and workers.carve(split.scratch(1), 1985, "cpu") is None  # no spares
 
 
 def test_found_candidates_fill_blocks_in_order_carved_from_the_arena_else_allocated():
@@ -534,6 +538,8 @@ def test_jobs_are_made_on_demand_and_number_their_segments():
     with pytest.raises(IndexError):
         jobs[len(jobs)]
     assert len(pcs.jobs_for([fp.Piece(torch.empty(0))])) == 0
+    wide = pcs.jobs_for([fp.Piece(torch.empty(n)) for n in sizes], 2 * chunk)  # a scan's jobs: two chunks
+    assert list(wide)[:2] == [[(0, 0, 2 * chunk)], [(0, 2 * chunk, 2 * chunk + 5)]] and len(wide) == 4
 
 
 def test_a_scan_keeps_its_candidates_in_a_few_blocks_not_one_tensor_per_chunk(monkeypatch):
@@ -543,7 +549,7 @@ def test_a_scan_keeps_its_candidates_in_a_few_blocks_not_one_tensor_per_chunk(mo
     k = 40_000
     lo, hi = sel._sampled_bracket(pieces[:1], k)
     scans = [scan.Scan(0, pieces[:1], k, lo, hi, count_zeros=True), scan.Scan(1, pieces[1:], 1000, *sel._sampled_bracket(pieces[1:], 1000))]
-    assert len(scans[0].jobs) > 30
+    assert len(scans[0].jobs) > 15  # jobs of two chunks
     scan.scan_all(scans, arena=[torch.empty(1 << 20)])
     assert len(scans[0].found) <= 4 and len(scans[1].found) <= 4  # per thread's block, not per job
     assert scans[0].finish() == sel._direct(pieces[:1], k) and scans[1].finish() == sel._direct(pieces[1:], 1000)

@@ -151,8 +151,8 @@ class Jobs(Sequence[list[Segment]]):
     Jobs are made when asked for (``jobs[j]``), from one record per big piece or bundle: a scan
     over a big model then keeps no object per chunk, whose memory would stay resident."""
 
-    def __init__(self, pieces: Sequence[Piece]) -> None:
-        self.chunk = workers.CHUNK
+    def __init__(self, pieces: Sequence[Piece], chunk: int | None = None) -> None:
+        self.chunk = chunk or workers.CHUNK
         # runs: a big piece (its index and size, then its chunks are jobs) or a bundle (one job)
         self._runs: list[tuple[int, int] | list[Segment]] = []
         bundle: list[Segment] = []
@@ -212,9 +212,9 @@ class Jobs(Sequence[list[Segment]]):
         return self._first_segment[r] + c
 
 
-def jobs_for(pieces: Sequence[Piece]) -> Jobs:
-    """The pieces cut into jobs (see :class:`Jobs`)."""
-    return Jobs(pieces)
+def jobs_for(pieces: Sequence[Piece], chunk: int | None = None) -> Jobs:
+    """The pieces cut into jobs of at most ``chunk`` entries (default :data:`.workers.CHUNK`; see :class:`Jobs`)."""
+    return Jobs(pieces, chunk)
 
 
 def eligible_part(piece: Piece, a: int, b: int, dtype: torch.dtype) -> torch.Tensor | None:

@@ -34,7 +34,7 @@ class Found:
     def __init__(self, scratch: dict[Any, Any], key_dtype: torch.dtype, device: torch.device, owner_dtype: torch.dtype = torch.int32) -> None:
         # the thread's lent region (shared with its buffers), not its scratch dict, which holds this
         # object: no reference cycle, so nothing waits for the garbage collector
-        self.lent = {"arena": scratch["arena"]} if "arena" in scratch else {}
+        self.lent = {k: scratch[k] for k in ("arena", "spare") if k in scratch}
         self.key_dtype, self.owner_dtype, self.device = key_dtype, owner_dtype, device
         self.blocks: list[tuple[torch.Tensor, torch.Tensor, list[int]]] = []  # (keys, owners, [used])
 
@@ -81,7 +81,9 @@ class Scan:
         self.robust = robust or flushes_subnormals()
         self.lo_value = float_of(lo, self.dtype) if lo >= 0 else -1.0
         self.hi_value = float_of(hi, self.dtype)
-        self.jobs = jobs_for(pieces)
+        # jobs of two chunks: the scan's ops are few and cheap, so the Python between them (which
+        # holds the GIL) weighs more than a working set that spills from the core's cache
+        self.jobs = jobs_for(pieces, 2 * workers.CHUNK)
         device = pieces[0].values.device
         # Per segment (read in finish()), float sums of 0/1 flags (exact: a segment is at most a
         # chunk, far below 2**24). Row 0: eligible entries at or below lo (robust), or at or below

@@ -70,17 +70,20 @@ class Arena:
     """Scratch memory carved from tensors that are allocated for later use and not written yet
     (masks about to be built, say): work done before they are written then needs no memory of
     its own, so peak memory stays what the result itself takes. One region per worker thread:
-    a whole tensor each when there are enough of them, else the largest split; a region that
-    runs out falls back to ordinary allocations."""
+    a whole tensor each when there are enough of them (a thread whose region runs out then
+    takes a spare one), else the largest split; when nothing is left, ordinary allocations."""
 
     def __init__(self, storage: torch.Tensor | Sequence[torch.Tensor] | None, parts: int) -> None:
         self.regions: list[tuple[torch.Tensor, list[int]]] = []
+        self.spare: list[tuple[torch.Tensor, list[int]]] = []
+        self.lock = threading.Lock()
         whole = [storage] if isinstance(storage, torch.Tensor) else list(storage or [])
         whole = sorted((t for t in whole if t.is_contiguous() and t.numel()), key=lambda t: t.numel() * t.element_size(), reverse=True)
         if not whole or parts < 1:
             return
         if len(whole) >= parts > 1:
-            self.regions = [(t.view(-1).view(torch.uint8), [0]) for t in whole[:parts]]
+            every = [(t.view(-1).view(torch.uint8), [0]) for t in whole]
+            self.regions, self.spare = every[:parts], every[parts:]
             return
         raw = whole[0].view(-1).view(torch.uint8)
         size = raw.numel() // parts // 64 * 64
@@ -88,20 +91,31 @@ class Arena:
 
     def scratch(self, index: int) -> dict[Any, Any]:
         """A fresh scratch dict for worker ``index``, lending it that worker's region."""
-        return {"arena": self.regions[index]} if index < len(self.regions) else {}
+        return {"arena": self.regions[index], "spare": self} if index < len(self.regions) else {}
+
+    def more(self) -> tuple[torch.Tensor, list[int]] | None:
+        """A spare region (a whole tensor no thread has used), or None."""
+        with self.lock:
+            return self.spare.pop(0) if self.spare else None
 
 
 def carve(scratch: dict[Any, Any], nbytes: int, device: torch.device | str) -> torch.Tensor | None:
-    """``nbytes`` of the lent arena region (64-byte aligned), or None when it has no room."""
+    """``nbytes`` of the lent arena region (64-byte aligned), or None when it has no room and
+    the arena no spare region (``scratch["arena"]`` then moves on to the spare one)."""
     region = scratch.get("arena")
     if region is None or region[0].device != torch.device(device):
         return None
-    room, used = region
-    start = -(-used[0] // 64) * 64  # aligned for every dtype
-    if start + nbytes > room.numel():
-        return None
-    used[0] = start + nbytes
-    return room[start : start + nbytes]
+    while True:
+        room, used = region
+        start = -(-used[0] // 64) * 64  # aligned for every dtype
+        if start + nbytes <= room.numel():
+            used[0] = start + nbytes
+            return room[start : start + nbytes]
+        arena = scratch.get("spare")
+        region = arena.more() if arena is not None else None
+        if region is None:
+            return None
+        scratch["arena"] = region
 
 
 def buffer(scratch: dict[Any, Any], name: str, n: int, dtype: torch.dtype, device: torch.device | str, least: int = CHUNK) -> torch.Tensor:
