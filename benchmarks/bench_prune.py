@@ -1,8 +1,9 @@
 """prunerecipe vs torch.nn.utils.prune on large MLP stacks: time and peak memory, quiet and busy.
 
 Every case runs in a fresh subprocess (so peak RSS is honest): the same case runs first on
-a small model (warm-up: layers of two chunks, so ours takes the same code path as on the big
-model), the model is built, the process is settled (every page of the loaded libraries made
+a small model (warm-up: as many layers as the measured model, of two chunks each, so ours takes
+the same code path and both sides make the same per-layer objects as on the big model), the
+model is built, the process is settled (every page of the loaded libraries made
 resident, the C heap's free pages handed back), the resident-set high-water mark is reset
 (/proc/self/clear_refs), the operation is timed, and the peak RSS over the settled process's
 is read from /proc/self/status (VmHWM). Settling makes the peak count data:
@@ -42,7 +43,6 @@ SIZES = {
     # name: (number of Linear layers, width, hidden); layers alternate width->hidden, hidden->width
     "tiny": (2, 16, 64),
     "quick": (6, 256, 1024),
-    "warm": (4, 512, 1024),  # the warm-up: 512K entries a layer, above the select's direct path (one chunk)
     "92m": (22, 1024, 4096),
     "350m": (84, 1024, 4096),
 }
@@ -74,11 +74,17 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _build(size: str):
+def _warm_size(size: str) -> tuple[int, int, int]:
+    """The warm-up model for ``size``: as many layers, each of 512K entries (two chunks: above
+    the select's direct path, which takes layers of one chunk or less)."""
+    return SIZES[size][0], 512, 1024
+
+
+def _build(size: str | tuple[int, int, int]):
     import torch
     from torch import nn
 
-    layers, width, hidden = SIZES[size]
+    layers, width, hidden = SIZES[size] if isinstance(size, str) else size
     torch.manual_seed(0)
     return nn.Sequential(*[nn.Linear(width, hidden) if i % 2 == 0 else nn.Linear(hidden, width) for i in range(layers)])
 
@@ -120,7 +126,7 @@ def _settle() -> None:
         trim(0)
 
 
-def child(case: str, size: str, warm: bool = True) -> dict:
+def child(case: str, size: str | tuple[int, int, int], warm: bool = True) -> dict:
     import torch
     import torch.nn.utils.prune as prune
 
@@ -132,8 +138,12 @@ def child(case: str, size: str, warm: bool = True) -> dict:
         # so the peak below measures data, not libtorch being paged in or threads starting.
         # Its layers are bigger than one chunk: a layer of one chunk or less is selected
         # directly, and the code of the sampled select (and its bindings' one-time set-up)
-        # would first run in the measured case.
-        child(case, "warm", warm=False)
+        # would first run in the measured case. It has as many layers as the measured model:
+        # the per-layer objects either side makes (torch's hooks and containers; our plan and
+        # report entries) then fit in the interpreter's and C heap's pools, as they would the
+        # next time, instead of the measured case growing those pools by a few pages.
+        assert isinstance(size, str)
+        child(case, _warm_size(size), warm=False)
     model = _build(size)
     linears = [m for m in model if isinstance(m, torch.nn.Linear)]
     weights = sum(m.weight.numel() for m in linears)
