@@ -595,6 +595,37 @@ def test_workers_share_the_items_restore_the_thread_count_and_pass_errors_on():
     assert torch.get_num_threads() == before
 
 
+def test_the_calling_threads_small_ops_run_single_threaded_and_the_setting_comes_back(monkeypatch):
+    # On a busy CPU, every small op split over OpenMP threads waits for a descheduled one: the
+    # samples and the picks (a few ops per tensor) run single-threaded, the scan on the workers.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with workers.inline_ops("cpu"):
+            assert torch.get_num_threads() == (1 if workers._openmp() else 2)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError), workers.inline_ops("cpu"):
+            raise ValueError
+        assert torch.get_num_threads() == 2
+        with workers.inline_ops("meta"):
+            assert torch.get_num_threads() == 2
+        seen = {}
+        for name in ("_sampled_bracket", "scan_all"):
+            real = getattr(sel, name)
+
+            def spy(*args, real=real, name=name):
+                seen[name] = torch.get_num_threads()
+                return real(*args)
+
+            monkeypatch.setattr(sel, name, spy)
+        torch.manual_seed(2)
+        piece = fp.Piece(torch.randn(3 * workers.CHUNK))
+        assert sel.select([([piece], 1000)]) == [sel._direct([piece], 1000)]
+        assert seen == {"_sampled_bracket": 1 if workers._openmp() else 2, "scan_all": 2} and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_worker_threads_run_their_ops_single_threaded():
     # torch sets a thread's OpenMP thread count from its global setting at the thread's first
     # split op: a worker that set 1 before that ran every op on a team of all cores (review finding).

@@ -69,12 +69,17 @@ def select(
     # Samples are drawn and ranked in this thread: what torch allocates for them (kthvalue
     # copies its input) then comes from this thread's heap, which trim_heap hands back whole;
     # a worker thread's heap keeps its top resident (glibc trims only the main arena's top).
-    brackets = [_sampled_bracket(pieces, k) for _, pieces, k in sampled]
+    # Their ops are small and many (a few per tensor): single-threaded (see inline_ops).
+    device = sampled[0][1][0].values.device if sampled else "cpu"
+    with workers.inline_ops(device):
+        brackets = [_sampled_bracket(pieces, k) for _, pieces, k in sampled]
+    brackets = [_histogram_bracket(pieces, k) if b is None else b for (_, pieces, k), b in zip(sampled, brackets)]
     scans = [Scan(j, pieces, k, *b, count_zeros=count_zeros, verify=not finite) for (j, pieces, k), b in zip(sampled, brackets)]
     scan_all(scans, arena)
     retry = []
-    for s in scans:
-        cut = s.finish()
+    with workers.inline_ops(device):
+        finished = [s.finish() for s in scans]
+    for s, cut in zip(scans, finished):
         if cut is None:  # the sample's bracket missed, or the data is not finite: exact bracket
             retry.append(s)
         else:
@@ -107,8 +112,9 @@ def _direct(pieces: list[Piece], k: int) -> Threshold:
 # --- brackets ---------------------------------------------------------------------------------
 
 
-def _sampled_bracket(pieces: list[Piece], k: int) -> tuple[int, int]:
-    """Keys ``(lo, hi)`` such that the k-th smallest eligible key lies in ``(lo, hi]``, most likely."""
+def _sampled_bracket(pieces: list[Piece], k: int) -> tuple[int, int] | None:
+    """Keys ``(lo, hi)`` such that the k-th smallest eligible key lies in ``(lo, hi]``, most
+    likely; None when the pieces are too small to sample (runs of ``_RUN`` entries)."""
     total = sum(p.numel for p in pieces)
     # A bigger sample narrows the bracket (fewer candidates to collect and rank) but costs
     # more to draw and rank itself; the two balance near (5 N) ** (2/3) entries.
@@ -128,7 +134,7 @@ def _sampled_bracket(pieces: list[Piece], k: int) -> tuple[int, int]:
             keys = keys[el if el.dtype == torch.bool else el == 1]
         samples.append(stored(keys))
     if not samples:
-        return _histogram_bracket(pieces, k)
+        return None
     sample = torch.cat(samples)
     m = sample.numel()
     eligible = sum(p.eligible_count() for p in pieces)

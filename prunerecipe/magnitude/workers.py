@@ -19,7 +19,8 @@ import functools
 import os
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -38,6 +39,24 @@ def worker_count(device: torch.device | str, items: int) -> int:
     if torch.device(device).type != "cpu" or not _openmp():
         return 1
     return max(1, min(torch.get_num_threads(), items))
+
+
+@contextmanager
+def inline_ops(device: torch.device | str) -> Iterator[None]:
+    """The calling thread's torch ops run single-threaded for the block (the setting is restored
+    after it). For a run of many small ops on CPU tensors (a sample, a few candidates per
+    tensor): split over OpenMP threads, each of them waits for all the threads at its end, and
+    on a busy CPU one of them is often descheduled. No :func:`run` inside the block: it would
+    run inline too."""
+    threads = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or not _openmp() or threads <= 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def chunks(numel: int, size: int = CHUNK) -> list[tuple[int, int]]:
