@@ -72,8 +72,8 @@ def select(
     # Their ops are small and many (a few per tensor): single-threaded (see inline_ops).
     device = sampled[0][1][0].values.device if sampled else "cpu"
     with workers.inline_ops(device):
-        brackets = [_sampled_bracket(pieces, k) for _, pieces, k in sampled]
-    brackets = [_histogram_bracket(pieces, k) if b is None else b for (_, pieces, k), b in zip(sampled, brackets)]
+        drawn = [_sampled_bracket(pieces, k) for _, pieces, k in sampled]
+    brackets = [_histogram_bracket(pieces, k) if b is None else b for (_, pieces, k), b in zip(sampled, drawn)]
     scans = [Scan(j, pieces, k, *b, count_zeros=count_zeros, verify=not finite) for (j, pieces, k), b in zip(sampled, brackets)]
     scan_all(scans, arena)
     retry = []
