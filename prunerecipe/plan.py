@@ -10,67 +10,23 @@ import dataclasses
 import functools
 import os
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from .amounts import is_count, normalize_dim, nparams_to_prune
+from .amounts import normalize_dim
 from .blocks import Blocks, calibration_target_problem, find_blocks
 from .errors import MethodError, Problem, RecipeError, RecipeWarning, SelectorError
-from .layout import input_dim, input_dim_known
 from .load import load_recipe
 from .methods import MethodSpec, get_importance, get_method
 from .methods.binding import argument_default, importance_problem
-from .methods.semi_structured import nm_problem
 from .planned import Plan, PlannedStep, PlannedTarget, pruned_entries, pruned_slices
+from .projection import PlanProblem, Projection, check_scheduled_count, plan_n_of_m, step_count
 from .select import NameIndex, Target, param_owners, resolve_targets, unused_entries
 from .spec import Recipe, Step
 from .structured.planning import GroupProblem, compaction_problems, plan_groups
-from .text import shape_text, short
+from .text import short
 from .torchprune import is_pruned, unpruned_name
-
-
-class _TensorState:
-    """What the plan knows of one tensor's mask as the steps go."""
-
-    __slots__ = ("entries", "entries_exact", "numel", "slices", "touched")
-
-    def __init__(self, numel: int, entries: float) -> None:
-        self.numel = numel
-        self.entries = entries  # masked entries (exact, or an estimate)
-        self.entries_exact = True
-        self.slices: dict[int, tuple[int, bool]] = {}  # dim -> (masked slices, exact?)
-        self.touched = False  # a planned step changed it: the model's mask no longer tells
-
-
-class _Projection:
-    """Masked-entry and masked-slice counts per target as the steps go, without touching tensors.
-
-    Counts read from existing masks and advanced by local unstructured (entries) or
-    structured (slices along that dim) steps are exact. After a global step or a method
-    without an amount they are estimates, and no int amount is rejected on an estimate.
-    """
-
-    def __init__(self) -> None:
-        self.states: dict[tuple[int, str], _TensorState] = {}
-        self.groups: dict[tuple[str, ...], int] = {}  # scope: group: channels pruned, by the group's producers
-
-    def state(self, t: Target) -> _TensorState:
-        key = (id(t.module), t.param)
-        st = self.states.get(key)
-        if st is None:
-            st = self.states[key] = _TensorState(t.original.numel(), pruned_entries(t) if t.is_pruned else 0)
-        return st
-
-    def entries_of(self, t: Target) -> float:
-        return self.state(t).entries
-
-    def slices_of(self, t: Target, dim: int) -> tuple[int, bool]:
-        st = self.state(t)
-        if dim not in st.slices:
-            st.slices[dim] = (0, False) if st.touched else (pruned_slices(t, dim), True)
-        return st.slices[dim]
 
 
 def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, spread: bool = False) -> Plan:
@@ -107,7 +63,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, sp
     resolved: dict[tuple, list[Target]] = {}
     index: NameIndex | None = None  # built when a selector first needs it
     shared: dict[tuple[Any, ...], list[tuple[str, list[str], list[str]]]] = {}  # selector -> its tied targets and their owners
-    proj = _Projection()
+    proj = Projection()
     problems: list[Problem] = []
     planned: list[PlannedStep] = []
 
@@ -198,7 +154,7 @@ def plan_recipe(model: nn.Module, recipe: Recipe | str | os.PathLike[str], *, sp
         except GroupProblem as exc:
             problems.append(recipe.problem(exc.path, _named(step, exc.message), code=exc.code))
             continue
-        except _PlanProblem as exc:
+        except PlanProblem as exc:
             problems.append(
                 recipe.problem(
                     step.path + (exc.key,), _named(step, exc.message), code="amount" if exc.key in ("amount", "sparsity") else "method-args"
@@ -229,15 +185,8 @@ def _tied(targets: list[Target], owners: dict[int, list[str]]) -> list[tuple[str
     return list(out.values())
 
 
-class _PlanProblem(Exception):
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
-        self.message = message
-
-
 def _plan_step(
-    recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Target], proj: _Projection, scheduled: bool, spread: bool = False
+    recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Target], proj: Projection, scheduled: bool, spread: bool = False
 ) -> PlannedStep:
     how = "sparsity" if step.sparsity is not None else "amount"
     if scheduled:
@@ -246,7 +195,7 @@ def _plan_step(
             done = int(proj.entries_of(t))
             exact = proj.state(t).entries_exact
             rows.append(PlannedTarget(t, t.original.numel(), "entries", done, None, done, None, t.original.numel(), exact, False))
-        _check_scheduled_count(step, spec, rows)
+        check_scheduled_count(step, spec, rows)
         return PlannedStep(step, spec, tuple(rows), True)
 
     if step.scope == "global" and spec.name == "identity":  # masks of ones: every count stays what it was
@@ -272,7 +221,7 @@ def _plan_step(
         if spec.takes_amount:
             exact = all(st.entries_exact for st in states) and not spread  # spread: the union decides
             what = functools.partial("the {} unpruned entries of the global group".format, total - int(masked))
-            k, note = _count(step, total, int(masked), what, how, exact)
+            k, note = step_count(step, total, int(masked), what, how, exact)
         # The split across tensors depends on the values: spread the group's count
         # proportionally for the totals, and treat every tensor's count as an estimate.
         remaining = total - masked
@@ -297,18 +246,18 @@ def _plan_step(
         before_exact = st.entries_exact
         note = None
         if pattern is not None:
-            rows.append(_plan_n_of_m(step, spec, t, st, pattern))
+            rows.append(plan_n_of_m(step, spec, t, st, pattern))
         elif structured:
             shape = tuple(t.original.shape)
             if len(shape) <= 1:
-                raise _PlanProblem("method", f"{spec.name} is structured and needs a tensor with 2 or more dims; {t.qualname} has shape {shape}")
+                raise PlanProblem("method", f"{spec.name} is structured and needs a tensor with 2 or more dims; {t.qualname} has shape {shape}")
             if not isinstance(dim_arg, int) or isinstance(dim_arg, bool) or not -len(shape) <= dim_arg < len(shape):
-                raise _PlanProblem("args", f"dim {dim_arg!r} is out of range for {t.qualname} of shape {shape}")
+                raise PlanProblem("args", f"dim {dim_arg!r} is out of range for {t.qualname} of shape {shape}")
             d = normalize_dim(dim_arg, len(shape))
             units = shape[d]
             done, exact = proj.slices_of(t, d)
             if takes_amount:
-                k, note = _count(
+                k, note = step_count(
                     step, units, done, functools.partial("the {} unpruned slices along dim {} of {.qualname}".format, units - done, d, t), how, exact
                 )
                 after: float | None = entries_before + ((numel - entries_before) * k / (units - done) if units - done else 0.0)
@@ -325,7 +274,7 @@ def _plan_step(
         elif takes_amount:
             done = int(entries_before)
             exact = st.entries_exact
-            k, note = _count(step, numel, done, functools.partial("the {} unpruned entries of {.qualname}".format, numel - done, t), how, exact)
+            k, note = step_count(step, numel, done, functools.partial("the {} unpruned entries of {.qualname}".format, numel - done, t), how, exact)
             st.entries = entries_before + k
             st.slices = {}  # whole slices may now be masked
             st.touched = True
@@ -344,7 +293,7 @@ def _plan_step(
     return PlannedStep(step, spec, tuple(rows), False, note="; ".join(notes) or None)
 
 
-def _plan_group_step(model: nn.Module, recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Target], proj: _Projection) -> PlannedStep:
+def _plan_group_step(model: nn.Module, recipe: Recipe, step: Step, spec: MethodSpec, targets: list[Target], proj: Projection) -> PlannedStep:
     """A ``scope: group`` step: its dependency groups, and a row per parameter it masks."""
     exact = not any(proj.state(t).touched for t in targets)
     found = plan_groups(model, recipe, step, spec, targets, exact, proj.groups)
@@ -364,82 +313,6 @@ def _plan_group_step(model: nn.Module, recipe: Recipe, step: Step, spec: MethodS
         )
         st.entries, st.entries_exact, st.slices, st.touched = after, False, {}, True
     return PlannedStep(step, spec, tuple(rows), False, groups=found.groups, skipped_groups=found.skipped)
-
-
-def _plan_n_of_m(step: Step, spec: MethodSpec, t: Target, st: _TensorState, pattern: tuple[int, int]) -> PlannedTarget:
-    """An N:M step on one tensor: its input dimension must split into groups of ``m``; from a
-    known mask with nothing pruned, exactly ``numel * (m - n) / m`` entries are pruned."""
-    n, m = pattern
-    shape = tuple(t.original.shape)
-    if not shape:
-        raise _PlanProblem("method", f"{spec.name} needs a tensor with at least one dimension; {t.qualname} is a scalar")
-    arg = spec.input_dim_arg
-    dim = step.args.get(arg) if arg is not None else None
-    if dim is None:
-        if not input_dim_known(t.module, len(shape)):
-            raise _PlanProblem(
-                "args",
-                f"{t.qualname} is a {len(shape)}-D parameter (shape {shape_text(shape)}) of {type(t.module).__name__}, whose input "
-                f"dimension cannot be told from the module (a MoE layer's stacked experts are (experts, out, in)): give it with "
-                f"args: {{{arg}: ...}}",
-            )
-        dim = input_dim(t.module, t.param, len(shape))
-    if not isinstance(dim, int) or isinstance(dim, bool) or not -len(shape) <= dim < len(shape):
-        raise _PlanProblem("args", f"dim {dim!r} is out of range for {t.qualname} of shape {shape}")
-    problem = nm_problem(shape[normalize_dim(dim, len(shape))], m)
-    if problem:
-        raise _PlanProblem("args" if step.args else "method", f"{t.qualname} (shape {shape_text(shape)}) {problem}")
-    numel = st.numel
-    before = st.entries
-    before_exact = st.entries_exact
-    exact = st.entries_exact and before == 0
-    after = numel * (m - n) // m if exact else max(before, numel * (m - n) / m)
-    to_prune = int(after) if exact else None
-    st.entries = after
-    st.entries_exact = exact
-    st.slices = {}
-    st.touched = True
-    return PlannedTarget(t, numel, f"entries ({n}:{m})", int(before), to_prune, int(before), after if exact else None, numel, before_exact, exact)
-
-
-def _check_scheduled_count(step: Step, spec: MethodSpec, rows: list[PlannedTarget]) -> None:
-    """A scheduled step's int ``amount`` larger than what its tensors have unpruned now (masked
-    entries only ever grow) cannot run at any event: refused now, not mid-training."""
-    amount = step.amount
-    if amount is None or not is_count(amount) or spec.pruning_type == "structured":
-        return
-    left = [(pt.target.qualname, pt.units - (pt.pruned_before if pt.exact_before else 0)) for pt in rows]
-    if step.scope == "global":
-        total = sum(n for _, n in left)
-        if amount > total:
-            raise _PlanProblem("amount", f"amount {amount} is more than the {total} unpruned entries of the {len(left)} targets together")
-        return
-    for name, n in left:
-        if amount > n:
-            raise _PlanProblem("amount", f"amount {amount} is more than the {n} unpruned entries of {name}")
-
-
-def _count(step: Step, units: int, done: int, what: Callable[[], str], how: str, exact: bool) -> tuple[int, str | None]:
-    """Units this step prunes out of ``units`` with ``done`` already pruned (``what`` describes
-    them, for the error; it is only built when needed).
-
-    An int amount larger than what is left is an error only when ``done`` is exact.
-    """
-    if step.sparsity is not None:
-        wanted = round(step.sparsity * units)
-        if wanted <= done:
-            return 0, (
-                f"target sparsity {step.sparsity:g} means {wanted} of {units} masked; {done} already are: no-op" + ("" if exact else " (projected)")
-            )
-        return wanted - done, None
-    amount = step.amount if step.amount is not None else 0
-    remaining = units - done
-    k = nparams_to_prune(amount, remaining)
-    if k > remaining and is_count(amount):
-        if exact:
-            raise _PlanProblem(how, f"amount {amount} is more than {what()}")
-        k = remaining
-    return k, None
 
 
 __all__ = ["Plan", "PlannedStep", "PlannedTarget", "plan_recipe", "pruned_entries", "pruned_slices"]
