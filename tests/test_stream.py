@@ -410,7 +410,7 @@ def test_the_bound_covers_torchs_random_ranking():
     """random_unstructured ranks its whole tensor with torch's topk: the bound says so."""
     from torch import nn
 
-    from prunerecipe.stream.plan import RANDOM_BYTES_PER_ENTRY, SLACK
+    from prunerecipe.stream.planned import RANDOM_BYTES_PER_ENTRY, SLACK
 
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(1024, 4096, bias=False), nn.Linear(512, 512, bias=False))
@@ -433,7 +433,7 @@ def test_a_key_prefix_is_removed_as_in_memory(setup, tmp_path):
 
 
 def test_global_identity_holds_nothing_together_and_merged_groups_raise_the_bound_honestly():
-    from prunerecipe.stream.plan import SLACK, TIMES_LARGEST
+    from prunerecipe.stream.planned import SLACK, TIMES_LARGEST
 
     model = torch.nn.Sequential(*[torch.nn.Linear(256, 256, bias=False) for _ in range(6)])
     ident = parse_recipe(

@@ -22,7 +22,8 @@ from ..modelspec import is_folder_spec, load_model, resolve
 from ..report import Report
 from ..spec import Recipe
 from .output import execute
-from .plan import StreamPlan, stream_plan
+from .plan import stream_plan
+from .planned import StreamPlan
 from .run import Progress
 
 

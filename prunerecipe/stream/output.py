@@ -20,7 +20,7 @@ from ..report import Report
 from ..spec import Recipe
 from .direct import DirectFile, Stage
 from .format import Writer, entries_in_file_order
-from .plan import StreamPlan
+from .planned import StreamPlan
 from .run import Progress, Run, first_seen
 
 

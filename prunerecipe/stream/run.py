@@ -34,7 +34,7 @@ from ..select import Target
 from ..spec import Recipe
 from ..torchprune import zero_entries
 from .format import Buffers, Pipe
-from .plan import Cut, StreamPlan
+from .planned import Cut, StreamPlan
 
 
 class Progress(NamedTuple):
