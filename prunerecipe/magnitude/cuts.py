@@ -66,11 +66,13 @@ def select(
             out[j] = _direct(pieces, k)
         else:
             sampled.append((j, pieces, k))
+    if not sampled:
+        return [c for c in out if c is not None]
     # Samples are drawn and ranked in this thread: what torch allocates for them (kthvalue
     # copies its input) then comes from this thread's heap, which trim_heap hands back whole;
     # a worker thread's heap keeps its top resident (glibc trims only the main arena's top).
     # Their ops are small and many (a few per tensor): single-threaded (see inline_ops).
-    device = sampled[0][1][0].values.device if sampled else "cpu"
+    device = sampled[0][1][0].values.device
     with workers.inline_ops(device):
         drawn = [_sampled_bracket(pieces, k) for _, pieces, k in sampled]
     brackets = [_histogram_bracket(pieces, k) if b is None else b for (_, pieces, k), b in zip(sampled, drawn)]
