@@ -85,8 +85,8 @@ class Scan:
         # holds the GIL) weighs more than a working set that spills from the core's cache
         self.jobs = jobs_for(pieces, 2 * workers.CHUNK)
         device = pieces[0].values.device
-        # Per segment (read in finish()), float sums of 0/1 flags (exact: a segment is at most a
-        # chunk, far below 2**24). Row 0: eligible entries at or below lo (robust), or at or below
+        # Per segment (read in finish()), float sums of 0/1 flags (exact: a segment is at most a job
+        # (two chunks), far below 2**24). Row 0: eligible entries at or below lo (robust), or at or below
         # hi (fast: those not among the candidates are at or below lo); row 1: zero entries
         # (robust) or nonzero ones (fast).
         self.counts = torch.zeros(2, self.jobs.segments, dtype=torch.float32, device=device)
